@@ -1,0 +1,40 @@
+# tvpack developer commands. Every target installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+# torch from this machine's disk; never uv/poetry (they would download gigabytes)
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint clean system-deps
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+# nginx for the mirror tests (moto's S3 server comes with the test extra)
+system-deps:
+	@command -v nginx >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
+
+test: install system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install system-deps
+	$(PY) scripts/bench.py
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check packager tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

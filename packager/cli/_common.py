@@ -1,0 +1,60 @@
+"""Options and output helpers shared by the command modules."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Iterable, Sequence
+
+import click
+
+torch_home_option = click.option(
+    "--torch-home", "torch_home", type=click.Path(file_okay=False), default=None,
+    help="Use this directory as TORCH_HOME (default: as torch.hub resolves it).",
+)
+registry_option = click.option(
+    "--registry", "registry", multiple=True, metavar="MODULE",
+    help="Import MODULE for extra WeightsEnums and builders (repeatable; env TVPACK_REGISTRY).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+with_backbones_option = click.option(
+    "--with-backbones", is_flag=True,
+    help="Also select each builder's default weights_backbone (needed to fine-tune offline).",
+)
+all_option = click.option("--all", "all_weights", is_flag=True, help="Select every weights of every model.")
+selectors_argument = click.argument("selectors", nargs=-1, metavar="SELECTOR...")
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Sequence[int] = ()) -> str:
+    rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells):
+        out = []
+        for i, cell in enumerate(cells):
+            out.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def progress_enabled(quiet: bool) -> bool:
+    """Progress bars go to stderr, only when it is a terminal and not --quiet."""
+    return not quiet and sys.stderr.isatty()

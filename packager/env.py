@@ -1,0 +1,45 @@
+"""Every environment variable tvpack reads, in one place.
+
+Values are read at call time (not import time) so that tests and long-lived processes see changes.
+"""
+from __future__ import annotations
+
+import os
+
+TRUTHY = {"1", "true", "yes", "on"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in TRUTHY
+
+
+def _list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def debug() -> bool:
+    """``TVPACK_DEBUG=1``: show tracebacks."""
+    return _flag("TVPACK_DEBUG")
+
+
+def offline() -> bool:
+    """``TVPACK_OFFLINE=1``: never open a network connection."""
+    return _flag("TVPACK_OFFLINE")
+
+
+def registries() -> list[str]:
+    """``TVPACK_REGISTRY``: comma-separated modules holding extra WeightsEnums and builders."""
+    return _list("TVPACK_REGISTRY")
+
+
+def mirrors() -> list[str]:
+    """``TVPACK_MIRROR``: comma-separated mirror URLs, tried in order before upstream."""
+    return _list("TVPACK_MIRROR")
+
+
+def torch_home_env() -> str | None:
+    return os.environ.get("TORCH_HOME")
+
+
+def xdg_cache_home_env() -> str | None:
+    return os.environ.get("XDG_CACHE_HOME")
