@@ -1,0 +1,539 @@
+"""One transfer: stream a url into a partial file, hashing as the bytes arrive.
+
+``transfer(url, part, verifier)`` appends to ``part`` (resuming from the bytes already there) and
+returns once every byte is on disk, fsynced and verified; it never touches a final name, which is
+the cache's job. Retries (exponential backoff with full jitter, ``Retry-After`` honoured) cover
+connection errors, read timeouts, truncated bodies, 408/429 and 5xx; any other 4xx fails at once.
+
+A resumed transfer asks for ``Range: bytes=<have>-`` with ``If-Range`` (a strong ETag, else
+Last-Modified) and accepts a 206 only when its ``Content-Range`` starts where the part ends; a 200
+means the server ignored the range or the file changed, so the part restarts from zero. The
+validators of a part live beside it in ``<part>.json``.
+
+Sources: ``http(s)://``, ``file://`` and plain paths (a directory mirror), ``s3://`` via
+:mod:`packager.s3` when present. Proxies and CA bundles come from the environment (requests).
+Importing this module never imports torch.
+"""
+from __future__ import annotations
+
+import email.utils
+import errno
+import hashlib
+import json
+import os
+import queue
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+from .errors import CacheError, DownloadError, IntegrityError
+
+MiB = 1 << 20
+CHUNK_SIZE = 4 * MiB
+USER_AGENT = "tvpack"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to try: timeouts (seconds), retries per url and the backoff between them."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 5  # further attempts after the first one, per url
+    backoff: float = 0.5  # base of the exponential backoff
+    max_backoff: float = 30.0
+    max_retry_after: float = 120.0  # a longer Retry-After gives up on this url instead
+    chunk_size: int = CHUNK_SIZE
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt`` (1-based retry count)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        return random.uniform(0, min(self.max_backoff, self.backoff * (2 ** (attempt - 1))))
+
+
+DEFAULT_POLICY = Policy()
+
+
+class Verifier:
+    """sha256 and size of a stream, checked against what the caller expects (pip's Hashes, small).
+
+    ``hash_prefix`` is the hex a checkpoint name promises (``-<hex>.`` / ``_<hex>.``); ``sha256`` a
+    full pinned hash; ``size`` an exact byte count. ``update`` refuses bytes beyond ``size`` at once
+    (a server sending a file too large is caught before it fills the disk).
+    """
+
+    def __init__(self, what: str, *, hash_prefix: str | None = None, sha256: str | None = None,
+                 size: int | None = None):
+        self.what = what
+        self.hash_prefix = hash_prefix.lower() if hash_prefix else None
+        self.sha256 = sha256.lower() if sha256 else None
+        self.size = size
+        self.reset()
+
+    def reset(self) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def update(self, data) -> None:
+        self.count += len(data)
+        if self.size is not None and self.count > self.size:
+            raise IntegrityError(f"{self.what}: too large", expected=f"{self.size} bytes",
+                                 got=f"more than {self.size} bytes")
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def check(self) -> str:
+        """The sha256 of everything seen, or IntegrityError naming expected and got."""
+        digest = self.hexdigest()
+        if self.size is not None and self.count != self.size:
+            raise IntegrityError(f"{self.what}: wrong size", expected=f"{self.size} bytes", got=f"{self.count} bytes")
+        if self.sha256 is not None and digest != self.sha256:
+            raise IntegrityError(f"{self.what}: sha256 mismatch", expected=self.sha256, got=digest)
+        if self.hash_prefix is not None and not digest.startswith(self.hash_prefix):
+            raise IntegrityError(f"{self.what}: sha256 prefix mismatch", expected=self.hash_prefix,
+                                 got=digest[: len(self.hash_prefix)])
+        return digest
+
+
+# -- partial files ---------------------------------------------------------------------------------
+
+def part_state_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_state(part: Path) -> dict:
+    try:
+        return json.loads(part_state_path(part).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(part: Path, state: dict) -> None:
+    path = part_state_path(part)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def discard_part(part: Path) -> None:
+    for path in (part, part_state_path(part)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- the transfer ----------------------------------------------------------------------------------
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _Restart(Exception):
+    """The part cannot be continued (server changed the file, bad Content-Range): start over."""
+
+
+@dataclass
+class Result:
+    url: str
+    sha256: str
+    size: int
+    resumed_from: int  # bytes already in the part when the (first) request was made
+    attempts: int
+
+
+ProgressFn = Callable[[int], None]  # called with the number of new bytes
+TotalFn = Callable[[int | None, int], None]  # (total size or None, bytes already present)
+
+
+def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
+             session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None) -> Result:
+    """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
+
+    Raises DownloadError (after retries, or at once for a 4xx), IntegrityError (bytes wrong: the
+    part is removed), CacheError (the disk cannot take it). On DownloadError the part is kept so
+    that a later call resumes it.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return _transfer_http(url, part, verifier, policy, session, on_bytes, on_total)
+    if parsed.scheme == "s3":
+        return _transfer_s3(url, part, verifier, policy, on_bytes, on_total)
+    if parsed.scheme in ("file", ""):
+        source = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+        return _transfer_file(url, source, part, verifier, policy, on_bytes, on_total)
+    raise DownloadError(f"{url}: unsupported url scheme {parsed.scheme!r}")
+
+
+def _prehash(part: Path, verifier: Verifier, chunk_size: int) -> int:
+    """Hash the bytes already in ``part`` (a resume); returns how many there are."""
+    verifier.reset()
+    try:
+        with open(part, "rb") as f:
+            while True:
+                data = f.read(chunk_size)
+                if not data:
+                    break
+                verifier.update(data)
+    except FileNotFoundError:
+        return 0
+    except IntegrityError:  # the part is already longer than the file can be
+        discard_part(part)
+        verifier.reset()
+        return 0
+    return verifier.count
+
+
+class _Sink:
+    """Hashes and writes chunks on a helper thread while the caller reads the next one.
+
+    hashlib and file writes release the GIL for large buffers, so reading, hashing and writing
+    overlap. ``close`` drains the queue, so that after any error the bytes hashed are exactly the
+    bytes written (the resume invariant).
+    """
+
+    def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None):
+        self.f = f
+        self.verifier = verifier
+        self.on_bytes = on_bytes
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="tvpack-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.verifier.update(data)
+                self.f.write(data)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = exc
+
+    def put(self, data) -> None:
+        if self.error is not None:
+            self.close()
+        self._queue.put(data)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _finish(part: Path, f, verifier: Verifier) -> str:
+    f.flush()
+    os.fsync(f.fileno())
+    try:
+        return verifier.check()
+    except IntegrityError:
+        discard_part(part)
+        raise
+
+
+def _disk_error(exc: OSError, part: Path) -> CacheError:
+    if exc.errno == errno.ENOSPC:
+        discard_part(part)  # free the space again
+        return CacheError(f"disk full while writing {part.parent}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheError(f"cannot write to {part.parent}: {exc.strerror}")
+    return CacheError(f"cannot write {part}: {exc.strerror or exc}")
+
+
+def _check_space(part: Path, needed: int | None) -> None:
+    if not needed:
+        return
+    try:
+        free = shutil.disk_usage(part.parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise CacheError(f"not enough disk space in {part.parent}: need {needed} bytes, {free} free")
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    # "bytes 100-199/200" or "bytes 100-199/*"
+    if not value or not value.startswith("bytes "):
+        return None
+    try:
+        span, total = value[6:].split("/", 1)
+        start, end = (int(x) for x in span.split("-", 1))
+        return start, end, None if total.strip() == "*" else int(total)
+    except ValueError:
+        return None
+
+
+_session_local = threading.local()
+
+
+def default_session():
+    """One requests.Session per thread (connection reuse; sessions are not thread-safe)."""
+    session = getattr(_session_local, "session", None)
+    if session is None:
+        import requests
+
+        session = requests.Session()
+        session.headers["User-Agent"] = USER_AGENT
+        _session_local.session = session
+    return session
+
+
+def _transfer_http(url, part, verifier, policy, session, on_bytes, on_total) -> Result:
+    import requests
+    import urllib3
+
+    session = session or default_session()
+    transient = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+    attempt = 0
+    first_offset = None
+    restarted = False
+    while True:
+        offset = _prehash(part, verifier, policy.chunk_size)
+        if offset == 0:
+            discard_part(part)
+        if first_offset is None:
+            first_offset = offset
+        try:
+            result = _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total)
+            return Result(url, result, verifier.count, first_offset, attempt + 1)
+        except _Restart:
+            discard_part(part)
+            if restarted:
+                raise DownloadError(f"{url}: server keeps answering ranges inconsistently")
+            restarted = True
+            continue
+        except IntegrityError:
+            # A resumed transfer that fails verification may owe it to the old part: once more
+            # from zero before blaming the source.
+            discard_part(part)
+            if offset > 0 and not restarted:
+                restarted = True
+                continue
+            raise
+        except _Retryable as exc:
+            reason, retry_after = exc.reason, exc.retry_after
+        except transient as exc:
+            reason, retry_after = _describe(exc), None
+        attempt += 1
+        if attempt > policy.retries:
+            raise DownloadError(f"{url}: {reason} (gave up after {attempt} attempts)")
+        if retry_after is not None and retry_after > policy.max_retry_after:
+            raise DownloadError(f"{url}: {reason}; server asks to retry after {retry_after:.0f}s")
+        time.sleep(policy.delay(attempt, retry_after))
+
+
+def _describe(exc: BaseException) -> str:
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connect timeout"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        inner = exc.args[0] if exc.args else exc
+        text = str(inner)
+        if "timed out" in text.lower() or "Read timed out" in text:
+            return "read timeout"
+        if "Connection refused" in text or "NewConnectionError" in text:
+            return "connection refused"
+        return f"connection error ({type(inner).__name__})"
+    name = type(exc).__name__
+    if "Timeout" in name:
+        return "read timeout"
+    if "IncompleteRead" in str(exc) or "ProtocolError" in name:
+        return "connection closed early"
+    return f"{name}: {exc}"
+
+
+def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total) -> str:
+    state = _read_state(part) if offset else {}
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if state.get("url") == url:
+            etag = state.get("etag")
+            if etag and not etag.startswith("W/"):
+                headers["If-Range"] = etag
+            elif state.get("last_modified"):
+                headers["If-Range"] = state["last_modified"]
+    timeout = (policy.connect_timeout, policy.read_timeout)
+    response = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
+    try:
+        status = response.status_code
+        if status in (408, 429) or status >= 500:
+            raise _Retryable(f"HTTP {status}", _parse_retry_after(response.headers.get("Retry-After")))
+        if status == 416 and offset:
+            raise _Restart()
+        if status >= 400:
+            raise DownloadError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if status == 206 and offset:
+            content_range = _parse_content_range(response.headers.get("Content-Range"))
+            if content_range is None or content_range[0] != offset:
+                raise _Restart()
+            total = content_range[2]
+            mode = "ab"
+        elif status == 200:
+            if offset:  # range ignored or file changed upstream: a clean full download
+                verifier.reset()
+                if on_total is not None:
+                    on_total(length, -offset)  # tell the progress bar to take the bytes back
+                offset = 0
+            total = length
+            mode = "wb"
+        else:
+            raise DownloadError(f"{url}: unexpected HTTP {status}")
+        if total is not None and verifier.size is not None and total != verifier.size:
+            raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
+        if on_total is not None:
+            on_total(total, offset)
+        _check_space(part, (total - offset) if total is not None else None)
+        try:
+            _write_state(part, {
+                "url": url,
+                "etag": response.headers.get("ETag"),
+                "last_modified": response.headers.get("Last-Modified"),
+                "total": total,
+            })
+            f = open(part, mode)
+        except OSError as exc:
+            raise _disk_error(exc, part) from exc
+        with f:
+            sink = _Sink(f, verifier, on_bytes)
+            try:
+                raw = response.raw
+                read = raw.read
+                chunk_size = policy.chunk_size
+                while True:
+                    data = read(chunk_size, decode_content=False)
+                    if not data:
+                        break
+                    sink.put(data)
+            finally:
+                try:
+                    sink.close()
+                except OSError as exc:
+                    raise _disk_error(exc, part) from exc
+            if total is not None and verifier.count < total:
+                raise _Retryable("connection closed early")
+            try:
+                return _finish(part, f, verifier)
+            except OSError as exc:
+                raise _disk_error(exc, part) from exc
+    finally:
+        response.close()
+
+
+def _transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total) -> Result:
+    try:
+        src = open(source, "rb")
+    except FileNotFoundError:
+        raise DownloadError(f"{url}: no such file") from None
+    except OSError as exc:
+        raise DownloadError(f"{url}: cannot read: {exc.strerror or exc}") from None
+    with src:
+        total = os.fstat(src.fileno()).st_size
+        if verifier.size is not None and total != verifier.size:
+            raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
+        offset = _prehash(part, verifier, policy.chunk_size)
+        if offset > total:
+            discard_part(part)
+            offset = 0
+            verifier.reset()
+        first = offset
+        if on_total is not None:
+            on_total(total, offset)
+        _check_space(part, total - offset)
+        try:
+            _write_state(part, {"url": url, "total": total})
+            f = open(part, "ab" if offset else "wb")
+        except OSError as exc:
+            raise _disk_error(exc, part) from exc
+        with f:
+            src.seek(offset)
+            sink = _Sink(f, verifier, on_bytes)
+            try:
+                while True:
+                    data = src.read(policy.chunk_size)
+                    if not data:
+                        break
+                    sink.put(data)
+            finally:
+                try:
+                    sink.close()
+                except OSError as exc:
+                    raise _disk_error(exc, part) from exc
+            try:
+                digest = _finish(part, f, verifier)
+            except IntegrityError:
+                if first:  # perhaps the old part: once more from zero
+                    discard_part(part)
+                    return _transfer_file(url, source, part, verifier, policy, on_bytes, on_total)
+                raise
+            except OSError as exc:
+                raise _disk_error(exc, part) from exc
+    return Result(url, digest, verifier.count, first, 1)
+
+
+def _transfer_s3(url, part, verifier, policy, on_bytes, on_total) -> Result:
+    try:
+        from . import s3
+        opener = s3.open_url
+    except (ImportError, AttributeError):
+        raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
+    try:
+        stream, total = opener(url)
+    except FileNotFoundError:
+        raise DownloadError(f"{url}: no such object") from None
+    verifier.reset()
+    discard_part(part)
+    if on_total is not None:
+        on_total(total, 0)
+    try:
+        f = open(part, "wb")
+    except OSError as exc:
+        raise _disk_error(exc, part) from exc
+    with f, stream:
+        sink = _Sink(f, verifier, on_bytes)
+        try:
+            while True:
+                data = stream.read(policy.chunk_size)
+                if not data:
+                    break
+                sink.put(data)
+        finally:
+            sink.close()
+        digest = _finish(part, f, verifier)
+    return Result(url, digest, verifier.count, 0, 1)

@@ -1,0 +1,409 @@
+"""S3-compatible object storage as a mirror: read objects in ranges, write them verified.
+
+Everything goes through boto3, imported on first use (``pip install 'tvpack[s3]'``). The endpoint
+and credentials come from boto3's usual sources (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/...``) unless an
+explicit ``endpoint_url`` is given (the CLI's ``--endpoint-url``, see :func:`configure`).
+
+Writes never expose half an object under its final key. Small objects go up in one PutObject;
+large ones in a multipart upload that tvpack drives itself, so that each part carries the
+SHA-256 of the bytes actually sent (the server rejects a part whose bytes differ) and the whole
+object's SHA-256 is compared with the expected one *before* the upload is completed; on any
+mismatch or failure the upload is aborted and nothing appears. After the upload a HEAD checks
+size, the ``sha256`` metadata and the server's own ``ChecksumSHA256`` when it reports one.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterator
+from urllib.parse import urlparse
+
+from .errors import DownloadError, IntegrityError, MirrorError
+
+MiB = 1024 * 1024
+# Objects of at least this size go up in parts; S3 wants parts of 5 MiB..5 GiB, at most 10000.
+MULTIPART_THRESHOLD = 32 * MiB
+PART_SIZE = 16 * MiB
+PARTS_IN_FLIGHT = 3
+MAX_PARTS = 10_000
+MIN_PART_SIZE = 5 * MiB
+READ_CHUNK = 1 * MiB
+SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
+
+_default_endpoint: str | None = None
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+class ObjectNotFound(DownloadError):
+    """The bucket or key does not exist (a mirror without that file: try the next one)."""
+
+
+def configure(*, endpoint_url: str | None = None) -> None:
+    """Process-wide default endpoint (the CLI's ``--endpoint-url``); None restores boto3's own."""
+    global _default_endpoint
+    _default_endpoint = endpoint_url or None
+
+
+def is_s3_url(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")`` (the key may be empty)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise MirrorError(f"not an S3 url: {url!r} (expected s3://bucket/prefix)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(url: str, relpath: str) -> str:
+    """``join("s3://b/prefix", "models/x.pth")`` -> ``"s3://b/prefix/models/x.pth"``."""
+    return url.rstrip("/") + "/" + relpath.lstrip("/")
+
+
+def _boto3():
+    try:
+        import boto3
+        import botocore  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise MirrorError("s3:// mirrors need boto3", hint="pip install 'tvpack[s3]'") from exc
+    return boto3
+
+
+def client(endpoint_url: str | None = None, *, max_pool_connections: int = 16):
+    """A (cached, thread-safe) S3 client for ``endpoint_url`` or the configured/environment one."""
+    endpoint = endpoint_url or _default_endpoint
+    # boto3 reads the environment itself; the key follows it so tests and long-lived processes
+    # that change AWS_* variables get a fresh client.
+    key = (endpoint, max_pool_connections, *(os.environ.get(name) for name in (
+        "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_REGION")))
+    with _clients_lock:
+        found = _clients.get(key)
+        if found is None:
+            boto3 = _boto3()
+            from botocore.config import Config
+
+            config = Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=max_pool_connections,
+            )
+            session = boto3.session.Session()
+            found = session.client("s3", endpoint_url=endpoint, config=config)
+            _clients[key] = found
+        return found
+
+
+def _status(exc) -> tuple[str, int]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return code, status
+
+
+def _translate(exc: Exception, url: str, action: str, *, reading: bool) -> Exception:
+    """A botocore exception as one of ours, with a one-line message."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    base = DownloadError if reading else MirrorError
+    if isinstance(exc, NoCredentialsError):
+        return MirrorError(f"cannot {action} {url}: no S3 credentials",
+                           hint="set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    if isinstance(exc, ClientError):
+        code, status = _status(exc)
+        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
+            what = "bucket" if code == "NoSuchBucket" else "object"
+            if reading:
+                return ObjectNotFound(f"{url}: no such {what} (S3 {status or code})")
+            return MirrorError(f"cannot {action} {url}: no such {what}")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return base(f"{url} changed on the server while it was being read (S3 412)")
+        return base(f"cannot {action} {url}: S3 {status} {code}".rstrip())
+    if isinstance(exc, BotoCoreError):
+        return base(f"cannot {action} {url}: {exc}")
+    return exc
+
+
+def _call(action: str, url: str, fn: Callable, *, reading: bool = False, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except (BotoCoreError, ClientError) as exc:
+        raise _translate(exc, url, action, reading=reading) from exc
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    url: str
+    size: int
+    etag: str
+    sha256: str | None  # from our metadata, when a tvpack export wrote the object
+    checksum_sha256: str | None  # the server's ChecksumSHA256 (base64; composite for multipart)
+
+
+def head(url: str, *, endpoint_url: str | None = None) -> ObjectInfo | None:
+    """What the store says about ``url``, or None when there is no such object."""
+    bucket, key = parse_url(url)
+    s3 = client(endpoint_url)
+    try:
+        resp = _call("read", url, s3.head_object, reading=True, Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except ObjectNotFound:
+        return None
+    metadata = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
+    return ObjectInfo(
+        url=url,
+        size=int(resp["ContentLength"]),
+        etag=str(resp.get("ETag", "")).strip('"'),
+        sha256=(metadata.get(SHA256_METADATA) or "").lower() or None,
+        checksum_sha256=resp.get("ChecksumSHA256"),
+    )
+
+
+def open_stream(url: str, *, offset: int = 0, etag: str | None = None, endpoint_url: str | None = None,
+                chunk_size: int = READ_CHUNK) -> tuple[Iterator[bytes], int, str]:
+    """Read ``url`` from byte ``offset``: ``(chunks, total_size, etag)``.
+
+    ``total_size`` is the whole object's size (not what is left). Pass the ``etag`` of a previous
+    attempt when resuming so that an object replaced in between fails (DownloadError) instead of
+    splicing two versions. A missing object raises :class:`ObjectNotFound` (a DownloadError).
+    The caller verifies the bytes; this only moves them.
+    """
+    bucket, key = parse_url(url)
+    s3 = client(endpoint_url)
+    kwargs = {"Bucket": bucket, "Key": key}
+    if offset:
+        kwargs["Range"] = f"bytes={offset}-"
+    if etag:
+        kwargs["IfMatch"] = f'"{etag}"'
+    try:
+        resp = _call("read", url, s3.get_object, reading=True, **kwargs)
+    except DownloadError as exc:
+        # Asking for bytes past the end (a complete earlier attempt) is not a failure of the mirror.
+        if offset and "InvalidRange" in str(exc):
+            info = head(url, endpoint_url=endpoint_url)
+            if info is not None and info.size == offset:
+                return iter(()), info.size, info.etag
+        raise
+    length = int(resp["ContentLength"])
+    content_range = resp.get("ContentRange")  # "bytes 100-999/1000"
+    total = int(content_range.rsplit("/", 1)[1]) if content_range else length + offset
+    if offset and not content_range:
+        resp["Body"].close()
+        raise DownloadError(f"{url}: the server ignored the byte range (asked from {offset})")
+    body = resp["Body"]
+
+    def chunks() -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            while True:
+                try:
+                    data = body.read(chunk_size)
+                except (BotoCoreError, OSError) as exc:
+                    raise DownloadError(f"reading {url} failed: {exc}") from exc
+                if not data:
+                    return
+                yield data
+        finally:
+            body.close()
+
+    return chunks(), total, str(resp.get("ETag", "")).strip('"')
+
+
+class _Reader:
+    """File-like view (``read``, context manager) of :func:`open_stream`'s chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            data = next(self._chunks, b"")
+            if not data:
+                break
+            self._buffer += data
+        if size < 0:
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_url(url: str, *, offset: int = 0, endpoint_url: str | None = None) -> tuple[_Reader, int]:
+    """``(file-like reader, total_size)`` for :mod:`packager.download` (same errors as open_stream)."""
+    chunks, total, _ = open_stream(url, offset=offset, endpoint_url=endpoint_url)
+    return _Reader(chunks), total
+
+
+def read_bytes(url: str, *, endpoint_url: str | None = None) -> bytes | None:
+    """A small object's content, or None when it does not exist."""
+    try:
+        chunks, _, _ = open_stream(url, endpoint_url=endpoint_url)
+    except ObjectNotFound:
+        return None
+    return b"".join(chunks)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def put_bytes(url: str, data: bytes, *, content_type: str = "application/octet-stream",
+              endpoint_url: str | None = None) -> None:
+    """Write a small object in one request; the server checks its SHA-256."""
+    bucket, key = parse_url(url)
+    s3 = client(endpoint_url)
+    _call("write", url, s3.put_object, Bucket=bucket, Key=key, Body=data, ContentType=content_type,
+          ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(hashlib.sha256(data).digest()))
+
+
+def delete(url: str, *, endpoint_url: str | None = None) -> None:
+    bucket, key = parse_url(url)
+    _call("delete", url, client(endpoint_url).delete_object, Bucket=bucket, Key=key)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def part_size_for(size: int, part_size: int = PART_SIZE) -> int:
+    """``part_size`` grown (doubling) until ``size`` fits in S3's 10000 parts."""
+    part_size = max(part_size, MIN_PART_SIZE)
+    while -(-size // part_size) > MAX_PARTS:
+        part_size *= 2
+    return part_size
+
+
+def expected_checksum(sha256_hex: str, part_digests: list[bytes] | None) -> str:
+    """The ChecksumSHA256 an S3 server reports: of the bytes, or of the part digests (multipart)."""
+    if part_digests is None:
+        return _b64(bytes.fromhex(sha256_hex))
+    return _b64(hashlib.sha256(b"".join(part_digests)).digest())
+
+
+def checksum_matches(reported: str | None, expected: str) -> bool:
+    # AWS appends "-<parts>" to composite checksums; some servers do not.
+    return reported is None or reported.split("-", 1)[0] == expected
+
+
+def upload(stream: BinaryIO, size: int, url: str, *, sha256: str, endpoint_url: str | None = None,
+           multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE,
+           progress: Callable[[int], None] | None = None, content_type: str = "application/octet-stream",
+           ) -> ObjectInfo:
+    """Upload exactly ``size`` bytes from ``stream`` to ``url``, verified against ``sha256``.
+
+    The bytes are hashed as they are read; a mismatch (or a short stream) aborts the upload
+    before anything is visible at ``url`` (IntegrityError). ``progress(n)`` is called with each
+    number of bytes sent.
+    """
+    bucket, key = parse_url(url)
+    s3 = client(endpoint_url)
+    sha256 = sha256.lower()
+    extra = {"Metadata": {SHA256_METADATA: sha256}, "ContentType": content_type}
+    if size < multipart_threshold:
+        data = _read_exact(stream, size, url)
+        _check_hash(hashlib.sha256(data).hexdigest(), sha256, url)
+        _call("write", url, s3.put_object, Bucket=bucket, Key=key, Body=data,
+              ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **extra)
+        if progress:
+            progress(size)
+        expected = expected_checksum(sha256, None)
+    else:
+        expected = _multipart(s3, stream, size, url, bucket, key, sha256, part_size_for(size, part_size),
+                              progress, extra)
+    info = head(url, endpoint_url=endpoint_url)
+    problem = None
+    if info is None:
+        problem = ("object", "present after upload", "missing")
+    elif info.size != size:
+        problem = ("size", str(size), str(info.size))
+    elif info.sha256 != sha256:
+        problem = ("sha256 metadata", sha256, str(info.sha256))
+    elif not checksum_matches(info.checksum_sha256, expected):
+        problem = ("server ChecksumSHA256", expected, str(info.checksum_sha256))
+    if problem:
+        if info is not None:
+            delete(url, endpoint_url=endpoint_url)
+        what, want, got = problem
+        raise IntegrityError(f"{url}: {what} after upload", expected=want, got=got)
+    return info
+
+
+def _read_exact(stream: BinaryIO, size: int, url: str) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        data = stream.read(min(READ_CHUNK * 8, size - len(buf)))
+        if not data:
+            raise IntegrityError(f"source of {url} is short", expected=f"{size} bytes", got=f"{len(buf)} bytes")
+        buf += data
+    return bytes(buf)
+
+
+def _check_hash(got: str, expected: str, url: str) -> None:
+    if got != expected:
+        raise IntegrityError(f"source bytes for {url}", expected=f"sha256 {expected}", got=got)
+
+
+def _multipart(s3, stream, size, url, bucket, key, sha256, part_size, progress, extra) -> str:
+    created = _call("write", url, s3.create_multipart_upload, Bucket=bucket, Key=key,
+                    ChecksumAlgorithm="SHA256", **extra)
+    upload_id = created["UploadId"]
+    whole = hashlib.sha256()
+    digests: list[bytes] = []
+    try:
+        # Parts are read and hashed in order here; at most PARTS_IN_FLIGHT are in memory and
+        # being sent at once.
+        with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as pool:
+            futures = []
+            remaining = size
+            while remaining > 0:
+                if len(futures) >= PARTS_IN_FLIGHT:
+                    futures[-PARTS_IN_FLIGHT].result()  # wait for room; re-raises its failure
+                data = _read_exact(stream, min(part_size, remaining), url)
+                remaining -= len(data)
+                whole.update(data)
+                digest = hashlib.sha256(data).digest()
+                digests.append(digest)
+                futures.append(pool.submit(_upload_part, s3, url, bucket, key, upload_id, len(futures) + 1,
+                                           data, _b64(digest), progress))
+                del data
+            parts = [future.result() for future in futures]
+        _check_hash(whole.hexdigest(), sha256, url)
+        _call("write", url, s3.complete_multipart_upload, Bucket=bucket, Key=key, UploadId=upload_id,
+              MultipartUpload={"Parts": parts})
+    except BaseException:
+        try:
+            s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        except Exception:  # the original error matters more; an orphan upload costs only storage
+            pass
+        raise
+    return expected_checksum(sha256, digests)
+
+
+def _upload_part(s3, url, bucket, key, upload_id, number, data, checksum, progress):
+    resp = _call("write", url, s3.upload_part, Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                 Body=data, ChecksumSHA256=checksum)
+    if progress:
+        progress(len(data))
+    return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
+

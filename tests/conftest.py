@@ -1,0 +1,87 @@
+"""Shared fixtures: the synthetic zoo, isolated TORCH_HOME, CLI runners.
+
+Fixtures owned by one test module live in that module; cross-module ones are added here.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_REGISTRY = "packager.testing.zoo"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    """No test touches the real ~/.cache/torch, or inherits tvpack settings from the shell."""
+    for name in ("TVPACK_REGISTRY", "TVPACK_MIRROR", "TVPACK_OFFLINE", "TVPACK_DEBUG", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("default-torch-home")))
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The built zoo module (built once per machine and torch version, then cached)."""
+    import packager.testing.zoo as zoo_module
+
+    return zoo_module
+
+
+@pytest.fixture(scope="session")
+def zoo_root(zoo) -> Path:
+    """The zoo directory: a mirror root holding models/tvpack-zoo/<file>."""
+    return zoo.zoo_dir()
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "torch-home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def cli():
+    """Invoke the real click CLI in-process; returns click's Result."""
+    from click.testing import CliRunner
+
+    from packager.cli import main
+
+    def run(*args, **kwargs):
+        runner = CliRunner()
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
+
+    return run
+
+
+def run_tvpack(*args, env=None, check=False, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m packager ARGS`` as a real subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONPATH", str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "packager", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tvpack {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def tvpack():
+    return run_tvpack
+
+
+def need_binary(name: str) -> str:
+    """A server binary the test needs: skip locally when absent, fail in CI (CI must install it)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI but is not installed")
+        pytest.skip(f"{name} not installed")
+    return path

@@ -1,0 +1,66 @@
+"""The CLI shell: help, errors and exit codes, `tvpack list`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from conftest import ZOO_REGISTRY
+
+
+def test_help_is_fast_and_does_not_import_torch(tvpack):
+    code = "import sys; from packager.cli import main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    proc = tvpack("--help", check=True)
+    for command in ("list", "fetch", "bundle", "install", "inspect", "verify", "cache"):
+        assert command in proc.stdout
+
+
+def test_list_all_json_gives_every_torchvision_weights(cli):
+    result = cli("list", "--all", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.output)
+    assert len(rows) == 166
+    assert round(sum(r["size_mb"] for r in rows) / 1000, 1) == 39.8
+    row = next(r for r in rows if r["weights"] == "ResNet50_Weights.IMAGENET1K_V2")
+    assert row["url"] == "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
+    assert row["hash_prefix"] == "11ad3fa6" and row["models"] == ["resnet50"] and row["cached"] is False
+    assert row["metric"].startswith("ImageNet-1K acc@1")
+
+
+def test_list_table_filters_and_cached(cli, torch_home):
+    result = cli("list", "resnet50", "--module", "classification")
+    assert result.exit_code == 0
+    assert "ResNet50_Weights.IMAGENET1K_V1" in result.output and "2 weights" in result.output
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    (torch_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth").write_bytes(b"x")
+    rows = json.loads(cli("list", "--cached", "--json").output)
+    assert [r["weights"] for r in rows] == ["ResNet50_Weights.IMAGENET1K_V2"]
+    rows = json.loads(cli("list", "--module", "optical_flow", "--json").output)
+    assert rows and all(r["family"] == "optical_flow" for r in rows)
+
+
+def test_list_with_zoo_registry(cli, zoo):
+    rows = json.loads(cli("list", "zoo_*", "--registry", ZOO_REGISTRY, "--json").output)
+    assert len(rows) == 9
+
+
+def test_unknown_model_exit_1_with_suggestion(tvpack):
+    proc = tvpack("list", "resnt50")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "tvpack: error: unknown model 'resnt50'; did you mean resnet50 or resnet152 or resnet101?"
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_syntax_exit_2(tvpack):
+    proc = tvpack("list", "a:b:c")
+    assert proc.returncode == 2 and "bad selector" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_traceback(tvpack):
+    proc = tvpack("--debug", "list", "resnt50")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = tvpack("list", "resnt50", env={"TVPACK_DEBUG": "1"})
+    assert "Traceback" in proc.stderr
