@@ -30,7 +30,7 @@ demo: install
 	$(PY) scripts/demo.py
 
 bench: install system-deps
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH)
 
 lint: install
 	$(PY) -m pip install -q ruff

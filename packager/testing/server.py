@@ -1,0 +1,365 @@
+"""A loopback HTTP mirror for tests, scripts and demos: Range, validators, a request log, faults.
+
+    with MirrorServer(root) as server:           # 127.0.0.1, a free port
+        url = server.url + "/models/x-1234abcd.pth"
+        server.add_fault("status", path="/models/x-1234abcd.pth", status=503, times=2, retry_after=0)
+        ...
+        server.transfers("/models/x-1234abcd.pth")  # GETs that sent a body (200 or 206)
+        server.requests()                            # every request, as RequestRecord values
+
+It serves files under ``root`` with ``ETag`` (size and mtime), ``Last-Modified``, ``Range``
+(single ranges) and ``If-Range``. Faults apply to one path or to every path (``path=None``), to the
+next ``times`` matching GETs (None: all of them), in the order they were added:
+
+    truncate      send ``at`` body bytes (default: half), then close (Content-Length stays whole)
+    flip          flip the byte at body offset ``at`` (default: the middle)
+    status        answer ``status`` (500/503/429...) with ``Retry-After: retry_after`` if given
+    reset         send ``at`` body bytes, then reset the connection (RST)
+    stall         send ``at`` body bytes, then sleep ``seconds`` (past a client's read timeout)
+    not_found     answer 404
+    ignore_range  answer 200 with the whole file even when a Range was asked for
+    slow          send at most ``rate`` bytes per second (time to kill a client mid-transfer)
+
+Command line: ``python -m packager.testing.server --root DIR [--port N] [--fault KIND:k=v,...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import email.utils
+import os
+import posixpath
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+FAULT_KINDS = ("truncate", "flip", "status", "reset", "stall", "not_found", "ignore_range", "slow")
+_BLOCK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    method: str
+    path: str
+    range: str | None  # the Range header as sent
+    if_range: str | None
+    status: int
+    start: int  # first body byte sent
+    bytes_sent: int  # body bytes actually written to the socket
+    fault: str | None  # the fault applied, if any
+    complete: bool  # the whole promised body went out
+
+
+@dataclass
+class Fault:
+    kind: str
+    path: str | None = None
+    times: int | None = None
+    params: dict = field(default_factory=dict)
+
+    def matches(self, path: str) -> bool:
+        return (self.path is None or self.path == path) and (self.times is None or self.times > 0)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "tvpack-mirror/1"
+    server: "_Server"
+
+    def log_message(self, format, *args):  # noqa: A002 - quiet: the request log is the record
+        pass
+
+    def do_HEAD(self):
+        self._serve(head=True)
+
+    def do_GET(self):
+        self._serve(head=False)
+
+    # --------------------------------------------------------------------------------------------
+    def _record(self, status, start=0, sent=0, fault=None, complete=True):
+        self.server.owner._log(RequestRecord(
+            self.command, self._path, self.headers.get("Range"), self.headers.get("If-Range"),
+            status, start, sent, fault, complete,
+        ))
+
+    def _error(self, status, fault=None, extra_headers=()):
+        body = f"{status}\n".encode()
+        self.send_response(status)
+        for key, value in extra_headers:
+            self.send_header(key, value)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._record(status, fault=fault)
+
+    def _serve(self, head: bool):
+        self._path = posixpath.normpath(unquote(urlparse(self.path).path))
+        owner = self.server.owner
+        fault = None if head else owner._take_fault(self._path)
+        kind = fault.kind if fault else None
+        params = fault.params if fault else {}
+        if kind == "status":
+            code = int(params.get("status", 503))
+            headers = []
+            if params.get("retry_after") is not None:
+                headers.append(("Retry-After", str(params["retry_after"])))
+            return self._error(code, kind, headers)
+        if kind == "not_found":
+            return self._error(404, kind)
+        file = (owner.root / self._path.lstrip("/")).resolve()
+        if owner.root not in file.parents or not file.is_file():
+            return self._error(404)
+        stat = file.stat()
+        size = stat.st_size
+        etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
+        start, end, status = 0, size - 1, 200
+        wanted = self.headers.get("Range")
+        if wanted and kind != "ignore_range" and not owner.ignore_ranges:
+            if_range = self.headers.get("If-Range")
+            if if_range is None or if_range in (etag, last_modified):
+                parsed = _parse_range(wanted, size)
+                if parsed is None:
+                    return self._error(416, extra_headers=[("Content-Range", f"bytes */{size}")])
+                start, end = parsed
+                status = 206
+        length = end - start + 1
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", last_modified)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if head:
+            return self._record(status, start, 0, None, True)
+        sent = 0
+        complete = False
+        try:
+            sent, complete = self._send_body(file, start, length, kind, params)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
+            self.close_connection = True
+        finally:
+            self._record(status, start, sent, kind, complete)
+
+    def _send_body(self, file: Path, start: int, length: int, kind, params) -> tuple[int, bool]:
+        cut = None  # body bytes to send before the fault acts
+        if kind in ("truncate", "reset", "stall"):
+            cut = int(params.get("at", length // 2))
+            cut = max(0, min(cut, length))
+        flip_at = int(params.get("at", length // 2)) if kind == "flip" else None
+        rate = float(params.get("rate", 1 << 20)) if kind == "slow" else None
+        sent = 0
+        with open(file, "rb") as f:
+            f.seek(start)
+            if kind is None and length > 0:  # the fast path
+                sent = self.connection.sendfile(f, start, length)
+                return sent, sent == length
+            began = time.monotonic()
+            while sent < length:
+                block = min(_BLOCK if rate is None else max(1, int(rate / 20)), length - sent)
+                if cut is not None:
+                    block = min(block, cut - sent)
+                if block > 0:
+                    data = bytearray(f.read(block))
+                    if not data:
+                        break
+                    if flip_at is not None and sent <= flip_at < sent + len(data):
+                        data[flip_at - sent] ^= 0xFF
+                    self.wfile.write(data)
+                    sent += len(data)
+                if cut is not None and sent >= cut:
+                    return self._after_cut(kind, params, sent)
+                if rate is not None:
+                    ahead = sent / rate - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        return sent, sent == length
+
+    def _after_cut(self, kind, params, sent) -> tuple[int, bool]:
+        if kind == "stall":
+            time.sleep(float(params.get("seconds", 5)))
+        elif kind == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+        except OSError:
+            pass
+        if kind == "reset":
+            self.connection.close()
+        else:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return sent, False
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    if not value.startswith("bytes=") or "," in value:
+        return None
+    first, _, last = value[6:].strip().partition("-")
+    try:
+        if first == "":  # suffix: the last N bytes
+            n = int(last)
+            return (max(0, size - n), size - 1) if n > 0 and size else None
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+    owner: "MirrorServer"
+
+
+class MirrorServer:
+    """A threaded HTTP server on 127.0.0.1 serving ``root`` (see the module docstring)."""
+
+    def __init__(self, root, *, host: str = "127.0.0.1", port: int = 0):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ignore_ranges = False
+        self._lock = threading.Lock()
+        self._log_records: list[RequestRecord] = []
+        self._faults: list[Fault] = []
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.owner = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MirrorServer":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name="tvpack-mirror", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> "MirrorServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- faults ------------------------------------------------------------------------------------
+    def add_fault(self, kind: str, path: str | None = None, *, times: int | None = None, **params) -> Fault:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; choose from {', '.join(FAULT_KINDS)}")
+        if path is not None and not path.startswith("/"):
+            path = "/" + path
+        fault = Fault(kind, posixpath.normpath(path) if path else None, times, params)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(path):
+                    if fault.times is not None:
+                        fault.times -= 1
+                    return fault
+        return None
+
+    # -- the log -----------------------------------------------------------------------------------
+    def _log(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._log_records.append(record)
+
+    def requests(self, path: str | None = None) -> list[RequestRecord]:
+        with self._lock:
+            records = list(self._log_records)
+        if path is not None:
+            path = posixpath.normpath("/" + path.lstrip("/"))
+            records = [r for r in records if r.path == path]
+        return records
+
+    def transfers(self, path: str | None = None) -> list[RequestRecord]:
+        """GET requests that started sending a body (status 200 or 206)."""
+        return [r for r in self.requests(path) if r.method == "GET" and r.status in (200, 206)]
+
+    def clear_log(self) -> None:
+        with self._lock:
+            self._log_records.clear()
+
+
+def _parse_fault(spec: str) -> tuple[str, dict]:
+    kind, _, rest = spec.partition(":")
+    params: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = value.strip()
+    for key in ("times", "status", "at"):
+        if key in params:
+            params[key] = int(params[key])
+    return kind, params
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m packager.testing.server",
+                                     description="Serve a mirror directory on 127.0.0.1 with Range support.")
+    parser.add_argument("--root", required=True, help="directory to serve (a mirror root)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND:k=v,...",
+                        help="e.g. 'status:status=503,times=2,retry_after=1,path=/models/x.pth'")
+    parser.add_argument("--log", action="store_true", help="print each request when it completes")
+    args = parser.parse_args(argv)
+    server = MirrorServer(args.root, port=args.port)
+    for spec in args.fault:
+        kind, params = _parse_fault(spec)
+        server.add_fault(kind, params.pop("path", None), times=params.pop("times", None), **params)
+    if args.log:
+        original = server._log
+
+        def log_and_print(record, _original=original):
+            _original(record)
+            print(f"{record.method} {record.path} range={record.range} -> {record.status} "
+                  f"{record.bytes_sent} bytes{' fault=' + record.fault if record.fault else ''}", flush=True)
+
+        server._log = log_and_print
+    server.start()
+    print(f"serving {server.root} at {server.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
