@@ -510,30 +510,46 @@ def _transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total
 def _transfer_s3(url, part, verifier, policy, on_bytes, on_total) -> Result:
     try:
         from . import s3
-        opener = s3.open_url
-    except (ImportError, AttributeError):
+    except ImportError:
         raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
+    offset = _prehash(part, verifier, policy.chunk_size)
+    state = _read_state(part) if offset else {}
+    etag = state.get("etag") if state.get("url") == url else None
+    if offset and not etag:  # nothing to prove the object is unchanged: start over
+        discard_part(part)
+        verifier.reset()
+        offset = 0
     try:
-        stream, total = opener(url)
-    except FileNotFoundError:
-        raise DownloadError(f"{url}: no such object") from None
-    verifier.reset()
-    discard_part(part)
+        chunks, total, etag = s3.open_stream(url, offset=offset, etag=etag, chunk_size=policy.chunk_size)
+    except DownloadError:
+        if not offset:
+            raise
+        discard_part(part)  # the object changed (or the range failed): once more from zero
+        verifier.reset()
+        offset = 0
+        chunks, total, etag = s3.open_stream(url, chunk_size=policy.chunk_size)
+    if verifier.size is not None and total != verifier.size:
+        raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
     if on_total is not None:
-        on_total(total, 0)
+        on_total(total, offset)
+    _check_space(part, total - offset)
     try:
-        f = open(part, "wb")
+        _write_state(part, {"url": url, "etag": etag, "total": total})
+        f = open(part, "ab" if offset else "wb")
     except OSError as exc:
         raise _disk_error(exc, part) from exc
-    with f, stream:
+    with f:
         sink = _Sink(f, verifier, on_bytes)
         try:
-            while True:
-                data = stream.read(policy.chunk_size)
-                if not data:
-                    break
+            for data in chunks:
                 sink.put(data)
         finally:
-            sink.close()
-        digest = _finish(part, f, verifier)
-    return Result(url, digest, verifier.count, 0, 1)
+            try:
+                sink.close()
+            except OSError as exc:
+                raise _disk_error(exc, part) from exc
+        try:
+            digest = _finish(part, f, verifier)
+        except OSError as exc:
+            raise _disk_error(exc, part) from exc
+    return Result(url, digest, verifier.count, offset, 1)

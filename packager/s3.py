@@ -15,6 +15,7 @@ size, the ``sha256`` metadata and the server's own ``ChecksumSHA256`` when it re
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import threading
@@ -50,6 +51,19 @@ def configure(*, endpoint_url: str | None = None) -> None:
     _default_endpoint = endpoint_url or None
 
 
+@contextlib.contextmanager
+def configured(*, endpoint_url: str | None = None):
+    """:func:`configure` for the duration of a ``with`` block (then the previous setting)."""
+    global _default_endpoint
+    previous = _default_endpoint
+    if endpoint_url:
+        _default_endpoint = endpoint_url
+    try:
+        yield
+    finally:
+        _default_endpoint = previous
+
+
 def is_s3_url(url: str) -> bool:
     return url.startswith("s3://")
 
@@ -76,7 +90,7 @@ def _boto3():
     return boto3
 
 
-def client(endpoint_url: str | None = None, *, max_pool_connections: int = 16):
+def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64):
     """A (cached, thread-safe) S3 client for ``endpoint_url`` or the configured/environment one."""
     endpoint = endpoint_url or _default_endpoint
     # boto3 reads the environment itself; the key follows it so tests and long-lived processes
@@ -119,7 +133,7 @@ def _translate(exc: Exception, url: str, action: str, *, reading: bool) -> Excep
     if isinstance(exc, ClientError):
         code, status = _status(exc)
         if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
-            what = "bucket" if code == "NoSuchBucket" else "object"
+            what = "bucket" if code == "NoSuchBucket" or "bucket" in action else "object"
             if reading:
                 return ObjectNotFound(f"{url}: no such {what} (S3 {status or code})")
             return MirrorError(f"cannot {action} {url}: no such {what}")

@@ -85,3 +85,22 @@ def need_binary(name: str) -> str:
             pytest.fail(f"{name} is required in CI but is not installed")
         pytest.skip(f"{name} not installed")
     return path
+
+
+@pytest.fixture
+def mirror_server(tmp_path):
+    """A loopback HTTP mirror (packager.testing.server) over an empty ``tmp_path/"mirror"``: put files
+    under ``server.root``; ``server.add_fault(...)``, ``server.transfers(path)`` for the log."""
+    from packager.testing.server import MirrorServer
+
+    with MirrorServer(tmp_path / "mirror") as server:
+        yield server
+
+
+@pytest.fixture
+def zoo_server(zoo_root):
+    """A loopback HTTP mirror serving the zoo (``--mirror zoo_server.url``)."""
+    from packager.testing.server import MirrorServer
+
+    with MirrorServer(zoo_root) as server:
+        yield server

@@ -101,6 +101,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool):
         self._path = posixpath.normpath(unquote(urlparse(self.path).path))
         owner = self.server.owner
+        owner._begin()
+        try:
+            self._serve_inner(head, owner)
+        finally:
+            owner._end()
+
+    def _serve_inner(self, head: bool, owner: "MirrorServer"):
         fault = None if head else owner._take_fault(self._path)
         kind = fault.kind if fault else None
         params = fault.params if fault else {}
@@ -236,6 +243,8 @@ class MirrorServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.ignore_ranges = False
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
         self._log_records: list[RequestRecord] = []
         self._faults: list[Fault] = []
         self._httpd = _Server((host, port), _Handler)
@@ -295,11 +304,33 @@ class MirrorServer:
         return None
 
     # -- the log -----------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._idle.notify_all()
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until no request is being served (a client may finish reading before the server
+        logs its request); True when idle."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
             self._log_records.append(record)
 
     def requests(self, path: str | None = None) -> list[RequestRecord]:
+        """Every request logged so far (call :meth:`settle` first to include those in flight)."""
         with self._lock:
             records = list(self._log_records)
         if path is not None:

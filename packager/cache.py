@@ -1,0 +1,955 @@
+"""The checkpoint cache: fetch under locks, place atomically, remember what was verified.
+
+Files land at ``<hub>/checkpoints/<basename(url)>``, the torch.hub layout, so torchvision finds them
+and never downloads. Correctness never rests on the locks (they can be silent no-ops on NFS or
+Lustre): every transfer writes its own uniquely named part file in the same directory, which is
+fsynced and verified before ``os.replace`` gives it the final name. The per-file lock
+(``<hub>/tvpack/locks/<file>.lock``) only stops N threads or processes from doing the same transfer
+N times.
+
+A part file is named ``<file>.<host>.<pid>.<token>.tvpack-part``; one whose owner is gone (killed,
+interrupted) is taken over by the next fetch and resumed with a Range request.
+
+The verification index ``<hub>/tvpack/index.json`` records (sha256, size, mtime_ns) of each file
+hashed, so unchanged files are never hashed twice (``file_sha256``). Bundle manifests installed
+under ``<hub>/tvpack/manifests/`` tell ``cache ls`` which weights a file belongs to.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from filelock import FileLock, Timeout
+
+from . import env
+from .download import DEFAULT_POLICY, Policy, Verifier, discard_part, part_state_path, transfer
+from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
+from .home import hub_dir as _hub_dir
+from .mirror import candidate_urls
+from .registry import WeightsRef, hash_prefix_from_filename
+
+INDEX_VERSION = 1
+PART_SUFFIX = ".tvpack-part"
+HASH_CHUNK = 8 << 20
+STALE_FOREIGN_PART = 3600.0  # seconds before another host's part file counts as abandoned
+TORCH_HUB_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # torch.hub's own temp files
+_PART_NAME = re.compile(
+    r"^(?P<file>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]+)" + re.escape(PART_SUFFIX) + "$"
+)
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+# -- places ----------------------------------------------------------------------------------------
+
+def tvpack_dir(hub: Path) -> Path:
+    return hub / "tvpack"
+
+
+def index_path(hub: Path) -> Path:
+    return tvpack_dir(hub) / "index.json"
+
+
+def locks_dir(hub: Path) -> Path:
+    return tvpack_dir(hub) / "locks"
+
+
+def manifests_dir(hub: Path) -> Path:
+    return tvpack_dir(hub) / "manifests"
+
+
+def _makedirs(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CacheError(f"cannot create directory {path}: a file is in the way") from None
+    except OSError as exc:
+        raise CacheError(f"cannot create directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CacheError(f"cache directory {path} is not writable")
+
+
+def _lock(hub: Path, name: str) -> FileLock:
+    """A per-name inter-process lock (also excludes threads: each gets its own descriptor)."""
+    return FileLock(str(locks_dir(hub) / f"{name}.lock"))
+
+
+# -- the verification index ------------------------------------------------------------------------
+
+_index_mutex = threading.Lock()
+
+
+def _hub_of(path: Path) -> Path | None:
+    """The hub directory of a checkpoint path, or None for a file outside any ``checkpoints/``."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def _load_index(hub: Path) -> dict:
+    try:
+        data = json.loads(index_path(hub).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def _update_index(hub: Path, changes: dict[str, dict | None]) -> None:
+    """Apply ``{filename: entry or None (drop)}``; best effort (the index is only a shortcut)."""
+    try:
+        locks_dir(hub).mkdir(parents=True, exist_ok=True)
+        with _index_mutex, _lock(hub, "index.json"):
+            files = _load_index(hub)
+            for name, entry in changes.items():
+                if entry is None:
+                    files.pop(name, None)
+                else:
+                    files[name] = entry
+            target = index_path(hub)
+            tmp = target.with_name(f".index.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"version": INDEX_VERSION, "files": files}, indent=1, sort_keys=True))
+            os.replace(tmp, target)
+    except OSError:
+        pass
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def index_entry(path) -> dict | None:
+    """What the index knows about ``path``, if the file is unchanged since it was hashed."""
+    path = Path(path)
+    hub = _hub_of(path)
+    key = _stat_key(path)
+    if hub is None or key is None:
+        return None
+    entry = _load_index(hub).get(path.name)
+    if not isinstance(entry, dict) or (entry.get("size"), entry.get("mtime_ns")) != key:
+        return None
+    return entry
+
+
+def record_verified(path, sha256: str, **extra) -> None:
+    """Record that ``path`` (as it is now) hashes to ``sha256``; ``extra`` (weights, url) kept."""
+    path = Path(path)
+    hub = _hub_of(path)
+    key = _stat_key(path)
+    if hub is None or key is None:
+        return
+    old = _load_index(hub).get(path.name) or {}
+    entry = {k: v for k, v in old.items() if k in ("weights", "url")}
+    entry.update({k: v for k, v in extra.items() if v is not None})
+    entry.update({"sha256": sha256, "size": key[0], "mtime_ns": key[1], "checked_at": int(time.time())})
+    _update_index(hub, {path.name: entry})
+
+
+def hash_file(path, chunk_size: int = HASH_CHUNK) -> str:
+    """sha256 of a file, read in large chunks into one buffer (hashlib releases the GIL)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def file_sha256(path) -> str:
+    """sha256 of ``path``: from the index when unchanged, else hashed now and recorded."""
+    entry = index_entry(path)
+    if entry and entry.get("sha256"):
+        return entry["sha256"]
+    digest = hash_file(path)
+    record_verified(path, digest)
+    return digest
+
+
+# -- what a file should be -------------------------------------------------------------------------
+
+def _exact_size(ref: WeightsRef) -> int | None:
+    # A pinned ref (lockfile, manifest) carries the exact size; the registry's is a rounded MB.
+    return ref.size_hint if ref.sha256 else None
+
+
+def _problem(ref: WeightsRef, sha256: str, size: int) -> str | None:
+    """Why a file with this hash and size is not ``ref``'s, or None when it is."""
+    exact = _exact_size(ref)
+    if exact is not None and size != exact:
+        return f"size {size}, expected {exact}"
+    if ref.sha256 and sha256 != ref.sha256.lower():
+        return f"sha256 {sha256}, pinned {ref.sha256}"
+    prefix = ref.hash_prefix
+    if prefix and not sha256.startswith(prefix):
+        return f"sha256 starts {sha256[:len(prefix)]}, name promises {prefix}"
+    return None
+
+
+# -- fetching --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What happened to one weights: ``status`` is cached, downloaded, missing, would-download,
+    corrupt (dry-run/offline: present but wrong) or failed (``error`` says why)."""
+
+    ref: WeightsRef
+    path: Path
+    status: str
+    size: int | None = None
+    sha256: str | None = None
+    source: str | None = None
+    resumed_from: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "weights": self.ref.name, "url": self.ref.url, "path": str(self.path), "status": self.status,
+            "size": self.size, "sha256": self.sha256, "source": self.source,
+            "resumed_from": self.resumed_from, "error": self.error,
+        }
+
+
+_released_parts: set[str] = set()  # part files this process gave up on (resumable by itself)
+_released_mutex = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _part_abandoned(part: Path, match: re.Match) -> bool:
+    if match["host"] != _HOST:
+        try:
+            return time.time() - part.stat().st_mtime > STALE_FOREIGN_PART
+        except OSError:
+            return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        with _released_mutex:
+            return str(part) in _released_parts
+    return not _pid_alive(pid)
+
+
+def _parts_of(ckpt: Path, filename: str) -> list[Path]:
+    out = []
+    try:
+        names = os.listdir(ckpt)
+    except OSError:
+        return out
+    for name in names:
+        match = _PART_NAME.match(name)
+        if match and match["file"] == filename:
+            out.append(ckpt / name)
+    return out
+
+
+def _claim_part(ckpt: Path, filename: str) -> Path:
+    """A part file for this process: an abandoned one taken over (to resume), else a new name.
+
+    Taking over is an ``os.replace`` to our own unique name, so two claimants never share a file.
+    """
+    mine = ckpt / f"{filename}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{PART_SUFFIX}"
+    candidates = []
+    for part in _parts_of(ckpt, filename):
+        match = _PART_NAME.match(part.name)
+        try:
+            size = part.stat().st_size
+        except OSError:
+            continue
+        if _part_abandoned(part, match):
+            candidates.append((size, part))
+    for _size, part in sorted(candidates, reverse=True):
+        try:
+            os.replace(part, mine)
+        except OSError:
+            continue
+        with _released_mutex:
+            _released_parts.discard(str(part))
+        try:
+            os.replace(part_state_path(part), part_state_path(mine))
+        except OSError:
+            pass
+        return mine
+    return mine
+
+
+def _release_part(part: Path) -> None:
+    if part.exists():
+        with _released_mutex:
+            _released_parts.add(str(part))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Bars:
+    """tqdm bars on stderr: one total and one per running transfer (only when asked for)."""
+
+    def __init__(self, enabled: bool, total_bytes: int | None, jobs: int):
+        self.enabled = enabled
+        self._slots = list(range(1, jobs + 1))
+        self._mutex = threading.Lock()
+        self.total = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self.total = tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024,
+                              desc="total", position=0, dynamic_ncols=True)
+
+    def open(self, desc: str):
+        if not self.enabled:
+            return None
+        with self._mutex:
+            slot = self._slots.pop(0) if self._slots else len(self._slots) + 1
+        bar = self._tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc[-40:],
+                         position=slot, leave=False, dynamic_ncols=True)
+        bar._tvpack_slot = slot
+        return bar
+
+    def close(self, bar) -> None:
+        if bar is None:
+            return
+        bar.close()
+        with self._mutex:
+            self._slots.append(bar._tvpack_slot)
+            self._slots.sort()
+
+    def finish(self) -> None:
+        if self.total is not None:
+            self.total.close()
+
+
+def _check_present(path: Path, ref: WeightsRef) -> tuple[str, str | None, int | None]:
+    """(state, sha256, size) of the file at the final name: absent, ok, corrupt or pin-mismatch
+    (a good copy of what its name promises, but not the bytes a lockfile pins)."""
+    key = _stat_key(path)
+    if key is None:
+        return "absent", None, None
+    exact = _exact_size(ref)
+    if exact is not None and key[0] != exact and not ref.hash_prefix:
+        return "corrupt", None, key[0]  # nothing else to learn from hashing it
+    sha = file_sha256(path)
+    if _problem(ref, sha, key[0]) is None:
+        return "ok", sha, key[0]
+    if ref.sha256 and ref.hash_prefix and sha.startswith(ref.hash_prefix):
+        return "pin-mismatch", sha, key[0]
+    return "corrupt", sha, key[0]
+
+
+def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: Policy, bars: _Bars) -> FetchResult:
+    ckpt = hub / "checkpoints"
+    final = ckpt / ref.filename
+    state, sha, size = _check_present(final, ref)
+    if state == "ok":
+        return FetchResult(ref, final, "cached", size, sha)
+    if state == "pin-mismatch":
+        raise IntegrityError(f"{final} does not match the lockfile", expected=ref.sha256, got=sha,
+                             hint="remove it with 'tvpack cache rm' or update the lockfile")
+    with _lock(hub, ref.filename):
+        state, sha, size = _check_present(final, ref)  # someone may have fetched it meanwhile
+        if state == "ok":
+            return FetchResult(ref, final, "cached", size, sha)
+        if state == "pin-mismatch":
+            raise IntegrityError(f"{final} does not match the lockfile", expected=ref.sha256, got=sha,
+                                 hint="remove it with 'tvpack cache rm' or update the lockfile")
+        urls = candidate_urls(ref.url, mirrors, upstream=upstream)
+        if not urls:
+            raise DownloadError(f"{ref.name}: no mirror given and upstream disabled (--no-upstream)")
+        part = _claim_part(ckpt, ref.filename)
+        errors: list[str] = []
+        integrity: IntegrityError | None = None
+        bar = bars.open(ref.filename)
+        try:
+            for url in urls:
+                verifier = Verifier(url, hash_prefix=ref.hash_prefix, sha256=ref.sha256, size=_exact_size(ref))
+                on_bytes, on_total = _progress_callbacks(bar, bars.total)
+                try:
+                    result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total)
+                except IntegrityError as exc:
+                    integrity = integrity or exc
+                    errors.append(exc.format())
+                    continue
+                except DownloadError as exc:
+                    errors.append(exc.format())
+                    continue
+                try:
+                    os.replace(part, final)
+                except OSError as exc:
+                    raise CacheError(f"cannot place {final}: {exc.strerror or exc}") from None
+                discard_part(part)
+                _fsync_dir(ckpt)
+                record_verified(final, result.sha256, weights=ref.name, url=ref.url)
+                return FetchResult(ref, final, "downloaded", result.size, result.sha256, url, result.resumed_from)
+        finally:
+            bars.close(bar)
+            _release_part(part)
+        if integrity is not None and len(urls) == 1:
+            raise integrity
+        raise DownloadError(f"{ref.name}: every source failed: " + "; ".join(errors))
+
+
+def _progress_callbacks(bar, total_bar):
+    if bar is None:
+        return None, None
+
+    def on_bytes(n: int) -> None:
+        bar.update(n)
+        total_bar.update(n)
+
+    def on_total(total: int | None, offset: int) -> None:
+        if offset < 0:  # a restart: take back the bytes counted for the old part
+            bar.reset(total=total)
+            total_bar.update(offset)
+            return
+        bar.reset(total=total)
+        bar.update(offset)
+        total_bar.update(offset)
+
+    return on_bytes, on_total
+
+
+def _prepare_hub(torch_home) -> Path:
+    hub = _hub_dir(torch_home)
+    for path in (hub / "checkpoints", locks_dir(hub)):
+        _makedirs(path)
+    return hub
+
+
+def _select(selectors, refs, all_weights, registry, lock, with_backbones) -> list[WeightsRef]:
+    if refs is not None:
+        return list(refs)
+    if lock is not None:
+        from .lockfile import read_lockfile, select_locked
+
+        return select_locked(read_lockfile(lock), selectors)
+    from .registry import resolve
+
+    return resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+
+
+def _dedupe(refs: Sequence[WeightsRef]) -> list[WeightsRef]:
+    """One transfer per file name (two weights can share a file)."""
+    seen: dict[str, WeightsRef] = {}
+    for ref in refs:
+        seen.setdefault(ref.filename, ref)
+    return list(seen.values())
+
+
+def plan(refs: Sequence[WeightsRef], *, torch_home=None) -> list[FetchResult]:
+    """What a fetch would do, without network: cached (verified), corrupt or would-download."""
+    hub = _hub_dir(torch_home)
+    out = []
+    for ref in refs:
+        final = hub / "checkpoints" / ref.filename
+        state, sha, size = _check_present(final, ref)
+        if state == "ok":
+            out.append(FetchResult(ref, final, "cached", size, sha))
+        elif state == "absent":
+            out.append(FetchResult(ref, final, "would-download", _exact_size(ref) or ref.size_hint))
+        else:
+            out.append(FetchResult(ref, final, "corrupt", size, sha,
+                                   error="does not match the lockfile" if state == "pin-mismatch"
+                                   else "hash or size mismatch"))
+    return out
+
+
+def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
+                  all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
+                  mirrors: Sequence[str] | None = None, upstream: bool = True, jobs: int = 4,
+                  lock=None, offline: bool | None = None, with_backbones: bool = False,
+                  dry_run: bool = False, progress: bool = False, policy: Policy | None = None,
+                  raise_errors: bool = True) -> list[FetchResult]:
+    """Like :func:`fetch`, returning one :class:`FetchResult` per weights.
+
+    With ``raise_errors=False`` failures are returned as ``status="failed"`` results instead.
+    """
+    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones)
+    offline = env.offline() if offline is None else offline
+    if mirrors is not None:
+        mirrors = [os.fspath(m) for m in mirrors]
+    if dry_run:
+        return plan(selected, torch_home=torch_home)
+    if offline:
+        results = plan(selected, torch_home=torch_home)
+        missing = [r for r in results if r.status != "cached"]
+        if missing:
+            names = ", ".join(f"{r.ref.name} ({'missing' if r.status == 'would-download' else r.status})"
+                              for r in missing)
+            if raise_errors:
+                raise OfflineError(f"offline mode: {len(missing)} of {len(results)} weights not cached: {names}")
+            return [r if r.status == "cached" else replace(r, status="missing" if r.status == "would-download"
+                                                           else r.status, error=r.error or "offline: not cached")
+                    for r in results]
+        return results
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    hub = _prepare_hub(torch_home)
+    policy = policy or DEFAULT_POLICY
+    unique = _dedupe(selected)
+    total = sum((_exact_size(r) or r.size_hint or 0) for r in unique)
+    bars = _Bars(progress, total, min(jobs, len(unique) or 1))
+    done: dict[str, FetchResult] = {}
+    try:
+        def work(ref):
+            try:
+                return _fetch_one(ref, hub, mirrors=mirrors, upstream=upstream, policy=policy, bars=bars)
+            except TvpackError as exc:
+                return exc
+            except Timeout as exc:  # pragma: no cover - we never set a lock timeout
+                return CacheError(f"timed out waiting for the lock on {ref.filename}: {exc}")
+
+        if jobs == 1 or len(unique) <= 1:
+            outcomes = [work(ref) for ref in unique]
+        else:
+            with ThreadPoolExecutor(max_workers=min(jobs, len(unique)), thread_name_prefix="tvpack-fetch") as pool:
+                outcomes = list(pool.map(work, unique))
+    finally:
+        bars.finish()
+    errors = []
+    for ref, outcome in zip(unique, outcomes):
+        if isinstance(outcome, TvpackError):
+            errors.append((ref, outcome))
+            done[ref.filename] = FetchResult(ref, hub / "checkpoints" / ref.filename, "failed",
+                                             error=outcome.format())
+        else:
+            done[ref.filename] = outcome
+    if errors and raise_errors:
+        if len(errors) == 1:
+            raise errors[0][1]
+        first = errors[0][1]
+        raise type(first)(f"{len(errors)} of {len(unique)} weights failed; first: {first.format()}") \
+            if type(first) in (DownloadError, CacheError) else first
+    out = []
+    for ref in selected:
+        result = done[ref.filename]
+        out.append(result if result.ref == ref else replace(result, ref=ref))
+    return out
+
+
+def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None, all_weights: bool = False,
+          registry: Sequence[str] = (), torch_home=None, mirrors: Sequence[str] | None = None,
+          upstream: bool = True, jobs: int = 4, lock=None, offline: bool | None = None,
+          with_backbones: bool = False, dry_run: bool = False, progress: bool = False,
+          policy: Policy | None = None) -> list[Path]:
+    """Fetch weights into the torch.hub cache; returns the final paths, in the order of the refs.
+
+    ``selectors`` are resolved through the registry (torchvision plus ``registry`` modules);
+    ``refs`` skips that; ``lock`` (a ``tvpack.lock`` path) fetches exactly the pinned files and
+    refuses any whose full sha256 differs, without importing torch. ``mirrors`` (None: the
+    ``TVPACK_MIRROR`` variable) are tried in order, then upstream unless ``upstream=False``.
+    ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises OfflineError naming
+    what is missing. ``dry_run`` transfers nothing and returns where files would be.
+    """
+    return [r.path for r in fetch_results(
+        selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
+        mirrors=mirrors, upstream=upstream, jobs=jobs, lock=lock, offline=offline,
+        with_backbones=with_backbones, dry_run=dry_run, progress=progress, policy=policy)]
+
+
+def ensure_cached(refs: Sequence[WeightsRef], *, torch_home=None, mirrors: Sequence[str] | None = None,
+                  upstream: bool = True, offline: bool | None = None, jobs: int = 4,
+                  progress: bool = False, policy: Policy | None = None) -> dict[str, Path]:
+    """Make sure each ref's verified file is in the cache; ``{ref.name: path}``.
+
+    Offline (or ``TVPACK_OFFLINE``), raises OfflineError listing what is missing.
+    """
+    results = fetch_results(refs=list(refs), torch_home=torch_home, mirrors=mirrors, upstream=upstream,
+                            offline=offline, jobs=jobs, progress=progress, policy=policy)
+    return {r.ref.name: r.path for r in results}
+
+
+# -- scanning --------------------------------------------------------------------------------------
+
+STATUSES = ("verified", "unverified", "corrupt", "partial", "unknown")
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    path: Path
+    size: int
+    mtime: float
+    status: str  # one of STATUSES
+    weights: tuple[str, ...] = ()
+    sha256: str | None = None  # known from the index (None when unverified)
+    expected: str | None = None  # full pinned sha256 (manifest) or the name's prefix
+    detail: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def to_dict(self) -> dict:
+        return {"file": self.name, "path": str(self.path), "size": self.size,
+                "modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.mtime)),
+                "status": self.status, "weights": list(self.weights), "sha256": self.sha256,
+                "expected": self.expected, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    hub_dir: Path
+    files: tuple[CachedFile, ...] = field(default_factory=tuple)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATUSES}
+        for f in self.files:
+            counts[f.status] += 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return {"hub_dir": str(self.hub_dir), "files": [f.to_dict() for f in self.files],
+                "total_size": self.size, "counts": self.counts()}
+
+
+def _is_partial(name: str) -> bool:
+    return name.endswith(PART_SUFFIX) or name.endswith(PART_SUFFIX + ".json") or bool(TORCH_HUB_PARTIAL.search(name))
+
+
+def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
+    """filename -> (weights name, sha256) from installed bundle manifests."""
+    pins: dict[str, tuple[str, str | None]] = {}
+    try:
+        paths = sorted(manifests_dir(hub).glob("*.json"))
+    except OSError:
+        return pins
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for item in data.get("weights", []) if isinstance(data, dict) else []:
+            if isinstance(item, dict) and item.get("path"):
+                pins.setdefault(os.path.basename(item["path"]), (item.get("name"), item.get("sha256")))
+    return pins
+
+
+def _registry_names(registry: Sequence[str]) -> dict[str, list[str]]:
+    from .registry import get_registry
+
+    names: dict[str, list[str]] = {}
+    for ref in get_registry(registry).all_refs():
+        names.setdefault(ref.filename, []).append(ref.name)
+    return names
+
+
+def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: bool = True) -> CacheInfo:
+    """Every file in ``checkpoints/`` with its weights (if known), size and status, no hashing."""
+    hub = _hub_dir(torch_home)
+    ckpt = hub / "checkpoints"
+    try:
+        names = sorted(os.listdir(ckpt))
+    except FileNotFoundError:
+        return CacheInfo(hub, ())
+    except OSError as exc:
+        raise CacheError(f"cannot read {ckpt}: {exc.strerror or exc}") from None
+    index = _load_index(hub)
+    pins = _manifest_pins(hub)
+    known: dict[str, list[str]] | None = None
+    files = []
+    for name in names:
+        path = ckpt / name
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if not path.is_file():
+            continue
+        if _is_partial(name):
+            files.append(CachedFile(path, st.st_size, st.st_mtime, "partial"))
+            continue
+        entry = index.get(name) if isinstance(index.get(name), dict) else {}
+        fresh = (entry.get("size"), entry.get("mtime_ns")) == (st.st_size, st.st_mtime_ns)
+        weights: list[str] = []
+        if entry.get("weights"):
+            weights.append(entry["weights"])
+        pin_name, pin_sha = pins.get(name, (None, None))
+        if pin_name and pin_name not in weights:
+            weights.append(pin_name)
+        if not weights and use_registry:
+            if known is None:
+                try:
+                    known = _registry_names(registry)
+                except TvpackError:
+                    known = {}
+            weights.extend(known.get(name, []))
+        prefix = hash_prefix_from_filename(name)
+        expected = pin_sha or prefix
+        sha = entry.get("sha256") if fresh else None
+        if sha is not None:
+            bad = (pin_sha and sha != pin_sha) or (prefix and not sha.startswith(prefix))
+            status, detail = ("corrupt", "sha256 does not match " + ("the manifest" if pin_sha and sha != pin_sha
+                                                                      else "the name's prefix")) \
+                if bad else ("verified", None)
+        elif expected or weights:
+            status, detail = "unverified", ("changed since verified" if entry else None)
+        else:
+            status, detail = "unknown", "no known weights and no hash to check"
+        files.append(CachedFile(path, st.st_size, st.st_mtime, status, tuple(weights), sha, expected, detail))
+    return CacheInfo(hub, tuple(files))
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VerifyResult:
+    path: Path
+    size: int
+    sha256: str | None
+    ok: bool
+    detail: str | None = None
+    weights: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"file": self.path.name, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+                "ok": self.ok, "detail": self.detail, "weights": list(self.weights)}
+
+
+def _files_for(selectors: Sequence[str], hub: Path, registry: Sequence[str]) -> list[Path]:
+    """Checkpoint paths named by selectors: plain file names, or weights selectors (registry)."""
+    ckpt = hub / "checkpoints"
+    paths, rest = [], []
+    for selector in selectors:
+        if (ckpt / selector).is_file() and "/" not in selector:
+            paths.append(ckpt / selector)
+        else:
+            rest.append(selector)
+    if rest:
+        from .registry import resolve
+
+        for ref in resolve(rest, registry=registry):
+            paths.append(ckpt / ref.filename)
+    return list(dict.fromkeys(paths))
+
+
+def _deep_check(path: Path) -> str | None:
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
+        return f"torch.load(weights_only=True) failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return None
+
+
+def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Sequence[str] = (),
+                 deep: bool = False, jobs: int | None = None, progress: bool = False) -> list[VerifyResult]:
+    """Re-hash cached files (all, or those selected) on every core and record the results.
+
+    A file is ok when its sha256 matches what its name promises and any installed manifest pins;
+    ``deep`` also requires ``torch.load(weights_only=True)`` to succeed.
+    """
+    hub = _hub_dir(torch_home)
+    ckpt = hub / "checkpoints"
+    info = scan_cache(torch_home=torch_home, registry=registry, use_registry=False)
+    by_path = {f.path: f for f in info.files}
+    if selectors:
+        paths = _files_for(selectors, hub, registry)
+        missing = [p.name for p in paths if p not in by_path]
+        if missing:
+            raise CacheError("not in the cache: " + ", ".join(missing))
+    else:
+        paths = [f.path for f in info.files if f.status != "partial"]
+    pins = _manifest_pins(hub)
+    # Largest first, so that the last file to finish is a small one.
+    paths.sort(key=lambda p: by_path[p].size, reverse=True)
+    jobs = jobs or os.cpu_count() or 1
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(by_path[p].size for p in paths), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc="verify", dynamic_ncols=True)
+    mutex = threading.Lock()
+
+    def one(path: Path) -> VerifyResult:
+        cached = by_path[path]
+        try:
+            digest = hash_file(path)
+        except OSError as exc:
+            return VerifyResult(path, cached.size, None, False, f"cannot read: {exc.strerror or exc}", cached.weights)
+        record_verified(path, digest)
+        if bar is not None:
+            with mutex:
+                bar.update(cached.size)
+        prefix = hash_prefix_from_filename(path.name)
+        pin = pins.get(path.name, (None, None))[1]
+        detail = None
+        if pin and digest != pin:
+            detail = f"sha256 {digest} differs from the manifest's {pin}"
+        elif prefix and not digest.startswith(prefix):
+            detail = f"sha256 starts {digest[:len(prefix)]}, name promises {prefix}"
+        elif deep:
+            detail = _deep_check(path)
+        return VerifyResult(path, cached.size, digest, detail is None, detail, cached.weights)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(paths) or 1)),
+                                thread_name_prefix="tvpack-verify") as pool:
+            results = list(pool.map(one, paths))
+    finally:
+        if bar is not None:
+            bar.close()
+    results.sort(key=lambda r: r.path.name)
+    return results
+
+
+# -- prune and rm ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Removal:
+    path: Path
+    size: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "size": self.size, "reason": self.reason}
+
+
+def _prunable(hub: Path, min_age: float) -> list[Removal]:
+    out: list[Removal] = []
+    ckpt = hub / "checkpoints"
+    now = time.time()
+    try:
+        names = sorted(os.listdir(ckpt))
+    except OSError:
+        names = []
+    for name in names:
+        path = ckpt / name
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        match = _PART_NAME.match(name)
+        if match:
+            if _part_abandoned(path, match):
+                out.append(Removal(path, st.st_size, "abandoned partial download"))
+                state = part_state_path(path)
+                if state.exists():
+                    out.append(Removal(state, state.stat().st_size, "partial download state"))
+        elif name.endswith(PART_SUFFIX + ".json"):
+            if not (ckpt / name[: -len(".json")]).exists():
+                out.append(Removal(path, st.st_size, "orphaned partial download state"))
+        elif TORCH_HUB_PARTIAL.search(name) and now - st.st_mtime > min_age:
+            out.append(Removal(path, st.st_size, "torch.hub temporary file"))
+    tv = tvpack_dir(hub)
+    try:
+        for path in sorted(tv.glob(".index.*.tmp")):
+            if now - path.stat().st_mtime > min_age:
+                out.append(Removal(path, path.stat().st_size, "temporary index file"))
+    except OSError:
+        pass
+    try:
+        lock_paths = sorted(locks_dir(hub).glob("*.lock"))
+    except OSError:
+        lock_paths = []
+    for path in lock_paths:
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            continue  # held: a fetch is running
+        except OSError:
+            continue
+        try:
+            out.append(Removal(path, path.stat().st_size if path.exists() else 0, "stale lock file"))
+        finally:
+            lock.release()
+    return out
+
+
+def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.0) -> list[Removal]:
+    """Remove abandoned partial downloads, temporary files and lock files nobody holds.
+
+    Returns what was (or, with ``dry_run``, would be) removed. Part files of live processes and
+    torch.hub temp files younger than ``min_age`` seconds are left alone.
+    """
+    hub = _hub_dir(torch_home)
+    plan_ = _prunable(hub, min_age)
+    if not dry_run:
+        for item in plan_:
+            try:
+                item.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise CacheError(f"cannot remove {item.path}: {exc.strerror or exc}") from None
+    return plan_
+
+
+def remove_from_cache(selectors: Sequence[str], *, torch_home=None, registry: Sequence[str] = (),
+                      dry_run: bool = False) -> list[Removal]:
+    """Remove the files of the selected weights (or file names) and their index entries."""
+    if not selectors:
+        raise UsageError("name the weights (selectors) or file names to remove")
+    hub = _hub_dir(torch_home)
+    removals = []
+    for path in _files_for(list(selectors), hub, registry):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        removals.append(Removal(path, size, "removed on request"))
+        for part in _parts_of(path.parent, path.name):
+            removals.append(Removal(part, part.stat().st_size, "partial download"))
+    if not dry_run:
+        for item in removals:
+            try:
+                item.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise CacheError(f"cannot remove {item.path}: {exc.strerror or exc}") from None
+            if item.path.name.endswith(PART_SUFFIX):
+                discard_part(item.path)
+        _update_index(hub, {item.path.name: None for item in removals if item.reason == "removed on request"})
+    return removals
+
+
+__all__ = [
+    "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult",
+    "file_sha256", "record_verified", "index_entry", "hash_file",
+    "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
+    "prune_cache", "remove_from_cache", "Removal",
+]

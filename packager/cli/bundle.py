@@ -1,0 +1,131 @@
+"""``tvpack bundle``, ``inspect``, ``verify``, ``install``: portable archives of checkpoints."""
+from __future__ import annotations
+
+import click
+
+from . import main
+from ._common import (
+    all_option,
+    echo_json,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    registry_option,
+    selectors_argument,
+    table,
+    torch_home_option,
+    with_backbones_option,
+)
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+
+
+@main.command("bundle")
+@selectors_argument
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The bundle to write (an uncompressed tar; replaced atomically).")
+@torch_home_option
+@registry_option
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL",
+              help="Fetch missing weights from this mirror first (repeatable; env TVPACK_MIRROR).")
+@click.option("--no-upstream", is_flag=True, help="Never fall back to download.pytorch.org.")
+@click.option("--no-fetch", is_flag=True, help="Use only what is cached; missing weights are an error.")
+@click.option("--offline", is_flag=True, help="Never use the network (also TVPACK_OFFLINE=1).")
+@with_backbones_option
+@all_option
+@json_option
+@quiet_option
+def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
+               all_weights, as_json, quiet):
+    """Write the selected weights, their transform specs and meta into one archive.
+
+    The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
+    vanilla torchvision a working offline cache; `tvpack install FILE` does the same with
+    verification. Byte-identical for the same selection and files (mtime from
+    SOURCE_DATE_EPOCH, 0 if unset).
+    """
+    from ..bundle import bundle, open_bundle
+
+    path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                  offline=True if offline else None, with_backbones=with_backbones,
+                  progress=progress_enabled(quiet or as_json))
+    with open_bundle(path) as opened:
+        if as_json:
+            echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": path.stat().st_size,
+                       "weights": [e.name for e in opened.entries]})
+            return
+        click.echo(f"wrote {path}: {len(opened.entries)} weights, {len(opened.members) - 1} checkpoint files, "
+                   f"{human_bytes(path.stat().st_size)} (manifest {opened.manifest_id})")
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+@json_option
+def inspect_cmd(file, as_json):
+    """Show what a bundle holds: weights, models, sizes, headline metrics, transforms.
+
+    Checks the archive's structure and manifest (not the hashes: see `tvpack verify`).
+    --json prints the manifest itself.
+    """
+    from ..bundle import open_bundle
+
+    with open_bundle(file) as opened:
+        if as_json:
+            echo_json(opened.manifest)
+            return
+        rows = [[e.name, ",".join(e.models), e.filename, human_bytes(e.size), e.headline_metric or "",
+                 e.transform_summary] for e in opened.entries]
+        click.echo(table(["weights", "model(s)", "file", "size", "metric", "transforms"], rows, right=[3]))
+        made = opened.created_by
+        click.echo(f"\n{len(opened.entries)} weights in {len(opened.members) - 1} files, {human_bytes(opened.size)};"
+                   f" manifest {opened.manifest_id}; made by tvpack {made.get('packager', '?')} with torch"
+                   f" {made.get('torch', '?')}, torchvision {made.get('torchvision', '?')}")
+
+
+@main.command("verify")
+@click.argument("file", type=click.Path(dir_okay=False))
+@json_option
+@quiet_option
+def verify_cmd(file, as_json, quiet):
+    """Check a bundle: structure, manifest, every sha256, and that every checkpoint loads with
+    torch.load(weights_only=True). Exit status 0 only if all hold."""
+    from ..bundle import verify_bundle
+    from ..errors import TvpackError
+
+    try:
+        report = verify_bundle(file, progress=progress_enabled(quiet or as_json))
+    except TvpackError as exc:
+        if not as_json:
+            raise
+        echo_json({"ok": False, "path": str(file), "error": exc.format()})
+        click.get_current_context().exit(exc.exit_code)
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    click.echo(f"ok: {file}: {report.weights} weights, {report.members - 1} files, {human_bytes(report.bytes)}"
+               f" verified (manifest {report.manifest_id})")
+
+
+@main.command("install")
+@click.argument("file", type=click.Path(dir_okay=False))
+@torch_home_option
+@click.option("--force", is_flag=True, help="Replace cached files whose contents differ from the bundle's.")
+@json_option
+@quiet_option
+def install_cmd(file, torch_home, force, as_json, quiet):
+    """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
+
+    Each file is written atomically; a file already there with the same sha256 is kept; a
+    different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/.
+    """
+    from ..bundle import install_bundle
+
+    report = install_bundle(file, torch_home=torch_home, force=force, progress=progress_enabled(quiet or as_json))
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    for placed in report.files:
+        click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
+    counts = {s: sum(p.status == s for p in report.files) for s in ("installed", "replaced", "unchanged")}
+    click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; manifest {report.manifest}")

@@ -1,0 +1,286 @@
+"""``tvpack fetch``, ``tvpack lock`` and ``tvpack cache ls|verify|prune|rm``."""
+from __future__ import annotations
+
+import click
+
+from . import main
+from ._common import (
+    all_option,
+    echo_json,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    registry_option,
+    selectors_argument,
+    table,
+    torch_home_option,
+    with_backbones_option,
+)
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-file lines.")
+
+
+def _network_options(func):
+    """Mirror, timeout and retry options shared by fetch and lock."""
+    options = [
+        click.option("--mirror", "mirrors", multiple=True, metavar="URL",
+                     help="Try this mirror first: http(s)://, file:// or a directory holding models/... "
+                          "as download.pytorch.org does (repeatable, in order; env TVPACK_MIRROR)."),
+        click.option("--no-upstream", is_flag=True, help="Only use the mirrors, never the weights' own url."),
+        click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
+                     help="Files transferred in parallel."),
+        click.option("--offline", is_flag=True, default=None,
+                     help="No network: verify what is cached, list what is missing, exit 1 if anything is "
+                          "(env TVPACK_OFFLINE=1)."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+                     metavar="SECONDS", help="Seconds to wait for a connection."),
+        click.option("--read-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                     metavar="SECONDS", help="Seconds without a byte before a transfer is retried."),
+        click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True,
+                     help="Further attempts per url on connection errors, timeouts, 429 and 5xx."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _policy(connect_timeout, read_timeout, retries):
+    from ..download import Policy
+
+    return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries)
+
+
+def _mirrors(mirrors):
+    return list(mirrors) if mirrors else None  # None: TVPACK_MIRROR
+
+
+def _describe(result) -> str:
+    if result.status == "downloaded":
+        how = f"from {result.source}"
+        if result.resumed_from:
+            how += f", resumed at {human_bytes(result.resumed_from)}"
+        return how
+    if result.status in ("failed", "missing", "corrupt"):
+        return result.error or ""
+    return ""
+
+
+@main.command("fetch")
+@selectors_argument
+@all_option
+@torch_home_option
+@registry_option
+@_network_options
+@click.option("--lock", "lockfile", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Fetch exactly the weights pinned in FILE (tvpack lock) and refuse any file whose sha256 "
+                   "differs; needs no registry (SELECTORs then filter the lockfile).")
+@with_backbones_option
+@click.option("--dry-run", is_flag=True, help="Show the plan (cached, to download, bytes); transfer nothing.")
+@json_option
+@quiet_option
+def fetch_cmd(selectors, all_weights, torch_home, registry, mirrors, no_upstream, jobs, offline,
+              connect_timeout, read_timeout, retries, lockfile, with_backbones, dry_run, as_json, quiet):
+    """Download weights into the torch.hub cache, verified, so torchvision never downloads.
+
+    Each file lands at <hub dir>/checkpoints/<basename(url)>, checked against the sha256 prefix in
+    its name (and the full sha256 with --lock). Interrupted transfers resume; parallel runs share
+    one transfer per file.
+
+    \b
+    Examples:
+      tvpack fetch resnet50 'vit_b_*'
+      tvpack fetch --mirror http://mirror.internal/ --no-upstream resnet50:all
+      tvpack fetch --lock tvpack.lock
+      tvpack fetch --offline --lock tvpack.lock     # check a machine has everything
+    """
+    from ..cache import fetch_results
+    from ..errors import OfflineError, TvpackError, UsageError
+
+    if lockfile and all_weights:
+        raise UsageError("--lock and --all cannot be combined")
+    results = fetch_results(
+        selectors, all_weights=all_weights, registry=registry, torch_home=torch_home, mirrors=_mirrors(mirrors),
+        upstream=not no_upstream, jobs=jobs, lock=lockfile, offline=offline, with_backbones=with_backbones,
+        dry_run=dry_run, progress=progress_enabled(quiet) and not as_json, raise_errors=False,
+        policy=_policy(connect_timeout, read_timeout, retries),
+    )
+    bad = [r for r in results if r.status in ("failed", "missing")]
+    if as_json:
+        echo_json([r.to_dict() for r in results])
+    elif dry_run:
+        _print_plan(results)
+    elif not quiet:
+        for r in results:
+            click.echo(f"{r.status:<10}  {r.ref.name}  {r.path}  {_describe(r)}".rstrip())
+    if not as_json and not dry_run:
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        got = sum(r.size or 0 for r in results if r.status == "downloaded")
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        click.echo(f"{len(results)} weights: {summary}; {human_bytes(got)} transferred", err=quiet)
+    if bad:
+        missing = [r for r in bad if r.status == "missing"]
+        if missing:
+            raise OfflineError(f"offline mode: {len(missing)} of {len(results)} weights not cached: "
+                               + ", ".join(r.ref.name for r in missing))
+        if len(bad) == 1:
+            raise TvpackError(bad[0].error or f"{bad[0].ref.name} failed")
+        raise TvpackError(f"{len(bad)} of {len(results)} weights failed; first: {bad[0].ref.name}: {bad[0].error}")
+
+
+def _print_plan(results) -> None:
+    rows = []
+    for r in results:
+        rows.append([r.status, r.ref.name, r.path.name, human_bytes(r.size), r.error or ""])
+    click.echo(table(["plan", "weights", "file", "size", "note"], rows, right=[3]))
+    todo = [r for r in results if r.status == "would-download"]
+    cached = [r for r in results if r.status == "cached"]
+    known = sum(r.size or 0 for r in todo)
+    unknown = sum(1 for r in todo if r.size is None)
+    size = human_bytes(known) + (f" (+{unknown} of unknown size)" if unknown else "")
+    click.echo(f"\n{len(cached)} cached, {len(todo)} to download ({size}), "
+               f"{len(results) - len(cached) - len(todo)} present but wrong")
+
+
+@main.command("lock")
+@selectors_argument
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="tvpack.lock", show_default=True,
+              help="Lockfile to write.")
+@all_option
+@torch_home_option
+@registry_option
+@_network_options
+@with_backbones_option
+@json_option
+@quiet_option
+def lock_cmd(selectors, output, all_weights, torch_home, registry, mirrors, no_upstream, jobs, offline,
+             connect_timeout, read_timeout, retries, with_backbones, as_json, quiet):
+    """Pin weights to their exact bytes: write a lockfile (url, size, full sha256 per file).
+
+    Missing files are fetched first. Later, `tvpack fetch --lock FILE` fetches exactly these files
+    and refuses any whose sha256 differs (like pip's --require-hashes).
+    """
+    from ..lockfile import read_lockfile, write_lockfile
+
+    path = write_lockfile(
+        selectors, output, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
+        torch_home=torch_home, mirrors=_mirrors(mirrors), upstream=not no_upstream, offline=offline, jobs=jobs,
+        progress=progress_enabled(quiet) and not as_json, policy=_policy(connect_timeout, read_timeout, retries),
+    )
+    refs = read_lockfile(path)
+    if as_json:
+        echo_json({"lockfile": str(path), "weights": [r.to_dict() for r in refs]})
+        return
+    if not quiet:
+        for ref in refs:
+            click.echo(f"{ref.sha256}  {ref.name}  {ref.filename}")
+    click.echo(f"wrote {path}: {len(refs)} weights, {human_bytes(sum(r.size_hint or 0 for r in refs))}")
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect and tidy the checkpoint cache (<TORCH_HOME>/hub/checkpoints)."""
+
+
+@cache_group.command("ls")
+@torch_home_option
+@registry_option
+@click.option("--no-registry", is_flag=True,
+              help="Name weights from tvpack's index and bundle manifests only (do not import torchvision).")
+@json_option
+def ls_cmd(torch_home, registry, no_registry, as_json):
+    """Every file in the cache: weights, size, status, modified time; totals.
+
+    \b
+    status: verified    hashed and matching its name's sha256 prefix (and manifest pins)
+            unverified  not hashed since it last changed (tvpack cache verify hashes it)
+            corrupt     its sha256 contradicts its name or a manifest
+            partial     an interrupted or running download (tvpack cache prune)
+            unknown     no known weights and nothing to check it against
+    """
+    from ..cache import scan_cache
+
+    info = scan_cache(torch_home=torch_home, registry=registry, use_registry=not no_registry)
+    if as_json:
+        echo_json(info.to_dict())
+        return
+    rows = [[f.name, ",".join(f.weights) or "-", human_bytes(f.size), f.status,
+             f.to_dict()["modified"].replace("T", " ")] for f in info.files]
+    if rows:
+        click.echo(table(["file", "weights", "size", "status", "modified"], rows, right=[2]))
+        click.echo("")
+    counts = ", ".join(f"{n} {s}" for s, n in info.counts().items() if n)
+    click.echo(f"{len(info.files)} files, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
+               + (f" ({counts})" if counts else ""))
+
+
+@cache_group.command("verify")
+@selectors_argument
+@click.option("--deep", is_flag=True, help="Also check each file loads with torch.load(weights_only=True).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None,
+              help="Files hashed in parallel (default: all cores).")
+@torch_home_option
+@registry_option
+@json_option
+@quiet_option
+def verify_cmd(selectors, deep, jobs, torch_home, registry, as_json, quiet):
+    """Re-hash cached files (all, or SELECTOR.../file names) and check them; exit 1 if any is bad."""
+    from ..cache import verify_cache
+    from ..errors import IntegrityError
+
+    results = verify_cache(selectors, torch_home=torch_home, registry=registry, deep=deep, jobs=jobs,
+                           progress=progress_enabled(quiet) and not as_json)
+    bad = [r for r in results if not r.ok]
+    if as_json:
+        echo_json([r.to_dict() for r in results])
+    else:
+        for r in results:
+            if not quiet or not r.ok:
+                click.echo(f"{'ok' if r.ok else 'BAD':<4} {r.path.name}  {r.detail or r.sha256}")
+        click.echo(f"{len(results)} files, {human_bytes(sum(r.size for r in results))} verified; {len(bad)} bad",
+                   err=quiet)
+    if bad:
+        raise IntegrityError(f"{len(bad)} of {len(results)} cached files failed verification",
+                             expected="files matching their hashes", got=", ".join(r.path.name for r in bad))
+
+
+def _print_removals(removals, dry_run: bool, verb: str) -> None:
+    for item in removals:
+        click.echo(f"{'would remove' if dry_run else 'removed'}  {item.path}  {human_bytes(item.size)}  ({item.reason})")
+    total = sum(item.size for item in removals)
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({len(removals)} {verb})")
+
+
+@cache_group.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed and the bytes freed.")
+@torch_home_option
+@json_option
+def prune_cmd(dry_run, torch_home, as_json):
+    """Remove abandoned partial downloads, temporary files and stale lock files."""
+    from ..cache import prune_cache
+
+    removals = prune_cache(torch_home=torch_home, dry_run=dry_run)
+    if as_json:
+        echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
+                   "bytes": sum(r.size for r in removals)})
+        return
+    _print_removals(removals, dry_run, "files")
+
+
+@cache_group.command("rm")
+@click.argument("selectors", nargs=-1, required=True, metavar="SELECTOR|FILE...")
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@torch_home_option
+@registry_option
+@json_option
+def rm_cmd(selectors, dry_run, torch_home, registry, as_json):
+    """Remove the cached files of the selected weights (or file names in checkpoints/)."""
+    from ..cache import remove_from_cache
+
+    removals = remove_from_cache(selectors, torch_home=torch_home, registry=registry, dry_run=dry_run)
+    if as_json:
+        echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
+                   "bytes": sum(r.size for r in removals)})
+        return
+    _print_removals(removals, dry_run, "files")

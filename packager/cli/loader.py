@@ -1,0 +1,38 @@
+"""``tvpack predict``: run bundled classification weights on image files, offline."""
+from __future__ import annotations
+
+import click
+
+from . import main
+from ._common import echo_json, json_option, registry_option
+
+
+@main.command("predict")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("model", metavar="MODEL")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...",
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="How many categories to show.")
+@registry_option
+@json_option
+def predict_cmd(source, model, images, topk, registry, as_json):
+    """Classify IMAGE files with weights from SOURCE, never touching the network.
+
+    SOURCE is a bundle file or a TORCH_HOME where bundles were installed. MODEL is a model name
+    (resnet50), MODEL:MEMBER or a weights name (ResNet50_Weights.IMAGENET1K_V2). Each image is
+    decoded with torchvision.io.decode_image, preprocessed with the weights' own transforms and
+    the top-k categories are printed with their probabilities. Classification weights only.
+    """
+    from ..loader import classify
+
+    results = classify(source, model, images, topk=topk, registry=registry)
+    if as_json:
+        echo_json(results)
+        return
+    for n, result in enumerate(results):
+        if n:
+            click.echo()
+        click.echo(f"{result['image']}  ({result['weights']})")
+        width = max(len(item["category"]) for item in result["top"])
+        for item in result["top"]:
+            click.echo(f"  {item['rank']:>2}. {item['category']:<{width}}  {100 * item['probability']:6.2f}%")

@@ -1,0 +1,930 @@
+"""The offline loader: a bundle file or an installed TORCH_HOME back into eval-ready models.
+
+    model, weights = load_model("vision.tvpack.tar", "resnet50")
+    model, weights = load_model("/opt/torch-home", "ResNet50_Weights.IMAGENET1K_V2")
+    batch = weights.transforms()(image)
+
+A *source* is a bundle file (its manifest is the first tar member) or a TORCH_HOME (or hub
+directory) where bundles were installed (every ``<hub>/tvpack/manifests/*.json``). The manifest
+says, per weights, which file holds it, its sha256, its transforms spec and meta as JSON data.
+
+What happens on a load, and why:
+
+* **Never the network.** The builder's state-dict fetch (``WeightsEnum.get_state_dict`` and every
+  ``load_state_dict_from_url``) is served from the source; anything else it asks for is an error.
+* **Safe.** Bytes are checked against the manifest's sha256 before ``torch.load(weights_only=True)``
+  (installed files through the verification index, so an unchanged file is not hashed again).
+* **Exactly torchvision's model.** The real builder runs with the real weights member, so every
+  override it derives from the weights applies (num_classes, ViT image_size, transform_input,
+  quantization backend, weights_backbone=None, keypoints...). Where the installed torchvision lacks
+  the member, or describes it differently, a stand-in member of the same enum carries the bundle's
+  url, meta and transforms (the bundle wins; a :class:`DriftWarning` names the difference).
+* **Fast.** While the builder runs, parameters and persistent buffers are swapped for meta-device
+  tensors the moment they are registered, so their random initialisation costs nothing; the
+  builder's ``load_state_dict`` then assigns the checkpoint's tensors in their place (memory-mapped
+  from the cache file, or read once from the archive). Non-persistent buffers and plain tensor
+  attributes are computed on the CPU exactly as torchvision computes them. If anything is still on
+  the meta device afterwards, or the builder cannot run that way, the model is built again the
+  plain way; quantized models (a calibration pass on real numbers) always are.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping, Sequence
+
+from . import home
+from .errors import BundleError, IntegrityError, LoadError, TvpackError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tvpack-bundle"
+FORMAT_VERSION = 1
+MANIFEST_DIR = "hub/tvpack/manifests"
+_MANIFEST_NAME = re.compile(r"^hub/tvpack/manifests/([0-9a-f]{16})\.json$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST_BYTES = 64 << 20
+HASH_CHUNK = 8 << 20
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+# The builder runs with process-wide patches in place (module hooks, the state-dict fetch).
+_BUILD_LOCK = threading.RLock()
+
+
+class DriftWarning(UserWarning):
+    """The installed torchvision describes bundled weights differently; the bundle's description wins."""
+
+
+# -- manifest entries --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Entry:
+    """One weights as a manifest describes it (plain JSON data, nothing imported)."""
+
+    name: str  # "ResNet50_Weights.IMAGENET1K_V2"
+    enum: str
+    member: str
+    module: str
+    models: tuple[str, ...]
+    builders: tuple[str, ...]
+    family: str
+    url: str
+    path: str  # archive path, relative to TORCH_HOME: "hub/checkpoints/<file>"
+    size: int
+    sha256: str
+    transforms: Mapping  # transform spec
+    meta: Mapping  # meta as JSON data
+    created_by: Mapping = field(default_factory=dict)
+    manifest: str = ""  # where this entry was read
+
+    @property
+    def filename(self) -> str:
+        return PurePosixPath(self.path).name
+
+    def builder_path(self, model: str | None) -> str | None:
+        if model in self.models and len(self.builders) == len(self.models):
+            return self.builders[self.models.index(model)]
+        return self.builders[0] if self.builders else None
+
+    def to_dict(self) -> dict:
+        return {"weights": self.name, "models": list(self.models), "family": self.family, "url": self.url,
+                "path": self.path, "size": self.size, "sha256": self.sha256, "manifest": self.manifest}
+
+
+def _entry(item: Any, created_by: Mapping, where: str) -> Entry:
+    if not isinstance(item, Mapping):
+        raise BundleError(f"{where}: a weights entry is not an object")
+    try:
+        name, enum, member = str(item["name"]), str(item["enum"]), str(item["member"])
+        url, path, sha256 = str(item["url"]), str(item["path"]), str(item["sha256"])
+        size = item["size"]
+        transforms, meta = item["transforms"], item["meta"]
+    except KeyError as exc:
+        raise BundleError(f"{where}: weights entry {item.get('name', '?')!r} lacks {exc.args[0]!r}") from None
+    if name != f"{enum}.{member}":
+        raise BundleError(f"{where}: weights entry name {name!r} does not match enum {enum!r} and member {member!r}")
+    parts = PurePosixPath(path).parts
+    if len(parts) != 3 or parts[:2] != ("hub", "checkpoints") or parts[2] in ("", ".", "..") or "\\" in path:
+        raise BundleError(f"{where}: {name} has an unsafe or unexpected checkpoint path {path!r}")
+    if not _SHA256.match(sha256):
+        raise BundleError(f"{where}: {name} has a malformed sha256 {sha256!r}")
+    if type(size) is not int or size < 0:
+        raise BundleError(f"{where}: {name} has a malformed size {size!r}")
+    if not isinstance(transforms, Mapping) or not isinstance(meta, Mapping):
+        raise BundleError(f"{where}: {name} lacks a transforms spec or meta object")
+    models = tuple(str(m) for m in item.get("models") or ())
+    builders = tuple(str(b) for b in item.get("builders") or ())
+    return Entry(name, enum, member, str(item.get("module") or ""), models, builders, str(item.get("family") or ""),
+                 url, path, size, sha256, transforms, meta, dict(created_by), where)
+
+
+def parse_manifest(data: bytes, where: str) -> list[Entry]:
+    """The weights entries of one manifest document (validated; never evaluates anything)."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise BundleError(f"{where}: the manifest is not valid JSON ({exc})") from None
+    if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+        raise BundleError(f"{where}: not a tvpack bundle manifest")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise BundleError(f"{where}: manifest format_version {version!r} is not supported (this tvpack reads "
+                          f"{FORMAT_VERSION})", hint="upgrade tvpack" if newer else None)
+    weights = doc.get("weights")
+    if not isinstance(weights, list):
+        raise BundleError(f"{where}: the manifest has no weights list")
+    created_by = doc.get("created_by") if isinstance(doc.get("created_by"), Mapping) else {}
+    return [_entry(item, created_by, where) for item in weights]
+
+
+# -- reading checkpoints -----------------------------------------------------------------------------
+
+def _torch_load(f, what: str, *, map_location, mmap: bool) -> dict:
+    """``torch.load(weights_only=True)``; memory-mapped when ``f`` is a path in the zip format."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap" in str(exc)):
+                raise
+            state = torch.load(f, map_location=map_location, weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"{what}: refusing to load a checkpoint that is not plain tensors ({first[:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - a checkpoint torch cannot read, for whatever reason
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LoadError(f"{what}: torch.load failed: {type(exc).__name__}: {first[:200]}") from None
+    if not isinstance(state, Mapping):
+        raise LoadError(f"{what}: the checkpoint holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``size`` bytes at ``offset`` in a file (an archive member)."""
+
+    def __init__(self, path: Path, offset: int, size: int):
+        super().__init__()
+        self._fh = open(path, "rb", buffering=0)
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._fh.seek(self._offset + self._pos)
+        got = self._fh.readinto(memoryview(buffer)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
+
+
+def _hash_stream(f, size: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    while total < size:
+        n = f.readinto(view[: min(HASH_CHUNK, size - total)])
+        if not n:
+            break
+        digest.update(view[:n])
+        total += n
+    return digest.hexdigest(), total
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 through the verification index (an unchanged file is not hashed twice)."""
+    try:
+        from .cache import file_sha256
+    except ImportError:  # pragma: no cover - cache module missing: hash directly
+        with open(path, "rb", buffering=0) as f:
+            return _hash_stream(f, os.path.getsize(path))[0]
+    return file_sha256(path)
+
+
+# -- sources -----------------------------------------------------------------------------------------
+
+class Source:
+    """Weights entries plus the verified bytes behind them."""
+
+    kind = "source"
+
+    def __init__(self, location: Path, entries: Iterable[Entry]):
+        self.location = location
+        self.entries: dict[str, Entry] = {}
+        for entry in entries:
+            self.entries.setdefault(entry.name, entry)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.location} ({len(self.entries)} weights)>"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.location}"
+
+    # -- what is in it -------------------------------------------------------------------------
+    def entry_for_url(self, url: str) -> Entry | None:
+        for entry in self.entries.values():
+            if entry.url == url:
+                return entry
+        filename = os.path.basename(url)
+        for entry in self.entries.values():
+            if entry.filename == filename:
+                return entry
+        return None
+
+    def _choices(self) -> str:
+        names = sorted(self.entries)
+        return ", ".join(names) if names else "nothing"
+
+    def find(self, name: str, *, registry: Sequence[str] = ()) -> tuple[Entry, str | None]:
+        """(entry, model name or None) for a model name, ``model:MEMBER`` or ``Enum.MEMBER``."""
+        name = name.strip()
+        if ":" in name:
+            model, member = name.split(":", 1)
+            candidates = [e for e in self.entries.values() if model in e.models]
+            if member == "DEFAULT":
+                return self._default(model, candidates, registry), model
+            for entry in candidates:
+                if entry.member == member:
+                    return entry, model
+            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}")
+        if "." in name:
+            enum, member = name.split(".", 1)
+            if member == "DEFAULT":
+                candidates = [e for e in self.entries.values() if e.enum == enum]
+                return self._default(enum, candidates, registry), None
+            if name in self.entries:
+                return self.entries[name], None
+            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}")
+        candidates = [e for e in self.entries.values() if name in e.models]
+        if not candidates:
+            raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}")
+        if len(candidates) == 1:
+            return candidates[0], name
+        return self._default(name, candidates, registry), name
+
+    def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
+        if not candidates:
+            raise LoadError(f"{self.describe()} holds no weights for {what!r}; it holds: {self._choices()}")
+        default = _installed_default(candidates[0], registry)
+        for entry in candidates:
+            if entry.member == default:
+                return entry
+        if len(candidates) == 1:
+            return candidates[0]
+        choices = ", ".join(sorted(e.name for e in candidates))
+        raise LoadError(f"{self.describe()} holds several weights for {what!r} and none is its DEFAULT here; "
+                        f"choose one of: {choices}")
+
+    # -- bytes ---------------------------------------------------------------------------------
+    def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the public verbs, bound to this source --------------------------------------------------
+    def weights(self, name: str, *, registry: Sequence[str] = ()) -> "LoadedWeights":
+        entry, _ = self.find(name, registry=registry)
+        return LoadedWeights(entry, self, registry=registry)
+
+    def load_model(self, name: str, *, registry: Sequence[str] = (), map_location="cpu", fast: bool = True,
+                   **builder_kwargs):
+        entry, model_name = self.find(name, registry=registry)
+        weights = LoadedWeights(entry, self, registry=registry)
+        model = _build(weights, model_name or (entry.models[0] if entry.models else None), registry=registry,
+                       map_location=map_location, fast=fast, builder_kwargs=builder_kwargs)
+        return model, weights
+
+
+class InstalledSource(Source):
+    """A hub directory holding installed bundles: every ``tvpack/manifests/*.json`` in it."""
+
+    kind = "cache"
+
+    def __init__(self, hub: Path):
+        self.hub = Path(hub)
+        entries: list[Entry] = []
+        manifests = sorted(self.hub.glob("tvpack/manifests/*.json"), key=_mtime, reverse=True)  # newest first
+        for path in manifests:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                warnings.warn(f"skipping unreadable manifest {path}: {exc.strerror or exc}", stacklevel=3)
+                continue
+            if hashlib.sha256(data).hexdigest()[:16] != path.stem:
+                warnings.warn(f"skipping manifest {path}: its content does not match its name (edited or corrupt)",
+                              stacklevel=3)
+                continue
+            entries.extend(parse_manifest(data, str(path)))
+        super().__init__(self.hub.parent, entries)
+        for entry in entries:
+            kept = self.entries[entry.name]
+            if kept.sha256 != entry.sha256:
+                warnings.warn(f"{entry.name} is described by several installed manifests with different files; "
+                              f"using the newest ({kept.manifest})", stacklevel=3)
+
+    def checkpoint_path(self, entry: Entry) -> Path:
+        return self.hub / "checkpoints" / entry.filename
+
+    def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
+        path = self.checkpoint_path(entry)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise LoadError(f"{entry.name}: its checkpoint {path} is missing", hint="reinstall the bundle") from None
+        if size != entry.size:
+            raise IntegrityError(f"checkpoint {path} ({entry.name}) size", expected=f"{entry.size} bytes",
+                                 got=f"{size} bytes", hint="the file changed after install; reinstall the bundle")
+        digest = _file_sha256(path)
+        if digest != entry.sha256:
+            raise IntegrityError(f"checkpoint {path} ({entry.name}) sha256", expected=entry.sha256, got=digest,
+                                 hint="the file changed after install; reinstall the bundle")
+        return _torch_load(str(path), str(path), map_location=map_location, mmap=True)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+class BundleSource(Source):
+    """A bundle archive read in place: the manifest first, members on demand."""
+
+    kind = "bundle"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            self.compressed = fh.read(6).startswith(_COMPRESSED_MAGIC)
+        try:
+            with tarfile.open(self.path, "r:*") as tar:
+                first = tar.next()
+                if first is None:
+                    raise BundleError(f"{self.path}: empty archive, not a tvpack bundle")
+                match = _MANIFEST_NAME.match(first.name)
+                if not match or not first.isreg():
+                    raise BundleError(f"{self.path}: not a tvpack bundle (its first member is {first.name!r}, "
+                                      f"expected {MANIFEST_DIR}/<id>.json)")
+                if first.size > MAX_MANIFEST_BYTES:
+                    raise BundleError(f"{self.path}: manifest of {first.size} bytes is too large")
+                data = tar.extractfile(first).read()
+        except tarfile.TarError as exc:
+            raise BundleError(f"{self.path}: not a readable tar archive ({exc})") from None
+        if hashlib.sha256(data).hexdigest()[:16] != match.group(1):
+            raise BundleError(f"{self.path}: the manifest does not match its id {match.group(1)} (corrupt or edited)")
+        self.manifest_name = first.name
+        super().__init__(self.path, parse_manifest(data, f"{self.path}:{first.name}"))
+        self._members: dict[str, tarfile.TarInfo] | None = None
+
+    def _member(self, entry: Entry) -> tarfile.TarInfo:
+        if self._members is None:
+            members: dict[str, tarfile.TarInfo] = {}
+            try:
+                with tarfile.open(self.path, "r:*") as tar:
+                    for info in tar:
+                        if info.name in members:
+                            raise BundleError(f"{self.path}: member {info.name!r} appears twice")
+                        members[info.name] = info
+            except tarfile.TarError as exc:
+                raise BundleError(f"{self.path}: damaged archive ({exc})") from None
+            self._members = members
+        info = self._members.get(entry.path)
+        if info is None:
+            raise BundleError(f"{self.path}: {entry.name}'s checkpoint {entry.path} is not in the archive")
+        if not info.isreg():
+            raise BundleError(f"{self.path}: {entry.path} is not a regular file")
+        if info.size != entry.size:
+            raise IntegrityError(f"{self.path}:{entry.path} ({entry.name}) size", expected=f"{entry.size} bytes",
+                                 got=f"{info.size} bytes")
+        return info
+
+    def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
+        info = self._member(entry)
+        what = f"{self.path}:{entry.path}"
+        if self.compressed:
+            # A compressed stream cannot be read at an offset: one copy in memory, hashed as it is read.
+            with tarfile.open(self.path, "r:*") as tar:
+                buffer = io.BytesIO()
+                digest = hashlib.sha256()
+                reader = tar.extractfile(info)
+                for chunk in iter(lambda: reader.read(HASH_CHUNK), b""):
+                    digest.update(chunk)
+                    buffer.write(chunk)
+            got = digest.hexdigest()
+            if got != entry.sha256:
+                raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
+                                     hint="the bundle is damaged or was tampered with")
+            buffer.seek(0)
+            return _torch_load(buffer, what, map_location=map_location, mmap=False)
+        # An uncompressed member is contiguous: hash it in place, then let torch.load read the same
+        # window (each tensor's bytes are read once, straight into its storage).
+        with _Window(self.path, info.offset_data, info.size) as window:
+            got, n = _hash_stream(window, info.size)
+            if n != info.size:
+                raise BundleError(f"{what}: the archive is truncated ({n} of {info.size} bytes)")
+            if got != entry.sha256:
+                raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
+                                     hint="the bundle is damaged or was tampered with")
+            window.seek(0)
+            reader = io.BufferedReader(window, buffer_size=1 << 20)
+            return _torch_load(reader, what, map_location=map_location, mmap=False)
+
+
+def open_source(source=None) -> Source:
+    """A bundle file, or a TORCH_HOME / hub directory with installed bundles (None: the default)."""
+    if isinstance(source, Source):
+        return source
+    if source is None:
+        return InstalledSource(home.hub_dir())
+    path = Path(os.path.expanduser(os.fspath(source)))
+    if path.is_file():
+        return BundleSource(path)
+    if path.is_dir():
+        if (path / MANIFEST_DIR).is_dir():
+            return InstalledSource(path / "hub")
+        if (path / "tvpack" / "manifests").is_dir():
+            return InstalledSource(path)
+        raise LoadError(f"{path} holds no installed tvpack bundle (no {MANIFEST_DIR}/)",
+                        hint="install one with: tvpack install BUNDLE --torch-home DIR")
+    raise LoadError(f"no such bundle file or directory: {path}")
+
+
+# -- the weights object ------------------------------------------------------------------------------
+
+def _installed_default(entry: Entry, registry) -> str | None:
+    enum = _installed_enum(entry, registry)
+    default = getattr(enum, "__members__", {}).get("DEFAULT") if enum is not None else None
+    return default.name if default is not None else None
+
+
+def _installed_enum(entry: Entry, registry):
+    from .registry import get_registry
+
+    try:
+        enum = get_registry(registry).enums.get(entry.enum)
+    except TvpackError:
+        raise
+    return enum
+
+
+def _json_normal(data):
+    return json.loads(json.dumps(data, sort_keys=True))
+
+
+def _differences(entry: Entry, member) -> list[str]:
+    """How the installed member's description differs from the bundle's (empty: identical)."""
+    from .spec import SpecError, meta_to_json, transform_spec
+
+    found = []
+    if member.url != entry.url:
+        found.append(f"url (installed {member.url}, bundle {entry.url})")
+    try:
+        installed = _json_normal(meta_to_json(member.meta))
+    except SpecError:
+        installed = {}
+    bundled = _json_normal(entry.meta)
+    keys = sorted(k for k in set(installed) | set(bundled) if installed.get(k, ...) != bundled.get(k, ...))
+    if keys:
+        found.append("meta " + ", ".join(keys))
+    try:
+        spec = _json_normal(transform_spec(member))
+    except SpecError:
+        spec = None
+    if spec != _json_normal(entry.transforms):
+        found.append("transforms")
+    return found
+
+
+class LoadedWeights:
+    """A bundle's weights, used like a ``WeightsEnum`` member: ``.url``, ``.meta``,
+    ``.transforms()`` (a fresh pipeline per call), ``.name``, ``.get_state_dict()``.
+
+    ``installed`` is the installed torchvision's member of the same name (None when it has none);
+    ``differences`` lists where its description differs from the bundle's, which wins.
+    """
+
+    def __init__(self, entry: Entry, source: Source, *, registry: Sequence[str] = ()):
+        from .spec import meta_from_json
+
+        self.entry = entry
+        self.source = source
+        self._registry = tuple(registry)
+        self.meta: dict = meta_from_json(entry.meta, registry=self._registry)
+        enum = _installed_enum(entry, self._registry)
+        self.enum_class = enum  # the installed enum class, or None
+        self.installed = enum.__members__.get(entry.member) if enum is not None else None
+        self.differences: tuple[str, ...] = tuple(_differences(entry, self.installed)) if self.installed else ()
+        if self.differences:
+            warnings.warn(DriftWarning(
+                f"{entry.name}: the installed torchvision describes these weights differently "
+                f"({'; '.join(self.differences)}); using the bundle's description"), stacklevel=3)
+
+    # -- the WeightsEnum surface ---------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def url(self) -> str:
+        return self.entry.url
+
+    @property
+    def sha256(self) -> str:
+        return self.entry.sha256
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.entry.models
+
+    @property
+    def family(self) -> str:
+        return self.entry.family
+
+    def transforms(self, *args, **kwargs):
+        """The preprocessing pipeline the bundle recorded (a new module on every call)."""
+        from .spec import build_transforms
+
+        if args or kwargs:
+            raise TypeError("transforms() takes no arguments: the pipeline is the one the bundle recorded")
+        return build_transforms(self.entry.transforms, registry=self._registry)
+
+    @property
+    def value(self):
+        """A ``torchvision.models.Weights`` with the bundle's url, transforms and meta."""
+        from torchvision.models._api import Weights
+
+        return Weights(url=self.url, transforms=self.transforms, meta=self.meta)
+
+    def get_state_dict(self, *args, map_location="cpu", **kwargs) -> dict:
+        """The verified checkpoint (``progress`` / ``check_hash`` are accepted and ignored)."""
+        return self.source.state_dict(self.entry, map_location=map_location)
+
+    def member_for_builder(self):
+        """What the builder gets as ``weights=``: the installed member when it describes these
+        weights exactly as the bundle does, else a stand-in member of the installed enum carrying
+        the bundle's description; None when this torchvision has no such enum."""
+        if self.installed is not None and not self.differences:
+            return self.installed
+        if self.enum_class is None:
+            return None
+        return _stand_in(self.enum_class, self.entry.member, self.value)
+
+    def __repr__(self) -> str:
+        return f"LoadedWeights({self.name}, {self.source.kind}={str(self.source.location)!r})"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _stand_in(enum_class, member: str, value):
+    """A member of ``enum_class`` that the enum does not list (``Enum.verify`` accepts it:
+    isinstance holds), carrying the bundle's url, meta and transforms."""
+    obj = object.__new__(enum_class)
+    obj._name_ = member
+    obj._value_ = value
+    obj._sort_order_ = len(enum_class._member_names_)
+    return obj
+
+
+# -- building models ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _patched(target, attr: str, value):
+    missing = object()
+    old = target.__dict__.get(attr, missing) if isinstance(target, type) else getattr(target, attr, missing)
+    setattr(target, attr, value)
+    try:
+        yield
+    finally:
+        if old is missing:
+            delattr(target, attr)
+        else:
+            setattr(target, attr, old)
+
+
+class _Fetcher:
+    """Serves the builder's state-dict requests from the source; refuses anything else."""
+
+    def __init__(self, weights: LoadedWeights, member, model: str, map_location):
+        self.weights, self.member, self.model, self.map_location = weights, member, model, map_location
+
+    def for_member(self, member) -> dict:
+        entry = self.weights.entry
+        if member is self.member or (type(member).__name__, member.name) == (entry.enum, entry.member):
+            return self.weights.get_state_dict(map_location=self.map_location)
+        return self._other(f"{type(member).__name__}.{member.name}", member.url)
+
+    def for_url(self, url: str) -> dict:
+        if url == self.weights.url:
+            return self.weights.get_state_dict(map_location=self.map_location)
+        return self._other(url, url)
+
+    def _other(self, what: str, url: str) -> dict:
+        source = self.weights.source
+        entry = source.entries.get(what) or source.entry_for_url(url)
+        if entry is None:
+            raise LoadError(f"building {self.model} also needs {what}, which {source.describe()} does not hold",
+                            hint="bundle it too (e.g. --with-backbones)")
+        return source.state_dict(entry, map_location=self.map_location)
+
+    @contextlib.contextmanager
+    def installed(self):
+        import torch.hub
+        import torchvision._internally_replaced_utils as replaced
+        import torchvision.models._api as api
+
+        def get_state_dict(member, *args, **kwargs):
+            return self.for_member(member)
+
+        def load_state_dict_from_url(url, *args, **kwargs):
+            return self.for_url(url)
+
+        def download_url_to_file(url, *args, **kwargs):
+            raise LoadError(f"building {self.model} tried to download {url}; the offline loader never downloads")
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(api.WeightsEnum, "get_state_dict", get_state_dict))
+            for module in (api, replaced, torch.hub):
+                stack.enter_context(_patched(module, "load_state_dict_from_url", load_state_dict_from_url))
+            stack.enter_context(_patched(torch.hub, "download_url_to_file", download_url_to_file))
+            yield
+
+
+@contextlib.contextmanager
+def _skeleton():
+    """While active, parameters and persistent buffers become meta tensors as they are registered
+    (their initialisation is then free), and ``load_state_dict`` assigns the checkpoint's tensors.
+
+    Non-persistent buffers and other tensors stay on the CPU: they are computed as usual."""
+    import torch
+    from torch import nn
+    from torch.nn.modules import module as module_mod
+
+    loading = threading.local()  # assign=True registers the checkpoint's tensors: keep those
+
+    def on_parameter(module, name, param):
+        if type(param) is nn.Parameter and not param.is_meta and not getattr(loading, "depth", 0):
+            return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        return None
+
+    original_register_buffer = nn.Module.register_buffer
+    original_load_state_dict = nn.Module.load_state_dict
+
+    def register_buffer(self, name, tensor, persistent=True):
+        if persistent and type(tensor) is torch.Tensor and not tensor.is_meta and not getattr(loading, "depth", 0):
+            tensor = torch.empty_like(tensor, device="meta")
+        return original_register_buffer(self, name, tensor, persistent)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        loading.depth = getattr(loading, "depth", 0) + 1
+        try:
+            return original_load_state_dict(self, _aligned(self, state_dict), strict=strict, assign=True)
+        finally:
+            loading.depth -= 1
+
+    handle = module_mod.register_module_parameter_registration_hook(on_parameter)
+    try:
+        with _patched(nn.Module, "register_buffer", register_buffer), \
+                _patched(nn.Module, "load_state_dict", load_state_dict):
+            yield
+    finally:
+        handle.remove()
+
+
+def _aligned(module, state_dict: Mapping) -> Mapping:
+    """The state dict with each tensor in the dtype and layout (strides) of the tensor it replaces,
+    as ``copy_`` into the module's own tensor would have left it."""
+    import torch
+
+    targets = module.state_dict(keep_vars=True)
+    out = OrderedDict()
+    changed = False
+    for key, value in state_dict.items():
+        target = targets.get(key)
+        if (isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor) and value.shape == target.shape
+                and not value.is_quantized and not target.is_quantized):
+            if value.dtype != target.dtype or value.stride() != target.stride():
+                fixed = torch.empty_strided(target.shape, target.stride(), dtype=target.dtype, device=value.device)
+                fixed.copy_(value)
+                value, changed = fixed, True
+        out[key] = value
+    if not changed:
+        return state_dict
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
+
+
+def _meta_leftovers(model) -> list[str]:
+    """Names of tensors still on the meta device anywhere in the model."""
+    import torch
+
+    found = []
+
+    def check(name, value, depth=0):
+        if isinstance(value, torch.Tensor):
+            if value.is_meta:
+                found.append(name)
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                check(f"{name}[{i}]", item, depth + 1)
+        elif depth < 2 and isinstance(value, dict):
+            for key, item in value.items():
+                check(f"{name}.{key}", item, depth + 1)
+
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, value in vars(module).items():
+            if attr == "_modules":
+                continue
+            if attr in ("_parameters", "_buffers"):
+                for key, item in value.items():
+                    check(f"{prefix}.{key}".lstrip("."), item, 1)
+            else:
+                check(f"{prefix}.{attr}".lstrip("."), value)
+    return found
+
+
+def _builder(entry: Entry, model: str | None, registry):
+    from .registry import get_registry
+
+    info = get_registry(registry).models.get(model) if model else None
+    if info is not None:
+        return info
+    recorded = entry.builder_path(model) or "?"
+    if not model:
+        raise LoadError(f"{entry.name}: the manifest names no model to build; its transforms and meta are still "
+                        "available (packager.loader.load_weights)")
+    made_with = entry.created_by.get("torchvision")
+    if recorded.startswith("torchvision."):
+        import torchvision
+
+        why = f"this torchvision ({torchvision.__version__}) has no model {model!r}"
+        if made_with:
+            why += f"; the bundle was made with torchvision {made_with}"
+        hint = "upgrade torchvision, or use load_weights() for its transforms and meta"
+    else:
+        module = recorded.rsplit(".", 1)[0]
+        why = f"no builder for model {model!r} ({recorded}) is registered here"
+        hint = f"pass --registry {module} if that module is installed; load_weights() still gives transforms and meta"
+    raise LoadError(f"cannot build {entry.name}: {why}", hint=hint)
+
+
+def _build(weights: LoadedWeights, model: str | None, *, registry, map_location, fast: bool,
+           builder_kwargs: Mapping):
+    import torch
+
+    entry = weights.entry
+    info = _builder(entry, model, registry)
+    member = weights.member_for_builder()
+    if member is None:
+        made_with = entry.created_by.get("torchvision")
+        raise LoadError(
+            f"cannot build {entry.name}: this environment has no weights enum {entry.enum} "
+            f"(from {entry.module or '?'}) for the builder {info.builder_path}"
+            + (f"; the bundle was made with torchvision {made_with}" if made_with else ""),
+            hint="load_weights() still gives its transforms and meta")
+    params = inspect.signature(info.builder).parameters
+    kwargs = dict(builder_kwargs)
+    if "quantize" in params and "backend" in weights.meta:
+        kwargs.setdefault("quantize", True)
+    if "progress" in params:
+        kwargs.setdefault("progress", False)
+    fetcher = _Fetcher(weights, member, info.name, map_location)
+    built = None
+    if fast and not kwargs.get("quantize"):
+        try:
+            with _BUILD_LOCK, fetcher.installed(), _skeleton():
+                built = info.builder(weights=member, **kwargs)
+            leftovers = _meta_leftovers(built)
+            if leftovers:
+                log.debug("%s: %d tensors left on meta (%s...); building the plain way", entry.name,
+                          len(leftovers), ", ".join(leftovers[:3]))
+                built = None
+        except TvpackError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the plain build below decides whether it is real
+            log.debug("%s: the fast build failed (%s: %s); building the plain way", entry.name,
+                      type(exc).__name__, exc)
+            built = None
+    if built is None:
+        try:
+            with _BUILD_LOCK, fetcher.installed():
+                built = info.builder(weights=member, **kwargs)
+        except TvpackError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a builder failure, told in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise LoadError(f"building {info.name} with {entry.name} failed: {type(exc).__name__}: {first[:300]}") \
+                from exc
+    if not isinstance(built, torch.nn.Module):
+        raise LoadError(f"the builder {info.builder_path} returned {type(built).__name__}, not a torch.nn.Module")
+    device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    if device is not None and device.type != "cpu":
+        built = built.to(device)
+    return built.eval()
+
+
+# -- public API --------------------------------------------------------------------------------------
+
+def load_model(source, name: str, *, registry: Sequence[str] = (), map_location="cpu", fast: bool = True,
+               **builder_kwargs):
+    """``(model, weights)`` from a bundle file or a TORCH_HOME where bundles were installed.
+
+    ``name`` is a model name (its only weights in the source, else its DEFAULT), ``model:MEMBER``
+    or a weights name (``ResNet50_Weights.IMAGENET1K_V2``). The model is in eval mode. Extra
+    keyword arguments go to the builder, as with ``torchvision.models.get_model``. ``fast=False``
+    builds the plain way (random init, then copy), for comparison.
+    """
+    return open_source(source).load_model(name, registry=registry, map_location=map_location, fast=fast,
+                                          **builder_kwargs)
+
+
+def load_weights(source, name: str, *, registry: Sequence[str] = ()) -> LoadedWeights:
+    """The weights object alone (transforms, meta, state dict): works even where no builder exists."""
+    return open_source(source).weights(name, registry=registry)
+
+
+def list_entries(source) -> list[Entry]:
+    return sorted(open_source(source).entries.values(), key=lambda e: e.name)
+
+
+def _is_classification(weights: LoadedWeights) -> bool:
+    spec = weights.entry.transforms
+    return (spec.get("kind") == "preset" and spec.get("class") == "ImageClassification"
+            and bool(weights.meta.get("categories")))
+
+
+def classify(source, name: str, images: Sequence[str | os.PathLike], *, topk: int = 5,
+             registry: Sequence[str] = ()) -> list[dict]:
+    """Top-k categories for each image file (classification weights only)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    src = open_source(source)
+    weights = src.weights(name, registry=registry)
+    if not _is_classification(weights):
+        kind = weights.family or weights.entry.transforms.get("class", "non-classification")
+        raise LoadError(f"predict handles image classification weights; {weights.name} is {kind} weights",
+                        hint="load it with packager.load_model and run it yourself")
+    tensors = []
+    for image in images:
+        try:
+            tensors.append(decode_image(str(image), mode=ImageReadMode.RGB))
+        except Exception as exc:  # noqa: BLE001 - unreadable or not an image
+            raise LoadError(f"cannot decode image {image}: {str(exc).strip().splitlines()[0][:200]}") from None
+    model, weights = src.load_model(name, registry=registry)
+    preprocess = weights.transforms()
+    batch = torch.stack([preprocess(t) for t in tensors])
+    with torch.inference_mode():
+        logits = model(batch)
+    if not isinstance(logits, torch.Tensor):  # e.g. inception's namedtuple outside eval
+        logits = logits[0]
+    probabilities = logits.float().softmax(dim=1)
+    categories = weights.meta["categories"]
+    k = min(topk, probabilities.shape[1])
+    values, indices = probabilities.topk(k, dim=1)
+    results = []
+    for image, probs, idxs in zip(images, values.tolist(), indices.tolist()):
+        results.append({
+            "image": str(image),
+            "weights": weights.name,
+            "top": [{"rank": r + 1, "index": i, "category": categories[i] if i < len(categories) else str(i),
+                     "probability": p} for r, (p, i) in enumerate(zip(probs, idxs))],
+        })
+    return results
