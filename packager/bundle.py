@@ -27,14 +27,13 @@ import os
 import platform
 import re
 import secrets
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from . import __version__
-from .errors import BundleError, OfflineError
+from .errors import BundleError, CacheError, OfflineError
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename
 
@@ -397,7 +396,8 @@ class _Archive:
     def __init__(self, path: Path, f: BinaryIO):
         self.path = path
         self.f = f
-        self.file_size = os.fstat(f.fileno()).st_size
+        self.fd = f.fileno()  # all reads are positional (pread): no shared file offset
+        self.file_size = os.fstat(self.fd).st_size
         self.members: list[Member] = []
         self._scan()
         self._read_manifest()
@@ -406,8 +406,13 @@ class _Archive:
         raise BundleError(f"{self.path.name}: {problem}")
 
     def _read(self, offset: int, size: int) -> bytes:
-        self.f.seek(offset)
-        return self.f.read(size)
+        return os.pread(self.fd, size, offset)
+
+    def _number(self, field_bytes: bytes, what: str, where: str) -> int:
+        try:
+            return _number(field_bytes, what, where)
+        except BundleError as exc:
+            self.fail(exc.message)
 
     def _scan(self) -> None:
         offset = 0
@@ -437,7 +442,7 @@ class _Archive:
                     self.fail("not a tar archive (no POSIX tar header at the start)")
                 self.fail(f"corrupt {where} (checksum or magic mismatch)")
             typeflag = block[156:157]
-            size = _number(block[124:136], "size", where)
+            size = self._number(block[124:136], "size", where)
             if typeflag == b"x":
                 if size > MAX_PAX:
                     self.fail(f"{where}: pax header of {size} bytes is too large")
@@ -458,9 +463,8 @@ class _Archive:
             except UnicodeDecodeError:
                 self.fail(f"{where}: member name is not UTF-8")
             if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
+                size = int(pax["size"]) if pax["size"].isdigit() else -1
+                if size < 0:
                     self.fail(f"{where}: malformed pax size")
             pax = {}
             if typeflag not in (b"0", b"\0"):
@@ -469,7 +473,7 @@ class _Archive:
             problem = _path_problem(path)
             if problem:
                 self.fail(f"member {path!r} has {problem}; refusing it")
-            mode = _number(block[100:108], "mode", where)
+            mode = self._number(block[100:108], "mode", where)
             if mode & ~0o777:
                 self.fail(f"member {path!r} has mode {mode:o} (setuid, setgid or sticky bits)")
             if path in seen:
@@ -492,15 +496,13 @@ class _Archive:
         """Everything from the first zero block on must be zeros (at least two blocks of them)."""
         if self.file_size - offset < 2 * BLOCK:
             self.fail("truncated archive (incomplete end-of-archive marker)")
-        self.f.seek(offset)
-        remaining = self.file_size - offset
-        while remaining:
-            chunk = self.f.read(min(remaining, 1 << 20))
+        while offset < self.file_size:
+            chunk = self._read(offset, min(self.file_size - offset, 1 << 20))
             if not chunk:
                 self.fail("truncated archive")
             if chunk.strip(b"\0"):
                 self.fail("data after the end-of-archive marker")
-            remaining -= len(chunk)
+            offset += len(chunk)
 
     def _read_manifest(self) -> None:
         if not self.members or not _MANIFEST_NAME.fullmatch(self.members[0].path):
@@ -546,16 +548,15 @@ class _Archive:
         buffers = [bytearray(min(CHUNK, member.size) or 1), bytearray(min(CHUNK, member.size) or 1)] \
             if sink is not None else [bytearray(min(CHUNK, member.size) or 1)]
         pending = None
-        remaining = member.size
-        self.f.seek(member.offset)
-        raw = self.f.raw if hasattr(self.f, "raw") else self.f
+        position, remaining = member.offset, member.size
         turn = 0
         try:
             while remaining:
                 buffer = buffers[turn % len(buffers)]
                 turn += 1
                 view = memoryview(buffer)[:min(len(buffer), remaining)]
-                n = raw.readinto(view)
+                n = os.preadv(self.fd, [view], position)
+                position += n
                 if not n:
                     self.fail(f"truncated archive (inside {member.path!r})")
                 view = view[:n]
@@ -573,7 +574,7 @@ class _Archive:
         return digest.hexdigest()
 
     def open_member(self, member: Member) -> BinaryIO:
-        return io.BufferedReader(_MemberFile(self.f.fileno(), member.offset, member.size), 1 << 20)
+        return io.BufferedReader(_MemberFile(self.fd, member.offset, member.size), 1 << 20)
 
 
 def _round_up(n: int) -> int:
@@ -622,56 +623,48 @@ class _MemberFile(io.RawIOBase):
 
 
 # -- the pickle check -------------------------------------------------------------------------------
-def _looks_like_tar(head: bytes) -> bool:
-    return len(head) >= BLOCK and head[257:262] == b"ustar"
-
-
 def check_checkpoint(source, what: str) -> None:
     """Refuse a checkpoint that ``torch.load(weights_only=True)`` would not load.
 
     ``source`` is a path (the same code path vanilla torch takes on a cache file) or a seekable
-    file object. Tensor data is never read (``skip_data``); only the
-    pickles are unpickled, by torch's restricted unpickler, which never runs code. (The meta
-    device would be cheaper still but cannot hold quantized tensors.)
+    file object. Tensor data is never read (``skip_data``); only the pickles are unpickled, by
+    torch's restricted unpickler, which never runs code. (The meta device would be cheaper still
+    but cannot hold quantized tensors.)
     """
     import warnings
 
     import torch
 
+    if _head(source)[257:262] == b"ustar":
+        # PyTorch's pre-2017 tar format: torch refuses weights_only for it (and only reads it
+        # from a real file, which a window on the archive is not).
+        raise BundleError(f"checkpoint {what} is in PyTorch's legacy .tar format, which cannot be loaded with"
+                          " torch.load(weights_only=True); re-save it with a current torch")
     try:
         # skip_data: storages are allocated (untouched, so no resident memory) but never filled.
         with torch.serialization.skip_data(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.load(source, weights_only=True, map_location="cpu")
     except Exception as exc:  # any failure means vanilla torchvision cannot load it safely
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "its pickle calls " + _global_named(str(exc)) + ", which could run code"
-        raise BundleError(f"checkpoint {what} does not load with torch.load(weights_only=True): {reason[:200]}") \
-            from None
+        text = str(exc).strip()
+        match = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+        reason = f"its pickle calls {match.group(1)}, which could run code" if match else \
+            (text.splitlines()[0][:200] if text else type(exc).__name__)
+        raise BundleError(f"checkpoint {what} does not load with torch.load(weights_only=True): {reason}") from None
 
 
-def _global_named(message: str) -> str:
-    match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global[s]? ([\w.]+)", message)
-    return match.group(1) if match else "a non-tensor object"
+def _head(source) -> bytes:
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read(BLOCK)
+    head = source.read(BLOCK)
+    source.seek(0)
+    return head
 
 
 def _check_member_pickle(archive: _Archive, member: Member) -> None:
     with archive.open_member(member) as f:
-        head = f.read(BLOCK)
-        f.seek(0)
-        if not _looks_like_tar(head):
-            check_checkpoint(f, member.path)
-            return
-        # PyTorch's pre-2017 tar format: torch only reads it from a real file, so check a copy.
-        with tempfile.NamedTemporaryFile(prefix="tvpack-check-", suffix=".pth") as tmp:
-            while True:
-                chunk = f.read(CHUNK)
-                if not chunk:
-                    break
-                tmp.write(chunk)
-            tmp.flush()
-            check_checkpoint(tmp.name, member.path)
+        check_checkpoint(f, member.path)
 
 
 # -- open / verify -----------------------------------------------------------------------------------
@@ -757,7 +750,7 @@ class Bundle:
 def _open_archive(path) -> _Archive:
     path = Path(path)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=0)
     except FileNotFoundError:
         raise BundleError(f"no such bundle: {path}") from None
     except IsADirectoryError:
@@ -849,7 +842,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                     raise BundleError(f"{dest} exists with different contents (sha256 {str(current)[:12]}..., bundle"
                                       f" has {expected[:12]}...); use --force to replace it")
                 else:
-                    action = "replace"
+                    action = "replaced"
             plan.append((member, dest, action))
         # 2. one pass over the payload: hash everything, write what is new into temp files
         bar = _progress(progress, sum(m.size for m in archive.payload), "install")
@@ -864,12 +857,15 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                     else:
                         _makedirs(dest.parent)
                         tmp = _temp_name(dest)
-                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                        temps.append(tmp)
                         try:
-                            sha = archive.hash_member(member, sink=fd, pool=pool, bar=bar)
-                        finally:
-                            os.close(fd)
+                            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                            temps.append(tmp)
+                            try:
+                                sha = archive.hash_member(member, sink=fd, pool=pool, bar=bar)
+                            finally:
+                                os.close(fd)
+                        except OSError as exc:
+                            raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
                         staged.append((member, dest, action, tmp))
                     if sha != archive.expected[member.path][1]:
                         bad.append(member.path)
@@ -887,11 +883,16 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                     _check_member_pickle(archive, member)
         # 4. place: checkpoints first, the manifest last (the loader trusts what it lists)
         placed = []
+        first_entry = {}
+        for entry in archive.entries:
+            first_entry.setdefault(entry.path, entry)
         for member, dest, action, tmp in staged:
             if tmp is not None:
                 os.replace(tmp, dest)
                 temps.remove(tmp)
-            cache.record_verified(dest, archive.expected[member.path][1])
+            entry = first_entry.get(member.path)
+            cache.record_verified(dest, archive.expected[member.path][1], weights=entry and entry.name,
+                                  url=entry and entry.url)
             placed.append(Placed(dest, "installed" if action == "install" else action, member.size,
                                  tuple(weights_of.get(member.path, ()))))
         manifest_dest = _destination(hub, archive.manifest_path)
@@ -905,10 +906,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         return InstallReport(Path(path), manifest_dest, tuple(placed))
     finally:
         for tmp in temps:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            _unlink(tmp)
         archive.f.close()
 
 
@@ -922,6 +920,13 @@ def install(path, *, torch_home=None, force: bool = False, progress: bool = Fals
     """
     report = install_bundle(path, torch_home=torch_home, force=force, progress=progress)
     return [placed.path for placed in report.files]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _makedirs(path: Path) -> None:
@@ -1032,10 +1037,10 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     manifest_bytes = encode_manifest(build_manifest(selected, files, registry=registry))
     mtime = source_date_epoch()
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()})
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     bar = _progress(progress, sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb", buffering=0) as out:
             fd = out.fileno()
             _write_all(fd, memoryview(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)))
@@ -1045,11 +1050,11 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
             end = out.tell() + 2 * BLOCK
             _write_all(fd, memoryview(bytes(2 * BLOCK + (-end % RECORD))))
         os.replace(tmp, output)
+    except OSError as exc:
+        _unlink(tmp)
+        raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
     except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _unlink(tmp)
         raise
     finally:
         if bar is not None:

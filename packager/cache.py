@@ -908,6 +908,9 @@ def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.
     hub = _hub_dir(torch_home)
     plan_ = _prunable(hub, min_age)
     if not dry_run:
+        gone = [name for name in _load_index(hub) if not (hub / "checkpoints" / name).exists()]
+        if gone:  # index entries of files deleted by hand
+            _update_index(hub, dict.fromkeys(gone))
         for item in plan_:
             try:
                 item.path.unlink()

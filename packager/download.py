@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import http.client
 import hashlib
 import json
 import os
@@ -241,6 +242,108 @@ class _Sink:
             raise error
 
 
+class _Pipeline:
+    """Read into a few reusable buffers; hash and write each on its own thread, in order.
+
+    No byte is copied in Python: the socket (or file) fills a buffer in place, and hashlib and
+    the file write read it through a memoryview, both releasing the GIL. Three stages overlap:
+    receive, hash, write. ``close`` drains both stages, so after any error the bytes hashed are
+    exactly the bytes written (the resume invariant).
+    """
+
+    def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4):
+        self.f = f
+        self.verifier = verifier
+        self.on_bytes = on_bytes
+        self.error: BaseException | None = None
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self._free.put(bytearray(chunk_size))
+        self._pending: dict[int, int] = {}
+        self._mutex = threading.Lock()
+        self._hash_q: queue.Queue = queue.Queue()
+        self._write_q: queue.Queue = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._stage, args=(self._hash_q, self._hash), name="tvpack-hash", daemon=True),
+            threading.Thread(target=self._stage, args=(self._write_q, self._write), name="tvpack-write", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _hash(self, view) -> None:
+        self.verifier.update(view)
+
+    def _write(self, view) -> None:
+        self.f.write(view)
+        if self.on_bytes is not None:
+            self.on_bytes(len(view))
+
+    def _stage(self, q: queue.Queue, work) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            buf, n = item
+            try:
+                if self.error is None:
+                    with memoryview(buf) as view, view[:n] as part:
+                        work(part)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = exc
+            finally:
+                with self._mutex:
+                    self._pending[id(buf)] -= 1
+                    done = self._pending[id(buf)] == 0
+                if done:
+                    self._free.put(buf)
+
+    def run(self, fill: Callable[[bytearray], int]) -> None:
+        """Call ``fill(buffer) -> bytes read`` until it returns 0, feeding both stages."""
+        try:
+            while self.error is None:
+                buf = self._free.get()
+                n = fill(buf)
+                if not n:
+                    self._free.put(buf)
+                    break
+                with self._mutex:
+                    self._pending[id(buf)] = 2
+                self._hash_q.put((buf, n))
+                self._write_q.put((buf, n))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for q in (self._hash_q, self._write_q):
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _http_filler(response, chunk_size: int):
+    """``fill(buffer) -> n`` reading the body straight into ``buffer`` (no intermediate bytes).
+
+    Uses http.client's ``readinto`` under urllib3 when available (it enforces Content-Length and
+    de-chunks); otherwise urllib3's ``read``, copied in.
+    """
+    fp = getattr(response.raw, "_fp", None)
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if fp is not None and hasattr(fp, "readinto") and encoding in ("", "identity"):
+        def fill(buf: bytearray) -> int:
+            return fp.readinto(buf)
+        return fill
+    read = response.raw.read
+
+    def fill_copy(buf: bytearray) -> int:
+        data = read(len(buf), decode_content=False)
+        buf[: len(data)] = data
+        return len(data)
+    return fill_copy
+
+
 def _finish(part: Path, f, verifier: Verifier) -> str:
     f.flush()
     os.fsync(f.fileno())
@@ -316,7 +419,8 @@ def _transfer_http(url, part, verifier, policy, session, on_bytes, on_total) -> 
     import urllib3
 
     session = session or default_session()
-    transient = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+    transient = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                 ConnectionError, TimeoutError)
     attempt = 0
     first_offset = None
     restarted = False
@@ -369,6 +473,8 @@ def _describe(exc: BaseException) -> str:
             return "connection refused"
         return f"connection error ({type(inner).__name__})"
     name = type(exc).__name__
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
     if "Timeout" in name:
         return "read timeout"
     if "IncompleteRead" in str(exc) or "ProtocolError" in name:
@@ -431,21 +537,15 @@ def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_tot
         except OSError as exc:
             raise _disk_error(exc, part) from exc
         with f:
-            sink = _Sink(f, verifier, on_bytes)
+            pipeline = _Pipeline(f, verifier, on_bytes, policy.chunk_size)
             try:
-                raw = response.raw
-                read = raw.read
-                chunk_size = policy.chunk_size
-                while True:
-                    data = read(chunk_size, decode_content=False)
-                    if not data:
-                        break
-                    sink.put(data)
-            finally:
-                try:
-                    sink.close()
-                except OSError as exc:
-                    raise _disk_error(exc, part) from exc
+                pipeline.run(_http_filler(response, policy.chunk_size))
+            except http.client.IncompleteRead:
+                raise _Retryable("connection closed early") from None
+            except OSError as exc:
+                if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
+                    raise
+                raise _disk_error(exc, part) from exc
             if total is not None and verifier.count < total:
                 raise _Retryable("connection closed early")
             try:
@@ -483,18 +583,10 @@ def _transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total
             raise _disk_error(exc, part) from exc
         with f:
             src.seek(offset)
-            sink = _Sink(f, verifier, on_bytes)
             try:
-                while True:
-                    data = src.read(policy.chunk_size)
-                    if not data:
-                        break
-                    sink.put(data)
-            finally:
-                try:
-                    sink.close()
-                except OSError as exc:
-                    raise _disk_error(exc, part) from exc
+                _Pipeline(f, verifier, on_bytes, policy.chunk_size).run(src.readinto)
+            except OSError as exc:
+                raise _disk_error(exc, part) from exc
             try:
                 digest = _finish(part, f, verifier)
             except IntegrityError:

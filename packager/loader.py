@@ -32,12 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import io
 import json
 import logging
 import os
 import re
-import tarfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -53,11 +51,9 @@ log = logging.getLogger(__name__)
 FORMAT = "tvpack-bundle"
 FORMAT_VERSION = 1
 MANIFEST_DIR = "hub/tvpack/manifests"
-_MANIFEST_NAME = re.compile(r"^hub/tvpack/manifests/([0-9a-f]{16})\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_MANIFEST_BYTES = 64 << 20
 HASH_CHUNK = 8 << 20
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 
 # The builder runs with process-wide patches in place (module hooks, the state-dict fetch).
 _BUILD_LOCK = threading.RLock()
@@ -130,12 +126,15 @@ def _entry(item: Any, created_by: Mapping, where: str) -> Entry:
                  url, path, size, sha256, transforms, meta, dict(created_by), where)
 
 
-def parse_manifest(data: bytes, where: str) -> list[Entry]:
-    """The weights entries of one manifest document (validated; never evaluates anything)."""
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise BundleError(f"{where}: the manifest is not valid JSON ({exc})") from None
+def parse_manifest(data: bytes | Mapping, where: str) -> list[Entry]:
+    """The weights entries of one manifest (bytes or its JSON document; validated, nothing evaluated)."""
+    if isinstance(data, Mapping):
+        doc = data
+    else:
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise BundleError(f"{where}: the manifest is not valid JSON ({exc})") from None
     if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
         raise BundleError(f"{where}: not a tvpack bundle manifest")
     version = doc.get("format_version")
@@ -174,43 +173,6 @@ def _torch_load(f, what: str, *, map_location, mmap: bool) -> dict:
     if not isinstance(state, Mapping):
         raise LoadError(f"{what}: the checkpoint holds a {type(state).__name__}, not a state dict")
     return state
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``size`` bytes at ``offset`` in a file (an archive member)."""
-
-    def __init__(self, path: Path, offset: int, size: int):
-        super().__init__()
-        self._fh = open(path, "rb", buffering=0)
-        self._offset, self._size, self._pos = offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        self._fh.seek(self._offset + self._pos)
-        got = self._fh.readinto(memoryview(buffer)[:n])
-        self._pos += got or 0
-        return got or 0
-
-    def close(self) -> None:
-        if not self.closed:
-            self._fh.close()
-        super().close()
 
 
 def _hash_stream(f, size: int) -> tuple[str, int]:
@@ -340,6 +302,8 @@ class InstalledSource(Source):
         manifests = sorted(self.hub.glob("tvpack/manifests/*.json"), key=_mtime, reverse=True)  # newest first
         for path in manifests:
             try:
+                if path.stat().st_size > MAX_MANIFEST_BYTES:
+                    raise OSError(f"{path.stat().st_size} bytes is implausibly large for a manifest")
                 data = path.read_bytes()
             except OSError as exc:
                 warnings.warn(f"skipping unreadable manifest {path}: {exc.strerror or exc}", stacklevel=3)
@@ -383,86 +347,40 @@ def _mtime(path: Path) -> int:
 
 
 class BundleSource(Source):
-    """A bundle archive read in place: the manifest first, members on demand."""
+    """A bundle archive read in place. Its structure (regular files only, safe paths, each member
+    once, exactly the listed members with their sizes, the manifest matching its id) is checked by
+    :func:`packager.bundle.open_bundle`; each checkpoint's sha256 is checked here as it is loaded."""
 
     kind = "bundle"
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as fh:
-            self.compressed = fh.read(6).startswith(_COMPRESSED_MAGIC)
-        try:
-            with tarfile.open(self.path, "r:*") as tar:
-                first = tar.next()
-                if first is None:
-                    raise BundleError(f"{self.path}: empty archive, not a tvpack bundle")
-                match = _MANIFEST_NAME.match(first.name)
-                if not match or not first.isreg():
-                    raise BundleError(f"{self.path}: not a tvpack bundle (its first member is {first.name!r}, "
-                                      f"expected {MANIFEST_DIR}/<id>.json)")
-                if first.size > MAX_MANIFEST_BYTES:
-                    raise BundleError(f"{self.path}: manifest of {first.size} bytes is too large")
-                data = tar.extractfile(first).read()
-        except tarfile.TarError as exc:
-            raise BundleError(f"{self.path}: not a readable tar archive ({exc})") from None
-        if hashlib.sha256(data).hexdigest()[:16] != match.group(1):
-            raise BundleError(f"{self.path}: the manifest does not match its id {match.group(1)} (corrupt or edited)")
-        self.manifest_name = first.name
-        super().__init__(self.path, parse_manifest(data, f"{self.path}:{first.name}"))
-        self._members: dict[str, tarfile.TarInfo] | None = None
+        from .bundle import open_bundle
 
-    def _member(self, entry: Entry) -> tarfile.TarInfo:
-        if self._members is None:
-            members: dict[str, tarfile.TarInfo] = {}
-            try:
-                with tarfile.open(self.path, "r:*") as tar:
-                    for info in tar:
-                        if info.name in members:
-                            raise BundleError(f"{self.path}: member {info.name!r} appears twice")
-                        members[info.name] = info
-            except tarfile.TarError as exc:
-                raise BundleError(f"{self.path}: damaged archive ({exc})") from None
-            self._members = members
-        info = self._members.get(entry.path)
-        if info is None:
-            raise BundleError(f"{self.path}: {entry.name}'s checkpoint {entry.path} is not in the archive")
-        if not info.isreg():
-            raise BundleError(f"{self.path}: {entry.path} is not a regular file")
-        if info.size != entry.size:
-            raise IntegrityError(f"{self.path}:{entry.path} ({entry.name}) size", expected=f"{entry.size} bytes",
-                                 got=f"{info.size} bytes")
-        return info
+        self.path = Path(path)
+        with open_bundle(self.path) as opened:
+            where = f"{self.path}:{opened.manifest_path}"
+            entries = parse_manifest(opened.manifest, where)
+        super().__init__(self.path, entries)
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
-        info = self._member(entry)
+        from .bundle import open_bundle
+
         what = f"{self.path}:{entry.path}"
-        if self.compressed:
-            # A compressed stream cannot be read at an offset: one copy in memory, hashed as it is read.
-            with tarfile.open(self.path, "r:*") as tar:
-                buffer = io.BytesIO()
-                digest = hashlib.sha256()
-                reader = tar.extractfile(info)
-                for chunk in iter(lambda: reader.read(HASH_CHUNK), b""):
-                    digest.update(chunk)
-                    buffer.write(chunk)
-            got = digest.hexdigest()
-            if got != entry.sha256:
-                raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
-                                     hint="the bundle is damaged or was tampered with")
-            buffer.seek(0)
-            return _torch_load(buffer, what, map_location=map_location, mmap=False)
-        # An uncompressed member is contiguous: hash it in place, then let torch.load read the same
-        # window (each tensor's bytes are read once, straight into its storage).
-        with _Window(self.path, info.offset_data, info.size) as window:
-            got, n = _hash_stream(window, info.size)
-            if n != info.size:
-                raise BundleError(f"{what}: the archive is truncated ({n} of {info.size} bytes)")
-            if got != entry.sha256:
-                raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
-                                     hint="the bundle is damaged or was tampered with")
-            window.seek(0)
-            reader = io.BufferedReader(window, buffer_size=1 << 20)
-            return _torch_load(reader, what, map_location=map_location, mmap=False)
+        with open_bundle(self.path) as opened:
+            if opened.member(entry.path).size != entry.size:
+                raise IntegrityError(f"{what} ({entry.name}) size", expected=f"{entry.size} bytes",
+                                     got=f"{opened.member(entry.path).size} bytes")
+            # The member is contiguous in the archive: hash it in place, then let torch.load read
+            # the same window (each tensor's bytes go straight into its storage; no extra copy).
+            with opened.open_member(entry.path) as member:
+                got, n = _hash_stream(member, entry.size)
+                if n != entry.size:
+                    raise BundleError(f"{what}: the archive is truncated ({n} of {entry.size} bytes)")
+                if got != entry.sha256:
+                    raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
+                                         hint="the bundle is damaged or was tampered with")
+                member.seek(0)
+                return _torch_load(member, what, map_location=map_location, mmap=False)
 
 
 def open_source(source=None) -> Source:

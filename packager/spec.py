@@ -31,7 +31,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from . import env
 from .errors import LoadError

@@ -499,3 +499,36 @@ def test_fetch_lock_does_not_import_torch(mirror_server, tmp_path, torch_home):
     assert proc.returncode == 0, proc.stderr
     assert len(list(ckpt(torch_home).glob("*.pth"))) == 2
     assert read_lockfile(lock)[0].sha256
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs (root only) to run out of space on."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_one_clear_line_and_leaves_nothing(mirror_server, tmp_path, tiny_disk, cli):
+    refs = synth_refs(mirror_server.root, count=2, size=1_500_000)
+    lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+    result = cli("fetch", "--lock", lock, "--torch-home", tiny_disk / "home", "--mirror", mirror_server.url,
+                 "--no-upstream", "--jobs", "2", "-q")
+    assert result.exit_code == 1
+    assert "disk full" in result.output or "not enough disk space" in result.output
+    folder = tiny_disk / "home" / "hub" / "checkpoints"
+    for ref in refs:  # whatever landed is whole; nothing half-written at a final name or left as a part
+        path = folder / ref.filename
+        assert not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
+    assert not list(folder.glob("*" + cache.PART_SUFFIX))
+    # too large for the disk from the start: refused before any byte is written
+    (big,) = synth_refs(mirror_server.root, count=1, size=3_000_000, stem="big")
+    with pytest.raises(CacheError, match="not enough disk space"):
+        cache.fetch(refs=[unpinned(big)], torch_home=tiny_disk / "home2", mirrors=[mirror_server.url],
+                    upstream=False)
