@@ -29,6 +29,7 @@ _API = {
     "install": "bundle",
     "verify_bundle": "bundle",
     "load_model": "loader",
+    "load_weights": "loader",
     "export_mirror": "mirror",
 }
 

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -81,6 +82,29 @@ def _makedirs(path: Path) -> None:
 def _lock(hub: Path, name: str) -> FileLock:
     """A per-name inter-process lock (also excludes threads: each gets its own descriptor)."""
     return FileLock(str(locks_dir(hub) / f"{name}.lock"))
+
+
+LOCK_WAIT = 900.0  # seconds to wait for another fetch of the same file before going ahead anyway
+
+
+@contextmanager
+def _fetch_lock(hub: Path, name: str):
+    """Hold the file's lock, or after ``LOCK_WAIT`` seconds go ahead without it.
+
+    A lock that is never released (a soft lock left by a killed process on a filesystem without
+    flock, a hung holder) must not hang every later fetch; going ahead only risks duplicate work,
+    never a wrong file.
+    """
+    lock = _lock(hub, name)
+    try:
+        lock.acquire(timeout=LOCK_WAIT)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 # -- the verification index ------------------------------------------------------------------------
@@ -320,6 +344,7 @@ class _Bars:
     def __init__(self, enabled: bool, total_bytes: int | None, jobs: int):
         self.enabled = enabled
         self._slots = list(range(1, jobs + 1))
+        self._used: set[int] = set()
         self._mutex = threading.Lock()
         self.total = None
         if enabled:
@@ -333,7 +358,10 @@ class _Bars:
         if not self.enabled:
             return None
         with self._mutex:
-            slot = self._slots.pop(0) if self._slots else len(self._slots) + 1
+            if not self._slots:  # never expected: one bar per job
+                self._slots.append(max(self._used, default=0) + 1)
+            slot = self._slots.pop(0)
+            self._used.add(slot)
         bar = self._tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc[-40:],
                          position=slot, leave=False, dynamic_ncols=True)
         bar._tvpack_slot = slot
@@ -344,6 +372,7 @@ class _Bars:
             return
         bar.close()
         with self._mutex:
+            self._used.discard(bar._tvpack_slot)
             self._slots.append(bar._tvpack_slot)
             self._slots.sort()
 
@@ -378,7 +407,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
     if state == "pin-mismatch":
         raise IntegrityError(f"{final} does not match the lockfile", expected=ref.sha256, got=sha,
                              hint="remove it with 'tvpack cache rm' or update the lockfile")
-    with _lock(hub, ref.filename):
+    with _fetch_lock(hub, ref.filename):
         state, sha, size = _check_present(final, ref)  # someone may have fetched it meanwhile
         if state == "ok":
             return FetchResult(ref, final, "cached", size, sha)
@@ -410,7 +439,6 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                 except OSError as exc:
                     raise CacheError(f"cannot place {final}: {exc.strerror or exc}") from None
                 discard_part(part)
-                _fsync_dir(ckpt)
                 record_verified(final, result.sha256, weights=ref.name, url=ref.url)
                 return FetchResult(ref, final, "downloaded", result.size, result.sha256, url, result.resumed_from)
         finally:
@@ -528,8 +556,6 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
                 return _fetch_one(ref, hub, mirrors=mirrors, upstream=upstream, policy=policy, bars=bars)
             except TvpackError as exc:
                 return exc
-            except Timeout as exc:  # pragma: no cover - we never set a lock timeout
-                return CacheError(f"timed out waiting for the lock on {ref.filename}: {exc}")
 
         if jobs == 1 or len(unique) <= 1:
             outcomes = [work(ref) for ref in unique]
@@ -538,6 +564,10 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
                 outcomes = list(pool.map(work, unique))
     finally:
         bars.finish()
+    if any(not isinstance(o, TvpackError) and o.status == "downloaded" for o in outcomes):
+        # Once for all renames: each file's bytes were fsynced before its rename, so a crash can
+        # only lose a rename (the file is fetched again), never expose wrong bytes.
+        _fsync_dir(hub / "checkpoints")
     errors = []
     for ref, outcome in zip(unique, outcomes):
         if isinstance(outcome, TvpackError):

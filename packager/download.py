@@ -196,50 +196,26 @@ def _prehash(part: Path, verifier: Verifier, chunk_size: int) -> int:
     return verifier.count
 
 
-class _Sink:
-    """Hashes and writes chunks on a helper thread while the caller reads the next one.
+_pool: dict[int, list[bytearray]] = {}
+_pool_mutex = threading.Lock()
 
-    hashlib and file writes release the GIL for large buffers, so reading, hashing and writing
-    overlap. ``close`` drains the queue, so that after any error the bytes hashed are exactly the
-    bytes written (the resume invariant).
-    """
 
-    def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None):
-        self.f = f
-        self.verifier = verifier
-        self.on_bytes = on_bytes
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, name="tvpack-sink", daemon=True)
-        self._thread.start()
+def _take_buffers(n: int, size: int) -> list[bytearray]:
+    """Buffers for one transfer, reused across transfers (allocating and zeroing 16 MiB per file
+    costs more than a small file's transfer)."""
+    with _pool_mutex:
+        free = _pool.setdefault(size, [])
+        taken = [free.pop() for _ in range(min(n, len(free)))]
+    return taken + [bytearray(size) for _ in range(n - len(taken))]
 
-    def _run(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                self.verifier.update(data)
-                self.f.write(data)
-                if self.on_bytes is not None:
-                    self.on_bytes(len(data))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                self.error = exc
 
-    def put(self, data) -> None:
-        if self.error is not None:
-            self.close()
-        self._queue.put(data)
+_POOL_KEEP = 16  # buffers kept per size: enough for four transfers at once
 
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+
+def _give_buffers(buffers: list[bytearray]) -> None:
+    with _pool_mutex:
+        free = _pool.setdefault(len(buffers[0]), [])
+        free.extend(buffers[: max(0, _POOL_KEEP - len(free))])
 
 
 class _Pipeline:
@@ -257,8 +233,9 @@ class _Pipeline:
         self.on_bytes = on_bytes
         self.error: BaseException | None = None
         self._free: queue.Queue = queue.Queue()
-        for _ in range(buffers):
-            self._free.put(bytearray(chunk_size))
+        self._buffers = _take_buffers(buffers, chunk_size)
+        for buf in self._buffers:
+            self._free.put(buf)
         self._pending: dict[int, int] = {}
         self._mutex = threading.Lock()
         self._hash_q: queue.Queue = queue.Queue()
@@ -318,6 +295,9 @@ class _Pipeline:
             q.put(None)
         for thread in self._threads:
             thread.join()
+        if self._buffers:
+            _give_buffers(self._buffers)
+            self._buffers = []
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -342,6 +322,28 @@ def _http_filler(response, chunk_size: int):
         buf[: len(data)] = data
         return len(data)
     return fill_copy
+
+
+def _chunks_filler(chunks):
+    """``fill(buffer) -> n`` over an iterator of byte strings (an S3 body)."""
+    pending = memoryview(b"")
+
+    def fill(buf: bytearray) -> int:
+        nonlocal pending
+        n = 0
+        while n < len(buf):
+            if not len(pending):
+                data = next(chunks, b"")
+                if not data:
+                    break
+                pending = memoryview(data)
+            k = min(len(pending), len(buf) - n)
+            buf[n:n + k] = pending[:k]
+            pending = pending[k:]
+            n += k
+        return n
+
+    return fill
 
 
 def _finish(part: Path, f, verifier: Verifier) -> str:
@@ -631,15 +633,10 @@ def _transfer_s3(url, part, verifier, policy, on_bytes, on_total) -> Result:
     except OSError as exc:
         raise _disk_error(exc, part) from exc
     with f:
-        sink = _Sink(f, verifier, on_bytes)
         try:
-            for data in chunks:
-                sink.put(data)
-        finally:
-            try:
-                sink.close()
-            except OSError as exc:
-                raise _disk_error(exc, part) from exc
+            _Pipeline(f, verifier, on_bytes, policy.chunk_size).run(_chunks_filler(iter(chunks)))
+        except OSError as exc:
+            raise _disk_error(exc, part) from exc
         try:
             digest = _finish(part, f, verifier)
         except OSError as exc:

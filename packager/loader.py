@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -363,24 +364,79 @@ class BundleSource(Source):
         super().__init__(self.path, entries)
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
+        from concurrent.futures import ThreadPoolExecutor
+
         from .bundle import open_bundle
 
         what = f"{self.path}:{entry.path}"
         with open_bundle(self.path) as opened:
-            if opened.member(entry.path).size != entry.size:
-                raise IntegrityError(f"{what} ({entry.name}) size", expected=f"{entry.size} bytes",
-                                     got=f"{opened.member(entry.path).size} bytes")
-            # The member is contiguous in the archive: hash it in place, then let torch.load read
-            # the same window (each tensor's bytes go straight into its storage; no extra copy).
-            with opened.open_member(entry.path) as member:
-                got, n = _hash_stream(member, entry.size)
-                if n != entry.size:
-                    raise BundleError(f"{what}: the archive is truncated ({n} of {entry.size} bytes)")
-                if got != entry.sha256:
-                    raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
-                                         hint="the bundle is damaged or was tampered with")
-                member.seek(0)
-                return _torch_load(member, what, map_location=map_location, mmap=False)
+            member = opened.member(entry.path)
+        if member.size != entry.size:
+            raise IntegrityError(f"{what} ({entry.name}) size", expected=f"{entry.size} bytes",
+                                 got=f"{member.size} bytes")
+        # The member is contiguous in the archive: torch.load reads it in place, each tensor's bytes
+        # straight into its storage (no extra copy), while a second thread hashes the same bytes
+        # (hashlib releases the GIL). Nothing is returned unless the hash matches; the weights-only
+        # unpickler is what makes reading not-yet-verified bytes harmless.
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                hashing = pool.submit(_hash_stream, _Window(fd, member.offset, member.size), member.size)
+                state, failure = None, None
+                try:
+                    state = _torch_load(_Window(fd, member.offset, member.size), what, map_location=map_location,
+                                        mmap=False)
+                except LoadError as exc:
+                    failure = exc
+                got, n = hashing.result()
+        finally:
+            os.close(fd)
+        if n != entry.size:
+            raise BundleError(f"{what}: the archive is truncated ({n} of {entry.size} bytes)")
+        if got != entry.sha256:
+            raise IntegrityError(f"{what} ({entry.name}) sha256", expected=entry.sha256, got=got,
+                                 hint="the bundle is damaged or was tampered with")
+        if failure is not None:
+            raise failure
+        return state
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``size`` bytes at ``offset`` of an open file: an archive
+    member. ``readinto`` fills the caller's buffer directly (``os.preadv``), and torch.load reads
+    through ``readinto`` into each storage, so tensor bytes are copied once, from the page cache."""
+
+    def __init__(self, fd: int, offset: int, size: int):
+        super().__init__()
+        self._fd, self._offset, self._size, self._pos = fd, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [view[:n]], self._offset + self._pos)
+        self._pos += got
+        return got
+
+    def fileno(self) -> int:  # not a whole file: nothing may read the descriptor directly
+        raise io.UnsupportedOperation("fileno")
 
 
 def open_source(source=None) -> Source:
@@ -608,15 +664,21 @@ def _skeleton():
     """While active, parameters and persistent buffers become meta tensors as they are registered
     (their initialisation is then free), and ``load_state_dict`` assigns the checkpoint's tensors.
 
-    Non-persistent buffers and other tensors stay on the CPU: they are computed as usual."""
+    Non-persistent buffers and other tensors stay on the CPU: they are computed as usual. The
+    patches are process-wide but act only in the calling thread: models built meanwhile in other
+    threads are untouched."""
     import torch
     from torch import nn
     from torch.nn.modules import module as module_mod
 
-    loading = threading.local()  # assign=True registers the checkpoint's tensors: keep those
+    owner = threading.get_ident()
+    loading = [0]  # inside load_state_dict, assign=True registers the checkpoint's tensors: keep those
+
+    def skeletal() -> bool:
+        return threading.get_ident() == owner and not loading[0]
 
     def on_parameter(module, name, param):
-        if type(param) is nn.Parameter and not param.is_meta and not getattr(loading, "depth", 0):
+        if type(param) is nn.Parameter and not param.is_meta and skeletal():
             return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         return None
 
@@ -624,24 +686,51 @@ def _skeleton():
     original_load_state_dict = nn.Module.load_state_dict
 
     def register_buffer(self, name, tensor, persistent=True):
-        if persistent and type(tensor) is torch.Tensor and not tensor.is_meta and not getattr(loading, "depth", 0):
+        if persistent and type(tensor) is torch.Tensor and not tensor.is_meta and skeletal():
             tensor = torch.empty_like(tensor, device="meta")
         return original_register_buffer(self, name, tensor, persistent)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        loading.depth = getattr(loading, "depth", 0) + 1
+        if threading.get_ident() != owner:
+            return original_load_state_dict(self, state_dict, strict=strict, assign=assign)
+        loading[0] += 1
         try:
             return original_load_state_dict(self, _aligned(self, state_dict), strict=strict, assign=True)
         finally:
-            loading.depth -= 1
+            loading[0] -= 1
 
     handle = module_mod.register_module_parameter_registration_hook(on_parameter)
     try:
-        with _patched(nn.Module, "register_buffer", register_buffer), \
-                _patched(nn.Module, "load_state_dict", load_state_dict):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(nn.Module, "register_buffer", register_buffer))
+            stack.enter_context(_patched(nn.Module, "load_state_dict", load_state_dict))
+            # Initialising a meta tensor does nothing but still costs a Python decomposition per call.
+            for name in _INIT_FUNCTIONS:
+                function = getattr(nn.init, name, None)
+                if function is not None:
+                    stack.enter_context(_patched(nn.init, name, _skipping_meta(function)))
             yield
     finally:
         handle.remove()
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+def _skipping_meta(function):
+    import functools
+
+    import torch
+
+    @functools.wraps(function)
+    def init(tensor, *args, **kwargs):
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return function(tensor, *args, **kwargs)
+
+    return init
 
 
 def _aligned(module, state_dict: Mapping) -> Mapping:
@@ -751,8 +840,8 @@ def _build(weights: LoadedWeights, model: str | None, *, registry, map_location,
                 built = info.builder(weights=member, **kwargs)
             leftovers = _meta_leftovers(built)
             if leftovers:
-                log.debug("%s: %d tensors left on meta (%s...); building the plain way", entry.name,
-                          len(leftovers), ", ".join(leftovers[:3]))
+                log.debug("%s: %d tensor(s) left on the meta device (%s%s); building the plain way", entry.name,
+                          len(leftovers), ", ".join(leftovers[:3]), ", ..." if len(leftovers) > 3 else "")
                 built = None
         except TvpackError:
             raise
@@ -815,7 +904,8 @@ def classify(source, name: str, images: Sequence[str | os.PathLike], *, topk: in
     from torchvision.io import ImageReadMode, decode_image
 
     src = open_source(source)
-    weights = src.weights(name, registry=registry)
+    entry, model_name = src.find(name, registry=registry)
+    weights = LoadedWeights(entry, src, registry=registry)
     if not _is_classification(weights):
         kind = weights.family or weights.entry.transforms.get("class", "non-classification")
         raise LoadError(f"predict handles image classification weights; {weights.name} is {kind} weights",
@@ -826,7 +916,8 @@ def classify(source, name: str, images: Sequence[str | os.PathLike], *, topk: in
             tensors.append(decode_image(str(image), mode=ImageReadMode.RGB))
         except Exception as exc:  # noqa: BLE001 - unreadable or not an image
             raise LoadError(f"cannot decode image {image}: {str(exc).strip().splitlines()[0][:200]}") from None
-    model, weights = src.load_model(name, registry=registry)
+    model = _build(weights, model_name or (entry.models[0] if entry.models else None), registry=registry,
+                   map_location="cpu", fast=True, builder_kwargs={})
     preprocess = weights.transforms()
     batch = torch.stack([preprocess(t) for t in tensors])
     with torch.inference_mode():

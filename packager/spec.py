@@ -262,7 +262,11 @@ def _bind_all(target, args: tuple, kwargs: dict) -> inspect.BoundArguments:
 
 
 def _flatten(bound: inspect.BoundArguments) -> tuple[list, dict]:
-    """Bound arguments (defaults applied) as the (args, kwargs) of one explicit call."""
+    """Bound arguments (defaults applied) as the (args, kwargs) of one explicit call; named
+    parameters go by keyword unless a filled ``*args`` forces what precedes it to be positional."""
+    params = bound.signature.parameters
+    if any(params[name].kind is inspect.Parameter.VAR_POSITIONAL and value for name, value in bound.arguments.items()):
+        return list(bound.args), dict(bound.kwargs)
     args, kwargs = [], {}
     for name, value in bound.arguments.items():
         kind = bound.signature.parameters[name].kind

@@ -200,8 +200,22 @@ def test_bundle_no_fetch_lists_missing_weights(tmp_path, cli):
     line = one_error_line(result)
     assert "ZooShuffleNetV2_Weights.IMAGENET10_V1" in line and "ZooShuffleNetV2_QuantizedWeights" in line
     assert not (tmp_path / "x.tvpack").exists() and not list(tmp_path.glob(".x.tvpack*"))
+    result = cli("bundle", "--registry", ZOO_REGISTRY, "zoo_shufflenet_v2", "--offline", "--torch-home",
+                 tmp_path / "empty", "-o", tmp_path / "x.tvpack")
+    assert result.exit_code == 1 and "ZooShuffleNetV2_Weights.IMAGENET10_V1" in one_error_line(result)
     with pytest.raises(OfflineError):
         B.bundle(SMALL, tmp_path / "y.tvpack", registry=[ZOO_REGISTRY], torch_home=tmp_path / "empty", offline=True)
+
+
+def test_bundle_cli_fetches_missing_weights_from_a_mirror(zoo_root, tmp_path, cli):
+    home = tmp_path / "home"
+    result = cli("bundle", "--registry", ZOO_REGISTRY, "zoo_raft_small", "--mirror", zoo_root, "--no-upstream",
+                 "--torch-home", home, "-o", tmp_path / "raft.tvpack")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {tmp_path / 'raft.tvpack'}: 1 weights")
+    (cached,) = (home / "hub/checkpoints").iterdir()
+    assert sha256_of(cached) == sha256_of(zoo_root / "models/tvpack-zoo" / cached.name)
+    assert B.verify_bundle(tmp_path / "raft.tvpack").weights == 1
 
 
 def test_bundle_cli_from_cache_json(small_bundle, zoo_root, tmp_path, cli):
@@ -415,6 +429,21 @@ def case_pickle_runs_code(tmp_path, data):
     return write_archive(tmp_path / "a.tar", [weights_item(0, CKPT, poisoned)], [regular(CKPT, poisoned)])
 
 
+def case_pickle_in_legacy_tar_format(tmp_path, data):
+    """PyTorch's pre-2017 tar checkpoint format, whose 'pickle' member would run code."""
+    import pickle
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, payload in (("storages", pickle.dumps(0)), ("tensors", pickle.dumps(0)),
+                              ("pickle", pickle.dumps({"w": _Payload(str(tmp_path / "pwned"))}, protocol=2))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    legacy = buffer.getvalue()
+    return write_archive(tmp_path / "a.tar", [weights_item(0, CKPT, legacy)], [regular(CKPT, legacy)])
+
+
 HOSTILE = {
     "dotdot": (case_dotdot, r"'\.\.' component"),
     "dotdot_leading": (case_dotdot_leading, r"'\.\.' component"),
@@ -435,6 +464,7 @@ HOSTILE = {
     "empty_file": (case_empty_file, "not a tar archive"),
     "trailing_garbage": (case_trailing_garbage, "data after the end-of-archive marker"),
     "pickle_runs_code": (case_pickle_runs_code, r"weights_only=True\): its pickle calls posix\.system"),
+    "pickle_in_legacy_tar_format": (case_pickle_in_legacy_tar_format, r"legacy \.tar format"),
 }
 
 

@@ -21,7 +21,7 @@ from packager.download import MiB, Policy
 from packager.errors import CacheError, DownloadError, IntegrityError, OfflineError
 from packager.lockfile import dump_lockfile, read_lockfile
 from packager.registry import WeightsRef
-from tests.conftest import ROOT, ZOO_REGISTRY, run_tvpack
+from tests.conftest import ROOT, ZOO_REGISTRY
 
 FAST = Policy(connect_timeout=2, read_timeout=5, retries=3, backoff=0.01, max_backoff=0.05)
 UPSTREAM = "https://download.pytorch.org/models/synth/"
@@ -205,6 +205,12 @@ def test_a_lock_that_does_nothing_never_leaves_a_wrong_file(mirror_server, torch
         def __init__(self, *args, **kwargs):
             pass
 
+        def acquire(self, *args, **kwargs):
+            return self
+
+        def release(self, *args, **kwargs):
+            pass
+
         def __enter__(self):
             return self
 
@@ -235,6 +241,8 @@ def test_a_lock_that_does_nothing_never_leaves_a_wrong_file(mirror_server, torch
             outcomes.append("ok")
         except IntegrityError:
             outcomes.append("refused")
+        except Exception as exc:  # noqa: BLE001 - shows up in the assertion below
+            outcomes.append(repr(exc))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -248,9 +256,32 @@ def test_a_lock_that_does_nothing_never_leaves_a_wrong_file(mirror_server, torch
     mirror_server.settle()
     assert len(mirror_server.transfers()) > 1  # the lock really did nothing
     assert not seen_wrong
+    assert len(outcomes) == 8 and set(outcomes) <= {"ok", "refused"}, outcomes
     assert outcomes.count("refused") <= 3 and "ok" in outcomes
     assert hashlib.sha256(final.read_bytes()).hexdigest() == ref.sha256
     assert not [p for p in final.parent.iterdir() if p.name != final.name]  # no part files left
+
+
+def test_a_lock_never_released_does_not_hang_fetch(mirror_server, torch_home, monkeypatch):
+    from filelock import FileLock
+
+    (ref,) = synth_refs(mirror_server.root, count=1, size=10_000)
+    locks = torch_home / "hub" / "tvpack" / "locks"
+    locks.mkdir(parents=True)
+    held = FileLock(str(locks / f"{ref.filename}.lock"))
+    monkeypatch.setattr(cache, "LOCK_WAIT", 0.3)
+    done = []
+    thread = threading.Thread(target=lambda: held.acquire())  # held by another thread for good
+    thread.start()
+    thread.join()
+    try:
+        worker = threading.Thread(target=lambda: done.append(cache.fetch(
+            refs=[ref], mirrors=[mirror_server.url], upstream=False)))
+        worker.start()
+        worker.join(timeout=30)
+        assert done and hashlib.sha256(done[0][0].read_bytes()).hexdigest() == ref.sha256
+    finally:
+        held.release(force=True)
 
 
 def test_unwritable_torch_home_is_one_clear_line(tmp_path, mirror_server, tvpack):
@@ -532,3 +563,25 @@ def test_disk_full_is_one_clear_line_and_leaves_nothing(mirror_server, tmp_path,
     with pytest.raises(CacheError, match="not enough disk space"):
         cache.fetch(refs=[unpinned(big)], torch_home=tiny_disk / "home2", mirrors=[mirror_server.url],
                     upstream=False)
+
+
+def test_mirror_from_the_environment_and_manifest_pins(mirror_server, torch_home, cli, monkeypatch):
+    refs = synth_refs(mirror_server.root, count=2, size=50_000)
+    lock = dump_lockfile(refs, torch_home / "tvpack.lock")
+    monkeypatch.setenv("TVPACK_MIRROR", f"http://127.0.0.1:1,{mirror_server.url}")  # the first one is down
+    result = cli("fetch", "--lock", lock, "--no-upstream", "--retries", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert all(d["source"].startswith(mirror_server.url) for d in json.loads(result.output))
+    # an installed bundle manifest names the weights and pins a sha256 (here: a different one)
+    manifests = torch_home / "hub" / "tvpack" / "manifests"
+    manifests.mkdir(parents=True)
+    (manifests / "0123456789abcdef.json").write_text(json.dumps({"format": "tvpack-bundle", "weights": [
+        {"name": "Bundled_Weights.V1", "path": f"hub/checkpoints/{refs[0].filename}", "sha256": refs[0].sha256},
+        {"name": "Other_Weights.V1", "path": f"hub/checkpoints/{refs[1].filename}", "sha256": "0" * 64},
+    ]}))
+    files = {f["file"]: f for f in json.loads(cli("cache", "ls", "--json", "--no-registry").output)["files"]}
+    assert files[refs[0].filename]["status"] == "verified"
+    assert set(files[refs[0].filename]["weights"]) == {refs[0].name, "Bundled_Weights.V1"}
+    assert files[refs[1].filename]["status"] == "corrupt" and files[refs[1].filename]["expected"] == "0" * 64
+    result = cli("cache", "verify", refs[1].filename)
+    assert result.exit_code == 1 and "differs from the manifest" in result.output

@@ -503,10 +503,20 @@ def tinynet(*, weights: Optional[TinyNet_Weights] = None, progress: bool = True,
     if weights is not None:
         model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
     return model
+
+
+def tinynet_partial(*, weights: Optional[TinyNet_Weights] = None, progress: bool = True, **kwargs):
+    """Loads non-strictly: its persistent buffer ``calib`` is not in the checkpoint."""
+    weights = TinyNet_Weights.verify(weights)
+    model = TinyNet(num_classes=3)
+    model.register_buffer("calib", torch.full((8,), 2.0))
+    if weights is not None:
+        model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True), strict=False)
+    return model
 '''
 
 
-def test_user_registry_present_at_bundle_time_and_absent_at_load_time(tmp_path, monkeypatch):
+def test_user_registry_present_at_bundle_time_and_absent_at_load_time(tmp_path, monkeypatch, caplog):
     torch.manual_seed(4)
     scratch = tmp_path / "scratch.py"
     scratch.write_text(USER_REGISTRY.replace("{prefix}", "0"))
@@ -537,9 +547,17 @@ def test_user_registry_present_at_bundle_time_and_absent_at_load_time(tmp_path, 
     x = (_rand(2, 3, 16, 16),)
     assert same(run(model, x), run(plain, x))
 
+    # a builder that leaves a tensor of its own out of the checkpoint: the fast build notices the
+    # tensor left on the meta device and builds the plain way
+    caplog.set_level("DEBUG", logger="packager.loader")
+    model, _ = loader.load_model(bundle_path, "tinynet_partial", registry=["tvp_user_registry"])
+    assert "1 tensor(s) left on the meta device (calib); building the plain way" in caplog.text
+    assert torch.equal(model.calib, torch.full((8,), 2.0)) and torch.equal(model.scale, plain.scale)
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+
 
 def test_installed_torchvision_describing_weights_differently_warns_and_the_bundle_wins(
-        tmp_path, monkeypatch, use_synthetic):
+        tmp_path, monkeypatch, use_synthetic, cli):
     member = M.ResNet18_Weights.IMAGENET1K_V1
     path = use_synthetic(member)
     stage(tmp_path / "src-home", path)
@@ -557,6 +575,14 @@ def test_installed_torchvision_describing_weights_differently_warns_and_the_bund
     assert weights.meta["_docs"] != "rewritten"
     assert model.fc.out_features == 1000  # built from the bundle's meta, not the installed one
     assert weights.installed is member and "transforms" not in " ".join(weights.differences)
+
+    image = tmp_path / "img.png"
+    torchvision.io.write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), str(image))
+    result = cli("predict", bundle_path, "resnet18", image, "--topk", "1")
+    assert result.exit_code == 0
+    assert "tvpack: warning: ResNet18_Weights.IMAGENET1K_V1: the installed torchvision describes these weights " \
+           "differently" in result.stderr
+    assert len(result.stdout.splitlines()) == 2  # the image line and one category, from the bundle's 1000
 
 
 # -- never the network -------------------------------------------------------------------------------
@@ -600,10 +626,10 @@ def test_loads_and_predicts_with_no_network_namespace(zoo_home, tmp_path):
             print("NETWORK")
         except OSError:
             pass
-        for source in ({str(bundle_path)!r}, {str(home)!r}):
-            for name in ("zoo_mobilenet_v3_small", "zoo_ssdlite320", "zoo_quantized_shufflenet_v2"):
-                model, weights = load_model(source, name, registry=["{ZOO_REGISTRY}"])
-                assert not model.training
+        for source, name in (({str(bundle_path)!r}, "zoo_ssdlite320"), ({str(home)!r}, "zoo_quantized_shufflenet_v2"),
+                             ({str(home)!r}, "zoo_mobilenet_v3_small")):
+            model, weights = load_model(source, name, registry=["{ZOO_REGISTRY}"])
+            assert not model.training
         with torch.inference_mode():
             print("OK", tuple(model(torch.rand(1, 3, 64, 64)).shape))
     """)

@@ -23,9 +23,16 @@ def predict_cmd(source, model, images, topk, registry, as_json):
     decoded with torchvision.io.decode_image, preprocessed with the weights' own transforms and
     the top-k categories are printed with their probabilities. Classification weights only.
     """
-    from ..loader import classify
+    import warnings
 
-    results = classify(source, model, images, topk=topk, registry=registry)
+    from ..loader import DriftWarning, classify
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = classify(source, model, images, topk=topk, registry=registry)
+    for warning in caught:  # ours, as one line each; torch's deprecation chatter is dropped
+        if issubclass(warning.category, DriftWarning):
+            click.echo(f"tvpack: warning: {warning.message}", err=True)
     if as_json:
         echo_json(results)
         return

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import email.utils
-import os
 import posixpath
 import socket
 import struct
