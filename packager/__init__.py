@@ -18,6 +18,7 @@ _API = {
     "hub_dir": "home",
     "checkpoints_dir": "home",
     "fetch": "cache",
+    "ensure_cached": "cache",
     "scan_cache": "cache",
     "verify_cache": "cache",
     "prune_cache": "cache",

@@ -9,11 +9,12 @@ sit in a TORCH_HOME cache and are hashed once into the verification index ("warm
 verified"). Then, page cache warm for every tool and ``sync`` before every timed run:
 
   1. ``bundle`` of all files vs ``tar -cf`` of the same files (target within 1.2x): the library
-     call timed in-process after a warm-up (the data path), and the whole ``tvpack bundle``
-     process (which adds Python start-up and importing torch/torchvision, a constant);
+     call timed in-process after a warm-up (the data path), runs interleaved with tar's; and once
+     the whole ``tvpack bundle`` process (which adds Python start-up and importing
+     torch/torchvision, a constant of a few seconds);
   2. ``install`` of that bundle into an empty TORCH_HOME (verify every hash, weights-only pickle
      check, atomic placement) vs ``tar -xf`` (target within 1.2x), the same two ways;
-  3. peak RSS (``wait4``'s ru_maxrss) of the ``tvpack bundle`` / ``tvpack install`` processes
+  3. peak RSS (ru_maxrss, via a small launcher process) of the ``tvpack bundle`` / ``tvpack install`` processes
      for one file and for all files, against an interpreter that only imports the same modules,
      and of tar: memory must not grow with the data (target under 200 MB above the interpreter).
 
@@ -165,18 +166,14 @@ def run(work: Path, args) -> int:
     rm(work / "warmup-home")
     tar_members = [f"hub/checkpoints/{f}" for f in files]
 
-    def best(fn, cleanup) -> float:
-        times = []
-        for _ in range(args.repeat):
-            cleanup()
-            times.append(timed(fn))
-        return min(times)
+    dest, tar_dest = work / "installed", work / "extracted"
 
-    # 1. bundle vs tar -cf
-    t_tar_c = best(lambda: subprocess.run(["tar", "-cf", str(tar_out), "-C", str(home), *tar_members], check=True),
-                   lambda: rm(tar_out))
-    t_bundle = best(lambda: bundle(selectors, out, registry=[REGISTRY], torch_home=home, fetch=False),
-                    lambda: rm(out))
+    def fresh(path: Path):
+        def clean():
+            rm(path)
+            path.mkdir()
+        return clean
+
     def cli_bundle(sels, output):
         return [sys.executable, "-m", "packager", "bundle", "--registry", REGISTRY, *sels, "--no-fetch",
                 "--torch-home", str(home), "-q", "-o", str(output)]
@@ -184,27 +181,34 @@ def run(work: Path, args) -> int:
     def cli_install(archive):
         return [sys.executable, "-m", "packager", "install", str(archive), "--torch-home", str(dest), "-q"]
 
-    def best_child(cmd, cleanup) -> float:
-        times = []
+    def interleaved(*contenders) -> list[float]:
+        """Best of --repeat for each (run, cleanup), taking turns so that load from elsewhere on
+        the machine hits every contender alike."""
+        times = [[] for _ in contenders]
         for _ in range(args.repeat):
-            cleanup()
-            times.append(run_child(cmd, env)[0])
-        return min(times)
+            for slot, (fn, cleanup) in enumerate(contenders):
+                cleanup()
+                times[slot].append(fn())
+        return [min(t) for t in times]
 
-    dest, tar_dest = work / "installed", work / "extracted"
-    t_bundle_cli = best_child(cli_bundle(selectors, out), lambda: rm(out))
+    # 1. bundle vs tar -cf (tar's output is kept for step 2)
+    t_bundle, t_tar_c = interleaved(
+        (lambda: timed(lambda: bundle(selectors, out, registry=[REGISTRY], torch_home=home, fetch=False)),
+         lambda: rm(out)),
+        (lambda: timed(lambda: subprocess.run(["tar", "-cf", str(tar_out), "-C", str(home), *tar_members],
+                                              check=True)), lambda: rm(tar_out)),
+    )
+    rm(out)
+    t_bundle_cli = run_child(cli_bundle(selectors, out), env)[0]  # once: start-up is a constant
 
     # 2. install vs tar -xf
-    def fresh(path: Path):
-        def clean():
-            rm(path)
-            path.mkdir()
-        return clean
-
-    t_tar_x = best(lambda: subprocess.run(["tar", "-xf", str(tar_out), "-C", str(tar_dest)], check=True),
-                   fresh(tar_dest))
-    t_install = best(lambda: install_bundle(out, torch_home=dest), fresh(dest))
-    t_install_cli = best_child(cli_install(out), fresh(dest))
+    t_install, t_tar_x = interleaved(
+        (lambda: timed(lambda: install_bundle(out, torch_home=dest)), fresh(dest)),
+        (lambda: timed(lambda: subprocess.run(["tar", "-xf", str(tar_out), "-C", str(tar_dest)], check=True)),
+         fresh(tar_dest)),
+    )
+    fresh(dest)()
+    t_install_cli = run_child(cli_install(out), env)[0]
 
     # 3. peak memory: one file vs all files, against the bare interpreter with the same imports
     # what each command imports anyway: bundle reads the registry (torchvision), install needs torch
