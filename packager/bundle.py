@@ -538,39 +538,46 @@ class _Archive:
         self.payload = self.members[1:]
 
     # -- payload ----------------------------------------------------------------------------------
-    def hash_member(self, member: Member, sink=None, pool: ThreadPoolExecutor | None = None, bar=None) -> str:
+    def hash_member(self, member: Member, pool: ThreadPoolExecutor, sink: int | None = None, bar=None) -> str:
         """sha256 of a member's data, optionally writing it to ``sink`` (a raw fd) as it streams.
 
-        Two buffers alternate: while one is hashed here, the other is written by ``pool``'s
-        thread (hashlib and os.write both release the GIL).
+        A pipeline over two buffers: while this thread hashes chunk k, ``pool``'s thread writes
+        chunk k and reads chunk k+1 into the other buffer (hashlib and the I/O calls release the
+        GIL). The bytes written are exactly the bytes hashed, even if the archive changes under us.
         """
-        digest = hashlib.sha256()
-        buffers = [bytearray(min(CHUNK, member.size) or 1), bytearray(min(CHUNK, member.size) or 1)] \
-            if sink is not None else [bytearray(min(CHUNK, member.size) or 1)]
-        pending = None
-        position, remaining = member.offset, member.size
-        turn = 0
-        try:
-            while remaining:
-                buffer = buffers[turn % len(buffers)]
-                turn += 1
-                view = memoryview(buffer)[:min(len(buffer), remaining)]
-                n = os.preadv(self.fd, [view], position)
-                position += n
+        size = member.size
+        chunk = max(min(CHUNK, size), 1)
+        buffers = (bytearray(chunk), bytearray(chunk))
+
+        def read(k: int):
+            start = k * chunk
+            if start >= size:
+                return None
+            view = memoryview(buffers[k % 2])[:min(chunk, size - start)]
+            done = 0
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], member.offset + start + done)
                 if not n:
                     self.fail(f"truncated archive (inside {member.path!r})")
-                view = view[:n]
-                if sink is not None:
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(_write_all, sink, view)
-                digest.update(view)
-                remaining -= n
-                if bar is not None:
-                    bar.update(n)
-        finally:
-            if pending is not None:
-                pending.result()
+                done += n
+            return view
+
+        def write_then_read(view, k_next: int):
+            if sink is not None:
+                _write_all(sink, view)
+            return read(k_next)
+
+        digest = hashlib.sha256()
+        current, k = read(0), 0
+        while current is not None:
+            job = pool.submit(write_then_read, current, k + 1)
+            try:
+                digest.update(current)
+            finally:
+                following = job.result()  # never leave the helper touching a buffer we give up
+            if bar is not None:
+                bar.update(len(current))
+            current, k = following, k + 1
         return digest.hexdigest()
 
     def open_member(self, member: Member) -> BinaryIO:
@@ -788,9 +795,10 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
         bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
         try:
             bad = []
-            for member in archive.payload:
-                if archive.hash_member(member, bar=bar) != archive.expected[member.path][1]:
-                    bad.append(member.path)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-read") as pool:
+                for member in archive.payload:
+                    if archive.hash_member(member, pool, bar=bar) != archive.expected[member.path][1]:
+                        bad.append(member.path)
         finally:
             if bar is not None:
                 bar.close()
@@ -849,10 +857,10 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         bad = []
         staged: list[tuple[Member, Path, str, Path | None]] = []
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-write") as pool:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-io") as pool:
                 for member, dest, action in plan:
                     if action == "unchanged":
-                        sha = archive.hash_member(member, bar=bar)
+                        sha = archive.hash_member(member, pool, bar=bar)
                         staged.append((member, dest, action, None))
                     else:
                         _makedirs(dest.parent)
@@ -861,7 +869,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                             temps.append(tmp)
                             try:
-                                sha = archive.hash_member(member, sink=fd, pool=pool, bar=bar)
+                                sha = archive.hash_member(member, pool, sink=fd, bar=bar)
                             finally:
                                 os.close(fd)
                         except OSError as exc:

@@ -60,7 +60,11 @@ HASH_CHUNK = 8 << 20
 _BUILD_LOCK = threading.RLock()
 
 
-class DriftWarning(UserWarning):
+class LoaderWarning(UserWarning):
+    """Something about a source worth telling (a manifest skipped, drift); loading goes on."""
+
+
+class DriftWarning(LoaderWarning):
     """The installed torchvision describes bundled weights differently; the bundle's description wins."""
 
 
@@ -230,6 +234,9 @@ class Source:
                 return entry
         return None
 
+    def _missing_hint(self) -> str | None:
+        return None
+
     def _choices(self) -> str:
         names = sorted(self.entries)
         return ", ".join(names) if names else "nothing"
@@ -245,7 +252,8 @@ class Source:
             for entry in candidates:
                 if entry.member == member:
                     return entry, model
-            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}")
+            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
+                            hint=self._missing_hint())
         if "." in name:
             enum, member = name.split(".", 1)
             if member == "DEFAULT":
@@ -253,17 +261,20 @@ class Source:
                 return self._default(enum, candidates, registry), None
             if name in self.entries:
                 return self.entries[name], None
-            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}")
+            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
+                            hint=self._missing_hint())
         candidates = [e for e in self.entries.values() if name in e.models]
         if not candidates:
-            raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}")
+            raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}",
+                            hint=self._missing_hint())
         if len(candidates) == 1:
             return candidates[0], name
         return self._default(name, candidates, registry), name
 
     def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
         if not candidates:
-            raise LoadError(f"{self.describe()} holds no weights for {what!r}; it holds: {self._choices()}")
+            raise LoadError(f"{self.describe()} holds no weights for {what!r}; it holds: {self._choices()}",
+                            hint=self._missing_hint())
         default = _installed_default(candidates[0], registry)
         for entry in candidates:
             if entry.member == default:
@@ -299,6 +310,7 @@ class InstalledSource(Source):
 
     def __init__(self, hub: Path):
         self.hub = Path(hub)
+        self.skipped: list[str] = []
         entries: list[Entry] = []
         manifests = sorted(self.hub.glob("tvpack/manifests/*.json"), key=_mtime, reverse=True)  # newest first
         for path in manifests:
@@ -307,19 +319,31 @@ class InstalledSource(Source):
                     raise OSError(f"{path.stat().st_size} bytes is implausibly large for a manifest")
                 data = path.read_bytes()
             except OSError as exc:
-                warnings.warn(f"skipping unreadable manifest {path}: {exc.strerror or exc}", stacklevel=3)
+                self._skip(path, f"unreadable: {exc.strerror or exc}")
                 continue
             if hashlib.sha256(data).hexdigest()[:16] != path.stem:
-                warnings.warn(f"skipping manifest {path}: its content does not match its name (edited or corrupt)",
-                              stacklevel=3)
+                self._skip(path, "its content does not match its name (edited or corrupt)")
                 continue
-            entries.extend(parse_manifest(data, str(path)))
+            try:
+                entries.extend(parse_manifest(data, str(path)))
+            except BundleError as exc:  # one bad manifest must not make the others unusable
+                self._skip(path, exc.format())
         super().__init__(self.hub.parent, entries)
         for entry in entries:
             kept = self.entries[entry.name]
             if kept.sha256 != entry.sha256:
-                warnings.warn(f"{entry.name} is described by several installed manifests with different files; "
-                              f"using the newest ({kept.manifest})", stacklevel=3)
+                warnings.warn(LoaderWarning(f"{entry.name} is described by several installed manifests with "
+                                            f"different files; using the newest ({kept.manifest})"), stacklevel=3)
+
+    def _skip(self, path: Path, why: str) -> None:
+        message = f"skipping installed manifest {path}: {why}"
+        self.skipped.append(message)
+        warnings.warn(LoaderWarning(message), stacklevel=4)
+
+    def _missing_hint(self) -> str | None:
+        if not self.skipped:
+            return None
+        return f"{len(self.skipped)} manifest(s) were skipped, e.g. {self.skipped[0]}"
 
     def checkpoint_path(self, entry: Entry) -> Path:
         return self.hub / "checkpoints" / entry.filename

@@ -168,10 +168,11 @@ def main(argv: list[str]) -> int:
             for mode, source in (("torchvision", home), ("tvpack", home), ("tvpack-bundle", bundle_path)):
                 runs = [run_child(mode, model, weights, ckpt.name, source, home) for _ in range(args.runs)]
                 results[mode] = runs
-                print(f"  {mode:14s} {median(runs, 'seconds'):7.3f} s   peak RSS {median(runs, 'peak_load_kb') / 1e3:7.0f} MB"
-                      f" (+{(median(runs, 'peak_load_kb') - median(runs, 'rss_before_kb')) / 1e3:5.0f} MB over"
-                      f" the process before the call)   after a forward: {median(runs, 'peak_forward_kb') / 1e3:6.0f}"
-                      f" MB, forward {median(runs, 'forward_seconds'):.2f} s", flush=True)
+                peak, before = median(runs, "peak_load_kb") / 1e3, median(runs, "rss_before_kb") / 1e3
+                print(f"  {mode:14s} {median(runs, 'seconds'):7.3f} s   peak RSS {peak:7.0f} MB"
+                      f" (+{peak - before:5.0f} MB over the process before the call)   after a forward:"
+                      f" {median(runs, 'peak_forward_kb') / 1e3:6.0f} MB,"
+                      f" forward {median(runs, 'forward_seconds'):.2f} s", flush=True)
             tv, tp, tb = results["torchvision"], results["tvpack"], results["tvpack-bundle"]
             speedup = median(tv, "seconds") / median(tp, "seconds")
             saved = (median(tv, "peak_load_kb") - median(tp, "peak_load_kb")) * 1024 / size

@@ -8,7 +8,6 @@ bytes, and their outputs must be ``torch.equal``.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -23,8 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
-from torchvision.models._api import WeightsEnum
 
 from packager import loader
 from packager.bundle import bundle, encode_manifest, install, manifest_path_for, open_bundle, tar_header
@@ -39,35 +36,7 @@ M = torchvision.models
 UPSTREAM = "https://download.pytorch.org/models/"
 
 
-# -- synthetic checkpoints for real torchvision members ----------------------------------------------
-
-def _synthesize(member, dest: Path, seed: int = 0) -> Path:
-    """A random checkpoint with ``member``'s architecture, named ``<stem>-<sha8>.pth``.
-
-    Like ``zoo.synthesize_checkpoint``, but the state dict is the one the builder *loads* (captured
-    at its ``load_state_dict`` call): googlenet and inception_v3 drop their aux heads only after
-    loading, so torchvision's checkpoints (and ours) still hold those keys.
-    """
-    builder = zoo_module._builder_for(member)
-    kwargs = {"quantize": True} if "quantize" in inspect.signature(builder).parameters and "backend" in member.meta \
-        else {}
-    captured = {}
-
-    def capture(self, state_dict, *args, **kw):
-        captured.setdefault("state", self.state_dict())
-
-    original_get, original_load = WeightsEnum.get_state_dict, nn.Module.load_state_dict
-    WeightsEnum.get_state_dict = lambda self, *a, **k: {}
-    nn.Module.load_state_dict = capture
-    try:
-        torch.manual_seed(seed)
-        builder(weights=member, progress=False, **kwargs)
-    finally:
-        WeightsEnum.get_state_dict, nn.Module.load_state_dict = original_get, original_load
-    match = re.match(r"(.+?)([-_])[0-9a-f]{6,}\.[^.]+$", os.path.basename(member.url))
-    stem, sep = (match.group(1), match.group(2)) if match else (Path(member.url).stem, "-")
-    return zoo_module._save_hashed(captured["state"], dest, stem, sep)[0]
-
+# -- synthetic checkpoints for real torchvision members (zoo.synthesize_checkpoint) ------------------
 
 @pytest.fixture(scope="session")
 def synth_store(tmp_path_factory):
@@ -78,7 +47,7 @@ def synth_store(tmp_path_factory):
     def get(member) -> Path:
         name = f"{type(member).__name__}.{member.name}"
         if name not in made:
-            made[name] = _synthesize(member, store)
+            made[name] = zoo_module.synthesize_checkpoint(member, store)
         return made[name]
 
     return get
@@ -407,8 +376,13 @@ def test_manifest_with_unsafe_path_is_refused(tmp_path, use_synthetic):
     path = use_synthetic(member)
     item = entry_for(member, path, path="hub/checkpoints/../../../etc/passwd")
     home = write_installed(tmp_path / "home", [item], [path])
-    with pytest.raises(BundleError, match="unsafe or unexpected checkpoint path"):
-        loader.load_model(home, "resnet18")
+    with pytest.warns(loader.LoaderWarning, match="skipping installed manifest .*unsafe or unexpected checkpoint path"):
+        with pytest.raises(LoadError, match="holds no weights for model 'resnet18'") as error:
+            loader.load_model(home, "resnet18")
+    assert "1 manifest(s) were skipped" in error.value.format()
+    bad_bundle = write_bundle(tmp_path / "bad.tar", [item], [path])
+    with pytest.raises(BundleError):
+        loader.load_model(bad_bundle, "resnet18")
     not_a_bundle = tmp_path / "junk.tar"
     not_a_bundle.write_bytes(os.urandom(4096))
     with pytest.raises(BundleError):

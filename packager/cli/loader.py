@@ -25,13 +25,13 @@ def predict_cmd(source, model, images, topk, registry, as_json):
     """
     import warnings
 
-    from ..loader import DriftWarning, classify
+    from ..loader import LoaderWarning, classify
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = classify(source, model, images, topk=topk, registry=registry)
     for warning in caught:  # ours, as one line each; torch's deprecation chatter is dropped
-        if issubclass(warning.category, DriftWarning):
+        if issubclass(warning.category, LoaderWarning):
             click.echo(f"tvpack: warning: {warning.message}", err=True)
     if as_json:
         echo_json(results)

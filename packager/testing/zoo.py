@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from contextlib import contextmanager
 from functools import partial
@@ -162,10 +161,20 @@ def _builder_for(member: WeightsEnum) -> Callable:
 
 @contextmanager
 def _weights_not_loaded():
-    """Run a builder for its architecture only: no download, no state-dict loading."""
+    """Run a builder for its architecture only: no download, no state-dict loading.
+
+    Yields a list that receives the model's own state dict at each ``load_state_dict`` call: the
+    moment the checkpoint would be loaded, before builders drop parts they no longer need
+    (googlenet and inception_v3 remove their aux heads after loading).
+    """
+    captured: list[dict] = []
+
+    def capture(self, *args, **kwargs):
+        captured.append(self.state_dict())
+
     with mock.patch.object(WeightsEnum, "get_state_dict", lambda self, *a, **k: {}), \
-            mock.patch.object(nn.Module, "load_state_dict", lambda self, *a, **k: None):
-        yield
+            mock.patch.object(nn.Module, "load_state_dict", capture):
+        yield captured
 
 
 def synthesize_checkpoint(member: WeightsEnum, dest_dir: str | os.PathLike, *, seed: int = 0) -> Path:
@@ -183,12 +192,14 @@ def synthesize_checkpoint(member: WeightsEnum, dest_dir: str | os.PathLike, *, s
     if "quantize" in inspect.signature(builder).parameters and "backend" in member.meta:
         kwargs["quantize"] = True
     torch.manual_seed(seed)
-    with _weights_not_loaded():
+    with _weights_not_loaded() as captured:
         model = builder(weights=member, progress=False, **kwargs)
+    # the last load is the whole model's (torchvision loads backbones, if ever, before it)
+    state_dict = captured[-1] if captured else model.state_dict()
     original = os.path.basename(member.url)
     match = re.match(r"(.+?)([-_])[0-9a-f]{6,}\.[^.]+$", original)
     stem, sep = (match.group(1), match.group(2)) if match else (Path(original).stem, "-")
-    path, _ = _save_hashed(model.state_dict(), Path(dest_dir), stem, sep)
+    path, _ = _save_hashed(state_dict, Path(dest_dir), stem, sep)
     return path
 
 
