@@ -45,6 +45,7 @@ CHECKPOINT_DIR = "hub/checkpoints"
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: the archive is padded to a multiple of it
 CHUNK = 8 << 20  # read/hash/write granularity (two such buffers in flight at most)
+HASH_JOBS = min(2, os.cpu_count() or 1)  # members hashed at once
 MAX_MANIFEST = 64 << 20
 MAX_PAX = 1 << 20
 _USTAR_MAX_SIZE = 0o77777777777  # 8 GiB - 1: larger sizes go into a pax record
@@ -584,6 +585,29 @@ class _Archive:
         return io.BufferedReader(_MemberFile(self.fd, member.offset, member.size), 1 << 20)
 
 
+def _each_member(items: Sequence[tuple], work) -> list:
+    """``[work(*item, io_pool) for item in items]``, up to HASH_JOBS items at a time.
+
+    Hashing is the CPU cost of reading a bundle; members are independent, so on a multi-core
+    machine two are hashed at once (each with its own I/O thread). Results keep the input order;
+    the first failure is raised once every started item has stopped.
+    """
+    def run(item):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-io") as pool:
+            return work(*item, pool)
+
+    if HASH_JOBS <= 1 or len(items) <= 1:
+        return [run(item) for item in items]
+    with ThreadPoolExecutor(max_workers=HASH_JOBS, thread_name_prefix="tvpack-hash") as outer:
+        futures = [outer.submit(run, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()  # those not started yet; the running ones finish before we return
+            raise
+
+
 def _round_up(n: int) -> int:
     return n + (-n % BLOCK)
 
@@ -794,14 +818,12 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
     try:
         bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
         try:
-            bad = []
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-read") as pool:
-                for member in archive.payload:
-                    if archive.hash_member(member, pool, bar=bar) != archive.expected[member.path][1]:
-                        bad.append(member.path)
+            digests = _each_member([(m,) for m in archive.payload],
+                                   lambda member, pool: archive.hash_member(member, pool, bar=bar))
         finally:
             if bar is not None:
                 bar.close()
+        bad = [m.path for m, sha in zip(archive.payload, digests) if sha != archive.expected[m.path][1]]
         if bad:
             archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
         for member in archive.payload:
@@ -853,33 +875,33 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                     action = "replaced"
             plan.append((member, dest, action))
         # 2. one pass over the payload: hash everything, write what is new into temp files
+        for _member, dest, action in plan:
+            if action != "unchanged":
+                _makedirs(dest.parent)
+
+        def stage(member: Member, dest: Path, action: str, pool) -> tuple[Path | None, str]:
+            if action == "unchanged":
+                return None, archive.hash_member(member, pool, bar=bar)
+            tmp = _temp_name(dest)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                temps.append(tmp)
+                try:
+                    return tmp, archive.hash_member(member, pool, sink=fd, bar=bar)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
         bar = _progress(progress, sum(m.size for m in archive.payload), "install")
-        bad = []
-        staged: list[tuple[Member, Path, str, Path | None]] = []
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-io") as pool:
-                for member, dest, action in plan:
-                    if action == "unchanged":
-                        sha = archive.hash_member(member, pool, bar=bar)
-                        staged.append((member, dest, action, None))
-                    else:
-                        _makedirs(dest.parent)
-                        tmp = _temp_name(dest)
-                        try:
-                            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                            temps.append(tmp)
-                            try:
-                                sha = archive.hash_member(member, pool, sink=fd, bar=bar)
-                            finally:
-                                os.close(fd)
-                        except OSError as exc:
-                            raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
-                        staged.append((member, dest, action, tmp))
-                    if sha != archive.expected[member.path][1]:
-                        bad.append(member.path)
+            outcomes = _each_member(plan, stage)
         finally:
             if bar is not None:
                 bar.close()
+        staged = [(member, dest, action, tmp) for (member, dest, action), (tmp, _sha) in zip(plan, outcomes)]
+        bad = [member.path for (member, _d, _a), (_t, sha) in zip(plan, outcomes)
+               if sha != archive.expected[member.path][1]]
         if bad:
             archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
         # 3. every checkpoint must load weights-only before anything gets its final name
