@@ -15,19 +15,35 @@ from ..errors import TvpackError
 
 
 class TvpackGroup(click.Group):
-    """Turns a :class:`TvpackError` into one line on stderr and its exit code."""
+    """Turns errors into one line on stderr and an exit code; tracebacks only with --debug.
+
+    A :class:`TvpackError` shows its own message (exit 1, or 2 for usage); an ``OSError`` that no
+    library layer translated shows the system's words and the path; anything else is a bug and
+    says how to see the traceback.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except TvpackError as exc:
-            if env.debug():
-                raise
-            click.echo(f"tvpack: error: {exc.format()}", err=True)
-            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except KeyboardInterrupt:
             click.echo("tvpack: interrupted", err=True)
             ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if env.debug():
+                raise
+            click.echo(f"tvpack: error: {_one_line(exc)}", err=True)
+            ctx.exit(getattr(exc, "exit_code", 1) if isinstance(exc, TvpackError) else 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, TvpackError):
+        return exc.format()
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"unexpected {type(exc).__name__}: {exc} (this is a bug; rerun with --debug for the traceback)"
 
 
 @click.group(cls=TvpackGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -52,14 +68,11 @@ def main(debug: bool) -> None:
 
 
 def _attach() -> None:
-    from . import registry as _registry_cmds  # noqa: F401
+    """Import the command modules; each registers its commands on ``main``."""
+    import importlib
 
-    for module in ("cache", "bundle", "loader", "mirror"):
-        try:
-            __import__(f"{__name__}.{module}")
-        except ModuleNotFoundError as exc:  # a command module not written yet
-            if exc.name != f"{__name__}.{module}":
-                raise
+    for module in ("registry", "cache", "bundle", "loader", "mirror"):
+        importlib.import_module(f"{__name__}.{module}")
 
 
 _attach()
