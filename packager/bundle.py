@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import BinaryIO, Iterable, Sequence
 
 from . import __version__
 from .errors import BundleError, CacheError, OfflineError
+from .fsutil import atomic_write_bytes, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename
 
@@ -80,10 +80,22 @@ class BundleEntry:
     sha256: str
     transforms: dict = field(repr=False, hash=False, compare=False)
     meta: dict = field(repr=False, hash=False, compare=False)  # JSON form: spec.meta_from_json
+    created_by: dict = field(default_factory=dict, repr=False, hash=False, compare=False)  # the manifest's
+    manifest: str = field(default="", repr=False, hash=False, compare=False)  # where this entry was read
 
     @property
     def filename(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    def builder_path(self, model: str | None) -> str | None:
+        """The recorded builder of ``model`` (the first one when the manifest does not pair them)."""
+        if model in self.models and len(self.builders) == len(self.models):
+            return self.builders[self.models.index(model)]
+        return self.builders[0] if self.builders else None
+
+    def to_dict(self) -> dict:
+        return {"weights": self.name, "models": list(self.models), "family": self.family, "url": self.url,
+                "path": self.path, "size": self.size, "sha256": self.sha256, "manifest": self.manifest}
 
     @property
     def ref(self) -> WeightsRef:
@@ -286,8 +298,20 @@ def _want(item: dict, key: str, kind, where: str):
     return value
 
 
-def parse_manifest(data: dict) -> tuple[list[BundleEntry], dict[str, tuple[int, str]]]:
-    """Validate a manifest document; returns (weights entries, {archive path: (size, sha256)})."""
+def decode_manifest(data: bytes) -> dict:
+    """The JSON document of a manifest's bytes (validate it with :func:`parse_manifest`)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BundleError("manifest is not valid JSON") from None
+
+
+def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict[str, tuple[int, str]]]:
+    """Validate a manifest document; returns (weights entries, {archive path: (size, sha256)}).
+
+    The single reader of manifests, in bundles and installed (``<hub>/tvpack/manifests``) alike;
+    ``where`` (the manifest's location) is recorded in each entry.
+    """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError("manifest: not a tvpack bundle manifest (format is not 'tvpack-bundle')")
     version = data.get("format_version")
@@ -301,24 +325,28 @@ def parse_manifest(data: dict) -> tuple[list[BundleEntry], dict[str, tuple[int, 
     weights = data.get("weights")
     if not isinstance(weights, list):
         raise BundleError("manifest: 'weights' is not a list")
+    created_by = data.get("created_by")
+    created_by = dict(created_by) if isinstance(created_by, dict) else {}
     expected: dict[str, tuple[int, str]] = {}
     entries: list[BundleEntry] = []
     names = set()
     for i, item in enumerate(weights):
-        where = f"weights[{i}]"
+        at = f"weights[{i}]"
         if not isinstance(item, dict):
-            raise BundleError(f"manifest: {where} is not an object")
-        enum, member = _want(item, "enum", str, where), _want(item, "member", str, where)
-        name = _want(item, "name", str, where)
+            raise BundleError(f"manifest: {at} is not an object")
+        enum, member = _want(item, "enum", str, at), _want(item, "member", str, at)
+        name = _want(item, "name", str, at)
         if not (_IDENT.fullmatch(enum) and _IDENT.fullmatch(member)) or name != f"{enum}.{member}":
-            raise BundleError(f"manifest: {where} has a malformed weights name {name!r}")
+            raise BundleError(f"manifest: {at} has a malformed weights name {name!r}")
         if name in names:
             raise BundleError(f"manifest: weights {name} is listed twice")
         names.add(name)
-        path = _check_path(_want(item, "path", str, where), f"manifest: {name}: path")
-        if not _is_checkpoint_path(path):
-            raise BundleError(f"manifest: {name}: path {path!r} is not under {CHECKPOINT_DIR}/")
-        size, sha = _want(item, "size", int, where), _want(item, "sha256", str, where)
+        path = _want(item, "path", str, at)
+        problem = _path_problem(path)
+        if problem or not _is_checkpoint_path(path):
+            why = f"it has {problem}" if problem else f"it is not under {CHECKPOINT_DIR}/"
+            raise BundleError(f"manifest: {name}: unsafe or unexpected checkpoint path {path!r}: {why}")
+        size, sha = _want(item, "size", int, at), _want(item, "sha256", str, at)
         if not _SHA256.fullmatch(sha):
             raise BundleError(f"manifest: {name}: sha256 is not 64 lowercase hex digits")
         prefix = hash_prefix_from_filename(path.rsplit("/", 1)[-1])
@@ -328,10 +356,11 @@ def parse_manifest(data: dict) -> tuple[list[BundleEntry], dict[str, tuple[int, 
             raise BundleError(f"manifest: two weights share {path} with different sizes or hashes")
         expected[path] = (size, sha)
         entries.append(BundleEntry(
-            name=name, enum=enum, member=member, module=_want(item, "module", str, where),
-            models=tuple(_want(item, "models", "strs", where)), builders=tuple(_want(item, "builders", "strs", where)),
-            family=str(item.get("family") or ""), url=_want(item, "url", str, where), path=path, size=size,
-            sha256=sha, transforms=_want(item, "transforms", dict, where), meta=_want(item, "meta", dict, where),
+            name=name, enum=enum, member=member, module=_want(item, "module", str, at),
+            models=tuple(_want(item, "models", "strs", at)), builders=tuple(_want(item, "builders", "strs", at)),
+            family=str(item.get("family") or ""), url=_want(item, "url", str, at), path=path, size=size,
+            sha256=sha, transforms=_want(item, "transforms", dict, at), meta=_want(item, "meta", dict, at),
+            created_by=created_by, manifest=where,
         ))
     members = data.get("members", {})
     if not isinstance(members, dict):
@@ -515,11 +544,8 @@ class _Archive:
         if manifest_path_for(data) != first.path:
             self.fail("manifest does not match its id (it was altered)")
         try:
-            document = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            self.fail("manifest is not valid JSON")
-        try:
-            self.entries, self.expected = parse_manifest(document)
+            document = decode_manifest(data)
+            self.entries, self.expected = parse_manifest(document, f"{self.path}:{first.path}")
         except BundleError as exc:
             self.fail(exc.message)
         self.manifest_bytes = data
@@ -582,7 +608,7 @@ class _Archive:
         return digest.hexdigest()
 
     def open_member(self, member: Member) -> BinaryIO:
-        return io.BufferedReader(_MemberFile(self.fd, member.offset, member.size), 1 << 20)
+        return io.BufferedReader(MemberFile(self.fd, member.offset, member.size), 1 << 20)
 
 
 def _each_member(items: Sequence[tuple], work) -> list:
@@ -618,10 +644,14 @@ def _write_all(fd: int, view) -> None:
         view = view[written:]
 
 
-class _MemberFile(io.RawIOBase):
-    """A read-only, seekable window on one member's bytes (``os.pread``, no shared offset)."""
+class MemberFile(io.RawIOBase):
+    """A read-only, seekable window on ``size`` bytes at ``offset`` of an open file: an archive
+    member (``os.preadv``, no shared file offset). ``readinto`` fills the caller's buffer directly,
+    and torch.load reads through ``readinto`` into each storage, so unbuffered, tensor bytes are
+    copied once, from the page cache."""
 
     def __init__(self, fd: int, offset: int, size: int):
+        super().__init__()
         self._fd, self._offset, self._size, self._pos = fd, offset, size, 0
 
     def readable(self) -> bool:
@@ -633,23 +663,23 @@ class _MemberFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         if base + pos < 0:
             raise ValueError("negative seek position")
         self._pos = base + pos
         return self._pos
 
     def readinto(self, buffer) -> int:
-        n = max(0, min(len(buffer), self._size - self._pos))
-        if not n:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos)
+        if n <= 0:
             return 0
-        data = os.pread(self._fd, n, self._offset + self._pos)
-        buffer[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        got = os.preadv(self._fd, [view[:n]], self._offset + self._pos)
+        self._pos += got
+        return got
 
-    def fileno(self) -> int:  # not a whole file: torch must not read it directly
+    def fileno(self) -> int:  # not a whole file: nothing may read the descriptor directly
         raise io.UnsupportedOperation("fileno")
 
 
@@ -841,8 +871,7 @@ def _destination(hub: Path, member_path: str) -> Path:
     return hub.joinpath(*member_path.split("/")[1:])
 
 
-def _temp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tvpack-install")
+_INSTALL_SUFFIX = ".tvpack-install"  # of install's temp files
 
 
 def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False) -> InstallReport:
@@ -882,7 +911,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         def stage(member: Member, dest: Path, action: str, pool) -> tuple[Path | None, str]:
             if action == "unchanged":
                 return None, archive.hash_member(member, pool, bar=bar)
-            tmp = _temp_name(dest)
+            tmp = temp_path(dest, _INSTALL_SUFFIX)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 temps.append(tmp)
@@ -928,11 +957,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         manifest_dest = _destination(hub, archive.manifest_path)
         _makedirs(manifest_dest.parent)
         if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
-            tmp = _temp_name(manifest_dest)
-            temps.append(tmp)
-            tmp.write_bytes(archive.manifest_bytes)
-            os.replace(tmp, manifest_dest)
-            temps.remove(tmp)
+            atomic_write_bytes(manifest_dest, archive.manifest_bytes, durable=False, suffix=_INSTALL_SUFFIX)
         return InstallReport(Path(path), manifest_dest, tuple(placed))
     finally:
         for tmp in temps:
@@ -1067,7 +1092,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     manifest_bytes = encode_manifest(build_manifest(selected, files, registry=registry))
     mtime = source_date_epoch()
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()})
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(output)
     bar = _progress(progress, sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -1131,6 +1156,7 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, bar) -> str:
 
 
 __all__ = [
-    "Bundle", "BundleEntry", "InstallReport", "Member", "Placed", "VerifyReport", "bundle", "build_manifest",
-    "check_checkpoint", "install", "install_bundle", "open_bundle", "tar_header", "verify_bundle",
+    "Bundle", "BundleEntry", "InstallReport", "Member", "MemberFile", "Placed", "VerifyReport", "bundle",
+    "build_manifest", "check_checkpoint", "decode_manifest", "install", "install_bundle", "open_bundle",
+    "parse_manifest", "tar_header", "verify_bundle",
 ]

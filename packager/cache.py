@@ -35,6 +35,7 @@ from filelock import FileLock, Timeout
 from . import env
 from .download import DEFAULT_POLICY, Policy, Verifier, discard_part, part_state_path, transfer
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
+from .fsutil import atomic_write_json, fsync_dir
 from .home import hub_dir as _hub_dir
 from .mirror import candidate_urls
 from .registry import WeightsRef, hash_prefix_from_filename
@@ -138,10 +139,10 @@ def _update_index(hub: Path, changes: dict[str, dict | None]) -> None:
                     files.pop(name, None)
                 else:
                     files[name] = entry
-            target = index_path(hub)
-            tmp = target.with_name(f".index.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps({"version": INDEX_VERSION, "files": files}, indent=1, sort_keys=True))
-            os.replace(tmp, target)
+            # ".index.json.<pid>.<hex>.tmp": a leftover is found by prune (".index.*.tmp").
+            # Not fsynced: the index is only a shortcut.
+            atomic_write_json(index_path(hub), {"version": INDEX_VERSION, "files": files}, indent=1, sort_keys=True,
+                              durable=False)
     except OSError:
         pass
 
@@ -323,19 +324,6 @@ def _release_part(part: Path) -> None:
     if part.exists():
         with _released_mutex:
             _released_parts.add(str(part))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _Bars:
@@ -567,7 +555,7 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
     if any(not isinstance(o, TvpackError) and o.status == "downloaded" for o in outcomes):
         # Once for all renames: each file's bytes were fsynced before its rename, so a crash can
         # only lose a rename (the file is fetched again), never expose wrong bytes.
-        _fsync_dir(hub / "checkpoints")
+        fsync_dir(hub / "checkpoints")
     errors = []
     for ref, outcome in zip(unique, outcomes):
         if isinstance(outcome, TvpackError):
@@ -699,26 +687,41 @@ def _registry_names(registry: Sequence[str]) -> dict[str, list[str]]:
     return names
 
 
-def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: bool = True) -> CacheInfo:
-    """Every file in ``checkpoints/`` with its weights (if known), size and status, no hashing."""
-    hub = _hub_dir(torch_home)
-    ckpt = hub / "checkpoints"
+def _listing(ckpt: Path, *, strict: bool = False) -> list[tuple[str, Path, os.stat_result]]:
+    """``(name, path, stat)`` of each entry of ``ckpt``, by name; entries gone meanwhile are left out.
+
+    A missing directory lists nothing; one that cannot be read lists nothing either, or with
+    ``strict`` is a :class:`CacheError`.
+    """
     try:
         names = sorted(os.listdir(ckpt))
     except FileNotFoundError:
-        return CacheInfo(hub, ())
+        return []
     except OSError as exc:
-        raise CacheError(f"cannot read {ckpt}: {exc.strerror or exc}") from None
+        if strict:
+            raise CacheError(f"cannot read {ckpt}: {exc.strerror or exc}") from None
+        return []
+    out = []
+    for name in names:
+        path = ckpt / name
+        try:
+            out.append((name, path, path.stat()))
+        except OSError:
+            continue
+    return out
+
+
+def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: bool = True) -> CacheInfo:
+    """Every file in ``checkpoints/`` with its weights (if known), size and status, no hashing."""
+    hub = _hub_dir(torch_home)
+    listing = _listing(hub / "checkpoints", strict=True)
+    if not listing:
+        return CacheInfo(hub, ())
     index = _load_index(hub)
     pins = _manifest_pins(hub)
     known: dict[str, list[str]] | None = None
     files = []
-    for name in names:
-        path = ckpt / name
-        try:
-            st = path.stat()
-        except OSError:
-            continue
+    for name, path, st in listing:
         if not path.is_file():
             continue
         if _is_partial(name):
@@ -811,7 +814,6 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
     ``deep`` also requires ``torch.load(weights_only=True)`` to succeed.
     """
     hub = _hub_dir(torch_home)
-    ckpt = hub / "checkpoints"
     info = scan_cache(torch_home=torch_home, registry=registry, use_registry=False)
     by_path = {f.path: f for f in info.files}
     if selectors:
@@ -881,16 +883,7 @@ def _prunable(hub: Path, min_age: float) -> list[Removal]:
     out: list[Removal] = []
     ckpt = hub / "checkpoints"
     now = time.time()
-    try:
-        names = sorted(os.listdir(ckpt))
-    except OSError:
-        names = []
-    for name in names:
-        path = ckpt / name
-        try:
-            st = path.stat()
-        except OSError:
-            continue
+    for name, path, st in _listing(ckpt):
         match = _PART_NAME.match(name)
         if match:
             if _part_abandoned(path, match):
@@ -929,6 +922,15 @@ def _prunable(hub: Path, min_age: float) -> list[Removal]:
     return out
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CacheError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+
 def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.0) -> list[Removal]:
     """Remove abandoned partial downloads, temporary files and lock files nobody holds.
 
@@ -942,12 +944,7 @@ def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.
         if gone:  # index entries of files deleted by hand
             _update_index(hub, dict.fromkeys(gone))
         for item in plan_:
-            try:
-                item.path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise CacheError(f"cannot remove {item.path}: {exc.strerror or exc}") from None
+            _remove(item.path)
     return plan_
 
 
@@ -968,12 +965,7 @@ def remove_from_cache(selectors: Sequence[str], *, torch_home=None, registry: Se
             removals.append(Removal(part, part.stat().st_size, "partial download"))
     if not dry_run:
         for item in removals:
-            try:
-                item.path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise CacheError(f"cannot remove {item.path}: {exc.strerror or exc}") from None
+            _remove(item.path)
             if item.path.name.endswith(PART_SUFFIX):
                 discard_part(item.path)
         _update_index(hub, {item.path.name: None for item in removals if item.reason == "removed on request"})

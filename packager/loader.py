@@ -32,28 +32,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import io
 import json
 import logging
 import os
-import re
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 from . import home
+from .bundle import (MANIFEST_DIR, MAX_MANIFEST, BundleEntry, MemberFile, decode_manifest, manifest_path_for, open_bundle,
+                     parse_manifest)
 from .errors import BundleError, IntegrityError, LoadError, TvpackError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tvpack-bundle"
-FORMAT_VERSION = 1
-MANIFEST_DIR = "hub/tvpack/manifests"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-MAX_MANIFEST_BYTES = 64 << 20
 HASH_CHUNK = 8 << 20
 
 # The builder runs with process-wide patches in place (module hooks, the state-dict fetch).
@@ -69,89 +63,9 @@ class DriftWarning(LoaderWarning):
 
 
 # -- manifest entries --------------------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class Entry:
-    """One weights as a manifest describes it (plain JSON data, nothing imported)."""
-
-    name: str  # "ResNet50_Weights.IMAGENET1K_V2"
-    enum: str
-    member: str
-    module: str
-    models: tuple[str, ...]
-    builders: tuple[str, ...]
-    family: str
-    url: str
-    path: str  # archive path, relative to TORCH_HOME: "hub/checkpoints/<file>"
-    size: int
-    sha256: str
-    transforms: Mapping  # transform spec
-    meta: Mapping  # meta as JSON data
-    created_by: Mapping = field(default_factory=dict)
-    manifest: str = ""  # where this entry was read
-
-    @property
-    def filename(self) -> str:
-        return PurePosixPath(self.path).name
-
-    def builder_path(self, model: str | None) -> str | None:
-        if model in self.models and len(self.builders) == len(self.models):
-            return self.builders[self.models.index(model)]
-        return self.builders[0] if self.builders else None
-
-    def to_dict(self) -> dict:
-        return {"weights": self.name, "models": list(self.models), "family": self.family, "url": self.url,
-                "path": self.path, "size": self.size, "sha256": self.sha256, "manifest": self.manifest}
-
-
-def _entry(item: Any, created_by: Mapping, where: str) -> Entry:
-    if not isinstance(item, Mapping):
-        raise BundleError(f"{where}: a weights entry is not an object")
-    try:
-        name, enum, member = str(item["name"]), str(item["enum"]), str(item["member"])
-        url, path, sha256 = str(item["url"]), str(item["path"]), str(item["sha256"])
-        size = item["size"]
-        transforms, meta = item["transforms"], item["meta"]
-    except KeyError as exc:
-        raise BundleError(f"{where}: weights entry {item.get('name', '?')!r} lacks {exc.args[0]!r}") from None
-    if name != f"{enum}.{member}":
-        raise BundleError(f"{where}: weights entry name {name!r} does not match enum {enum!r} and member {member!r}")
-    parts = PurePosixPath(path).parts
-    if len(parts) != 3 or parts[:2] != ("hub", "checkpoints") or parts[2] in ("", ".", "..") or "\\" in path:
-        raise BundleError(f"{where}: {name} has an unsafe or unexpected checkpoint path {path!r}")
-    if not _SHA256.match(sha256):
-        raise BundleError(f"{where}: {name} has a malformed sha256 {sha256!r}")
-    if type(size) is not int or size < 0:
-        raise BundleError(f"{where}: {name} has a malformed size {size!r}")
-    if not isinstance(transforms, Mapping) or not isinstance(meta, Mapping):
-        raise BundleError(f"{where}: {name} lacks a transforms spec or meta object")
-    models = tuple(str(m) for m in item.get("models") or ())
-    builders = tuple(str(b) for b in item.get("builders") or ())
-    return Entry(name, enum, member, str(item.get("module") or ""), models, builders, str(item.get("family") or ""),
-                 url, path, size, sha256, transforms, meta, dict(created_by), where)
-
-
-def parse_manifest(data: bytes | Mapping, where: str) -> list[Entry]:
-    """The weights entries of one manifest (bytes or its JSON document; validated, nothing evaluated)."""
-    if isinstance(data, Mapping):
-        doc = data
-    else:
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            raise BundleError(f"{where}: the manifest is not valid JSON ({exc})") from None
-    if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
-        raise BundleError(f"{where}: not a tvpack bundle manifest")
-    version = doc.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise BundleError(f"{where}: manifest format_version {version!r} is not supported (this tvpack reads "
-                          f"{FORMAT_VERSION})", hint="upgrade tvpack" if newer else None)
-    weights = doc.get("weights")
-    if not isinstance(weights, list):
-        raise BundleError(f"{where}: the manifest has no weights list")
-    created_by = doc.get("created_by") if isinstance(doc.get("created_by"), Mapping) else {}
-    return [_entry(item, created_by, where) for item in weights]
+# One weights as a manifest describes it (plain JSON data, nothing imported): bundle.py's parser
+# is the only reader of manifests, for bundle files and installed ones alike.
+Entry = BundleEntry
 
 
 # -- reading checkpoints -----------------------------------------------------------------------------
@@ -315,17 +229,17 @@ class InstalledSource(Source):
         manifests = sorted(self.hub.glob("tvpack/manifests/*.json"), key=_mtime, reverse=True)  # newest first
         for path in manifests:
             try:
-                if path.stat().st_size > MAX_MANIFEST_BYTES:
+                if path.stat().st_size > MAX_MANIFEST:
                     raise OSError(f"{path.stat().st_size} bytes is implausibly large for a manifest")
                 data = path.read_bytes()
             except OSError as exc:
                 self._skip(path, f"unreadable: {exc.strerror or exc}")
                 continue
-            if hashlib.sha256(data).hexdigest()[:16] != path.stem:
+            if manifest_path_for(data) != f"{MANIFEST_DIR}/{path.name}":
                 self._skip(path, "its content does not match its name (edited or corrupt)")
                 continue
             try:
-                entries.extend(parse_manifest(data, str(path)))
+                entries.extend(parse_manifest(decode_manifest(data), str(path))[0])
             except BundleError as exc:  # one bad manifest must not make the others unusable
                 self._skip(path, exc.format())
         super().__init__(self.hub.parent, entries)
@@ -379,18 +293,13 @@ class BundleSource(Source):
     kind = "bundle"
 
     def __init__(self, path: Path):
-        from .bundle import open_bundle
-
         self.path = Path(path)
         with open_bundle(self.path) as opened:
-            where = f"{self.path}:{opened.manifest_path}"
-            entries = parse_manifest(opened.manifest, where)
+            entries = opened.entries  # each names "<bundle>:<manifest path>" as where it was read
         super().__init__(self.path, entries)
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
         from concurrent.futures import ThreadPoolExecutor
-
-        from .bundle import open_bundle
 
         what = f"{self.path}:{entry.path}"
         with open_bundle(self.path) as opened:
@@ -405,10 +314,10 @@ class BundleSource(Source):
         fd = os.open(self.path, os.O_RDONLY)
         try:
             with ThreadPoolExecutor(1) as pool:
-                hashing = pool.submit(_hash_stream, _Window(fd, member.offset, member.size), member.size)
+                hashing = pool.submit(_hash_stream, MemberFile(fd, member.offset, member.size), member.size)
                 state, failure = None, None
                 try:
-                    state = _torch_load(_Window(fd, member.offset, member.size), what, map_location=map_location,
+                    state = _torch_load(MemberFile(fd, member.offset, member.size), what, map_location=map_location,
                                         mmap=False)
                 except LoadError as exc:
                     failure = exc
@@ -423,44 +332,6 @@ class BundleSource(Source):
         if failure is not None:
             raise failure
         return state
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``size`` bytes at ``offset`` of an open file: an archive
-    member. ``readinto`` fills the caller's buffer directly (``os.preadv``), and torch.load reads
-    through ``readinto`` into each storage, so tensor bytes are copied once, from the page cache."""
-
-    def __init__(self, fd: int, offset: int, size: int):
-        super().__init__()
-        self._fd, self._offset, self._size, self._pos = fd, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + pos
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        n = min(len(view), self._size - self._pos)
-        if n <= 0:
-            return 0
-        got = os.preadv(self._fd, [view[:n]], self._offset + self._pos)
-        self._pos += got
-        return got
-
-    def fileno(self) -> int:  # not a whole file: nothing may read the descriptor directly
-        raise io.UnsupportedOperation("fileno")
 
 
 def open_source(source=None) -> Source:

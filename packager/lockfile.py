@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import platform
 import re
 from importlib import metadata
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import LockfileError
+from .fsutil import atomic_write_text
 from .registry import WeightsRef, filename_from_url, hash_prefix_from_filename
 
 FORMAT = "tvpack-lock"
@@ -67,15 +67,9 @@ def dump_lockfile(refs: Sequence[WeightsRef], output) -> Path:
     """Write refs (with sha256 and size) to ``output`` atomically."""
     output = Path(output)
     text = json.dumps(lock_data(refs), indent=2) + "\n"
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, output)
+        atomic_write_text(output, text, durable=False)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise LockfileError(f"cannot write {output}: {exc.strerror or exc}") from None
     return output
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import posixpath
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from . import env
 from .errors import IntegrityError, MirrorError, TvpackError, UsageError
+from .fsutil import atomic_write_text, fsync_dir, temp_path
 
 UPSTREAM_HOST = "download.pytorch.org"
 
@@ -136,19 +136,6 @@ def sidecar_text(path: str, sha256: str) -> str:
     return f"{sha256}  {posixpath.basename(path)}\n"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -189,12 +176,12 @@ class DirectoryTarget:
     def put(self, item: ExportItem, progress: Callable[[int], None]) -> None:
         """Copy while hashing into a unique temp file beside the target; replace only if verified."""
         dest = self.root / item.path
+        tmp = temp_path(dest)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise MirrorError(f"cannot write to {dest.parent}: {exc.strerror or exc}") from exc
-        tmp = Path(tmp_name)
         try:
             digest = hashlib.sha256()
             count = 0
@@ -210,9 +197,9 @@ class DirectoryTarget:
                 out.flush()
                 os.fsync(out.fileno())
             _check_copy(item, count, digest.hexdigest())
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a web server
+            os.chmod(tmp, 0o644)  # readable by a web server, whatever the umask
             os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
@@ -231,18 +218,7 @@ class DirectoryTarget:
         dest = self.root / rel
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-            try:
-                with os.fdopen(fd, "w") as out:
-                    out.write(text)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp_name, 0o644)
-                os.replace(tmp_name, dest)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
-            _fsync_dir(dest.parent)
+            atomic_write_text(dest, text, mode=0o644)
         except OSError as exc:
             raise MirrorError(f"cannot write {dest}: {exc.strerror or exc}") from exc
 

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,77 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from packager.lockfile import dump_lockfile  # noqa: E402
 from packager.registry import WeightsRef  # noqa: E402
+from packager.testing.servers import Nginx, ServerError  # noqa: E402
 
 UPSTREAM = "https://download.pytorch.org/models/"
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def nginx_binary() -> str:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if path is None:
-        sys.exit("bench_fetch: nginx is needed (apt-get install nginx-light, or make system-deps)")
-    return path
-
-
-class Nginx:
-    """nginx on 127.0.0.1 serving ``root``; pid, logs and temp paths all inside ``workdir``."""
-
-    def __init__(self, root: Path, workdir: Path):
-        self.root, self.workdir, self.port = root, workdir, free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.access_log = workdir / "access.log"
-        conf = workdir / "nginx.conf"
-        temp = {name: workdir / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
-        conf.write_text(f"""
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {self.access_log};
-    client_body_temp_path {temp['client']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{self.port};
-        root {root};
-    }}
-}}
-""")
-        self.proc = subprocess.Popen([nginx_binary(), "-c", str(conf), "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"nginx did not start: {self.proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def write_random(path: Path, size: int, seed: int) -> str:
@@ -194,7 +126,6 @@ def main() -> None:
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="tvpack-bench-fetch-"))
     work.mkdir(parents=True, exist_ok=True)
-    work.chmod(0o755)  # nginx workers run as an unprivileged user
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("TVPACK_MIRROR", "TVPACK_OFFLINE", "TVPACK_REGISTRY"):
         env.pop(name, None)
@@ -204,6 +135,10 @@ def main() -> None:
         mirror = work / "mirror"
         folder = mirror / "models" / "bench"
         folder.mkdir(parents=True)
+        try:
+            nginx = Nginx(mirror, work / "nginx")  # before the synthesis: fail early if nginx is missing
+        except ServerError as exc:
+            sys.exit(f"bench_fetch: {exc.format()} (apt-get install nginx-light, or make system-deps)")
         t0 = time.perf_counter()
         big = synth(folder, "vit_l_16_bench", args.big_mb * 1000 * 1000, seed=1)
         small = [synth(folder, f"small{i:02d}", int(args.small_mb * 1000 * 1000) + i, seed=100 + i)
@@ -212,7 +147,10 @@ def main() -> None:
               flush=True)
         big_lock = dump_lockfile([big], work / "big.lock")
         small_lock = dump_lockfile(small, work / "small.lock")
-        nginx = Nginx(mirror, work / "nginx")
+        try:
+            nginx.start()
+        except ServerError as exc:
+            sys.exit(f"bench_fetch: nginx: {exc.format()}")
         big_url = f"{nginx.url}/models/bench/{big.filename}"
         print(f"nginx on {nginx.url}", flush=True)
 

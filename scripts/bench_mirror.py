@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from packager.testing.servers import MotoS3, ServerSoftwareMissing  # noqa: E402
 
 MiB = 1 << 20
 FILES = int(os.environ.get("BENCH_MIRROR_FILES", "4"))
@@ -93,35 +94,13 @@ def bench_directory(tmp: Path, files) -> None:
     report("  re-export, all skipped", t_skip, t_sum, "sha256sum")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def bench_s3(tmp: Path, files) -> None:
-    import boto3
-
+def bench_s3(tmp: Path, files, server) -> None:
     from packager import cache
     from packager.mirror import export_items
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1")
-        client = boto3.client("s3", endpoint_url=endpoint)
+    with server:
+        os.environ.update(server.env())
+        client = server.client()
         client.create_bucket(Bucket="bench")
         items = items_for(files)
 
@@ -131,9 +110,9 @@ def bench_s3(tmp: Path, files) -> None:
                 client.delete_object(Bucket="bench", Key=f"tvpack/{item.path}")
 
         def boto():
-            from boto3.s3.transfer import TransferConfig
-
             from concurrent.futures import ThreadPoolExecutor
+
+            from boto3.s3.transfer import TransferConfig
 
             config = TransferConfig(multipart_threshold=32 * MiB, multipart_chunksize=16 * MiB)
             with ThreadPoolExecutor(4) as pool:
@@ -165,9 +144,6 @@ def bench_s3(tmp: Path, files) -> None:
 
         t_fetch, t_get = timed(fetch, 2), timed(boto_get, 2)
         report("  fetch from s3 mirror (verified, jobs=4)", t_fetch, t_get, "boto3 download_file x4")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def _ref(path: Path):
@@ -183,12 +159,12 @@ def main() -> int:
         files = make_files(tmp / "src")
         bench_directory(tmp, files)
         try:
-            import boto3  # noqa: F401
-            import moto  # noqa: F401
-        except ImportError:
-            print("S3: skipped (boto3 / moto[server] not installed)")
+            # a child process: moto must not share this interpreter's GIL with the clients measured
+            server = MotoS3(in_process=False)
+        except ServerSoftwareMissing as exc:
+            print(f"S3: skipped ({exc.what} not installed)")
             return 0
-        bench_s3(tmp, files)
+        bench_s3(tmp, files, server)
     return 0
 
 

@@ -5,7 +5,6 @@ Fixtures owned by one test module live in that module; cross-module ones are add
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,14 +76,32 @@ def tvpack():
     return run_tvpack
 
 
+def _missing(what: str) -> None:
+    """Software a test needs is absent: skip locally, fail in CI (CI must install it)."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not installed")
+    pytest.skip(f"{what} not installed")
+
+
 def need_binary(name: str) -> str:
-    """A server binary the test needs: skip locally when absent, fail in CI (CI must install it)."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} is required in CI but is not installed")
-        pytest.skip(f"{name} not installed")
-    return path
+    """A program the test needs (PATH or /usr/sbin): skip locally when absent, fail in CI."""
+    from packager.testing.servers import ServerSoftwareMissing, find_binary
+
+    try:
+        return find_binary(name)
+    except ServerSoftwareMissing as exc:
+        _missing(exc.what)
+
+
+def need_server(factory, *args, **kwargs):
+    """``factory(*args, **kwargs)`` for a packager.testing.servers server (not started yet): skip
+    locally when its software is missing, fail in CI."""
+    from packager.testing.servers import ServerSoftwareMissing
+
+    try:
+        return factory(*args, **kwargs)
+    except ServerSoftwareMissing as exc:
+        _missing(exc.what)
 
 
 @pytest.fixture

@@ -303,7 +303,7 @@ def test_unwritable_torch_home_is_one_clear_line(tmp_path, mirror_server, tvpack
 
 
 def test_server_gone_is_one_clear_line(tmp_path, cli, torch_home):
-    from tests.servers import free_port
+    from packager.testing.servers import free_port
 
     lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=1000), tmp_path / "tvpack.lock")
     result = cli("fetch", "--lock", lock, "--mirror", f"http://127.0.0.1:{free_port()}", "--no-upstream",

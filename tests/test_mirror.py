@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import ZOO_REGISTRY, need_server, run_tvpack
 
-from conftest import ZOO_REGISTRY, run_tvpack
-from servers import MotoS3, Nginx
+from packager.testing.servers import MotoS3, Nginx
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -274,13 +274,14 @@ def test_real_bundle_published_without_network_then_fetched(zoo, zoo_root, tmp_p
 
 def test_nginx_serves_an_exported_mirror_to_fetch(cli, zoo, zoo_root, tmp_path):
     dest = tmp_path / "www"
+    nginx = need_server(Nginx, dest, tmp_path / "nginx")
     export = cli("mirror", *ZOO_SELECTORS, "--registry", ZOO_REGISTRY, "--mirror", zoo_root, "--no-upstream",
                  "--torch-home", tmp_path / "home-export", "--to", dest, "--jobs", "4", "-q")
     assert export.exit_code == 0, export.output
     zoo_index = json.loads((zoo_root / "zoo.json").read_text())["files"]
 
     fresh = tmp_path / "home-fetch"
-    with Nginx(dest, tmp_path / "nginx") as nginx:
+    with nginx:
         fetch = run_tvpack("fetch", *ZOO_SELECTORS, "--registry", ZOO_REGISTRY, "--mirror", nginx.url,
                            "--no-upstream", "--torch-home", fresh, "-q")
     assert fetch.returncode == 0, fetch.stdout + fetch.stderr
@@ -297,7 +298,7 @@ def test_nginx_serves_an_exported_mirror_to_fetch(cli, zoo, zoo_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def moto_s3():
-    server = MotoS3().start()
+    server = need_server(MotoS3).start()
     yield server
     server.stop()
 

@@ -1,0 +1,85 @@
+"""Small file-system helpers shared by the cache, bundles, mirrors and lockfiles.
+
+* :func:`temp_path`: a unique hidden name beside a final path, for a file written then renamed.
+* :func:`atomic_write_bytes` / :func:`atomic_write_text` / :func:`atomic_write_json`: a small file
+  written to such a temp name and renamed into place, so readers see the old file or the new one,
+  never a part of either; nothing is left behind on failure.
+* :func:`fsync_dir`: make renames in a directory survive a crash (best effort).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+
+def temp_path(dest, suffix: str = ".tmp") -> Path:
+    """``.<name>.<pid>.<random hex><suffix>`` beside ``dest``: unique across processes and threads."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def fsync_dir(path) -> None:
+    """fsync a directory (its entries, e.g. a rename into it); errors are ignored, as some network
+    filesystems refuse fsync on directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | None = None,
+                       suffix: str = ".tmp") -> Path:
+    """Replace ``dest`` with ``data`` atomically (temp file beside it + ``os.replace``).
+
+    ``durable``: fsync the file before the rename and the directory after it. ``mode``: the
+    file's permission bits (else the default for a new file, umask applied). The temp file is
+    removed on any failure; ``OSError`` propagates for the caller to word.
+    """
+    dest = Path(dest)
+    tmp = temp_path(dest, suffix)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(dest.parent)
+    return dest
+
+
+def atomic_write_text(dest, text: str, **kwargs) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(dest, text.encode("utf-8"), **kwargs)
+
+
+def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool = False, newline: bool = False,
+                      **kwargs) -> Path:
+    """:func:`atomic_write_bytes` of ``json.dumps(data, indent=..., sort_keys=...)`` (plus a final
+    newline when ``newline``)."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys) + ("\n" if newline else "")
+    return atomic_write_text(dest, text, **kwargs)
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "temp_path"]
