@@ -934,7 +934,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         if bad:
             archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
         # 3. every checkpoint must load weights-only before anything gets its final name
-        for member, dest, action, tmp in staged:
+        for member, _dest, _action, tmp in staged:
             if _is_checkpoint_path(member.path):
                 if tmp is not None:
                     check_checkpoint(str(tmp), member.path)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import email.utils
 import errno
-import http.client
 import hashlib
+import http.client
 import json
 import os
 import queue
@@ -490,7 +490,7 @@ def _transfer_http(url, part, verifier, policy, session, on_bytes, on_total) -> 
         except _Restart:
             discard_part(part)
             if restarted:
-                raise DownloadError(f"{url}: server keeps answering ranges inconsistently")
+                raise DownloadError(f"{url}: server keeps answering ranges inconsistently") from None
             restarted = True
             continue
         except IntegrityError:

@@ -42,8 +42,16 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from . import home
-from .bundle import (MANIFEST_DIR, MAX_MANIFEST, BundleEntry, MemberFile, decode_manifest, manifest_path_for, open_bundle,
-                     parse_manifest)
+from .bundle import (
+    MANIFEST_DIR,
+    MAX_MANIFEST,
+    BundleEntry,
+    MemberFile,
+    decode_manifest,
+    manifest_path_for,
+    open_bundle,
+    parse_manifest,
+)
 from .errors import BundleError, IntegrityError, LoadError, TvpackError
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
+
 from packager import bundle as B
 from packager.errors import BundleError, OfflineError
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-
 from packager import home
 
 CASES = list(itertools.product(

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import IN_CI, ROOT, ZOO_REGISTRY, run_tvpack
 
 from packager import loader
 from packager.bundle import bundle, encode_manifest, install, manifest_path_for, open_bundle, tar_header
@@ -29,8 +30,6 @@ from packager.errors import BundleError, IntegrityError, LoadError
 from packager.registry import get_registry
 from packager.spec import meta_to_json, transform_spec
 from packager.testing import zoo as zoo_module
-
-from conftest import IN_CI, ROOT, ZOO_REGISTRY, run_tvpack
 
 M = torchvision.models
 UPSTREAM = "https://download.pytorch.org/models/"

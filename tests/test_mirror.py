@@ -142,7 +142,7 @@ def test_export_to_directory_layout_sidecars_index_and_skips(cli, tiny, tmp_path
     report = json.loads(result.output)
     assert sorted(r["status"] for r in report["results"]) == ["exported", "exported"]
 
-    for name, f in tiny.files.items():
+    for f in tiny.files.values():
         stored = dest / f["path"]
         assert stored.read_bytes() == f["data"]
         assert (dest / (f["path"] + ".sha256")).read_text() == f"{f['sha256']}  {f['filename']}\n"

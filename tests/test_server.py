@@ -70,7 +70,7 @@ def test_faults_count_down_and_apply_per_path(served):
     assert flipped[3] == data[3] ^ 0xFF and flipped[:3] + flipped[4:] == data[:3] + data[4:]
     server.add_fault("truncate", times=1, at=1000)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        requests.get(url).content
+        _ = requests.get(url).content
     server.add_fault("ignore_range", times=1)
     assert requests.get(url, headers={"Range": "bytes=5-"}).status_code == 200
     with pytest.raises(ValueError, match="unknown fault"):

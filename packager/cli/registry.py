@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
+from ..registry import FAMILIES
 from . import main
 from ._common import echo_json, json_option, registry_option, table, torch_home_option
-from ..registry import FAMILIES
 
 
 @main.command("list")

@@ -140,10 +140,11 @@ def zoo_files() -> dict[str, Path]:
 # -- synthesize a checkpoint for any WeightsEnum member ---------------------------------------------
 
 def _builder_for(member: WeightsEnum) -> Callable:
-    from packager.registry import _enums_in_annotation  # the same annotation rule as discovery
     import inspect
     import sys
     import typing
+
+    from packager.registry import _enums_in_annotation  # the same annotation rule as discovery
 
     enum = type(member)
     for name in torchvision.models.list_models():
