@@ -37,7 +37,7 @@ from .download import DEFAULT_POLICY, Policy, Verifier, discard_part, part_state
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
 from .fsutil import atomic_write_json, fsync_dir
 from .home import hub_dir as _hub_dir
-from .mirror import candidate_urls
+from .mirror import candidate_urls, normalize_mirror
 from .registry import WeightsRef, hash_prefix_from_filename
 
 INDEX_VERSION = 1
@@ -516,6 +516,9 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
     offline = env.offline() if offline is None else offline
     if mirrors is not None:
         mirrors = [os.fspath(m) for m in mirrors]
+    if not offline:
+        for mirror in (env.mirrors() if mirrors is None else mirrors):
+            normalize_mirror(mirror)  # a malformed mirror is a usage error before any work
     if dry_run:
         return plan(selected, torch_home=torch_home)
     if offline:
@@ -774,6 +777,9 @@ class VerifyResult:
                 "ok": self.ok, "detail": self.detail, "weights": list(self.weights)}
 
 
+_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+
+
 def _files_for(selectors: Sequence[str], hub: Path, registry: Sequence[str]) -> list[Path]:
     """Checkpoint paths named by selectors: plain file names, or weights selectors (registry)."""
     ckpt = hub / "checkpoints"
@@ -781,6 +787,9 @@ def _files_for(selectors: Sequence[str], hub: Path, registry: Sequence[str]) -> 
     for selector in selectors:
         if (ckpt / selector).is_file() and "/" not in selector:
             paths.append(ckpt / selector)
+        elif selector.endswith(_FILE_SUFFIXES) and "/" not in selector:
+            # A file name, not a selector: say so rather than "unknown weights enum".
+            raise CacheError(f"not in the cache: {selector} (no such file in {ckpt})")
         else:
             rest.append(selector)
     if rest:

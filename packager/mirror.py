@@ -35,11 +35,32 @@ def mirror_path(url: str) -> str:
     return os.path.basename(parsed.path)
 
 
+MIRROR_SCHEMES = ("http", "https", "file", "s3")
+
+
 def normalize_mirror(mirror: str) -> str:
-    """A mirror spec as a URL: plain directories become ``file://`` URLs."""
+    """A mirror spec as a URL: plain directories become ``file://`` URLs.
+
+    Raises :class:`UsageError` for a spec that can never work (empty, unknown scheme, no host,
+    unparsable), so a typo fails at once with the mirror named rather than once per file.
+    """
+    raw = mirror
     mirror = mirror.strip()
+    if not mirror:
+        raise UsageError("empty --mirror given (expected http(s)://, file://, s3:// or a directory)")
     if "://" not in mirror:
         return Path(mirror).expanduser().resolve().as_uri()
+    try:
+        parsed = urlparse(mirror)
+        parsed.port  # noqa: B018 - validates the port (and IPv6 brackets) now
+    except ValueError as exc:
+        raise UsageError(f"bad mirror {raw!r}: {exc}") from None
+    scheme = parsed.scheme.lower()
+    if scheme not in MIRROR_SCHEMES:
+        raise UsageError(f"bad mirror {raw!r}: unsupported scheme {parsed.scheme!r} "
+                         f"(expected http(s)://, file://, s3:// or a directory)")
+    if scheme in ("http", "https", "s3") and not parsed.netloc:
+        raise UsageError(f"bad mirror {raw!r}: no {'bucket' if scheme == 's3' else 'host'}")
     return mirror
 
 
@@ -294,12 +315,21 @@ def _check_copy(item: ExportItem, count: int, digest: str) -> None:
 def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,
                 part_size: int | None = None):
     """A writable mirror destination for ``dest`` (a directory, ``file://`` or ``s3://`` url)."""
+    raw = dest
     dest = str(dest).strip()
+    if not dest:
+        raise UsageError("empty mirror destination (--to): give a directory, file:// or s3:// url")
+    try:
+        urlparse(dest).port  # noqa: B018 - an unparsable url (bad IPv6 brackets, port) fails here
+    except ValueError as exc:
+        raise UsageError(f"bad mirror destination {raw!r}: {exc}") from None
     if dest.startswith("s3://"):
         return S3Target(dest, endpoint_url=endpoint_url, multipart_threshold=multipart_threshold,
                         part_size=part_size)
     parsed = urlparse(dest)
     if parsed.scheme == "file":
+        if not parsed.path:
+            raise UsageError(f"bad mirror destination {raw!r}: no directory path")
         return DirectoryTarget(Path(unquote(parsed.path)))
     if "://" in dest:
         raise MirrorError(f"cannot export to {dest}: use a directory (the one your web server serves), "

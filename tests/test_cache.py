@@ -585,3 +585,12 @@ def test_mirror_from_the_environment_and_manifest_pins(mirror_server, torch_home
     assert files[refs[1].filename]["status"] == "corrupt" and files[refs[1].filename]["expected"] == "0" * 64
     result = cli("cache", "verify", refs[1].filename)
     assert result.exit_code == 1 and "differs from the manifest" in result.output
+
+
+def test_cache_rm_and_verify_of_a_file_name_not_cached_says_so(torch_home, cli):
+    """A file name that is not in checkpoints/ is reported as such, not parsed as an enum name."""
+    for command in ("rm", "verify"):
+        result = cli("cache", command, "resnet50-00000000.pth")
+        assert result.exit_code == 1
+        assert result.output.startswith("tvpack: error: not in the cache: resnet50-00000000.pth (no such file in ")
+        assert "enum" not in result.output

@@ -63,3 +63,13 @@ def test_debug_shows_traceback(tvpack):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     proc = tvpack("list", "resnt50", env={"TVPACK_DEBUG": "1"})
     assert "Traceback" in proc.stderr
+
+
+def test_malformed_mirror_fails_at_once_with_exit_2(cli, torch_home):
+    """A mirror typo is one usage line naming the mirror, not an 'unexpected ValueError' or a
+    per-file failure after lock files were created."""
+    for spec in ("http://[::1", "ftp://x"):
+        result = cli("fetch", "resnet50", "--mirror", spec, "--no-upstream")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"tvpack: error: bad mirror '{spec}'") and "bug" not in result.output
+    assert not (torch_home / "hub").exists()

@@ -423,3 +423,15 @@ def test_s3_from_bundle_with_endpoint_option(cli, tiny, moto_s3, bucket, monkeyp
     assert fetch.exit_code == 0, fetch.output
     for f in tiny.files.values():
         assert sha256_of(home / "hub" / "checkpoints" / f["filename"]) == f["sha256"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("ftp://x", "unsupported scheme 'ftp'"), ("http://", "no host"), ("s3://", "no bucket"),
+    ("http://[::1", "Invalid IPv6 URL"), ("http://h:99999", "Port out of range"), ("  ", "empty --mirror"),
+])
+def test_malformed_mirror_is_a_usage_error(spec, words):
+    from packager.errors import UsageError
+    from packager.mirror import candidate_urls
+
+    with pytest.raises(UsageError, match=words.replace("[", r"\[")):
+        candidate_urls("https://download.pytorch.org/models/x-12345678.pth", [spec])
