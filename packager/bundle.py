@@ -53,6 +53,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_NAME = re.compile(re.escape(MANIFEST_DIR) + r"/([0-9a-f]{16})\.json")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ZERO_BLOCK = bytes(BLOCK)
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 # tar type flags we name in refusals; everything but a regular file is refused.
 _TYPE_NAMES = {
@@ -469,6 +470,10 @@ class _Archive:
             magic = block[257:263]
             if stored not in (unsigned, signed) or magic not in (b"ustar\0", b"ustar "):
                 if offset == 0:
+                    packed = next((name for sig, name in _COMPRESSED if block.startswith(sig)), None)
+                    if packed:
+                        self.fail(f"not a tar archive but {packed}-compressed data; tvpack bundles are "
+                                  f"plain tar: decompress it first")
                     self.fail("not a tar archive (no POSIX tar header at the start)")
                 self.fail(f"corrupt {where} (checksum or magic mismatch)")
             typeflag = block[156:157]

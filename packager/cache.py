@@ -48,6 +48,9 @@ TORCH_HUB_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # torch.hub's own t
 _PART_NAME = re.compile(
     r"^(?P<file>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]+)" + re.escape(PART_SUFFIX) + "$"
 )
+# fsutil.temp_path names: .<file>.<pid>.<hex8><suffix> (bundle install, atomic writes)
+_TEMP_NAME = re.compile(r"^\.(?P<file>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})(?:\.tvpack-install|\.tmp)$")
+_DEAD_TEMP_AGE = 60.0
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 
 
@@ -125,7 +128,9 @@ def _load_index(hub: Path) -> dict:
     except (OSError, ValueError):
         return {}
     files = data.get("files") if isinstance(data, dict) else None
-    return files if isinstance(files, dict) else {}
+    if not isinstance(files, dict):
+        return {}
+    return {name: entry for name, entry in files.items() if isinstance(entry, dict)}  # damaged entries: forgotten
 
 
 def _update_index(hub: Path, changes: dict[str, dict | None]) -> None:
@@ -675,8 +680,9 @@ def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        for item in data.get("weights", []) if isinstance(data, dict) else []:
-            if isinstance(item, dict) and item.get("path"):
+        weights = data.get("weights") if isinstance(data, dict) else None
+        for item in weights if isinstance(weights, list) else []:  # a damaged manifest pins nothing
+            if isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
                 pins.setdefault(os.path.basename(item["path"]), (item.get("name"), item.get("sha256")))
     return pins
 
@@ -905,6 +911,12 @@ def _prunable(hub: Path, min_age: float) -> list[Removal]:
                 out.append(Removal(path, st.st_size, "orphaned partial download state"))
         elif TORCH_HUB_PARTIAL.search(name) and now - st.st_mtime > min_age:
             out.append(Removal(path, st.st_size, "torch.hub temporary file"))
+        elif (tmp := _TEMP_NAME.match(name)) is not None:
+            # install / atomic-write temp files of a killed process (SIGTERM, OOM, power loss).
+            # The name holds no host, so a dead pid only counts once the file stopped changing.
+            age = now - st.st_mtime
+            if age > min_age or (age > _DEAD_TEMP_AGE and not _pid_alive(int(tmp["pid"]))):
+                out.append(Removal(path, st.st_size, "abandoned temporary file"))
     tv = tvpack_dir(hub)
     try:
         for path in sorted(tv.glob(".index.*.tmp")):

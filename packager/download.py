@@ -525,7 +525,13 @@ def _describe(exc: BaseException) -> str:
             return "read timeout"
         if "Connection refused" in text or "NewConnectionError" in text:
             return "connection refused"
-        return f"connection error ({type(inner).__name__})"
+        reason = getattr(inner, "reason", None)  # urllib3's MaxRetryError wraps the real cause
+        if type(reason).__name__ == "NameResolutionError" or "Failed to resolve" in text:
+            host = getattr(getattr(reason, "conn", None), "host", None) or "the host"
+            return f"cannot resolve {host} (no DNS or no network?)"
+        if isinstance(reason, OSError) and reason.strerror:
+            return f"connection error: {reason.strerror}"
+        return f"connection error ({type(reason or inner).__name__})"
     name = type(exc).__name__
     if isinstance(exc, ConnectionResetError):
         return "connection reset"

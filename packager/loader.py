@@ -426,6 +426,16 @@ class LoadedWeights:
         self.enum_class = enum  # the installed enum class, or None
         self.installed = enum.__members__.get(entry.member) if enum is not None else None
         self.differences: tuple[str, ...] = tuple(_differences(entry, self.installed)) if self.installed else ()
+        if self.installed is not None and not self.differences:
+            # The same description: take torchvision's own values (a copy), so that meta compares
+            # equal to the member's even where JSON cannot round-trip identity (NaN metrics, e.g.
+            # VGG16_Weights.IMAGENET1K_FEATURES: nan != nan unless it is the same float object).
+            import copy
+
+            try:
+                self.meta = copy.deepcopy(self.installed.meta)
+            except Exception:  # noqa: BLE001 - something uncopyable in a user's meta: keep the bundle's
+                pass
         if self.differences:
             warnings.warn(DriftWarning(
                 f"{entry.name}: the installed torchvision describes these weights differently "

@@ -21,6 +21,7 @@ on any failure. ``--jobs N`` runs N weights at a time in child processes (one pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import gc
 import os
@@ -183,11 +184,16 @@ def check_one(ref_name: str, with_bundle_file: bool, workdir: str) -> tuple[str,
         del expected_model
 
         sources = [("cache", home)] + ([("bundle", bundle_path)] if with_bundle_file else [])
+        notes = []
         for kind, source in sources:
             stage = f"load({kind})"
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _loader_log() as messages:
                 warnings.simplefilter("error", LoaderWarning)  # a DriftWarning is a finding
                 model, weights = load_model(source, selector, **builder_kwargs)
+            # the meta-device fast build fell back to a plain one (expected only for quantized models)
+            plain = [m for m in messages if "plain way" in m]
+            if plain and ref.family != "quantization" and not notes:
+                notes.append(f"NOTE plain build: {plain[0][:200]}")
             stage = f"check({kind})"
             if model.training:
                 return "FAIL", f"{kind}: model not in eval mode"
@@ -209,7 +215,8 @@ def check_one(ref_name: str, with_bundle_file: bool, workdir: str) -> tuple[str,
             if found:
                 return "FAIL", f"{kind}: {found}"
             del model, weights, got
-        return "ok", f"{model_name}, {ref.family}" + (", +bundle file" if with_bundle_file else "")
+        return "ok", f"{model_name}, {ref.family}" + (", +bundle file" if with_bundle_file else "") + \
+            "".join(f"; {n}" for n in notes)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, with where it happened
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if os.environ.get("SWEEP_DEBUG"):
@@ -223,6 +230,28 @@ def check_one(ref_name: str, with_bundle_file: bool, workdir: str) -> tuple[str,
         else:
             os.environ["TORCH_HOME"] = old_home
         gc.collect()
+
+
+@contextlib.contextmanager
+def _loader_log():
+    """The packager.loader debug messages logged meanwhile (e.g. a fast build falling back)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("packager.loader")
+    handler, level = Collect(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _frozen(value) -> bool:

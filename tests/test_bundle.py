@@ -673,3 +673,15 @@ def test_python_m_packager_verify_subprocess(small_bundle):
     proc = run_tvpack("verify", small_bundle.parent / "missing.tvpack")
     assert proc.returncode == 1 and proc.stderr.strip() == f"tvpack: error: no such bundle: " \
                                                            f"{small_bundle.parent / 'missing.tvpack'}"
+
+
+def test_compressed_bundle_is_named_as_such(small_bundle, tmp_path, cli):
+    """A gzipped bundle (a common way to 'shrink' it for transfer) says what it is, not just 'not a tar'."""
+    import gzip
+
+    packed = tmp_path / "models.tvpack.tar.gz"
+    packed.write_bytes(gzip.compress(small_bundle.read_bytes()[:1 << 20], compresslevel=1))
+    for command in ("inspect", "verify"):
+        result = cli(command, packed)
+        assert result.exit_code == 1
+        assert "gzip-compressed data" in result.output and "decompress it first" in result.output

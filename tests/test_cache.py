@@ -594,3 +594,42 @@ def test_cache_rm_and_verify_of_a_file_name_not_cached_says_so(torch_home, cli):
         assert result.exit_code == 1
         assert result.output.startswith("tvpack: error: not in the cache: resnet50-00000000.pth (no such file in ")
         assert "enum" not in result.output
+
+
+def test_prune_removes_install_temp_files_of_a_killed_process(torch_home, cli):
+    """A SIGTERM'd `tvpack install` leaves .<file>.<pid>.<hex>.tvpack-install files that prune used
+    to skip forever; a live process's fresh temp file is still left alone."""
+    ckpt_dir = torch_home / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = ckpt_dir / f".resnet50-11ad3fa6.pth.{dead.pid}.0a1b2c3d.tvpack-install"
+    orphan.write_bytes(b"x" * 100)
+    old = time.time() - 120
+    os.utime(orphan, (old, old))
+    live = ckpt_dir / f".resnet18-f37072fd.pth.{os.getpid()}.deadbeef.tvpack-install"
+    live.write_bytes(b"y")
+    result = cli("cache", "prune", "--json")
+    assert result.exit_code == 0
+    assert orphan.name in result.output and not orphan.exists()
+    assert live.exists()
+
+
+def test_damaged_index_and_manifest_entries_are_ignored_not_a_crash(torch_home, cli):
+    """Hand-edited or damaged JSON of the right outer shape used to end in 'unexpected TypeError /
+    AttributeError (this is a bug)' in `cache ls` and `cache verify`."""
+    data = b"not really a checkpoint"
+    name = f"thing-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    hub = torch_home / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / name).write_bytes(data)
+    (hub / "tvpack" / "manifests").mkdir(parents=True)
+    (hub / "tvpack" / "index.json").write_text(json.dumps({"files": {name: 5}}))
+    (hub / "tvpack" / "manifests" / "0123456789abcdef.json").write_text(
+        json.dumps({"format": "tvpack-bundle", "weights": 5}))
+    (hub / "tvpack" / "manifests" / "fedcba9876543210.json").write_text(
+        json.dumps({"format": "tvpack-bundle", "weights": [{"path": 5}]}))
+    for args in (("cache", "ls", "--no-registry"), ("cache", "verify")):
+        result = cli(*args)
+        assert result.exit_code == 0, result.output
+        assert name in result.output and "bug" not in result.output

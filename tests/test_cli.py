@@ -73,3 +73,23 @@ def test_malformed_mirror_fails_at_once_with_exit_2(cli, torch_home):
         assert result.exit_code == 2, result.output
         assert result.output.startswith(f"tvpack: error: bad mirror '{spec}'") and "bug" not in result.output
     assert not (torch_home / "hub").exists()
+
+
+def test_empty_torch_home_option_is_a_usage_error(cli, tmp_path, monkeypatch):
+    """``--torch-home ''`` used to put hub/ into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    for args in (("cache", "ls"), ("fetch", "resnet50", "--dry-run")):
+        result = cli(*args, "--torch-home", "")
+        assert result.exit_code == 2 and "--torch-home" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_dash_or_trailing_slash_is_a_usage_error(cli, tmp_path, monkeypatch):
+    """``-o -`` used to write a file named '-', ``-o newdir/`` a file named 'newdir'."""
+    monkeypatch.chdir(tmp_path)
+    for command in ("bundle", "lock"):
+        for output in ("-", f"{tmp_path}/newdir/"):
+            result = cli(command, "resnet50", "-o", output)
+            assert result.exit_code == 2, result.output
+            assert "give a file name" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -236,3 +236,19 @@ def test_retry_after_parsing():
     assert 25 < _parse_retry_after(later) <= 31
     assert Policy(max_retry_after=10).delay(1, 99) == 10
     assert 0 <= Policy(backoff=1, max_backoff=3).delay(5) <= 3
+
+
+def test_dns_failure_is_described_by_host_not_by_urllib3_class():
+    """Without network the reason read 'connection error (MaxRetryError)'; it now names the host."""
+    import socket
+
+    import requests
+    from urllib3.connection import HTTPSConnection
+    from urllib3.exceptions import MaxRetryError, NameResolutionError
+
+    from packager.download import _describe
+
+    conn = HTTPSConnection("download.pytorch.org", 443)
+    cause = NameResolutionError("download.pytorch.org", conn, socket.gaierror(-3, "Temporary failure in name resolution"))
+    exc = requests.exceptions.ConnectionError(MaxRetryError(None, "/models/x.pth", cause))
+    assert _describe(exc) == "cannot resolve download.pytorch.org (no DNS or no network?)"

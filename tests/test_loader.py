@@ -243,6 +243,24 @@ def test_fast_build_matches_plain_build_everywhere(tmp_path, use_synthetic):
     assert same(run(fast, x), run(plain, x))
 
 
+def test_meta_with_nan_metrics_equals_torchvisions(tmp_path, monkeypatch, use_synthetic):
+    """Found by scripts/sweep_registry.py on VGG16_Weights.IMAGENET1K_FEATURES, whose metrics are
+    float("nan"): JSON gives back a new NaN, and nan != nan unless it is the same object, so
+    weights.meta != member.meta. A small classifier with the same kind of meta stands in for it."""
+    member = M.SqueezeNet1_1_Weights.IMAGENET1K_V1
+    stage(tmp_path / "src-home", use_synthetic(member))
+    monkeypatch.setitem(member.meta, "_metrics", {"ImageNet-1K": {"acc@1": float("nan"), "acc@5": float("nan")}})
+    monkeypatch.setitem(member.meta, "categories", None)  # like the FEATURES weights (meta only: no build)
+    bundle_path = make_bundle(tmp_path, ["squeezenet1_1"])
+    for source in (bundle_path, installed_home(tmp_path, bundle_path)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", loader.DriftWarning)
+            weights = loader.load_weights(source, "squeezenet1_1")
+        assert weights.differences == () and weights.installed is member
+        assert weights.meta == member.meta
+        assert weights.meta is not member.meta  # a copy: editing it leaves torchvision's alone
+
+
 # -- sources, names, integrity -------------------------------------------------------------------------
 
 @pytest.fixture

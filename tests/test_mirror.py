@@ -435,3 +435,15 @@ def test_malformed_mirror_is_a_usage_error(spec, words):
 
     with pytest.raises(UsageError, match=words.replace("[", r"\[")):
         candidate_urls("https://download.pytorch.org/models/x-12345678.pth", [spec])
+
+
+@pytest.mark.parametrize("dest, words", [
+    ("", "empty mirror destination"), ("file://", "no directory path"), ("s3://[x", "Invalid IPv6 URL"),
+])
+def test_malformed_export_destination_is_a_usage_error_and_writes_nothing(dest, words, tmp_path, monkeypatch, cli):
+    """``--to ''`` used to publish into the current directory; a bad url was an 'unexpected ValueError'."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("mirror", "resnet50", "--to", dest, "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("tvpack: error: ") and words in result.output
+    assert list(tmp_path.iterdir()) == []

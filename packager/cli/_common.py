@@ -2,13 +2,35 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Iterable, Sequence
 
 import click
 
+
+def _nonempty_dir(ctx, param, value):
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("an empty path would mean the current directory; give a directory")
+    return value
+
+
+def output_file_callback(ctx, param, value):
+    """``-o FILE``: a file path; '-' (stdout is for listings) and 'dir/' (a directory meant) are refused."""
+    if value is None:
+        return value
+    text = str(value)
+    if not text.strip():
+        raise click.BadParameter("empty file name")
+    if text == "-":
+        raise click.BadParameter("'-' (standard output) is not supported; give a file name")
+    if text.endswith(("/", os.sep)):
+        raise click.BadParameter(f"{text!r} names a directory; give a file name (e.g. {text}NAME)")
+    return value
+
+
 torch_home_option = click.option(
-    "--torch-home", "torch_home", type=click.Path(file_okay=False), default=None,
+    "--torch-home", "torch_home", type=click.Path(file_okay=False), default=None, callback=_nonempty_dir,
     help="Use this directory as TORCH_HOME (default: as torch.hub resolves it).",
 )
 registry_option = click.option(
@@ -21,7 +43,7 @@ with_backbones_option = click.option(
     help="Also select each builder's default weights_backbone (needed to fine-tune offline).",
 )
 all_option = click.option("--all", "all_weights", is_flag=True, help="Select every weights of every model.")
-selectors_argument = click.argument("selectors", nargs=-1, metavar="SELECTOR...")
+selectors_argument = click.argument("selectors", nargs=-1, metavar="[SELECTOR...]")  # optional: --all, --lock, --from-bundle
 
 
 def echo_json(data) -> None:

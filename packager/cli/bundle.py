@@ -9,6 +9,7 @@ from ._common import (
     echo_json,
     human_bytes,
     json_option,
+    output_file_callback,
     progress_enabled,
     registry_option,
     selectors_argument,
@@ -23,6 +24,7 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @main.command("bundle")
 @selectors_argument
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              callback=output_file_callback,
               help="The bundle to write (an uncompressed tar; replaced atomically).")
 @torch_home_option
 @registry_option

@@ -9,6 +9,7 @@ from ._common import (
     echo_json,
     human_bytes,
     json_option,
+    output_file_callback,
     progress_enabled,
     registry_option,
     selectors_argument,
@@ -146,6 +147,7 @@ def _print_plan(results) -> None:
 @main.command("lock")
 @selectors_argument
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="tvpack.lock", show_default=True,
+              callback=output_file_callback,
               help="Lockfile to write.")
 @all_option
 @torch_home_option
