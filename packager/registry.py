@@ -113,6 +113,8 @@ class ModelInfo:
 
 
 def _import_user_module(name: str):
+    if not name.strip():
+        raise UsageError("--registry needs a module name, got an empty string")
     if name.endswith(".py") or os.sep in name:
         raise UsageError(f"--registry takes a module name such as 'mypkg.weights', not a path: {name!r}")
     # Like `python -m`, let modules next to the caller be found.

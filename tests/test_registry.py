@@ -176,3 +176,8 @@ def test_broken_registry_modules(tmp_path, monkeypatch):
         get_registry(["does_not_exist_anywhere"])
     with pytest.raises(RegistryError, match="no WeightsEnum"):
         get_registry(["empty_reg"])
+
+
+def test_empty_registry_name_is_a_usage_error():
+    with pytest.raises(UsageError, match="empty"):
+        get_registry([""])

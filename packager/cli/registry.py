@@ -5,7 +5,7 @@ import click
 
 from ..registry import FAMILIES
 from . import main
-from ._common import echo_json, json_option, registry_option, table, torch_home_option
+from ._common import echo_json, human_bytes, json_option, registry_option, table, torch_home_option
 
 
 @main.command("list")
@@ -46,15 +46,16 @@ def list_cmd(patterns, family, cached, all_weights, torch_home, registry, as_jso
             "path": str(ckpt / ref.filename) if is_cached else None,
         })
     total_mb = sum(r["size_mb"] or 0 for r in rows)
+    total_bytes = sum(r["size_hint"] or 0 for r in rows)
     if as_json:
         echo_json(rows)
         return
     click.echo(table(
-        ["weights", "model(s)", "file", "size MB", "metric", "cached"],
-        [[r["weights"], ",".join(r["models"]), r["filename"],
-          f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "?", r["metric"] or "",
+        ["weights", "model(s)", "file", "size", "metric", "cached"],
+        [[r["weights"], ",".join(r["models"]), r["filename"], human_bytes(r["size_hint"]), r["metric"] or "",
           "yes" if r["cached"] else "no"] for r in rows],
         right=[3],
     ))
     n_cached = sum(r["cached"] for r in rows)
-    click.echo(f"\n{len(rows)} weights, {total_mb:,.1f} MB in all; {n_cached} cached in {ckpt}")
+    click.echo(f"\n{len(rows)} weights, {human_bytes(total_bytes)} in all (torchvision's _file_size: {total_mb:,.0f} MiB);"
+               f" {n_cached} cached in {ckpt}")
