@@ -804,6 +804,13 @@ def list_entries(source) -> list[Entry]:
     return sorted(open_source(source).entries.values(), key=lambda e: e.name)
 
 
+def _decode_reason(exc: BaseException) -> str:
+    """torchvision's decoder errors start with its C++ source location; keep the reason only."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = line.rsplit(".cpp:", 1)[-1].split(",", 1)[-1].strip() if ".cpp:" in line else line
+    return reason[:200] or type(exc).__name__
+
+
 def _is_classification(weights: LoadedWeights) -> bool:
     spec = weights.entry.transforms
     return (spec.get("kind") == "preset" and spec.get("class") == "ImageClassification"
@@ -828,7 +835,7 @@ def classify(source, name: str, images: Sequence[str | os.PathLike], *, topk: in
         try:
             tensors.append(decode_image(str(image), mode=ImageReadMode.RGB))
         except Exception as exc:  # noqa: BLE001 - unreadable or not an image
-            raise LoadError(f"cannot decode image {image}: {str(exc).strip().splitlines()[0][:200]}") from None
+            raise LoadError(f"cannot decode image {image}: {_decode_reason(exc)}") from None
     model = _build(weights, model_name or (entry.models[0] if entry.models else None), registry=registry,
                    map_location="cpu", fast=True, builder_kwargs={})
     preprocess = weights.transforms()

@@ -685,6 +685,7 @@ def test_predict_refuses_other_tasks_and_bad_input(zoo_home, tmp_path, cli):
     junk.write_bytes(b"not an image")
     result = cli("predict", bundle_path, "zoo_mobilenet_v3_small", junk, "--registry", ZOO_REGISTRY)
     assert result.exit_code == 1 and "tvpack: error: cannot decode image" in result.output
+    assert "Unsupported image file" in result.output and ".cpp" not in result.output  # the reason, not C++ paths
 
 
 def test_predict_subprocess_and_help(zoo_home, tmp_path):
