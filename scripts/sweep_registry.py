@@ -145,8 +145,8 @@ def check_one(ref_name: str, with_bundle_file: bool, workdir: str) -> tuple[str,
     import torchvision
 
     from packager import load_model
-    from packager.loader import LoaderWarning
     from packager.bundle import bundle, install
+    from packager.loader import LoaderWarning
     from packager.registry import get_registry
     from packager.testing.zoo import synthesize_checkpoint
 
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
             families[ref.family] = families.get(ref.family, 0) + 1
     print(f"\n{len(results) - len(failed)}/{len(results)} ok, {len(failed)} failed, {len(skipped)} skipped, "
           f"{total:.0f}s; ok by family: " + ", ".join(f"{k} {v}" for k, v in sorted(families.items())))
-    for ref, status, detail, _s in failed:
+    for ref, _status, detail, _s in failed:
         print(f"FAILED {ref.name}: {detail}")
     return 1 if failed else 0
 
