@@ -34,6 +34,7 @@ from typing import Callable
 from urllib.parse import unquote, urlparse
 
 from .errors import CacheError, DownloadError, IntegrityError
+from .fsutil import atomic_write_json
 
 MiB = 1 << 20
 CHUNK_SIZE = 4 * MiB
@@ -119,10 +120,8 @@ def _read_state(part: Path) -> dict:
 
 
 def _write_state(part: Path, state: dict) -> None:
-    path = part_state_path(part)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    # not fsynced: losing it only costs the If-Range validator, and the final hash still decides
+    atomic_write_json(part_state_path(part), state, durable=False)
 
 
 def discard_part(part: Path) -> None:

@@ -46,6 +46,8 @@ from torchvision.transforms._presets import (
 )
 from torchvision.transforms.functional import InterpolationMode
 
+from packager.fsutil import atomic_write_json
+
 ZOO_VERSION = 1
 MIRROR_SUBDIR = "models/tvpack-zoo"
 
@@ -125,9 +127,7 @@ def build_zoo(root: Path | None = None) -> dict:
             path, sha = _save_hashed(model.state_dict(), root / MIRROR_SUBDIR, f"zoo_{key}", recipe.get("sep", "-"))
             files[key] = {"file": path.name, "sha256": sha, "size": path.stat().st_size, "num_params": num_params}
         index = {"version": ZOO_VERSION, "torch": torch.__version__, "files": files}
-        tmp = index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index, indent=2))
-        os.replace(tmp, index_path)
+        atomic_write_json(index_path, index, indent=2)
         return index
 
 
