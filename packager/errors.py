@@ -70,3 +70,15 @@ class LoadError(TvpackError):
 
 class MirrorError(TvpackError):
     """A mirror destination cannot be written or read."""
+
+
+class SignatureError(TvpackError):
+    """A signature is missing, malformed, made by an untrusted key, or does not cover the bundle."""
+
+
+class OCIError(TvpackError):
+    """An OCI registry refused a request, or an image is not what tvpack expects."""
+
+
+class VolumeError(BundleError):
+    """A bundle split into volumes has a missing, short, extra, reordered or corrupt part."""

@@ -1,0 +1,1 @@
+"""Formats: pure encoders and parsers over bytes and files (no network; torch only where a check needs it)."""

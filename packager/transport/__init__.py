@@ -1,0 +1,1 @@
+"""Transport: one transfer of bytes to or from a kind of store (http, file, s3, oci)."""
