@@ -33,12 +33,15 @@ from typing import Iterable, Sequence
 from filelock import FileLock, Timeout
 
 from . import env
-from .download import DEFAULT_POLICY, Policy, Verifier, discard_part, part_state_path, transfer
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
+from .formats.checkpoint import deep_check
+from .formats.lockfile import dump_lockfile, read_lockfile, select_locked
 from .fsutil import atomic_write_json, fsync_dir
 from .home import hub_dir as _hub_dir
-from .mirror import candidate_urls, normalize_mirror
 from .registry import WeightsRef, hash_prefix_from_filename
+from .snapshot import get_catalog, resolve
+from .transport import DEFAULT_POLICY, Policy, Verifier, discard_part, part_state_path, transfer
+from .transport.urls import candidate_urls, normalize_mirror
 
 INDEX_VERSION = 1
 PART_SUFFIX = ".tvpack-part"
@@ -473,11 +476,7 @@ def _select(selectors, refs, all_weights, registry, lock, with_backbones) -> lis
     if refs is not None:
         return list(refs)
     if lock is not None:
-        from .lockfile import read_lockfile, select_locked
-
         return select_locked(read_lockfile(lock), selectors)
-    from .registry import resolve
-
     return resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
 
 
@@ -688,10 +687,8 @@ def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
 
 
 def _registry_names(registry: Sequence[str]) -> dict[str, list[str]]:
-    from .registry import get_registry
-
     names: dict[str, list[str]] = {}
-    for ref in get_registry(registry).all_refs():
+    for ref in get_catalog(registry).all_refs():
         names.setdefault(ref.filename, []).append(ref.name)
     return names
 
@@ -799,26 +796,9 @@ def _files_for(selectors: Sequence[str], hub: Path, registry: Sequence[str]) -> 
         else:
             rest.append(selector)
     if rest:
-        from .registry import resolve
-
         for ref in resolve(rest, registry=registry):
             paths.append(ckpt / ref.filename)
     return list(dict.fromkeys(paths))
-
-
-def _deep_check(path: Path) -> str | None:
-    import torch
-
-    try:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
-        return f"torch.load(weights_only=True) failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return None
 
 
 def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Sequence[str] = (),
@@ -868,7 +848,7 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
         elif prefix and not digest.startswith(prefix):
             detail = f"sha256 starts {digest[:len(prefix)]}, name promises {prefix}"
         elif deep:
-            detail = _deep_check(path)
+            detail = deep_check(path)
         return VerifyResult(path, cached.size, digest, detail is None, detail, cached.weights)
 
     try:
@@ -999,3 +979,20 @@ __all__ = [
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
     "prune_cache", "remove_from_cache", "Removal",
 ]
+
+
+# -- lockfiles -------------------------------------------------------------------------------------
+
+def write_lockfile(selectors: Iterable[str], output, *, registry: Sequence[str] = (), all_weights: bool = False,
+                   with_backbones: bool = False, torch_home=None, mirrors: Sequence[str] | None = None,
+                   upstream: bool = True, offline: bool | None = None, jobs: int = 4,
+                   progress: bool = False, policy=None) -> Path:
+    """Resolve selectors, fetch whatever is missing, and pin each file's sha256 and size."""
+    refs = resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    results = fetch_results(refs=refs, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
+                            offline=offline, jobs=jobs, progress=progress, policy=policy)
+    pinned = []
+    for result in results:
+        sha = result.sha256 or file_sha256(result.path)
+        pinned.append(WeightsRef(**{**result.ref.__dict__, "sha256": sha, "size_hint": result.path.stat().st_size}))
+    return dump_lockfile(pinned, output)

@@ -43,3 +43,8 @@ def torch_home_env() -> str | None:
 
 def xdg_cache_home_env() -> str | None:
     return os.environ.get("XDG_CACHE_HOME")
+
+
+def no_snapshot() -> bool:
+    """``TVPACK_NO_SNAPSHOT=1``: discover torchvision's weights live instead of reading the snapshot."""
+    return _flag("TVPACK_NO_SNAPSHOT")

@@ -42,3 +42,10 @@ def hub_dir(torch_home_override: str | os.PathLike | None = None) -> Path:
 def checkpoints_dir(torch_home_override: str | os.PathLike | None = None) -> Path:
     """Where ``load_state_dict_from_url`` stores and looks for ``basename(url)``."""
     return hub_dir(torch_home_override) / "checkpoints"
+
+
+def tvpack_cache_dir() -> Path:
+    """tvpack's own cache (the registry snapshot, the test zoo): ``$XDG_CACHE_HOME/tvpack``, else
+    ``~/.cache/tvpack``. Never inside TORCH_HOME, which may be read-only or shared."""
+    xdg = env.xdg_cache_home_env()
+    return Path(os.path.expanduser(xdg if xdg else DEFAULT_CACHE_DIR)) / "tvpack"

@@ -42,17 +42,13 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from . import home
-from .bundle import (
-    MANIFEST_DIR,
-    MAX_MANIFEST,
-    BundleEntry,
-    MemberFile,
-    decode_manifest,
-    manifest_path_for,
-    open_bundle,
-    parse_manifest,
-)
+from .bundle import open_bundle
+from .cache import file_sha256 as _file_sha256
+from .discovery import get_registry
 from .errors import BundleError, IntegrityError, LoadError, TvpackError
+from .formats.archive import FileSource, MemberFile
+from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
+from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +110,6 @@ def _hash_stream(f, size: int) -> tuple[str, int]:
         digest.update(view[:n])
         total += n
     return digest.hexdigest(), total
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 through the verification index (an unchanged file is not hashed twice)."""
-    try:
-        from .cache import file_sha256
-    except ImportError:  # pragma: no cover - cache module missing: hash directly
-        with open(path, "rb", buffering=0) as f:
-            return _hash_stream(f, os.path.getsize(path))[0]
-    return file_sha256(path)
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -319,19 +305,15 @@ class BundleSource(Source):
         # straight into its storage (no extra copy), while a second thread hashes the same bytes
         # (hashlib releases the GIL). Nothing is returned unless the hash matches; the weights-only
         # unpickler is what makes reading not-yet-verified bytes harmless.
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            with ThreadPoolExecutor(1) as pool:
-                hashing = pool.submit(_hash_stream, MemberFile(fd, member.offset, member.size), member.size)
-                state, failure = None, None
-                try:
-                    state = _torch_load(MemberFile(fd, member.offset, member.size), what, map_location=map_location,
-                                        mmap=False)
-                except LoadError as exc:
-                    failure = exc
-                got, n = hashing.result()
-        finally:
-            os.close(fd)
+        with FileSource(self.path) as source, ThreadPoolExecutor(1) as pool:
+            hashing = pool.submit(_hash_stream, MemberFile(source, member.offset, member.size), member.size)
+            state, failure = None, None
+            try:
+                state = _torch_load(MemberFile(source, member.offset, member.size), what, map_location=map_location,
+                                    mmap=False)
+            except LoadError as exc:
+                failure = exc
+            got, n = hashing.result()
         if n != entry.size:
             raise BundleError(f"{what}: the archive is truncated ({n} of {entry.size} bytes)")
         if got != entry.sha256:
@@ -370,8 +352,6 @@ def _installed_default(entry: Entry, registry) -> str | None:
 
 
 def _installed_enum(entry: Entry, registry):
-    from .registry import get_registry
-
     try:
         enum = get_registry(registry).enums.get(entry.enum)
     except TvpackError:
@@ -385,8 +365,6 @@ def _json_normal(data):
 
 def _differences(entry: Entry, member) -> list[str]:
     """How the installed member's description differs from the bundle's (empty: identical)."""
-    from .spec import SpecError, meta_to_json, transform_spec
-
     found = []
     if member.url != entry.url:
         found.append(f"url (installed {member.url}, bundle {entry.url})")
@@ -416,8 +394,6 @@ class LoadedWeights:
     """
 
     def __init__(self, entry: Entry, source: Source, *, registry: Sequence[str] = ()):
-        from .spec import meta_from_json
-
         self.entry = entry
         self.source = source
         self._registry = tuple(registry)
@@ -464,8 +440,6 @@ class LoadedWeights:
 
     def transforms(self, *args, **kwargs):
         """The preprocessing pipeline the bundle recorded (a new module on every call)."""
-        from .spec import build_transforms
-
         if args or kwargs:
             raise TypeError("transforms() takes no arguments: the pipeline is the one the bundle recorded")
         return build_transforms(self.entry.transforms, registry=self._registry)
@@ -701,8 +675,6 @@ def _meta_leftovers(model) -> list[str]:
 
 
 def _builder(entry: Entry, model: str | None, registry):
-    from .registry import get_registry
-
     info = get_registry(registry).models.get(model) if model else None
     if info is not None:
         return info

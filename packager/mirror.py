@@ -1,15 +1,14 @@
-"""Mirrors: where else a weights url can be fetched from, and (export) how to build one.
+"""Mirror export: publish checkpoints from the cache or a bundle in the upstream layout.
 
-A mirror holds files in the upstream layout: ``https://download.pytorch.org/<path>`` lives at
-``<mirror>/<path>`` (``models/...``, ``models/quantized/...``), any other url at
-``<mirror>/<basename>``. Mirrors are http(s) URLs, ``file://`` URLs, plain directories or
-``s3://bucket/prefix``.
+A mirror holds files as :mod:`packager.transport.urls` maps them (``https://download.pytorch.org/
+<path>`` at ``<mirror>/<path>``, any other url at ``<mirror>/<basename>``), so a published
+directory, web server or bucket is a drop-in ``--mirror``. Where the bytes go is a transport
+target (:func:`packager.transport.open_target`: a directory or ``s3://bucket/prefix``).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import posixpath
@@ -18,66 +17,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
-from urllib.parse import unquote, urlparse
 
-from . import env
-from .errors import IntegrityError, MirrorError, TvpackError, UsageError
-from .fsutil import atomic_write_text, fsync_dir, temp_path
-
-UPSTREAM_HOST = "download.pytorch.org"
-
-
-def mirror_path(url: str) -> str:
-    """The path of ``url`` inside a mirror (no leading slash)."""
-    parsed = urlparse(url)
-    if parsed.hostname == UPSTREAM_HOST:
-        return parsed.path.lstrip("/")
-    return os.path.basename(parsed.path)
-
-
-MIRROR_SCHEMES = ("http", "https", "file", "s3")
-
-
-def normalize_mirror(mirror: str) -> str:
-    """A mirror spec as a URL: plain directories become ``file://`` URLs.
-
-    Raises :class:`UsageError` for a spec that can never work (empty, unknown scheme, no host,
-    unparsable), so a typo fails at once with the mirror named rather than once per file.
-    """
-    raw = mirror
-    mirror = mirror.strip()
-    if not mirror:
-        raise UsageError("empty --mirror given (expected http(s)://, file://, s3:// or a directory)")
-    if "://" not in mirror:
-        return Path(mirror).expanduser().resolve().as_uri()
-    try:
-        parsed = urlparse(mirror)
-        parsed.port  # noqa: B018 - validates the port (and IPv6 brackets) now
-    except ValueError as exc:
-        raise UsageError(f"bad mirror {raw!r}: {exc}") from None
-    scheme = parsed.scheme.lower()
-    if scheme not in MIRROR_SCHEMES:
-        raise UsageError(f"bad mirror {raw!r}: unsupported scheme {parsed.scheme!r} "
-                         f"(expected http(s)://, file://, s3:// or a directory)")
-    if scheme in ("http", "https", "s3") and not parsed.netloc:
-        raise UsageError(f"bad mirror {raw!r}: no {'bucket' if scheme == 's3' else 'host'}")
-    return mirror
-
-
-def candidate_urls(url: str, mirrors: Iterable[str] | None = None, *, upstream: bool = True) -> list[str]:
-    """Where to try fetching ``url`` from, in order: each mirror, then upstream (unless disabled).
-
-    ``mirrors=None`` means the ``TVPACK_MIRROR`` environment variable.
-    """
-    mirrors = env.mirrors() if mirrors is None else list(mirrors)
-    out = []
-    for mirror in mirrors:
-        base = normalize_mirror(mirror).rstrip("/")
-        out.append(f"{base}/{mirror_path(url)}")
-    if upstream:
-        out.append(url)
-    return list(dict.fromkeys(out))
-
+from .bundle import open_bundle
+from .cache import ensure_cached, file_sha256
+from .errors import BundleError, IntegrityError, MirrorError, TvpackError, UsageError
+from .home import checkpoints_dir
+from .registry import filename_from_url
+from .snapshot import resolve
+from .transport import open_target, s3
+from .transport.urls import mirror_path
 
 # -- export ------------------------------------------------------------------------------------
 #
@@ -157,186 +105,6 @@ def sidecar_text(path: str, sha256: str) -> str:
     return f"{sha256}  {posixpath.basename(path)}\n"
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(_COPY_CHUNK)
-            if not data:
-                return digest.hexdigest()
-            digest.update(data)
-
-
-class DirectoryTarget:
-    """A local or network directory (``/path`` or ``file://``)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.description = str(root)
-
-    def location(self, rel: str) -> str:
-        return str(self.root / rel)
-
-    def prepare(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise MirrorError(f"mirror destination {self.root} exists and is not a directory")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MirrorError(f"cannot create mirror directory {self.root}: {exc.strerror or exc}") from exc
-
-    def present(self, item: ExportItem) -> bool:
-        dest = self.root / item.path
-        try:
-            if not dest.is_file() or dest.stat().st_size != item.size:
-                return False
-            return _hash_file(dest) == item.sha256
-        except OSError:
-            return False
-
-    def put(self, item: ExportItem, progress: Callable[[int], None]) -> None:
-        """Copy while hashing into a unique temp file beside the target; replace only if verified."""
-        dest = self.root / item.path
-        tmp = temp_path(dest)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise MirrorError(f"cannot write to {dest.parent}: {exc.strerror or exc}") from exc
-        try:
-            digest = hashlib.sha256()
-            count = 0
-            with os.fdopen(fd, "wb") as out, item.opener() as src:
-                while True:
-                    data = src.read(_COPY_CHUNK)
-                    if not data:
-                        break
-                    count += len(data)
-                    digest.update(data)
-                    out.write(data)
-                    progress(len(data))
-                out.flush()
-                os.fsync(out.fileno())
-            _check_copy(item, count, digest.hexdigest())
-            os.chmod(tmp, 0o644)  # readable by a web server, whatever the umask
-            os.replace(tmp, dest)
-            fsync_dir(dest.parent)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise MirrorError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-            raise
-
-    def read_text(self, rel: str) -> str | None:
-        try:
-            return (self.root / rel).read_text()
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MirrorError(f"cannot read {self.root / rel}: {exc}") from exc
-
-    def write_text(self, rel: str, text: str) -> None:
-        dest = self.root / rel
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(dest, text, mode=0o644)
-        except OSError as exc:
-            raise MirrorError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-
-    def index_lock(self):
-        # Two exporters into one directory must not lose each other's index entries. The lock only
-        # serialises the read-merge-write; the write itself is atomic either way.
-        from filelock import FileLock
-
-        return FileLock(str(self.root / ".tvpack-index.lock"), timeout=120)
-
-
-class S3Target:
-    """``s3://bucket/prefix`` through :mod:`packager.s3`."""
-
-    def __init__(self, url: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,
-                 part_size: int | None = None):
-        from . import s3
-
-        self._s3 = s3
-        bucket, prefix = s3.parse_url(url)
-        self.base = f"s3://{bucket}/{prefix}".rstrip("/")
-        self.description = self.base
-        self.endpoint_url = endpoint_url
-        self.multipart_threshold = multipart_threshold or s3.MULTIPART_THRESHOLD
-        self.part_size = part_size or s3.PART_SIZE
-
-    def location(self, rel: str) -> str:
-        return self._s3.join(self.base, rel)
-
-    def prepare(self) -> None:
-        bucket, _ = self._s3.parse_url(self.base)
-        s3_client = self._s3.client(self.endpoint_url)
-        self._s3._call("open bucket", f"s3://{bucket}", s3_client.head_bucket, Bucket=bucket)
-
-    def present(self, item: ExportItem) -> bool:
-        info = self._s3.head(self.location(item.path), endpoint_url=self.endpoint_url)
-        if info is None or info.size != item.size:
-            return False
-        full = self._s3.expected_checksum(item.sha256, None)
-        if info.checksum_sha256 and "-" not in info.etag:
-            # One-part object: the server's checksum is of the whole content, so it decides.
-            return info.checksum_sha256 == full
-        # A multipart object's checksum is of its parts; trust the sha256 our own verified upload
-        # recorded (a later overwrite by another tool drops that metadata).
-        return info.sha256 == item.sha256
-
-    def put(self, item: ExportItem, progress: Callable[[int], None]) -> None:
-        with item.opener() as src:
-            self._s3.upload(src, item.size, self.location(item.path), sha256=item.sha256,
-                            endpoint_url=self.endpoint_url, multipart_threshold=self.multipart_threshold,
-                            part_size=self.part_size, progress=progress)
-
-    def read_text(self, rel: str) -> str | None:
-        data = self._s3.read_bytes(self.location(rel), endpoint_url=self.endpoint_url)
-        return None if data is None else data.decode("utf-8", errors="replace")
-
-    def write_text(self, rel: str, text: str) -> None:
-        content_type = "application/json" if rel.endswith(".json") else "text/plain"
-        self._s3.put_bytes(self.location(rel), text.encode(), content_type=content_type,
-                           endpoint_url=self.endpoint_url)
-
-    def index_lock(self):
-        return contextlib.nullcontext()
-
-
-def _check_copy(item: ExportItem, count: int, digest: str) -> None:
-    if count != item.size:
-        raise IntegrityError(f"{item.source}", expected=f"{item.size} bytes", got=f"{count} bytes")
-    if digest != item.sha256:
-        raise IntegrityError(f"{item.source}: sha256 mismatch", expected=item.sha256, got=digest)
-
-
-def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,
-                part_size: int | None = None):
-    """A writable mirror destination for ``dest`` (a directory, ``file://`` or ``s3://`` url)."""
-    raw = dest
-    dest = str(dest).strip()
-    if not dest:
-        raise UsageError("empty mirror destination (--to): give a directory, file:// or s3:// url")
-    try:
-        urlparse(dest).port  # noqa: B018 - an unparsable url (bad IPv6 brackets, port) fails here
-    except ValueError as exc:
-        raise UsageError(f"bad mirror destination {raw!r}: {exc}") from None
-    if dest.startswith("s3://"):
-        return S3Target(dest, endpoint_url=endpoint_url, multipart_threshold=multipart_threshold,
-                        part_size=part_size)
-    parsed = urlparse(dest)
-    if parsed.scheme == "file":
-        if not parsed.path:
-            raise UsageError(f"bad mirror destination {raw!r}: no directory path")
-        return DirectoryTarget(Path(unquote(parsed.path)))
-    if "://" in dest:
-        raise MirrorError(f"cannot export to {dest}: use a directory (the one your web server serves), "
-                          "file:// or s3://")
-    return DirectoryTarget(Path(dest).expanduser().resolve())
-
-
 # -- sources -----------------------------------------------------------------------------------
 
 def _merge_items(items: list[ExportItem]) -> list[ExportItem]:
@@ -367,9 +135,6 @@ def items_from_cache(refs, *, torch_home=None, mirrors=None, upstream=True, offl
 
     Returns ``(items, missing_refs)``; ``missing_refs`` is non-empty only with ``dry_run``.
     """
-    from .cache import ensure_cached, file_sha256
-    from .home import checkpoints_dir
-
     if dry_run:
         ckpt = checkpoints_dir(torch_home)
         present = [ref for ref in refs if (ckpt / ref.filename).is_file()]
@@ -398,9 +163,6 @@ def items_from_bundle(bundle) -> list[ExportItem]:
     members; the bytes themselves are checked against the manifest's sha256 as they are copied,
     so a damaged bundle never reaches the mirror. Keep the bundle open while the items are used.
     """
-    from .errors import BundleError
-    from .registry import filename_from_url
-
     items = []
     for entry in bundle.entries:
         filename = filename_from_url(entry.url)
@@ -550,20 +312,14 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
     if from_bundle is not None:
         if selectors or refs or all_weights:
             raise UsageError("--from-bundle takes no selectors: it publishes the whole bundle")
-        from .bundle import open_bundle
-
         with open_bundle(from_bundle) as bundle:
             return export_items(items_from_bundle(bundle), to, jobs=jobs, endpoint_url=endpoint_url,
                                 dry_run=dry_run, progress=progress, multipart_threshold=multipart_threshold,
                                 part_size=part_size)
     if refs is None:
-        from .registry import resolve
-
         refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
     with contextlib.ExitStack() as stack:
         if endpoint_url:
-            from . import s3
-
             # The endpoint also serves s3:// mirrors the missing checkpoints come from.
             stack.enter_context(s3.configured(endpoint_url=endpoint_url))
         items, missing = items_from_cache(list(refs), torch_home=torch_home, mirrors=mirrors,

@@ -1,31 +1,31 @@
-"""Discover every ``WeightsEnum`` and resolve selectors to :class:`WeightsRef` values.
+"""Weights as data: :class:`WeightsRef`, the :class:`Catalog` of every known weights, selectors.
 
-Discovery follows torchvision: builders come from ``torchvision.models.list_models()`` /
-``get_model_builder`` and each builder's enum from its ``weights`` annotation. User registries
-(``--registry MODULE`` / ``TVPACK_REGISTRY``) are modules whose ``WeightsEnum`` subclasses and
-builder functions (a function with a ``weights`` parameter annotated with one of those enums) are
-added exactly like torchvision's own; the model is named by the function.
+Nothing here imports torch. ``WeightsRef`` is the one value that flows from the registry to every
+later stage (cache, bundle, lockfile, mirror); a :class:`Catalog` is everything tvpack knows
+about the available weights as plain data (models, enums and their members, each weights' url,
+transform spec and meta as JSON data), so that ``list``, ``fetch``, ``lock``, ``bundle`` and
+``mirror`` can select and describe weights without live ``WeightsEnum`` objects.
 
-``WeightsRef`` is the one value that flows from here to every later stage. It is plain data, so it
-can also be rebuilt from a lockfile or manifest without importing torch.
+A catalog comes from live discovery (:mod:`packager.discovery`) or from the snapshot of it
+(:mod:`packager.snapshot`); selectors resolve the same way against either:
+
+    resnet50                    the model's DEFAULT weights
+    resnet50:IMAGENET1K_V1      one member (``:DEFAULT``, ``:all``)
+    'resnet*'                   a glob on model names
+    ResNet50_Weights.IMAGENET1K_V2   the ``get_weight()`` form
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import importlib
-import inspect
 import os
 import re
-import sys
-import typing
-from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
 from urllib.parse import urlparse
 
-from . import env
-from .errors import RegistryError, SelectorError, UsageError
+from .errors import SelectorError, UsageError
 
 FAMILIES = ("classification", "detection", "segmentation", "video", "optical_flow", "quantization")
 
@@ -100,178 +100,140 @@ class WeightsRef:
         }
 
 
+def headline_metric(meta: Mapping) -> str | None:
+    """The first metric torchvision reports, e.g. ``ImageNet-1K acc@1 80.858`` (live or JSON meta)."""
+    metrics = meta.get("_metrics") or {}
+    for dataset, values in metrics.items():
+        if isinstance(values, dict):
+            for metric, value in values.items():
+                if isinstance(value, dict) and "__float__" in value:  # JSON form of a non-finite float
+                    value = value["__float__"]
+                return f"{dataset} {metric} {value}"
+    return None
+
+
+# -- the catalog -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    builder: typing.Callable = field(repr=False)
-    enum: type = field(repr=False)
-    family: str
+class WeightsInfo:
+    """One weights as data: its ref, transform spec and meta (JSON forms, see :mod:`packager.spec`).
+
+    ``problem`` says why the transforms or meta could not be captured as data (a user's weights
+    with an exotic pipeline): listing and fetching still work, bundling reports the problem.
+    """
+
+    ref: WeightsRef
+    transforms: dict | None = field(default=None, repr=False, compare=False)
+    meta: dict = field(default_factory=dict, repr=False, compare=False)
+    problem: str | None = None
 
     @property
-    def builder_path(self) -> str:
-        return f"{self.builder.__module__}.{self.builder.__qualname__}"
+    def headline_metric(self) -> str | None:
+        return headline_metric(self.meta)
 
 
-def _import_user_module(name: str):
-    if not name.strip():
-        raise UsageError("--registry needs a module name, got an empty string")
-    if name.endswith(".py") or os.sep in name:
-        raise UsageError(f"--registry takes a module name such as 'mypkg.weights', not a path: {name!r}")
-    # Like `python -m`, let modules next to the caller be found.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise RegistryError(f"cannot import registry module {name!r}: {exc}") from exc
-    except Exception as exc:  # a user's module failed while importing
-        raise RegistryError(f"registry module {name!r} failed to import: {type(exc).__name__}: {exc}") from exc
+@dataclass(frozen=True)
+class EnumInfo:
+    """A ``WeightsEnum`` class as data. ``names`` maps every member name, aliases such as DEFAULT
+    included, to its canonical member (``Enum.__members__``); ``members`` lists the canonical ones
+    in definition order (``list(Enum)``)."""
+
+    key: str  # "module.Name": unique even when two modules define enums of the same name
+    name: str
+    module: str
+    members: tuple[str, ...]
+    names: Mapping[str, str] = field(compare=False)
+
+    @property
+    def default(self) -> str | None:
+        return self.names.get("DEFAULT")
 
 
-def _weights_enum_base():
-    from torchvision.models._api import WeightsEnum
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model builder as data."""
 
-    return WeightsEnum
-
-
-def _enums_in_annotation(annotation, namespace: dict) -> list[type]:
-    WeightsEnum = _weights_enum_base()
-    if isinstance(annotation, str):
-        try:
-            annotation = eval(annotation, namespace)  # noqa: S307 - the user's own module namespace
-        except Exception:
-            return []
-    if isinstance(annotation, type):
-        return [annotation] if issubclass(annotation, WeightsEnum) and annotation is not WeightsEnum else []
-    found = []
-    for arg in typing.get_args(annotation):
-        found.extend(_enums_in_annotation(arg, namespace))
-    return found
+    name: str
+    enum: str  # EnumInfo.key
+    family: str
+    builder: str  # import path: "torchvision.models.resnet.resnet50"
+    backbone: tuple[str, str] | None = None  # (EnumInfo.key, member) of the builder's default weights_backbone
 
 
-def _family_of(builder, enum) -> str:
-    parts = builder.__module__.split(".")
-    for family in FAMILIES:
-        if family in parts:
-            return family
-    if "quantize" in inspect.signature(builder).parameters:
-        return "quantization"
-    # A user's module: judge by the preprocessing preset it declares.
-    for member in enum:
-        transforms = member.transforms
-        target = getattr(transforms, "func", transforms)
-        kind = getattr(target, "__name__", "")
-        return {
-            "ObjectDetection": "detection",
-            "SemanticSegmentation": "segmentation",
-            "VideoClassification": "video",
-            "OpticalFlow": "optical_flow",
-        }.get(kind, "classification")
-    return "classification"
+class Catalog:
+    """Every known model and weights, as data; resolves selectors to WeightsRefs.
 
+    ``models`` by name; ``enum_infos`` by key, in discovery order; ``enums`` by name as ``--all``
+    and ``Enum.MEMBER`` see them (the first enum of a name wins, as in live discovery);
+    ``weights`` by ``(enum key, member)``, default backbones from outside the enums included.
+    """
 
-class Registry:
-    """Models and weights from torchvision plus any user registry modules."""
-
-    def __init__(self, modules: Sequence[str] = ()):
+    def __init__(self, models: Mapping[str, ModelInfo], enum_infos: Iterable[EnumInfo],
+                 weights: Mapping[tuple[str, str], WeightsInfo], modules: Iterable[str] = ()):
+        self.models = dict(models)
+        self.enum_infos = {info.key: info for info in enum_infos}
+        self.enums: dict[str, EnumInfo] = {}
+        for info in self.enum_infos.values():
+            self.enums.setdefault(info.name, info)
+        self.weights = dict(weights)
         self.modules = tuple(modules)
-        self.models: dict[str, ModelInfo] = {}
-        self.enums: dict[str, type] = {}
-        self._discover_torchvision()
-        for name in self.modules:
-            self._discover_module(name)
 
-    # -- discovery -------------------------------------------------------------------------
-    def _add_model(self, name: str, builder, enum) -> None:
-        self.enums.setdefault(enum.__name__, enum)
-        self.models[name] = ModelInfo(name, builder, enum, _family_of(builder, enum))
-
-    def _discover_torchvision(self) -> None:
-        import torchvision.models as tvm
-
-        for name in tvm.list_models():
-            builder = tvm.get_model_builder(name)
-            try:
-                enum = tvm.get_model_weights(name)
-            except ValueError:
-                continue
-            self._add_model(name, builder, enum)
-
-    def _discover_module(self, module_name: str) -> None:
-        WeightsEnum = _weights_enum_base()
-        module = _import_user_module(module_name)
-        namespace = vars(module)
-        enums = [
-            obj for obj in namespace.values()
-            if isinstance(obj, type) and issubclass(obj, WeightsEnum) and obj is not WeightsEnum
-        ]
-        for enum in enums:
-            self.enums.setdefault(enum.__name__, enum)
-        builders = 0
-        for attr, obj in namespace.items():
-            if attr.startswith("_") or not inspect.isfunction(obj):
-                continue
-            try:
-                param = inspect.signature(obj).parameters.get("weights")
-            except (TypeError, ValueError):
-                continue
-            if param is None:
-                continue
-            found = _enums_in_annotation(param.annotation, {**vars(typing), **namespace})
-            if found:
-                self._add_model(attr, obj, found[0])
-                builders += 1
-        if not enums and not builders:
-            raise RegistryError(f"registry module {module_name!r} defines no WeightsEnum and no builder")
+    def merged(self, other: "Catalog") -> "Catalog":
+        """This catalog plus ``other`` (a user registry module): its models replace same-named
+        ones, its enums are added after these (a taken name stays with the first), as live
+        discovery does."""
+        ordered = [*self.enum_infos.values(), *(i for k, i in other.enum_infos.items() if k not in self.enum_infos)]
+        models = {**self.models, **other.models}
+        weights = {**other.weights, **self.weights}
+        # A ref names every model whose builder takes its enum: models of both sides count.
+        of_enum: dict[str, list[ModelInfo]] = {}
+        for model in models.values():
+            of_enum.setdefault(model.enum, []).append(model)
+        for key, info in weights.items():
+            found = of_enum.get(key[0], [])
+            names, builders = tuple(m.name for m in found), tuple(m.builder for m in found)
+            if (names, builders) != (info.ref.models, info.ref.builders):
+                ref = replace(info.ref, models=names, builders=builders, family=found[0].family if found else "")
+                weights[key] = replace(info, ref=ref)
+        return Catalog(models, ordered, weights, (*self.modules, *other.modules))
 
     # -- views -------------------------------------------------------------------------------
-    def models_for(self, enum) -> list[ModelInfo]:
-        return [info for info in self.models.values() if info.enum is enum]
-
-    def ref(self, member) -> WeightsRef:
-        enum = type(member)
-        infos = self.models_for(enum)
-        file_size = member.meta.get("_file_size")
-        size_hint = int(round(float(file_size) * 1024 * 1024)) if isinstance(file_size, (int, float)) else None
-        return WeightsRef(
-            enum=enum.__name__,
-            member=member.name,
-            url=member.url,
-            module=enum.__module__,
-            models=tuple(info.name for info in infos),
-            builders=tuple(info.builder_path for info in infos),
-            family=infos[0].family if infos else "",
-            size_hint=size_hint,
-        )
-
     def all_refs(self) -> list[WeightsRef]:
         seen: dict[str, WeightsRef] = {}
         for enum in self.enums.values():
-            for member in enum:
-                ref = self.ref(member)
+            for member in enum.members:
+                ref = self.weights[(enum.key, member)].ref
                 seen.setdefault(ref.name, ref)
         return sorted(seen.values(), key=lambda r: r.name)
+
+    def info(self, ref: WeightsRef | str) -> WeightsInfo:
+        """The WeightsInfo of a ref or ``Enum.MEMBER`` name."""
+        name = ref.name if isinstance(ref, WeightsRef) else ref
+        if isinstance(ref, WeightsRef) and ref.module:
+            found = self.weights.get((f"{ref.module}.{ref.enum}", ref.member))
+            if found is not None:
+                return found
+        key = self._weights_by_name(name)
+        return self.weights[key]
 
     # -- selectors ---------------------------------------------------------------------------
     def resolve(self, selectors: Iterable[str], *, all_weights: bool = False,
                 with_backbones: bool = False) -> list[WeightsRef]:
         """Selectors to WeightsRefs, duplicates collapsed, in first-seen order."""
-        members: list = []
+        keys: list[tuple[str, str]] = []
         if all_weights:
             for enum in self.enums.values():
-                members.extend(enum)
+                keys.extend((enum.key, member) for member in enum.members)
         for selector in selectors:
-            members.extend(self._resolve_one(selector, with_backbones))
+            keys.extend(self._resolve_one(selector, with_backbones))
         if with_backbones and all_weights:
-            for info in self.models.values():
-                members.extend(_backbone_members(info))
+            keys.extend(model.backbone for model in self.models.values() if model.backbone)
         refs: dict[str, WeightsRef] = {}
-        for member in members:
-            ref = self.ref(member)
+        for key in keys:
+            ref = self.weights[key].ref
             refs.setdefault(ref.name, ref)
         return list(refs.values())
 
-    def _resolve_one(self, selector: str, with_backbones: bool) -> list:
+    def _resolve_one(self, selector: str, with_backbones: bool) -> list[tuple[str, str]]:
         selector = selector.strip()
         if not _SELECTOR.fullmatch(selector):
             raise UsageError(
@@ -283,13 +245,12 @@ class Registry:
             return [self._weights_by_name(selector)]
         else:
             model_part, member_part = selector, None
-        infos = self._models_matching(model_part)
-        members = []
-        for info in infos:
-            members.extend(self._members_of(info, member_part))
-            if with_backbones:
-                members.extend(_backbone_members(info))
-        return members
+        keys = []
+        for model in self._models_matching(model_part):
+            keys.extend(self._members_of(model, member_part))
+            if with_backbones and model.backbone:
+                keys.append(model.backbone)
+        return keys
 
     def _models_matching(self, pattern: str) -> list[ModelInfo]:
         if any(ch in pattern for ch in "*?["):
@@ -301,35 +262,31 @@ class Registry:
             raise SelectorError(_unknown("model", pattern, self.models))
         return [self.models[pattern]]
 
-    def _members_of(self, info: ModelInfo, member: str | None) -> list:
-        enum = info.enum
+    def _members_of(self, model: ModelInfo, member: str | None) -> list[tuple[str, str]]:
+        enum = self.enum_infos[model.enum]
         if member == "all":
-            return list(enum)
+            return [(enum.key, m) for m in enum.members]
         if member is None or member == "DEFAULT":
-            if "DEFAULT" in enum.__members__:
-                return [enum.DEFAULT]
-            if member is None and len(enum) == 1:
-                return list(enum)
+            if enum.default is not None:
+                return [(enum.key, enum.default)]
+            if member is None and len(enum.members) == 1:
+                return [(enum.key, enum.members[0])]
             raise SelectorError(
-                f"model {info.name!r} has no DEFAULT weights; choose one of: "
-                + ", ".join(f"{info.name}:{m.name}" for m in enum)
+                f"model {model.name!r} has no DEFAULT weights; choose one of: "
+                + ", ".join(f"{model.name}:{m}" for m in enum.members)
             )
-        if member not in enum.__members__:
-            raise SelectorError(_unknown(f"weights of {info.name} ({enum.__name__})", member, enum.__members__))
-        return [enum.__members__[member]]
+        if member not in enum.names:
+            raise SelectorError(_unknown(f"weights of {model.name} ({enum.name})", member, enum.names))
+        return [(enum.key, enum.names[member])]
 
-    def _weights_by_name(self, name: str):
+    def _weights_by_name(self, name: str) -> tuple[str, str]:
         enum_name, member = name.split(".", 1)
         if enum_name not in self.enums:
             raise SelectorError(_unknown("weights enum", enum_name, self.enums))
         enum = self.enums[enum_name]
-        if member not in enum.__members__:
-            raise SelectorError(_unknown(f"member of {enum_name}", member, enum.__members__))
-        return enum.__members__[member]
-
-    def weights(self, name: str):
-        """``get_weight``-style lookup: ``ResNet50_Weights.IMAGENET1K_V2`` -> member."""
-        return self._weights_by_name(name)
+        if member not in enum.names:
+            raise SelectorError(_unknown(f"member of {enum_name}", member, enum.names))
+        return enum.key, enum.names[member]
 
 
 # MODEL, MODEL:MEMBER, GLOB, GLOB:all, Enum.MEMBER
@@ -342,42 +299,3 @@ def _unknown(kind: str, name: str, choices: Iterable[str]) -> str:
     if close:
         message += "; did you mean " + " or ".join(close) + "?"
     return message
-
-
-def _backbone_members(info: ModelInfo) -> list:
-    WeightsEnum = _weights_enum_base()
-    param = inspect.signature(info.builder).parameters.get("weights_backbone")
-    if param is not None and isinstance(param.default, WeightsEnum):
-        return [param.default]
-    return []
-
-
-@lru_cache(maxsize=8)
-def _cached_registry(modules: tuple[str, ...]) -> Registry:
-    return Registry(modules)
-
-
-def get_registry(modules: Sequence[str] = ()) -> Registry:
-    """The registry for torchvision plus ``modules`` and ``$TVPACK_REGISTRY`` (cached)."""
-    combined = tuple(dict.fromkeys([*env.registries(), *modules]))
-    return _cached_registry(combined)
-
-
-def resolve(selectors: Iterable[str], *, registry: Sequence[str] = (), all_weights: bool = False,
-            with_backbones: bool = False) -> list[WeightsRef]:
-    """Public API: selectors (``resnet50``, ``resnet50:all``, ``'resnet*'``,
-    ``ResNet50_Weights.IMAGENET1K_V2``) to WeightsRefs."""
-    selectors = list(selectors)
-    if not selectors and not all_weights:
-        raise UsageError("no weights selected: give one or more selectors or --all")
-    return get_registry(registry).resolve(selectors, all_weights=all_weights, with_backbones=with_backbones)
-
-
-def headline_metric(meta: dict) -> str | None:
-    """The first metric torchvision reports, e.g. ``ImageNet-1K acc@1 80.858``."""
-    metrics = meta.get("_metrics") or {}
-    for dataset, values in metrics.items():
-        if isinstance(values, dict):
-            for metric, value in values.items():
-                return f"{dataset} {metric} {value}"
-    return None

@@ -193,11 +193,15 @@ def _find_weights(enum_name: str, member: str, module_name: str, registry):
     imported, and torchvision itself. A name read from an archive never makes us import a module.
     """
     candidates = []
-    if registry is not None:
-        if isinstance(registry, (list, tuple)):
-            from .registry import get_registry
-
-            registry = get_registry(registry)
+    if isinstance(registry, (list, tuple)):  # registry module names: trusted, the user named them
+        for name in dict.fromkeys([*registry, *env.registries()]):
+            try:
+                enum = getattr(importlib.import_module(name), enum_name, None)
+            except Exception:  # noqa: BLE001 - a module that fails to import holds nothing usable here
+                enum = None
+            if enum is not None:
+                candidates.append(enum)
+    elif registry is not None:  # a live packager.discovery.Registry
         enum = registry.enums.get(enum_name)
         if enum is not None:
             candidates.append(enum)
@@ -229,7 +233,7 @@ def meta_to_json(meta: Mapping) -> dict:
 def meta_from_json(data: Mapping, *, registry=None) -> dict:
     """JSON data from :func:`meta_to_json` back to the meta dict, types preserved.
 
-    ``registry`` (a :class:`packager.registry.Registry` or a list of registry module names) is
+    ``registry`` (a :class:`packager.discovery.Registry` or a list of registry module names) is
     where weights references are looked up besides torchvision and already imported modules.
     """
     meta = decode_value(data, registry=registry)

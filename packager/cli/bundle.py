@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from . import main
 from ._common import (
     all_option,
     echo_json,
@@ -17,6 +16,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
+from .app import main
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from . import main
 from ._common import (
     all_option,
     echo_json,
@@ -17,6 +16,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
+from .app import main
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-file lines.")
 
@@ -46,7 +46,7 @@ def _network_options(func):
 
 
 def _policy(connect_timeout, read_timeout, retries):
-    from ..download import Policy
+    from ..transport import Policy
 
     return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries)
 
@@ -163,7 +163,8 @@ def lock_cmd(selectors, output, all_weights, torch_home, registry, mirrors, no_u
     Missing files are fetched first. Later, `tvpack fetch --lock FILE` fetches exactly these files
     and refuses any whose sha256 differs (like pip's --require-hashes).
     """
-    from ..lockfile import read_lockfile, write_lockfile
+    from ..cache import write_lockfile
+    from ..formats.lockfile import read_lockfile
 
     path = write_lockfile(
         selectors, output, registry=registry, all_weights=all_weights, with_backbones=with_backbones,

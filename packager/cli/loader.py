@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from . import main
 from ._common import echo_json, json_option, registry_option
+from .app import main
 
 
 @main.command("predict")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from . import main
 from ._common import (
     echo_json,
     human_bytes,
@@ -15,6 +14,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
+from .app import main
 
 
 @main.command("mirror")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from ..registry import FAMILIES
-from . import main
 from ._common import echo_json, human_bytes, json_option, registry_option, table, torch_home_option
+from .app import main
 
 
 @main.command("list")
@@ -23,25 +23,26 @@ def list_cmd(patterns, family, cached, all_weights, torch_home, registry, as_jso
     (resnet50:DEFAULT, ResNet50_Weights.IMAGENET1K_V2). Without PATTERN, every weights.
     """
     from ..home import checkpoints_dir
-    from ..registry import get_registry, headline_metric
+    from ..snapshot import get_catalog
 
-    reg = get_registry(registry)
+    catalog = get_catalog(registry)
     selectors = [p if (":" in p or "." in p) else f"{p}:all" for p in patterns]
-    refs = reg.resolve(selectors, all_weights=all_weights or not patterns)
+    refs = catalog.resolve(selectors, all_weights=all_weights or not patterns)
     refs.sort(key=lambda r: r.name)
     ckpt = checkpoints_dir(torch_home)
     rows = []
     for ref in refs:
         if family and ref.family != family:
             continue
-        meta = reg.weights(ref.name).meta
+        info = catalog.info(ref)
+        meta = info.meta
         is_cached = (ckpt / ref.filename).is_file()
         if cached and not is_cached:
             continue
         rows.append({
             **ref.to_dict(),
             "size_mb": meta.get("_file_size"),
-            "metric": headline_metric(meta),
+            "metric": info.headline_metric,
             "cached": is_cached,
             "path": str(ckpt / ref.filename) if is_cached else None,
         })

@@ -144,7 +144,7 @@ def _builder_for(member: WeightsEnum) -> Callable:
     import sys
     import typing
 
-    from packager.registry import _enums_in_annotation  # the same annotation rule as discovery
+    from packager.discovery import _enums_in_annotation  # the same annotation rule as discovery
 
     enum = type(member)
     for name in torchvision.models.list_models():

@@ -1,1 +1,77 @@
-"""Transport: one transfer of bytes to or from a kind of store (http, file, s3, oci)."""
+"""Transport: one transfer of bytes to or from a kind of store, picked by url scheme.
+
+Reading (:func:`transfer`) streams an object into a part file, hashing while it streams, resuming
+and retrying (:mod:`.stream` holds the machinery; :mod:`.http`, :mod:`.file`, :mod:`.s3` the
+stores). Writing (:func:`open_target`) publishes verified objects to a directory or a bucket.
+:mod:`.urls` maps a weights url to its mirror locations. Importing this package never imports
+torch, requests or boto3.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ..errors import DownloadError, MirrorError, UsageError
+from .stream import DEFAULT_POLICY, Policy, ProgressFn, Result, TotalFn, Verifier, discard_part, part_state_path
+
+__all__ = ["DEFAULT_POLICY", "Policy", "Result", "Verifier", "discard_part", "open_target", "part_state_path",
+           "transfer"]
+
+
+def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
+             session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None) -> Result:
+    """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
+
+    Raises DownloadError (after retries, or at once for a 4xx), IntegrityError (bytes wrong: the
+    part is removed), CacheError (the disk cannot take it). On DownloadError the part is kept so
+    that a later call resumes it.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        from .http import transfer_http
+
+        return transfer_http(url, part, verifier, policy, session, on_bytes, on_total)
+    if parsed.scheme == "s3":
+        try:
+            from .s3 import transfer_s3
+        except ImportError:
+            raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
+        return transfer_s3(url, part, verifier, policy, on_bytes, on_total)
+    if parsed.scheme in ("file", ""):
+        from .file import transfer_file
+
+        source = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+        return transfer_file(url, source, part, verifier, policy, on_bytes, on_total)
+    raise DownloadError(f"{url}: unsupported url scheme {parsed.scheme!r}")
+
+
+def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,
+                part_size: int | None = None):
+    """A writable mirror destination for ``dest`` (a directory, ``file://`` or ``s3://`` url)."""
+    raw = dest
+    dest = str(dest).strip()
+    if not dest:
+        raise UsageError("empty mirror destination (--to): give a directory, file:// or s3:// url")
+    try:
+        urlparse(dest).port  # noqa: B018 - an unparsable url (bad IPv6 brackets, port) fails here
+    except ValueError as exc:
+        raise UsageError(f"bad mirror destination {raw!r}: {exc}") from None
+    if dest.startswith("s3://"):
+        from .s3 import S3Target
+
+        return S3Target(dest, endpoint_url=endpoint_url, multipart_threshold=multipart_threshold,
+                        part_size=part_size)
+    parsed = urlparse(dest)
+    if parsed.scheme == "file":
+        if not parsed.path:
+            raise UsageError(f"bad mirror destination {raw!r}: no directory path")
+        from .file import DirectoryTarget
+
+        return DirectoryTarget(Path(unquote(parsed.path)))
+    if "://" in dest:
+        raise MirrorError(f"cannot export to {dest}: use a directory (the one your web server serves), "
+                          "file:// or s3://")
+    from .file import DirectoryTarget
+
+    return DirectoryTarget(Path(dest).expanduser().resolve())
+

@@ -20,11 +20,12 @@ import platform
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from .errors import LockfileError
-from .fsutil import atomic_write_text
-from .registry import WeightsRef, filename_from_url, hash_prefix_from_filename
+from .. import __version__
+from ..errors import LockfileError
+from ..fsutil import atomic_write_text
+from ..registry import WeightsRef, filename_from_url, hash_prefix_from_filename
 
 FORMAT = "tvpack-lock"
 FORMAT_VERSION = 1
@@ -40,8 +41,6 @@ def _version(dist: str) -> str | None:
 
 def lock_data(refs: Sequence[WeightsRef]) -> dict:
     """The lockfile document for refs that carry ``sha256`` and exact ``size_hint``."""
-    from . import __version__
-
     weights = []
     for ref in refs:
         if not ref.sha256 or ref.size_hint is None:
@@ -72,24 +71,6 @@ def dump_lockfile(refs: Sequence[WeightsRef], output) -> Path:
     except OSError as exc:
         raise LockfileError(f"cannot write {output}: {exc.strerror or exc}") from None
     return output
-
-
-def write_lockfile(selectors: Iterable[str], output, *, registry: Sequence[str] = (), all_weights: bool = False,
-                   with_backbones: bool = False, torch_home=None, mirrors: Sequence[str] | None = None,
-                   upstream: bool = True, offline: bool | None = None, jobs: int = 4,
-                   progress: bool = False, policy=None) -> Path:
-    """Resolve selectors, fetch whatever is missing, and pin each file's sha256 and size."""
-    from .cache import fetch_results, file_sha256
-    from .registry import resolve
-
-    refs = resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
-    results = fetch_results(refs=refs, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                            offline=offline, jobs=jobs, progress=progress, policy=policy)
-    pinned = []
-    for result in results:
-        sha = result.sha256 or file_sha256(result.path)
-        pinned.append(WeightsRef(**{**result.ref.__dict__, "sha256": sha, "size_hint": result.path.stat().st_size}))
-    return dump_lockfile(pinned, output)
 
 
 def read_lockfile(path) -> list[WeightsRef]:

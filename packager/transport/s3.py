@@ -24,7 +24,20 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlparse
 
-from .errors import DownloadError, IntegrityError, MirrorError
+from ..errors import DownloadError, IntegrityError, MirrorError
+from .stream import (
+    Pipeline,
+    Result,
+    StoredObject,
+    check_space,
+    chunks_filler,
+    discard_part,
+    disk_error,
+    finish,
+    prehash,
+    read_state,
+    write_state,
+)
 
 MiB = 1024 * 1024
 # Objects of at least this size go up in parts; S3 wants parts of 5 MiB..5 GiB, at most 10000.
@@ -421,3 +434,94 @@ def _upload_part(s3, url, bucket, key, upload_id, number, data, checksum, progre
         progress(len(data))
     return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
 
+
+# -- reading: a transfer into a part file --------------------------------------------------------
+def transfer_s3(url, part, verifier, policy, on_bytes, on_total) -> Result:
+    offset = prehash(part, verifier, policy.chunk_size)
+    state = read_state(part) if offset else {}
+    etag = state.get("etag") if state.get("url") == url else None
+    if offset and not etag:  # nothing to prove the object is unchanged: start over
+        discard_part(part)
+        verifier.reset()
+        offset = 0
+    try:
+        chunks, total, etag = open_stream(url, offset=offset, etag=etag, chunk_size=policy.chunk_size)
+    except DownloadError:
+        if not offset:
+            raise
+        discard_part(part)  # the object changed (or the range failed): once more from zero
+        verifier.reset()
+        offset = 0
+        chunks, total, etag = open_stream(url, chunk_size=policy.chunk_size)
+    if verifier.size is not None and total != verifier.size:
+        raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
+    if on_total is not None:
+        on_total(total, offset)
+    check_space(part, total - offset)
+    try:
+        write_state(part, {"url": url, "etag": etag, "total": total})
+        f = open(part, "ab" if offset else "wb")
+    except OSError as exc:
+        raise disk_error(exc, part) from exc
+    with f:
+        try:
+            Pipeline(f, verifier, on_bytes, policy.chunk_size).run(chunks_filler(iter(chunks)))
+        except OSError as exc:
+            raise disk_error(exc, part) from exc
+        try:
+            digest = finish(part, f, verifier)
+        except OSError as exc:
+            raise disk_error(exc, part) from exc
+    return Result(url, digest, verifier.count, offset, 1)
+
+
+# -- writing: a bucket prefix as a mirror destination ---------------------------------------------
+class S3Target:
+    """``s3://bucket/prefix`` as a place to publish objects."""
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,
+                 part_size: int | None = None):
+        bucket, prefix = parse_url(url)
+        self.base = f"s3://{bucket}/{prefix}".rstrip("/")
+        self.description = self.base
+        self.endpoint_url = endpoint_url
+        self.multipart_threshold = multipart_threshold or MULTIPART_THRESHOLD
+        self.part_size = part_size or PART_SIZE
+
+    def location(self, rel: str) -> str:
+        return join(self.base, rel)
+
+    def prepare(self) -> None:
+        bucket, _ = parse_url(self.base)
+        s3_client = client(self.endpoint_url)
+        _call("open bucket", f"s3://{bucket}", s3_client.head_bucket, Bucket=bucket)
+
+    def present(self, obj: StoredObject) -> bool:
+        info = head(self.location(obj.path), endpoint_url=self.endpoint_url)
+        if info is None or info.size != obj.size:
+            return False
+        full = expected_checksum(obj.sha256, None)
+        if info.checksum_sha256 and "-" not in info.etag:
+            # One-part object: the server's checksum is of the whole content, so it decides.
+            return info.checksum_sha256 == full
+        # A multipart object's checksum is of its parts; trust the sha256 our own verified upload
+        # recorded (a later overwrite by another tool drops that metadata).
+        return info.sha256 == obj.sha256
+
+    def put(self, obj: StoredObject, progress: Callable[[int], None]) -> None:
+        with obj.opener() as src:
+            upload(src, obj.size, self.location(obj.path), sha256=obj.sha256,
+                            endpoint_url=self.endpoint_url, multipart_threshold=self.multipart_threshold,
+                            part_size=self.part_size, progress=progress)
+
+    def read_text(self, rel: str) -> str | None:
+        data = read_bytes(self.location(rel), endpoint_url=self.endpoint_url)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    def write_text(self, rel: str, text: str) -> None:
+        content_type = "application/json" if rel.endswith(".json") else "text/plain"
+        put_bytes(self.location(rel), text.encode(), content_type=content_type,
+                           endpoint_url=self.endpoint_url)
+
+    def index_lock(self):
+        return contextlib.nullcontext()

@@ -1,0 +1,388 @@
+"""The machinery of one transfer, whatever the store: a part file, hashed while it streams.
+
+A transfer appends to a uniquely named part file (resuming from the bytes already there), hashes
+every byte as it arrives (:class:`Verifier`, pip's ``Hashes`` in small), and returns once every
+byte is on disk, fsynced and verified; it never touches a final name, which is the cache's job.
+Receiving, hashing and writing run on three threads over reused buffers (:class:`Pipeline`), and
+write-behind keeps dirty pages bounded so the final fsync is short.
+
+The kinds of store (:mod:`.http`, :mod:`.file`, :mod:`.s3`) feed a Pipeline; :mod:`packager.transport`
+picks one by url scheme. Importing this module never imports torch or requests.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import queue
+import random
+import shutil
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Protocol
+
+from ..errors import CacheError, IntegrityError
+from ..fsutil import atomic_write_json
+
+MiB = 1 << 20
+CHUNK_SIZE = 4 * MiB
+USER_AGENT = "tvpack"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to try: timeouts (seconds), retries per url and the backoff between them."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 5  # further attempts after the first one, per url
+    backoff: float = 0.5  # base of the exponential backoff
+    max_backoff: float = 30.0
+    max_retry_after: float = 120.0  # a longer Retry-After gives up on this url instead
+    chunk_size: int = CHUNK_SIZE
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt`` (1-based retry count)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        return random.uniform(0, min(self.max_backoff, self.backoff * (2 ** (attempt - 1))))
+
+
+DEFAULT_POLICY = Policy()
+
+
+class Verifier:
+    """sha256 and size of a stream, checked against what the caller expects (pip's Hashes, small).
+
+    ``hash_prefix`` is the hex a checkpoint name promises (``-<hex>.`` / ``_<hex>.``); ``sha256`` a
+    full pinned hash; ``size`` an exact byte count. ``update`` refuses bytes beyond ``size`` at once
+    (a server sending a file too large is caught before it fills the disk).
+    """
+
+    def __init__(self, what: str, *, hash_prefix: str | None = None, sha256: str | None = None,
+                 size: int | None = None):
+        self.what = what
+        self.hash_prefix = hash_prefix.lower() if hash_prefix else None
+        self.sha256 = sha256.lower() if sha256 else None
+        self.size = size
+        self.reset()
+
+    def reset(self) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def update(self, data) -> None:
+        self.count += len(data)
+        if self.size is not None and self.count > self.size:
+            raise IntegrityError(f"{self.what}: too large", expected=f"{self.size} bytes",
+                                 got=f"more than {self.size} bytes")
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def check(self) -> str:
+        """The sha256 of everything seen, or IntegrityError naming expected and got."""
+        digest = self.hexdigest()
+        if self.size is not None and self.count != self.size:
+            raise IntegrityError(f"{self.what}: wrong size", expected=f"{self.size} bytes", got=f"{self.count} bytes")
+        if self.sha256 is not None and digest != self.sha256:
+            raise IntegrityError(f"{self.what}: sha256 mismatch", expected=self.sha256, got=digest)
+        if self.hash_prefix is not None and not digest.startswith(self.hash_prefix):
+            raise IntegrityError(f"{self.what}: sha256 prefix mismatch", expected=self.hash_prefix,
+                                 got=digest[: len(self.hash_prefix)])
+        return digest
+
+
+class StoredObject(Protocol):
+    """What a writable store needs of an object: where it goes, what it must hash to, how to read it."""
+
+    path: str  # relative to the store's root
+    size: int
+    sha256: str
+    source: str  # for messages: where the bytes come from
+    opener: Callable[[], BinaryIO]
+
+
+# -- partial files ---------------------------------------------------------------------------------
+
+def part_state_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def read_state(part: Path) -> dict:
+    try:
+        return json.loads(part_state_path(part).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(part: Path, state: dict) -> None:
+    # not fsynced: losing it only costs the If-Range validator, and the final hash still decides
+    atomic_write_json(part_state_path(part), state, durable=False)
+
+
+def discard_part(part: Path) -> None:
+    for path in (part, part_state_path(part)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- the transfer ----------------------------------------------------------------------------------
+
+class Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Restart(Exception):
+    """The part cannot be continued (server changed the file, bad Content-Range): start over."""
+
+
+@dataclass
+class Result:
+    url: str
+    sha256: str
+    size: int
+    resumed_from: int  # bytes already in the part when the (first) request was made
+    attempts: int
+
+
+ProgressFn = Callable[[int], None]  # called with the number of new bytes
+TotalFn = Callable[[int | None, int], None]  # (total size or None, bytes already present)
+
+
+def prehash(part: Path, verifier: Verifier, chunk_size: int) -> int:
+    """Hash the bytes already in ``part`` (a resume); returns how many there are."""
+    verifier.reset()
+    try:
+        with open(part, "rb") as f:
+            while True:
+                data = f.read(chunk_size)
+                if not data:
+                    break
+                verifier.update(data)
+    except FileNotFoundError:
+        return 0
+    except IntegrityError:  # the part is already longer than the file can be
+        discard_part(part)
+        verifier.reset()
+        return 0
+    return verifier.count
+
+
+_pool: dict[int, list[bytearray]] = {}
+_pool_mutex = threading.Lock()
+
+
+def _take_buffers(n: int, size: int) -> list[bytearray]:
+    """Buffers for one transfer, reused across transfers (allocating and zeroing 16 MiB per file
+    costs more than a small file's transfer)."""
+    with _pool_mutex:
+        free = _pool.setdefault(size, [])
+        taken = [free.pop() for _ in range(min(n, len(free)))]
+    return taken + [bytearray(size) for _ in range(n - len(taken))]
+
+
+_POOL_KEEP = 16  # buffers kept per size: enough for four transfers at once
+
+
+def _give_buffers(buffers: list[bytearray]) -> None:
+    with _pool_mutex:
+        free = _pool.setdefault(len(buffers[0]), [])
+        free.extend(buffers[: max(0, _POOL_KEEP - len(free))])
+
+
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _WriteBehind:
+    """Keep a large download's dirty pages bounded (Linux ``sync_file_range``).
+
+    Left alone, the kernel lets a gigabyte of dirty pages pile up, then throttles the writer hard
+    and leaves a long ``fsync`` at the end. Starting write-back of each finished window and
+    waiting for the window before it keeps the disk streaming alongside the network, so the
+    final fsync (which still guarantees durability) finds almost nothing left to do. Pages stay
+    in the page cache. A no-op where the call is unavailable.
+    """
+
+    WINDOW = 32 * 1024 * 1024
+
+    def __init__(self, f):
+        self.f = f
+        self.pos = self.started = self.waited = f.tell()
+
+    def wrote(self, n: int) -> None:
+        self.pos += n
+        if _sync_file_range is None or self.pos - self.started < self.WINDOW:
+            return
+        self.f.flush()
+        fd = self.f.fileno()
+        if self.started > self.waited:
+            _sync_file_range(fd, self.waited, self.started - self.waited,
+                             _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+            self.waited = self.started
+        _sync_file_range(fd, self.started, self.pos - self.started, _SFR_WRITE)
+        self.started = self.pos
+
+
+class Pipeline:
+    """Read into a few reusable buffers; hash and write each on its own thread, in order.
+
+    No byte is copied in Python: the socket (or file) fills a buffer in place, and hashlib and
+    the file write read it through a memoryview, both releasing the GIL. Three stages overlap:
+    receive, hash, write. ``close`` drains both stages, so after any error the bytes hashed are
+    exactly the bytes written (the resume invariant).
+    """
+
+    def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4):
+        self.f = f
+        self._behind = _WriteBehind(f)
+        self.verifier = verifier
+        self.on_bytes = on_bytes
+        self.error: BaseException | None = None
+        self._free: queue.Queue = queue.Queue()
+        self._buffers = _take_buffers(buffers, chunk_size)
+        for buf in self._buffers:
+            self._free.put(buf)
+        self._pending: dict[int, int] = {}
+        self._mutex = threading.Lock()
+        self._hash_q: queue.Queue = queue.Queue()
+        self._write_q: queue.Queue = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._stage, args=(self._hash_q, self._hash), name="tvpack-hash", daemon=True),
+            threading.Thread(target=self._stage, args=(self._write_q, self._write), name="tvpack-write", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _hash(self, view) -> None:
+        self.verifier.update(view)
+
+    def _write(self, view) -> None:
+        self.f.write(view)
+        self._behind.wrote(len(view))
+        if self.on_bytes is not None:
+            self.on_bytes(len(view))
+
+    def _stage(self, q: queue.Queue, work) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            buf, n = item
+            try:
+                if self.error is None:
+                    with memoryview(buf) as view, view[:n] as part:
+                        work(part)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = exc
+            finally:
+                with self._mutex:
+                    self._pending[id(buf)] -= 1
+                    done = self._pending[id(buf)] == 0
+                if done:
+                    self._free.put(buf)
+
+    def run(self, fill: Callable[[bytearray], int]) -> None:
+        """Call ``fill(buffer) -> bytes read`` until it returns 0, feeding both stages."""
+        try:
+            while self.error is None:
+                buf = self._free.get()
+                n = fill(buf)
+                if not n:
+                    self._free.put(buf)
+                    break
+                with self._mutex:
+                    self._pending[id(buf)] = 2
+                self._hash_q.put((buf, n))
+                self._write_q.put((buf, n))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for q in (self._hash_q, self._write_q):
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self._buffers:
+            _give_buffers(self._buffers)
+            self._buffers = []
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def chunks_filler(chunks):
+    """``fill(buffer) -> n`` over an iterator of byte strings (an S3 body)."""
+    pending = memoryview(b"")
+
+    def fill(buf: bytearray) -> int:
+        nonlocal pending
+        n = 0
+        while n < len(buf):
+            if not len(pending):
+                data = next(chunks, b"")
+                if not data:
+                    break
+                pending = memoryview(data)
+            k = min(len(pending), len(buf) - n)
+            buf[n:n + k] = pending[:k]
+            pending = pending[k:]
+            n += k
+        return n
+
+    return fill
+
+
+def finish(part: Path, f, verifier: Verifier) -> str:
+    f.flush()
+    os.fsync(f.fileno())
+    try:
+        return verifier.check()
+    except IntegrityError:
+        discard_part(part)
+        raise
+
+
+def disk_error(exc: OSError, part: Path) -> CacheError:
+    if exc.errno == errno.ENOSPC:
+        discard_part(part)  # free the space again
+        return CacheError(f"disk full while writing {part.parent}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheError(f"cannot write to {part.parent}: {exc.strerror}")
+    return CacheError(f"cannot write {part}: {exc.strerror or exc}")
+
+
+def check_space(part: Path, needed: int | None) -> None:
+    if not needed:
+        return
+    try:
+        free = shutil.disk_usage(part.parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise CacheError(f"not enough disk space in {part.parent}: need {needed} bytes, {free} free")
