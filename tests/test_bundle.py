@@ -23,6 +23,8 @@ import torch
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 
 from packager import bundle as B
+from packager.formats.archive import tar_header
+from packager.formats.manifest import encode_manifest, manifest_path_for
 from packager.errors import BundleError, OfflineError
 
 pytestmark = pytest.mark.timeout(300)
@@ -124,7 +126,7 @@ def test_tar_header_long_names_and_huge_sizes_parse_with_tarfile():
     for path, size in [("hub/checkpoints/" + "a" * 90 + ".pth", 10), ("hub/" + "d" * 120 + "/" + "f" * 99, 7),
                        ("hub/checkpoints/" + "x" * 240 + ".pth", 5), ("hub/checkpoints/big.pth", 9 << 30),
                        ("hub/checkpoints/naïve-é.pth", 3)]:
-        header = B.tar_header(path, size, 1700000000)
+        header = tar_header(path, size, 1700000000)
         assert len(header) % 512 == 0
         info = tarfile.open(fileobj=io.BytesIO(header + bytes(1024)), mode="r:").next()
         assert (info.name, info.size, info.mtime, info.mode, info.uid, info.uname) == (
@@ -270,10 +272,10 @@ def weights_item(i: int, path: str, data: bytes, **override) -> dict:
 
 def write_archive(path: Path, weights: list[dict], members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
     """A bundle written with Python's tarfile: manifest first, then ``members`` as given."""
-    manifest = B.encode_manifest({"format": "tvpack-bundle", "format_version": 1, "created_by": {},
+    manifest = encode_manifest({"format": "tvpack-bundle", "format_version": 1, "created_by": {},
                                   "weights": weights, "members": {}})
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        info = tarfile.TarInfo(B.manifest_path_for(manifest))
+        info = tarfile.TarInfo(manifest_path_for(manifest))
         info.size = len(manifest)
         tf.addfile(info, io.BytesIO(manifest))
         for info, data in members:
@@ -526,10 +528,10 @@ def test_manifest_edits_are_refused(tmp_path):
         manifest = {"format": "tvpack-bundle", "format_version": 1, "created_by": {},
                     "weights": [weights_item(0, CKPT, data)], "members": {}}
         manifest.update(override)
-        raw = B.encode_manifest(manifest)
+        raw = encode_manifest(manifest)
         path = tmp_path / f"{name}.tar"
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-            for arcname, payload in ((B.manifest_path_for(raw), raw), (CKPT, data)):
+            for arcname, payload in ((manifest_path_for(raw), raw), (CKPT, data)):
                 info = tarfile.TarInfo(arcname)
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from packager import cache
-from packager.download import MiB, Policy
+from packager.transport import Policy
+from packager.transport.stream import MiB
 from packager.errors import CacheError, DownloadError, IntegrityError, OfflineError
-from packager.lockfile import dump_lockfile, read_lockfile
+from packager.formats.lockfile import dump_lockfile, read_lockfile
 from packager.registry import WeightsRef
 from tests.conftest import ROOT, ZOO_REGISTRY
 
@@ -402,7 +403,7 @@ def test_offline_verifies_cached_and_lists_missing(zoo, zoo_server, torch_home, 
     assert "not cached: ZooShuffleNetV2_Weights.IMAGENET10_V1" in result.output
     monkeypatch.setenv("TVPACK_OFFLINE", "1")
     assert cli("fetch", "--registry", ZOO_REGISTRY, "--mirror", zoo_server.url, "zoo_raft_small").exit_code == 0
-    from packager.registry import resolve
+    from packager.snapshot import resolve
 
     refs = resolve(["zoo_raft_small", "zoo_shufflenet_v2"], registry=[ZOO_REGISTRY])
     with pytest.raises(OfflineError, match="1 of 2 weights not cached: ZooShuffleNetV2_Weights.IMAGENET10_V1"):

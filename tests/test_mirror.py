@@ -370,7 +370,7 @@ def test_s3_export_fetch_back_reexport_and_corruption(cli, zoo, zoo_root, moto_s
 
 
 def test_s3_multipart_upload_is_verified_before_it_becomes_visible(moto_s3, bucket, tmp_path):
-    from packager import s3 as s3mod
+    from packager.transport import s3 as s3mod
     from packager.errors import IntegrityError
     from packager.mirror import ExportItem, export_items
 
@@ -431,7 +431,7 @@ def test_s3_from_bundle_with_endpoint_option(cli, tiny, moto_s3, bucket, monkeyp
 ])
 def test_malformed_mirror_is_a_usage_error(spec, words):
     from packager.errors import UsageError
-    from packager.mirror import candidate_urls
+    from packager.transport.urls import candidate_urls
 
     with pytest.raises(UsageError, match=words.replace("[", r"\[")):
         candidate_urls("https://download.pytorch.org/models/x-12345678.pth", [spec])

@@ -6,7 +6,9 @@ import textwrap
 import pytest
 
 from packager.errors import RegistryError, SelectorError, UsageError
-from packager.registry import get_registry, hash_prefix_from_filename, resolve
+from packager.discovery import get_registry
+from packager.registry import hash_prefix_from_filename
+from packager.snapshot import resolve
 
 
 @pytest.fixture(scope="module")

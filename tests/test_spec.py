@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from packager import spec as S
-from packager.registry import get_registry
+from packager.discovery import get_registry
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.transforms import InterpolationMode, _presets  # noqa: E402

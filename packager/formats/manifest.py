@@ -87,9 +87,6 @@ class BundleEntry:
         return summarize(self.transforms)
 
 
-@dataclass(frozen=True)
-
-
 def is_checkpoint_path(path: str) -> bool:
     return path.startswith(CHECKPOINT_DIR + "/") and path.count("/") == 2
 

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from packager.download import MiB, Policy, Verifier, _parse_retry_after, part_state_path, transfer
+from packager.transport import Policy, Verifier, part_state_path, transfer
+from packager.transport.http import _parse_retry_after
+from packager.transport.stream import MiB
 from packager.errors import DownloadError, IntegrityError
 
 FAST = Policy(connect_timeout=2, read_timeout=5, retries=3, backoff=0.01, max_backoff=0.05, chunk_size=256 * 1024)
@@ -246,7 +248,7 @@ def test_dns_failure_is_described_by_host_not_by_urllib3_class():
     from urllib3.connection import HTTPSConnection
     from urllib3.exceptions import MaxRetryError, NameResolutionError
 
-    from packager.download import _describe
+    from packager.transport.http import _describe
 
     conn = HTTPSConnection("download.pytorch.org", 443)
     cause = NameResolutionError("download.pytorch.org", conn, socket.gaierror(-3, "Temporary failure in name resolution"))

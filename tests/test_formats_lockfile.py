@@ -7,7 +7,7 @@ import json
 import pytest
 
 from packager.errors import LockfileError
-from packager.lockfile import dump_lockfile, read_lockfile, select_locked
+from packager.formats.lockfile import dump_lockfile, read_lockfile, select_locked
 from packager.registry import WeightsRef
 from tests.conftest import ZOO_REGISTRY
 
