@@ -23,9 +23,9 @@ import torch
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 
 from packager import bundle as B
+from packager.errors import BundleError, OfflineError
 from packager.formats.archive import tar_header
 from packager.formats.manifest import encode_manifest, manifest_path_for
-from packager.errors import BundleError, OfflineError
 
 pytestmark = pytest.mark.timeout(300)
 

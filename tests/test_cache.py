@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from packager import cache
-from packager.transport import Policy
-from packager.transport.stream import MiB
 from packager.errors import CacheError, DownloadError, IntegrityError, OfflineError
 from packager.formats.lockfile import dump_lockfile, read_lockfile
 from packager.registry import WeightsRef
+from packager.transport import Policy
+from packager.transport.stream import MiB
 from tests.conftest import ROOT, ZOO_REGISTRY
 
 FAST = Policy(connect_timeout=2, read_timeout=5, retries=3, backoff=0.01, max_backoff=0.05)

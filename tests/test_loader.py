@@ -26,10 +26,10 @@ from conftest import IN_CI, ROOT, ZOO_REGISTRY, run_tvpack
 
 from packager import loader
 from packager.bundle import bundle, install, open_bundle
+from packager.discovery import get_registry
+from packager.errors import BundleError, IntegrityError, LoadError
 from packager.formats.archive import tar_header
 from packager.formats.manifest import encode_manifest, manifest_path_for
-from packager.errors import BundleError, IntegrityError, LoadError
-from packager.discovery import get_registry
 from packager.spec import meta_to_json, transform_spec
 from packager.testing import zoo as zoo_module
 

@@ -370,9 +370,9 @@ def test_s3_export_fetch_back_reexport_and_corruption(cli, zoo, zoo_root, moto_s
 
 
 def test_s3_multipart_upload_is_verified_before_it_becomes_visible(moto_s3, bucket, tmp_path):
-    from packager.transport import s3 as s3mod
     from packager.errors import IntegrityError
     from packager.mirror import ExportItem, export_items
+    from packager.transport import s3 as s3mod
 
     data = os.urandom(11 * 1024 * 1024 + 123)
     sha = hashlib.sha256(data).hexdigest()

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from packager.errors import RegistryError, SelectorError, UsageError
 from packager.discovery import get_registry
+from packager.errors import RegistryError, SelectorError, UsageError
 from packager.registry import hash_prefix_from_filename
 from packager.snapshot import resolve
 

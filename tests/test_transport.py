@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from packager.errors import DownloadError, IntegrityError
 from packager.transport import Policy, Verifier, part_state_path, transfer
 from packager.transport.http import _parse_retry_after
 from packager.transport.stream import MiB
-from packager.errors import DownloadError, IntegrityError
 
 FAST = Policy(connect_timeout=2, read_timeout=5, retries=3, backoff=0.01, max_backoff=0.05, chunk_size=256 * 1024)
 
