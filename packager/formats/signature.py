@@ -209,9 +209,12 @@ def load_ca_root(pem: bytes) -> CARoot:
     return roots[0]
 
 
-def _load_private_key(pem: bytes, password: bytes | None):
+def _load_private_key(pem: bytes, password: bytes | str | None):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    if isinstance(password, str):  # from a prompt or the environment
+        password = password.encode()
 
     try:
         key = serialization.load_pem_private_key(pem, password)
@@ -222,7 +225,7 @@ def _load_private_key(pem: bytes, password: bytes | None):
     except ValueError as exc:
         if password is not None and b"ENCRYPTED" in pem:
             raise SignatureError("cannot decrypt the signing key: wrong password") from None
-        raise SignatureError(f"not a PEM private key: {_first_line(exc)}") from None
+        raise SignatureError("the signing key is not a PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SignatureError("the signing key is not an elliptic-curve key (P-256, P-384 or P-521)")
     _algorithm(key.public_key(), "signing key")
@@ -305,7 +308,7 @@ def _pae(payload: bytes) -> bytes:
 
 # ---------------------------------------------------------------------------------------------------- sign
 
-def sign(resources: Iterable[Resource], *, key_pem: bytes, password: bytes | None = None,
+def sign(resources: Iterable[Resource], *, key_pem: bytes, password: bytes | str | None = None,
          cert_chain_pem: bytes | None = None, name: str = "tvpack-bundle") -> bytes:
     """The bytes of a ``.sig`` file signing ``resources`` with an EC private key.
 
@@ -497,7 +500,7 @@ def _verify_key(parsed: _Parsed, trust: Trust) -> Verified:
 
 def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | None) -> Verified:
     from cryptography import x509
-    from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
+    from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
     if not trust.ca_roots:
         raise SignatureError("the signature is made with a certificate but no CA root is trusted")
@@ -515,11 +518,8 @@ def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | 
             raise SignatureError(f"certificate {cert.subject.rfc4514_string()} is not valid before "
                                  f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
 
-    def may_sign(_policy, _cert, ext) -> None:  # the leaf's extended key usage, when present, must allow code signing
-        if ext is not None and x509.oid.ExtendedKeyUsageOID.CODE_SIGNING not in ext:
-            raise ValueError("extended key usage does not include codeSigning")
-
-    ee_policy = ExtensionPolicy.permit_all().may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, may_sign)
+    # The leaf's key usages are checked below, by OMS's rule; the web-PKI default would demand clientAuth.
+    ee_policy = ExtensionPolicy.permit_all()
     verifier = (PolicyBuilder().store(Store([r.certificate for r in trust.ca_roots])).time(when)
                 .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
                 .build_client_verifier())
@@ -531,7 +531,8 @@ def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | 
             raise SignatureError(f"certificate {subject} does not chain to a trusted CA root") from None
         raise SignatureError(f"certificate chain of {subject} refused: {reason}") from None
     if not _usage_allows_signing(leaf):
-        raise SignatureError(f"certificate {subject} may not sign (needs key usage digitalSignature or codeSigning)")
+        raise SignatureError(f"certificate {subject} may not sign code (key usage must allow digitalSignature and "
+                             "extended key usage, when given, codeSigning)")
     public_key = leaf.public_key()
     algorithm = _algorithm(public_key, f"key of certificate {subject}")
     if not _check_envelope(public_key, parsed):
@@ -541,18 +542,22 @@ def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | 
 
 
 def _usage_allows_signing(leaf) -> bool:
-    """OMS's rule: key usage digitalSignature, or extended key usage codeSigning."""
+    """OMS accepts key usage digitalSignature or extended key usage codeSigning. We also refuse a leaf whose
+    extended key usage names other purposes only (a TLS server certificate from the same CA must not sign models)."""
     from cryptography import x509
 
-    try:
-        if leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature:
-            return True
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        return x509.oid.ExtendedKeyUsageOID.CODE_SIGNING in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
+    def extension(kind):
+        try:
+            return leaf.extensions.get_extension_for_class(kind).value
+        except x509.ExtensionNotFound:
+            return None
+
+    usage, extended = extension(x509.KeyUsage), extension(x509.ExtendedKeyUsage)
+    if usage is None and extended is None:
         return False
+    if usage is not None and not usage.digital_signature:
+        return False
+    return extended is None or x509.oid.ExtendedKeyUsageOID.CODE_SIGNING in extended
 
 
 # ---------------------------------------------------------------------------------------------------- coverage
