@@ -64,33 +64,50 @@ def pki(tmp_path_factory) -> dict[str, bytes]:
     issue("evil_leaf", "/CN=Model Release Signer", "evil_root", "leaf.ext")
     shutil.copy(d / "leaf.key", d / "tls.key")
     issue("tls", "/CN=www.example.com", "inter", "tls.ext")
-    (d / "expired.pem").write_bytes(_expired_leaf(d))
+    for name, data in _backdated_chain(d).items():
+        (d / name).write_bytes(data)
     out = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
     out["dir"] = str(d).encode()
     return out
 
 
-def _expired_leaf(d: Path) -> bytes:
-    """A code-signing leaf for leaf.key, issued by the intermediate, that expired yesterday (openssl 3.0's x509
-    cannot back-date, so cryptography builds it)."""
+def _backdated_chain(d: Path) -> dict[str, bytes]:
+    """A root and intermediate valid since 30 days ago and a code-signing leaf (for leaf.key) valid from 20 days
+    until 1 day ago: everything is right except that the leaf has expired. openssl 3.0's x509 cannot back-date,
+    so cryptography builds them."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    inter = x509.load_pem_x509_certificate((d / "inter.pem").read_bytes())
-    inter_key = serialization.load_pem_private_key((d / "inter.key").read_bytes(), None)
-    leaf_key = serialization.load_pem_private_key((d / "leaf.key").read_bytes(), None)
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Old Signer")]))
-            .issuer_name(inter.subject).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=10)).not_valid_after(now - datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(inter.public_key()), critical=False)
-            .sign(inter_key, hashes.SHA384()))
-    return cert.public_bytes(serialization.Encoding.PEM)
+    day = datetime.timedelta(days=1)
+
+    def cert(cn, key, issuer, issuer_key, start, end, ca):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                   .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(end)
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                                  critical=False))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                            critical=True)
+        else:
+            builder = builder.add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    root_key, inter_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    leaf_key = serialization.load_pem_private_key((d / "leaf.key").read_bytes(), None)
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Old Root")])
+    root = cert("Old Root", root_key, root_name, root_key, now - 30 * day, now + 30 * day, True)
+    inter = cert("Old Intermediate", inter_key, root.subject, root_key, now - 30 * day, now + 30 * day, True)
+    leaf = cert("Old Signer", leaf_key, inter.subject, inter_key, now - 20 * day, now - day, False)
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)
+    return {"old_root.pem": pem(root), "old_chain.pem": pem(leaf) + pem(inter)}
 
 
 def write_bundle_dir(root: Path, seed: int = 0) -> list[Resource]:
@@ -186,6 +203,21 @@ def test_oms_cli_verifies_our_certificate_signature(tmp_path, pki):
     assert oms_verify(tmp_path, sig_path, "certificate", "--certificate_chain", str(d / "root.pem")).returncode == 0
     untrusted = oms_verify(tmp_path, sig_path, "certificate", "--certificate_chain", str(d / "evil_root.pem"))
     assert untrusted.returncode == 1
+
+
+def test_oms_cli_accepts_an_expired_leaf_where_we_refuse(tmp_path, pki):
+    """Documents model_signing 1.1.1: it checks the chain at the leaf's notBefore, so a leaf that expired
+    yesterday still verifies. Ours checks at the time of verification."""
+    resources = write_bundle_dir(tmp_path)
+    sig_path = tmp_path / sigfmt.signature_path(MANIFEST_ID)
+    sig_path.parent.mkdir(parents=True)
+    sig_path.write_bytes(sigfmt.sign(resources, key_pem=pki["leaf.key"], cert_chain_pem=pki["old_chain.pem"]))
+    root = Path(pki["dir"].decode()) / "old_root.pem"
+    assert oms_verify(tmp_path, sig_path, "certificate", "--certificate_chain", str(root)).returncode == 0
+    with pytest.raises(SignatureError, match="CN=Old Signer expired on"):
+        sigfmt.verify(sig_path.read_bytes(), Trust.from_pem(pki["old_root.pem"]))
+    yesterday = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
+    assert sigfmt.verify(sig_path.read_bytes(), Trust.from_pem(pki["old_root.pem"]), now=yesterday).signer.subject
 
 
 def test_we_verify_signatures_made_by_the_oms_tool(tmp_path, pki):
@@ -284,8 +316,8 @@ def test_refusals_are_one_line(pki, case, message):
             sig = sigfmt.sign(resources, key_pem=pki["evil_leaf.key"], cert_chain_pem=pki["evil_leaf.pem"])
             sigfmt.verify(sig, Trust.from_pem(pki["root.pem"]))
         elif case == "expired leaf":
-            sig = sigfmt.sign(resources, key_pem=pki["leaf.key"], cert_chain_pem=pki["expired.pem"] + pki["inter.pem"])
-            sigfmt.verify(sig, Trust.from_pem(pki["root.pem"]))
+            sig = sigfmt.sign(resources, key_pem=pki["leaf.key"], cert_chain_pem=pki["old_chain.pem"])
+            sigfmt.verify(sig, Trust.from_pem(pki["old_root.pem"]))
         elif case == "leaf after now":
             far = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
             sigfmt.verify(sigfmt.sign(resources, key_pem=pki["leaf.key"], cert_chain_pem=chain),

@@ -222,7 +222,7 @@ def _load_private_key(pem: bytes, password: bytes | str | None):
         if password is None:
             raise SignatureError("the signing key is encrypted: a password is needed") from None
         raise SignatureError(f"cannot load the signing key: {_first_line(exc)}") from None
-    except ValueError as exc:
+    except ValueError:
         if password is not None and b"ENCRYPTED" in pem:
             raise SignatureError("cannot decrypt the signing key: wrong password") from None
         raise SignatureError("the signing key is not a PEM private key") from None
@@ -499,7 +499,6 @@ def _verify_key(parsed: _Parsed, trust: Trust) -> Verified:
 
 
 def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | None) -> Verified:
-    from cryptography import x509
     from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
     if not trust.ca_roots:
