@@ -159,13 +159,21 @@ def test_oms_cli_ignores_other_signatures_only_because_the_statement_says_so(tmp
     """Finding: OMS skips the --signature file itself and the statement's ignore_paths, nothing else. A bundle with
     two signatures passes the plain command because we sign ignore_paths=[hub/tvpack/signatures]; the same
     statement without ignore_paths fails on the second .sig as an extra file; a stray non-signature file fails."""
-    resources = write_bundle_dir(tmp_path)
+    src, out = tmp_path / "src", tmp_path / "out"
+    resources = write_bundle_dir(src)
     pub = str(Path(pki["dir"].decode()) / "p256.pub")
-    first = tmp_path / sigfmt.signature_path(MANIFEST_ID)
-    first.parent.mkdir(parents=True)
-    first.write_bytes(sigfmt.sign(resources, key_pem=pki["p256.key"]))
-    (tmp_path / sigfmt.signature_path(MANIFEST_ID, "p384")).write_bytes(sigfmt.sign(resources, key_pem=pki["p384.key"]))
-    assert oms_verify(tmp_path, first, "key", "--public_key", pub).returncode == 0
+    (src / sigfmt.SIGNATURES_DIR).mkdir()
+    (src / sigfmt.signature_path(MANIFEST_ID)).write_bytes(sigfmt.sign(resources, key_pem=pki["p256.key"]))
+    (src / sigfmt.signature_path(MANIFEST_ID, "p384")).write_bytes(sigfmt.sign(resources, key_pem=pki["p384.key"]))
+    # Through a real tar, as a security team would: the bundle holds the signed files and two signatures.
+    tar = need_binary("tar")
+    subprocess.run([tar, "-cf", str(tmp_path / "b.tar"), "-C", str(src), "hub"], check=True)
+    out.mkdir()
+    subprocess.run([tar, "-xf", str(tmp_path / "b.tar"), "-C", str(out)], check=True)
+    first = out / sigfmt.signature_path(MANIFEST_ID)
+    assert oms_verify(out, first, "key", "--public_key", pub).returncode == 0
+    assert oms_verify(out, out / sigfmt.signature_path(MANIFEST_ID, "p384"), "key", "--public_key",
+                      pub.replace("p256", "p384")).returncode == 0
 
     # The same statement without ignore_paths, signed by hand the way sign() does it.
     from cryptography.hazmat.primitives import serialization
@@ -180,13 +188,13 @@ def test_oms_cli_ignores_other_signatures_only_because_the_statement_says_so(tmp
     bundle["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(raw).decode()
     first.write_text(json.dumps(bundle))
     assert sigfmt.verify(first.read_bytes(), Trust.from_pem(pki["p256.pub"])).resources == stmt_resources(stmt)
-    plain = oms_verify(tmp_path, first, "key", "--public_key", pub)
+    plain = oms_verify(out, first, "key", "--public_key", pub)
     assert plain.returncode == 1 and "Extra files" in plain.stderr and ".p384.sig" in plain.stderr
 
     # Ours again, plus a stray file outside the signatures folder: OMS refuses it (it demands the exact set).
     first.write_bytes(sigfmt.sign(resources, key_pem=pki["p256.key"]))
-    (tmp_path / "hub/checkpoints/extra.pth").write_bytes(b"x")
-    stray = oms_verify(tmp_path, first, "key", "--public_key", pub)
+    (out / "hub/checkpoints/extra.pth").write_bytes(b"x")
+    stray = oms_verify(out, first, "key", "--public_key", pub)
     assert stray.returncode == 1 and "extra.pth" in stray.stderr
 
 

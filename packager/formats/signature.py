@@ -12,7 +12,7 @@ Why this module writes the format with ``cryptography`` instead of calling ``mod
   known digests needs its private modules (``model_signing._signing.signing.Payload``, ``manifest._FileSerialization``);
 - its signers and verifiers take key *paths*, and its key password path is broken (typed ``str``, handed to
   ``cryptography`` which needs bytes: ``TypeError``);
-- its certificate verifier checks the chain at the leaf's notBefore, so an expired leaf verifies; and with no
+- its certificate verifier checks the chain at the leaf's notBefore, so an expired leaf verifies (tested); with no
   root given it silently trusts the web PKI (certifi). We check the chain at ``now`` against the given roots only;
 - it reads only the first DSSE signature and fails with assorted ValueError/KeyError/OpenSSL errors;
 - importing it costs ~0.3 s and pulls sigstore, protobuf, in-toto and pyOpenSSL onto the air-gapped side;
