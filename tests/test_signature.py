@@ -16,7 +16,7 @@ import pytest
 from packager.errors import SignatureError
 from packager.formats import signature as sigfmt
 from packager.formats.signature import Resource, Trust
-from tests.conftest import ROOT, need_binary
+from tests.conftest import ROOT, _missing, need_binary
 
 MANIFEST_ID = "0123456789abcdef"
 FILES = {
@@ -126,7 +126,7 @@ def write_bundle_dir(root: Path, seed: int = 0) -> list[Resource]:
 
 def oms_verify(root: Path, sig: Path, *args: str) -> subprocess.CompletedProcess:
     if not MODEL_SIGNING.exists():
-        pytest.skip("model_signing CLI not installed")
+        _missing("model_signing CLI (PyPI model-signing)")
     return subprocess.run([str(MODEL_SIGNING), "verify", *args[:1], str(root), "--signature", str(sig), *args[1:]],
                           capture_output=True, text=True, timeout=60)
 
@@ -231,7 +231,7 @@ def test_oms_cli_accepts_an_expired_leaf_where_we_refuse(tmp_path, pki):
 def test_we_verify_signatures_made_by_the_oms_tool(tmp_path, pki):
     """The other direction: `model_signing sign key|certificate` output verifies with our code and covers our files."""
     if not MODEL_SIGNING.exists():
-        pytest.skip("model_signing CLI not installed")
+        _missing("model_signing CLI (PyPI model-signing)")
     resources = write_bundle_dir(tmp_path / "m")
     d = Path(pki["dir"].decode())
     for method, args, trust in [
