@@ -108,13 +108,15 @@ def test_streaming_writer_with_many_small_writes(tmp_path):
         assert volumes.read_at(len(data), 0) == data
 
 
-def test_write_from_mixes_with_write(tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+def test_write_from_mixes_with_write(tmp_path, kernel_copy):
     src = tmp_path / "ckpt"
     payload = _data(20_000, seed=3)
     src.write_bytes(payload)
     fd = os.open(src, os.O_RDONLY)
     try:
         with SplitWriter(tmp_path / "m.tar", 3333) as writer:
+            writer._kernel_copy = kernel_copy and writer._kernel_copy
             writer.write(b"header" * 100)
             assert writer.write_from(fd, 100, 15_000) == 15_000
             writer.write(b"trailer")
@@ -133,6 +135,16 @@ def test_abort_on_exception_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["keep"]
     with pytest.raises(ValueError):
         writer.write(b"more")
+
+
+def test_failed_commit_takes_everything_back(tmp_path):
+    (tmp_path / "f.tar.sha256").mkdir()  # the listing cannot be renamed onto a non-empty directory
+    (tmp_path / "f.tar.sha256" / "x").write_bytes(b"")
+    writer = SplitWriter(tmp_path / "f.tar", 100)
+    writer.write(_data(1000))
+    with pytest.raises(BundleError, match=r"^cannot write the parts of .*f\.tar: "):
+        writer.commit()
+    assert sorted(os.listdir(tmp_path)) == ["f.tar.sha256"]
 
 
 def test_empty_split_is_refused(tmp_path):

@@ -111,6 +111,7 @@ class SplitWriter:
         self.digests: list[str] = []  # of the finished parts
         self.parts: list[Path] = []  # final names, filled by commit()
         self._temps: list[Path] = []
+        self._renamed: list[Path] = []  # parts a failing commit already put in place, to take back
         self._fd: int | None = None
         self._hash = None
         self._in_part = 0  # bytes in the current part
@@ -255,6 +256,7 @@ class SplitWriter:
             finals = [self._part_path(i) for i in range(len(self.digests))]
             for tmp, final in zip(self._temps, finals):
                 os.replace(tmp, final)
+                self._renamed.append(final)
             for stale in _parts_on_disk(directory, self.name):
                 if stale not in finals:
                     _unlink_quietly(stale)
@@ -271,14 +273,14 @@ class SplitWriter:
         return finals
 
     def abort(self) -> None:
-        """Remove every temporary file; the directory is left as it was before (parts already
-        renamed by a failed commit are removed too)."""
+        """Remove every temporary file, and the parts a failing commit had already renamed into place
+        (with the old listing gone they describe nothing). Safe to call more than once."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        for tmp in self._temps:
-            _unlink_quietly(tmp)
-        self._temps = []
+        for path in (*self._temps, *self._renamed):
+            _unlink_quietly(path)
+        self._temps, self._renamed = [], []
         if self._state == "open":
             self._state = "aborted"
 
