@@ -147,6 +147,20 @@ def test_failed_commit_takes_everything_back(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f.tar.sha256"]
 
 
+def test_failed_source_read_cannot_be_committed(tmp_path):
+    with SplitWriter(tmp_path / "r.tar", 100) as writer:
+        writer.write(b"x" * 150)
+        fd = os.open(tmp_path, os.O_RDONLY)  # a directory: preadv fails with EISDIR
+        try:
+            with pytest.raises(BundleError, match="cannot read the file being split"):
+                writer.write_from(fd, 0, 10)
+        finally:
+            os.close(fd)
+        with pytest.raises(ValueError, match="failed"):
+            writer.commit()
+    assert os.listdir(tmp_path) == []
+
+
 def test_empty_split_is_refused(tmp_path):
     with pytest.raises(BundleError, match="nothing was written"):
         SplitWriter(tmp_path / "e.tar", 100).commit()

@@ -149,6 +149,7 @@ class SplitWriter:
         self.digests.append(self._hash.hexdigest())
 
     def _write_error(self, exc: OSError) -> BundleError:
+        self._state = "failed"  # the part's hash may cover bytes that never reached the disk: only abort() now
         return BundleError(f"cannot write {self._part_path(len(self._temps) - 1)}: {exc.strerror or exc}")
 
     def _room(self) -> int:
@@ -189,8 +190,13 @@ class SplitWriter:
         while done_total < length:
             n = min(len(buf), length - done_total, self._room())
             view = memoryview(buf)[:n]
-            got = os.preadv(src_fd, [view], offset + done_total)
+            try:
+                got = os.preadv(src_fd, [view], offset + done_total)
+            except OSError as exc:
+                self._state = "failed"
+                raise BundleError(f"cannot read the file being split: {exc.strerror or exc}") from None
             if got <= 0:
+                self._state = "failed"
                 raise BundleError(f"source file ended {length - done_total} bytes early while splitting")
             view = view[:got]
             self._hash.update(view)
@@ -288,10 +294,9 @@ class SplitWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self._state == "open":
-                self.commit()
-        else:
+        if exc_type is None and self._state == "open":
+            self.commit()
+        elif self._state != "committed":  # an exception, or a failure the caller caught and swallowed
             self.abort()
 
 
