@@ -66,7 +66,7 @@ def _sizes(parts):
     (2999, 3000, [2999]),  # one part is still NAME.000 + NAME.sha256
     (3000, 3000, [3000]),
     (5 * 512 + 7, 700, [700, 700, 700, 467]),  # part size not a multiple of 512
-    (1000, 1, [1] * 1000),  # far smaller than anything in the bundle
+    (300, 1, [1] * 300),  # far smaller than anything in the bundle
 ])
 def test_split_sizes(tmp_path, total, part_size, expected):
     data = _data(total)
@@ -167,12 +167,17 @@ def test_empty_split_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_too_many_parts_refused(tmp_path):
-    writer = SplitWriter(tmp_path / "t.tar", 1)
-    with pytest.raises(UsageError, match=f"more than {MAX_PARTS} parts"):
-        writer.write(b"x" * (MAX_PARTS + 1))
+def test_too_many_parts_refused(tmp_path, monkeypatch):
+    (tmp_path / "t.tar").write_bytes(b"x" * (MAX_PARTS + 1))
+    with pytest.raises(UsageError, match=f"needs {MAX_PARTS + 1} parts, more than {MAX_PARTS}"):
+        split_file(tmp_path / "t.tar", 1)  # known before anything is written
+    assert os.listdir(tmp_path) == ["t.tar"]
+    monkeypatch.setattr("packager.formats.volumes.MAX_PARTS", 5)  # streaming: found at the 6th part
+    writer = SplitWriter(tmp_path / "s.tar", 10)
+    with pytest.raises(UsageError, match="more than 5 parts"):
+        writer.write(b"x" * 51)
     writer.abort()
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["t.tar"]
 
 
 def test_resplit_replaces_stale_parts(tmp_path):

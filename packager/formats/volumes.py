@@ -346,6 +346,9 @@ def split_file(path, part_size: int, output=None) -> list[Path]:
         raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
+        if isinstance(part_size, int) and part_size > 0 and -(-info.st_size // part_size) > MAX_PARTS:
+            raise UsageError(f"a part size of {part_size} bytes needs {-(-info.st_size // part_size)} parts, more "
+                             f"than {MAX_PARTS}: choose a larger size")
         with SplitWriter(output, part_size) as writer:
             writer.write_from(fd, 0, info.st_size)
         return writer.parts
