@@ -261,6 +261,8 @@ def test_file_source_same_interface(tmp_path):
         assert source.read_at(10, 6000) == b""
         assert source.diagnose() is None
         source.check_all()
+    with pytest.raises(ValueError, match="closed"):
+        source.read_at(1, 0)
 
 
 def test_open_source_picks_the_kind(seven):
@@ -285,6 +287,7 @@ def test_single_part_without_listing_is_a_plain_file(tmp_path):
     assert isinstance(open_source(tmp_path / "odd.000"), FileSource)
 
 
+@pytest.mark.timeout(20)  # a regression would block in open(): fail, don't hang the suite
 def test_fifo_refused_without_hanging(tmp_path):
     fifo = tmp_path / "b.tar"
     os.mkfifo(fifo)

@@ -405,6 +405,8 @@ class FileSource:
         view = memoryview(view).cast("B")
         if offset < 0:
             raise ValueError("negative offset")
+        if self._fd is None:
+            raise ValueError(f"{self.name} is closed")
         return _pread_full(self._fd, view[:max(0, min(len(view), self.size - offset))], offset)
 
     def read_at(self, n: int, offset: int) -> bytes:
