@@ -30,7 +30,6 @@ from .errors import BundleError, CacheError, OfflineError
 from .formats.archive import (
     BLOCK,
     RECORD,
-    FileSource,
     Member,
     TarArchive,
     copy_file,
@@ -54,6 +53,7 @@ from .formats.manifest import (
     manifest_path_for,
     parse_manifest,
 )
+from .formats.volumes import open_source
 from .fsutil import atomic_write_bytes, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef
@@ -101,7 +101,7 @@ class InstallReport:
 class _Archive(TarArchive):
     """A bundle's tar structure and its manifest, cross-checked; no payload hashing."""
 
-    def __init__(self, source: FileSource):
+    def __init__(self, source):
         super().__init__(source)
         self._read_manifest()
 
@@ -213,7 +213,7 @@ class Bundle:
 
 
 def _open_archive(path) -> _Archive:
-    source = FileSource(path)
+    source = open_source(path)
     try:
         return _Archive(source)
     except BaseException:

@@ -46,8 +46,9 @@ from .bundle import open_bundle
 from .cache import file_sha256 as _file_sha256
 from .discovery import get_registry
 from .errors import BundleError, IntegrityError, LoadError, TvpackError
-from .formats.archive import FileSource, MemberFile
+from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
+from .formats.volumes import open_source as open_bytes
 from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,7 @@ class BundleSource(Source):
         # straight into its storage (no extra copy), while a second thread hashes the same bytes
         # (hashlib releases the GIL). Nothing is returned unless the hash matches; the weights-only
         # unpickler is what makes reading not-yet-verified bytes harmless.
-        with FileSource(self.path) as source, ThreadPoolExecutor(1) as pool:
+        with open_bytes(self.path) as source, ThreadPoolExecutor(1) as pool:
             hashing = pool.submit(_hash_stream, MemberFile(source, member.offset, member.size), member.size)
             state, failure = None, None
             try:

@@ -278,7 +278,7 @@ def test_open_source_picks_the_kind(seven):
     (tmp_path / "b.tar.sha256").unlink()
     with pytest.raises(VolumeError, match=r"^b\.tar\.sha256 is missing beside b\.tar\.000"):
         open_source(tmp_path / "b.tar.000")
-    with pytest.raises(BundleError, match="no such file"):
+    with pytest.raises(BundleError, match="no such bundle"):
         open_source(tmp_path / "nothing.tar")
 
 

@@ -6,8 +6,8 @@ member's bytes are copied by the kernel (``copy_file_range``) where it can.
 
 Reading (:class:`TarArchive`) accepts regular files only (no links, devices, FIFOs or
 directories), relative paths under ``hub/`` without ``..``, each member once, zero padding and a
-proper end of archive; it reads positionally from a :class:`FileSource` (or anything with the same
-``size``/``name``/``readinto_at``), so many members can be hashed at once and a bundle split into
+proper end of archive; it reads positionally from a source of :mod:`packager.formats.volumes` (one
+file, or the parts of a split bundle read in place), so many members can be hashed at once and a bundle split into
 volumes reads in place. What the members must be is the manifest's business
 (:mod:`packager.formats.manifest`), not this module's.
 """
@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 import re
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,76 +195,12 @@ def _parse_pax(data: bytes, where: str) -> dict[str, str]:
 
 
 
-# -- sources -----------------------------------------------------------------------------------------
-class FileSource:
-    """One regular file read positionally (``os.preadv``: no shared offset, so thread-safe).
-
-    Special files are refused before they are opened (opening a FIFO would block forever, and a
-    pipe cannot be read twice): a bundle must be a regular file.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.name = str(path)
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise BundleError(f"no such bundle: {self.path}") from None
-        except OSError as exc:
-            raise BundleError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise BundleError(f"{self.path} is a directory, not a bundle")
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{self.path} is {_special_kind(st.st_mode)}, not a bundle file; copy it to a regular"
-                              " file first")
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except OSError as exc:
-            raise BundleError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped for something else between stat and open
-            os.close(self.fd)
-            raise BundleError(f"{self.path} is {_special_kind(st.st_mode)}, not a bundle file")
-        self.size = st.st_size
-
-    def read_at(self, size: int, offset: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
-    def readinto_at(self, view, offset: int) -> int:
-        return os.preadv(self.fd, [view], offset)
-
-    def diagnose(self) -> str | None:
-        """Which part of a multi-part source is damaged (a single file has none to name)."""
-        return None
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _special_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
-
-
 class TarArchive:
     """The members of a tar file, every header checked; no payload hashing, no manifest."""
 
-    def __init__(self, source: "FileSource"):
-        self.source = source
-        self.path = Path(source.name)
+    def __init__(self, source):
+        self.source = source  # packager.formats.volumes: a FileSource or Volumes (a split bundle)
+        self.path = Path(getattr(source, "path", None) or source.listing_path)
         self.file_size = source.size
         self.members: list[Member] = []
         self._scan()
@@ -462,7 +397,7 @@ class MemberFile(io.RawIOBase):
     and torch.load reads through ``readinto`` into each storage, so unbuffered, tensor bytes are
     copied once, from the page cache."""
 
-    def __init__(self, source: "FileSource", offset: int, size: int):
+    def __init__(self, source, offset: int, size: int):
         super().__init__()
         self._source, self._offset, self._size, self._pos = source, offset, size, 0
 

@@ -701,12 +701,12 @@ def open_source(path) -> FileSource | Volumes:
     except FileNotFoundError:
         if os.path.exists(path.with_name(listing_name(path.name))):
             return open_volumes(path.with_name(listing_name(path.name)))
-        raise BundleError(f"{path}: no such file") from None
+        raise BundleError(f"no such bundle: {path}") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
     kind = _kind(info.st_mode)
     if kind:
-        raise BundleError(f"{path} is {kind}, not a bundle file")
+        raise BundleError(f"{path} is {kind}, not a bundle" + ("" if kind == "a directory" else " file"))
     if path.name.endswith(".sha256"):
         return open_volumes(path)
     suffix = _PART_SUFFIX.search(path.name)
