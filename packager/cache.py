@@ -5,42 +5,55 @@ and never downloads. Correctness never rests on the locks (they can be silent no
 Lustre): every transfer writes its own uniquely named part file in the same directory, which is
 fsynced and verified before ``os.replace`` gives it the final name. The per-file lock
 (``<hub>/tvpack/locks/<file>.lock``) only stops N threads or processes from doing the same transfer
-N times.
+N times; its holder writes who it is into it, so a waiting fetch can say what it waits for.
 
-A part file is named ``<file>.<host>.<pid>.<token>.tvpack-part``; one whose owner is gone (killed,
-interrupted) is taken over by the next fetch and resumed with a Range request.
+A part file is named ``<file>.<host>.<pid>.<token>.tvpack-part`` (a very long ``<file>`` is
+shortened to a prefix and a hash of the whole, so every name stays under the file system's limit);
+one whose owner is gone (killed, interrupted) is taken over by the next fetch and resumed with a
+Range request. ``cache prune`` never removes a part whose file lock someone holds, whatever their
+pid namespace.
 
-The verification index ``<hub>/tvpack/index.json`` records (sha256, size, mtime_ns) of each file
-hashed, so unchanged files are never hashed twice (``file_sha256``). Bundle manifests installed
-under ``<hub>/tvpack/manifests/`` tell ``cache ls`` which weights a file belongs to.
+The verification index ``<hub>/tvpack/index.json`` records (sha256, size, mtime_ns, ctime_ns, inode)
+of each file hashed, so unchanged files are never hashed twice (``file_sha256``): ctime and inode
+are what a user cannot set back (``touch -r``, an edit that restores the mtime). Bundle manifests
+installed under ``<hub>/tvpack/manifests/`` tell ``cache ls`` which weights a file belongs to.
+
+A cache that is read-only to us (a read-only mount, another user's directory) serves every file
+that is present and verified without writing anything; only what must be written fails, in one
+line. In a group-shared cache (``chgrp TEAM DIR; chmod 2775 DIR``) everything created is left
+usable by the whole group (:mod:`packager.fsutil`).
 """
 from __future__ import annotations
 
+import contextvars
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import socket
+import stat as stat_module
+import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
-
-from filelock import FileLock, Timeout
+from typing import Callable, Iterable, Sequence
 
 from . import env
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
 from .formats.checkpoint import deep_check
 from .formats.lockfile import dump_lockfile, read_lockfile, select_locked
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_json, fsync_dir, make_dirs
 from .home import hub_dir as _hub_dir
+from .locking import FileLock, describe_holder
 from .registry import WeightsRef, hash_prefix_from_filename
 from .snapshot import get_catalog, resolve
-from .transport import DEFAULT_POLICY, Policy, Verifier, discard_part, part_state_path, transfer
+from .transport import DEFAULT_POLICY, Cancel, Cancelled, Policy, Verifier, discard_part, part_state_path, transfer
 from .transport.urls import candidate_urls, normalize_mirror
 
 INDEX_VERSION = 1
@@ -54,7 +67,21 @@ _PART_NAME = re.compile(
 # fsutil.temp_path names: .<file>.<pid>.<hex8><suffix> (bundle install, atomic writes)
 _TEMP_NAME = re.compile(r"^\.(?P<file>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})(?:\.tvpack-install|\.tmp)$")
 _DEAD_TEMP_AGE = 60.0
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_HOST = (re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host")[:40]
+# A part name is <stem>.<host:40>.<pid:10>.<token:8>.tvpack-part (at most 200 bytes), its state
+# file adds ".json" and an atomic write of that a ".<pid>.<hex8>.tmp" decoration: all under 255.
+_STEM_MAX = 200 - (1 + 40 + 1 + 10 + 1 + 8 + len(PART_SUFFIX))
+
+
+def _stem(filename: str) -> str:
+    """``filename`` as it appears in part and lock names: itself, or when too long for those
+    names, a prefix and a hash of the whole name (unique, and still recognisable by people)."""
+    raw = os.fsencode(filename)
+    if len(raw) <= _STEM_MAX:
+        return filename
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    prefix = raw[: _STEM_MAX - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
+    return f"{prefix}~{digest}"
 
 
 # -- places ----------------------------------------------------------------------------------------
@@ -75,37 +102,105 @@ def manifests_dir(hub: Path) -> Path:
     return tvpack_dir(hub) / "manifests"
 
 
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _unwritable(path: Path, why: str | None = None) -> CacheError:
+    """One line saying the cache cannot be written here, and why."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if _read_only(probe):
+        why = "it is on a read-only file system"
+    elif why is None:
+        why = f"permission denied for user {_user()}"
+    return CacheError(f"cannot write to the cache at {path}: {why} (files already cached and verified can still "
+                      "be used; to fetch more, use a writable TORCH_HOME or --torch-home)")
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
 def _makedirs(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
     except FileExistsError:
         raise CacheError(f"cannot create directory {path}: a file is in the way") from None
     except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise _unwritable(path) from None
         raise CacheError(f"cannot create directory {path}: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise CacheError(f"cache directory {path} is not writable")
+        raise _unwritable(path)
 
 
 def _lock(hub: Path, name: str) -> FileLock:
-    """A per-name inter-process lock (also excludes threads: each gets its own descriptor)."""
-    return FileLock(str(locks_dir(hub) / f"{name}.lock"))
+    """A per-name inter-process lock (also excludes threads: each acquisition opens its own descriptor)."""
+    return FileLock(locks_dir(hub) / f"{_stem(name)}.lock")
 
 
 LOCK_WAIT = 900.0  # seconds to wait for another fetch of the same file before going ahead anyway
+INDEX_LOCK_WAIT = 10.0  # the index is only a shortcut: skip an update rather than wait long
+_lock_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("tvpack_lock_timeout", default=None)
 
 
 @contextmanager
-def _fetch_lock(hub: Path, name: str):
-    """Hold the file's lock, or after ``LOCK_WAIT`` seconds go ahead without it.
+def lock_timeout(seconds: float | None):
+    """Within the block, a fetch waiting for another process's lock on a file gives up after
+    ``seconds`` with a :class:`CacheError` naming the holder (None: ``TVPACK_LOCK_TIMEOUT``, else
+    wait up to ``LOCK_WAIT`` and then go ahead without the lock). For callers that reach the cache
+    through other layers (``bundle``, ``mirror``)."""
+    token = _lock_timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _lock_timeout.reset(token)
 
-    A lock that is never released (a soft lock left by a killed process on a filesystem without
-    flock, a hung holder) must not hang every later fetch; going ahead only risks duplicate work,
-    never a wrong file.
+
+def _resolve_lock_timeout(explicit: float | None) -> float | None:
+    if explicit is not None:
+        return explicit
+    scoped = _lock_timeout.get()
+    return scoped if scoped is not None else env.lock_timeout()
+
+
+@contextmanager
+def _fetch_lock(hub: Path, name: str, run: "_Run"):
+    """Hold the file's lock. While waiting, say once who holds it.
+
+    With a lock timeout (``--lock-timeout``), giving up is a CacheError naming the holder.
+    Without one, after ``LOCK_WAIT`` seconds go ahead without the lock: a lock that is never
+    released (a soft lock left by a killed process on a filesystem without flock, a hung holder)
+    must not hang every later fetch; going ahead only risks duplicate work, never a wrong file.
     """
     lock = _lock(hub, name)
+    seen: list = []
+
+    def waiting(holder) -> None:
+        seen.append(holder)
+        run.notify(f"waiting for {name}: {describe_holder(holder)}")
+
+    timeout = run.lock_timeout if run.lock_timeout is not None else LOCK_WAIT
     try:
-        lock.acquire(timeout=LOCK_WAIT)
-    except Timeout:
+        got = lock.acquire(timeout=timeout, on_wait=waiting, check=run.cancel.check)
+    except OSError as exc:
+        raise CacheError(f"cannot lock {lock.path}: {exc.strerror or exc}") from None
+    if not got:
+        if run.lock_timeout is not None:
+            holder = lock.holder() or (seen[0] if seen else None)
+            raise CacheError(f"gave up after {run.lock_timeout:g}s waiting for the lock on {name}: "
+                             f"{describe_holder(holder)} (--lock-timeout / TVPACK_LOCK_TIMEOUT)")
+        run.notify(f"still waiting for {name} after {timeout:.0f}s; going ahead without the lock")
         yield False
         return
     try:
@@ -137,56 +232,85 @@ def _load_index(hub: Path) -> dict:
 
 
 def _update_index(hub: Path, changes: dict[str, dict | None]) -> None:
-    """Apply ``{filename: entry or None (drop)}``; best effort (the index is only a shortcut)."""
+    """Apply ``{filename: entry or None (drop)}``; best effort (the index is only a shortcut): a
+    cache we cannot write, or an index lock held for long, skips the update."""
     try:
-        locks_dir(hub).mkdir(parents=True, exist_ok=True)
-        with _index_mutex, _lock(hub, "index.json"):
-            files = _load_index(hub)
-            for name, entry in changes.items():
-                if entry is None:
-                    files.pop(name, None)
-                else:
-                    files[name] = entry
-            # ".index.json.<pid>.<hex>.tmp": a leftover is found by prune (".index.*.tmp").
-            # Not fsynced: the index is only a shortcut.
-            atomic_write_json(index_path(hub), {"version": INDEX_VERSION, "files": files}, indent=1, sort_keys=True,
-                              durable=False)
+        probe = tvpack_dir(hub)
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            return  # a read-only cache: nothing to try (and no lock to take)
+        make_dirs(locks_dir(hub))
+        lock = _lock(hub, "index.json")
+        with _index_mutex:
+            if not lock.acquire(timeout=INDEX_LOCK_WAIT):
+                return
+            try:
+                files = _load_index(hub)
+                for name, entry in changes.items():
+                    if entry is None:
+                        files.pop(name, None)
+                    else:
+                        files[name] = entry
+                # ".index.json.<pid>.<hex>.tmp": a leftover is found by prune (".index.*.tmp").
+                # Not fsynced: the index is only a shortcut.
+                atomic_write_json(index_path(hub), {"version": INDEX_VERSION, "files": files}, indent=1,
+                                  sort_keys=True, durable=False)
+            finally:
+                lock.release()
     except OSError:
         pass
 
 
-def _stat_key(path: Path) -> tuple[int, int] | None:
+_KEY_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode")
+
+
+def _key_of(st: os.stat_result) -> dict:
+    # ctime and inode cannot be set back by a user: touch -r, or an in-place edit that restores
+    # the mtime, still changes them, so such a file is hashed again.
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _fresh(entry: dict | None, st: os.stat_result) -> bool:
+    """Does an index entry describe the file as it is now? (Entries of older versions, without
+    ctime and inode, never do: they are hashed once more.)"""
+    if not isinstance(entry, dict):
+        return False
+    key = _key_of(st)
+    return all(entry.get(name) == key[name] for name in _KEY_FIELDS)
+
+
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
 
 
 def index_entry(path) -> dict | None:
     """What the index knows about ``path``, if the file is unchanged since it was hashed."""
     path = Path(path)
     hub = _hub_of(path)
-    key = _stat_key(path)
-    if hub is None or key is None:
+    st = _stat(path)
+    if hub is None or st is None:
         return None
     entry = _load_index(hub).get(path.name)
-    if not isinstance(entry, dict) or (entry.get("size"), entry.get("mtime_ns")) != key:
-        return None
-    return entry
+    return entry if _fresh(entry, st) else None
 
 
 def record_verified(path, sha256: str, **extra) -> None:
     """Record that ``path`` (as it is now) hashes to ``sha256``; ``extra`` (weights, url) kept."""
     path = Path(path)
     hub = _hub_of(path)
-    key = _stat_key(path)
-    if hub is None or key is None:
+    st = _stat(path)
+    if hub is None or st is None:
         return
     old = _load_index(hub).get(path.name) or {}
     entry = {k: v for k, v in old.items() if k in ("weights", "url")}
     entry.update({k: v for k, v in extra.items() if v is not None})
-    entry.update({"sha256": sha256, "size": key[0], "mtime_ns": key[1], "checked_at": int(time.time())})
+    entry.update({"sha256": sha256, **_key_of(st), "checked_at": int(time.time())})
+    if _fresh(old, st) and all(old.get(k) == v for k, v in entry.items() if k != "checked_at"):
+        return  # nothing new to say: no write (a read-only or busy cache stays untouched)
     _update_index(hub, {path.name: entry})
 
 
@@ -249,12 +373,13 @@ class FetchResult:
     source: str | None = None
     resumed_from: int = 0
     error: str | None = None
+    received: int = 0  # bytes that came over the wire in this run (a resume counts only what was missing)
 
     def to_dict(self) -> dict:
         return {
             "weights": self.ref.name, "url": self.ref.url, "path": str(self.path), "status": self.status,
             "size": self.size, "sha256": self.sha256, "source": self.source,
-            "resumed_from": self.resumed_from, "error": self.error,
+            "resumed_from": self.resumed_from, "received": self.received, "error": self.error,
         }
 
 
@@ -291,19 +416,21 @@ def _parts_of(ckpt: Path, filename: str) -> list[Path]:
         names = os.listdir(ckpt)
     except OSError:
         return out
+    stem = _stem(filename)
     for name in names:
         match = _PART_NAME.match(name)
-        if match and match["file"] == filename:
+        if match and match["file"] == stem:
             out.append(ckpt / name)
     return out
 
 
-def _claim_part(ckpt: Path, filename: str) -> Path:
+def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambda message: None) -> Path:
     """A part file for this process: an abandoned one taken over (to resume), else a new name.
 
     Taking over is an ``os.replace`` to our own unique name, so two claimants never share a file.
+    A part we could not write (another user's, not shared with the group) is left alone.
     """
-    mine = ckpt / f"{filename}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{PART_SUFFIX}"
+    mine = ckpt / f"{_stem(filename)}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{PART_SUFFIX}"
     candidates = []
     for part in _parts_of(ckpt, filename):
         match = _PART_NAME.match(part.name)
@@ -314,6 +441,10 @@ def _claim_part(ckpt: Path, filename: str) -> Path:
         if _part_abandoned(part, match):
             candidates.append((size, part))
     for _size, part in sorted(candidates, reverse=True):
+        if not os.access(part, os.R_OK | os.W_OK):
+            notify(f"ignoring {part.name}: a partial download left by another user that you cannot write "
+                   "(starting afresh; 'tvpack cache prune' by its owner removes it)")
+            continue
         try:
             os.replace(part, mine)
         except OSError:
@@ -376,25 +507,56 @@ class _Bars:
         if self.total is not None:
             self.total.close()
 
+    def write(self, line: str) -> None:
+        """A line on stderr that does not tear the bars."""
+        if self.enabled:
+            self._tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
 
 def _check_present(path: Path, ref: WeightsRef) -> tuple[str, str | None, int | None]:
     """(state, sha256, size) of the file at the final name: absent, ok, corrupt or pin-mismatch
     (a good copy of what its name promises, but not the bytes a lockfile pins)."""
-    key = _stat_key(path)
-    if key is None:
+    st = _stat(path)
+    if st is None:
         return "absent", None, None
+    size = st.st_size
     exact = _exact_size(ref)
-    if exact is not None and key[0] != exact and not ref.hash_prefix:
-        return "corrupt", None, key[0]  # nothing else to learn from hashing it
+    if exact is not None and size != exact and not ref.hash_prefix:
+        return "corrupt", None, size  # nothing else to learn from hashing it
     sha = file_sha256(path)
-    if _problem(ref, sha, key[0]) is None:
-        return "ok", sha, key[0]
+    if _problem(ref, sha, size) is None:
+        return "ok", sha, size
     if ref.sha256 and ref.hash_prefix and sha.startswith(ref.hash_prefix):
-        return "pin-mismatch", sha, key[0]
-    return "corrupt", sha, key[0]
+        return "pin-mismatch", sha, size
+    return "corrupt", sha, size
 
 
-def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: Policy, bars: _Bars) -> FetchResult:
+class _Run:
+    """What the transfers of one fetch share: the cancel flag, the lock timeout, the stderr
+    notices, and the cache directories, made (once) only when something has to be written."""
+
+    def __init__(self, hub: Path, bars: "_Bars", lock_timeout: float | None):
+        self.hub = hub
+        self.bars = bars
+        self.lock_timeout = lock_timeout
+        self.cancel = Cancel()
+        self._prepared = False
+        self._mutex = threading.Lock()
+
+    def notify(self, message: str) -> None:
+        self.bars.write(f"tvpack: {message}")
+
+    def prepare(self) -> None:
+        with self._mutex:
+            if not self._prepared:
+                for path in (self.hub / "checkpoints", locks_dir(self.hub)):
+                    _makedirs(path)
+                self._prepared = True
+
+
+def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: Policy, run: _Run) -> FetchResult:
     ckpt = hub / "checkpoints"
     final = ckpt / ref.filename
     state, sha, size = _check_present(final, ref)
@@ -403,7 +565,8 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
     if state == "pin-mismatch":
         raise IntegrityError(f"{final} does not match the lockfile", expected=ref.sha256, got=sha,
                              hint="remove it with 'tvpack cache rm' or update the lockfile")
-    with _fetch_lock(hub, ref.filename):
+    run.prepare()  # from here on we write: a read-only cache fails here, in one line
+    with _fetch_lock(hub, ref.filename, run):
         state, sha, size = _check_present(final, ref)  # someone may have fetched it meanwhile
         if state == "ok":
             return FetchResult(ref, final, "cached", size, sha)
@@ -413,16 +576,18 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
         urls = candidate_urls(ref.url, mirrors, upstream=upstream)
         if not urls:
             raise DownloadError(f"{ref.name}: no mirror given and upstream disabled (--no-upstream)")
-        part = _claim_part(ckpt, ref.filename)
+        part = _claim_part(ckpt, ref.filename, run.notify)
         errors: list[str] = []
         integrity: IntegrityError | None = None
-        bar = bars.open(ref.filename)
+        bar = run.bars.open(ref.filename)
+        received = [0]
         try:
             for url in urls:
                 verifier = Verifier(url, hash_prefix=ref.hash_prefix, sha256=ref.sha256, size=_exact_size(ref))
-                on_bytes, on_total = _progress_callbacks(bar, bars.total)
+                on_bytes, on_total = _progress_callbacks(bar, run.bars.total, received)
                 try:
-                    result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total)
+                    result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total,
+                                      cancel=run.cancel)
                 except IntegrityError as exc:
                     integrity = integrity or exc
                     errors.append(exc.format())
@@ -436,22 +601,25 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                     raise CacheError(f"cannot place {final}: {exc.strerror or exc}") from None
                 discard_part(part)
                 record_verified(final, result.sha256, weights=ref.name, url=ref.url)
-                return FetchResult(ref, final, "downloaded", result.size, result.sha256, url, result.resumed_from)
+                return FetchResult(ref, final, "downloaded", result.size, result.sha256, url, result.resumed_from,
+                                   received=received[0])
         finally:
-            bars.close(bar)
+            run.bars.close(bar)
             _release_part(part)
         if integrity is not None and len(urls) == 1:
             raise integrity
         raise DownloadError(f"{ref.name}: every source failed: " + "; ".join(errors))
 
 
-def _progress_callbacks(bar, total_bar):
-    if bar is None:
-        return None, None
-
+def _progress_callbacks(bar, total_bar, received: list[int]):
     def on_bytes(n: int) -> None:
-        bar.update(n)
-        total_bar.update(n)
+        received[0] += n
+        if bar is not None:
+            bar.update(n)
+            total_bar.update(n)
+
+    if bar is None:
+        return on_bytes, None
 
     def on_total(total: int | None, offset: int) -> None:
         if offset < 0:  # a restart: take back the bytes counted for the old part
@@ -463,13 +631,6 @@ def _progress_callbacks(bar, total_bar):
         total_bar.update(offset)
 
     return on_bytes, on_total
-
-
-def _prepare_hub(torch_home) -> Path:
-    hub = _hub_dir(torch_home)
-    for path in (hub / "checkpoints", locks_dir(hub)):
-        _makedirs(path)
-    return hub
 
 
 def _select(selectors, refs, all_weights, registry, lock, with_backbones) -> list[WeightsRef]:
@@ -486,6 +647,65 @@ def _dedupe(refs: Sequence[WeightsRef]) -> list[WeightsRef]:
     for ref in refs:
         seen.setdefault(ref.filename, ref)
     return list(seen.values())
+
+
+CANCEL_GRACE = 2.0  # seconds the workers get to stop (parts kept, locks released) after Ctrl-C / SIGTERM
+
+
+def _in_parallel(work, items: list, jobs: int, cancel: Cancel) -> list:
+    """``[work(item) for item in items]`` on ``jobs`` threads, in order.
+
+    Ctrl-C or SIGTERM (an exception in the waiting main thread) cancels the run: transfers stop
+    between chunks or have their blocked read aborted, and get ``CANCEL_GRACE`` seconds to keep
+    their part files and release their locks; then the exception goes on. The threads are daemons
+    so that one stuck in a connect cannot hold the process (a ThreadPoolExecutor would wait for it).
+    """
+    results: list = [None] * len(items)
+    next_index = iter(range(len(items)))
+    mutex = threading.Lock()
+    finished = threading.Condition()
+    running = [jobs]
+
+    def worker() -> None:
+        try:
+            while not cancel.cancelled:
+                with mutex:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = work(items[i])
+                except Cancelled:
+                    return
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    results[i] = _Crashed(exc)
+        finally:
+            with finished:
+                running[0] -= 1
+                finished.notify_all()
+
+    for n in range(jobs):
+        threading.Thread(target=worker, name=f"tvpack-fetch-{n}", daemon=True).start()
+    # Waiting on a condition, not Thread.join: a join interrupted by Ctrl-C marks a live thread
+    # as finished (CPython 3.11), and the grace period would then not wait for it.
+    try:
+        with finished:
+            while running[0]:
+                finished.wait(0.2)
+    except BaseException:
+        cancel.cancel()
+        with finished:
+            finished.wait_for(lambda: not running[0], timeout=CANCEL_GRACE)
+        raise
+    for result in results:
+        if isinstance(result, _Crashed):
+            raise result.exc
+    return results
+
+
+@dataclass(frozen=True)
+class _Crashed:
+    exc: BaseException
 
 
 def plan(refs: Sequence[WeightsRef], *, torch_home=None) -> list[FetchResult]:
@@ -511,7 +731,7 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
                   mirrors: Sequence[str] | None = None, upstream: bool = True, jobs: int = 4,
                   lock=None, offline: bool | None = None, with_backbones: bool = False,
                   dry_run: bool = False, progress: bool = False, policy: Policy | None = None,
-                  raise_errors: bool = True) -> list[FetchResult]:
+                  raise_errors: bool = True, lock_timeout: float | None = None) -> list[FetchResult]:
     """Like :func:`fetch`, returning one :class:`FetchResult` per weights.
 
     With ``raise_errors=False`` failures are returned as ``status="failed"`` results instead.
@@ -539,24 +759,21 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
         return results
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    hub = _prepare_hub(torch_home)
+    hub = _hub_dir(torch_home)
     policy = policy or DEFAULT_POLICY
     unique = _dedupe(selected)
     total = sum((_exact_size(r) or r.size_hint or 0) for r in unique)
     bars = _Bars(progress, total, min(jobs, len(unique) or 1))
+    run = _Run(hub, bars, _resolve_lock_timeout(lock_timeout))
     done: dict[str, FetchResult] = {}
     try:
         def work(ref):
             try:
-                return _fetch_one(ref, hub, mirrors=mirrors, upstream=upstream, policy=policy, bars=bars)
+                return _fetch_one(ref, hub, mirrors=mirrors, upstream=upstream, policy=policy, run=run)
             except TvpackError as exc:
                 return exc
 
-        if jobs == 1 or len(unique) <= 1:
-            outcomes = [work(ref) for ref in unique]
-        else:
-            with ThreadPoolExecutor(max_workers=min(jobs, len(unique)), thread_name_prefix="tvpack-fetch") as pool:
-                outcomes = list(pool.map(work, unique))
+        outcomes = _in_parallel(work, unique, min(jobs, len(unique) or 1), run.cancel)
     finally:
         bars.finish()
     if any(not isinstance(o, TvpackError) and o.status == "downloaded" for o in outcomes):
@@ -588,7 +805,7 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
           registry: Sequence[str] = (), torch_home=None, mirrors: Sequence[str] | None = None,
           upstream: bool = True, jobs: int = 4, lock=None, offline: bool | None = None,
           with_backbones: bool = False, dry_run: bool = False, progress: bool = False,
-          policy: Policy | None = None) -> list[Path]:
+          policy: Policy | None = None, lock_timeout: float | None = None) -> list[Path]:
     """Fetch weights into the torch.hub cache; returns the final paths, in the order of the refs.
 
     ``selectors`` are resolved through the registry (torchvision plus ``registry`` modules);
@@ -597,28 +814,33 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
     ``TVPACK_MIRROR`` variable) are tried in order, then upstream unless ``upstream=False``.
     ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises OfflineError naming
     what is missing. ``dry_run`` transfers nothing and returns where files would be.
+    ``lock_timeout``: seconds to wait for another process fetching the same file before giving up
+    (None: see :func:`lock_timeout`).
     """
     return [r.path for r in fetch_results(
         selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
         mirrors=mirrors, upstream=upstream, jobs=jobs, lock=lock, offline=offline,
-        with_backbones=with_backbones, dry_run=dry_run, progress=progress, policy=policy)]
+        with_backbones=with_backbones, dry_run=dry_run, progress=progress, policy=policy,
+        lock_timeout=lock_timeout)]
 
 
 def ensure_cached(refs: Sequence[WeightsRef], *, torch_home=None, mirrors: Sequence[str] | None = None,
                   upstream: bool = True, offline: bool | None = None, jobs: int = 4,
-                  progress: bool = False, policy: Policy | None = None) -> dict[str, Path]:
+                  progress: bool = False, policy: Policy | None = None,
+                  lock_timeout: float | None = None) -> dict[str, Path]:
     """Make sure each ref's verified file is in the cache; ``{ref.name: path}``.
 
     Offline (or ``TVPACK_OFFLINE``), raises OfflineError listing what is missing.
     """
     results = fetch_results(refs=list(refs), torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                            offline=offline, jobs=jobs, progress=progress, policy=policy)
+                            offline=offline, jobs=jobs, progress=progress, policy=policy,
+                            lock_timeout=lock_timeout)
     return {r.ref.name: r.path for r in results}
 
 
 # -- scanning --------------------------------------------------------------------------------------
 
-STATUSES = ("verified", "unverified", "corrupt", "partial", "unknown")
+STATUSES = ("verified", "unverified", "corrupt", "partial", "unknown", "broken")
 
 
 @dataclass(frozen=True)
@@ -696,8 +918,9 @@ def _registry_names(registry: Sequence[str]) -> dict[str, list[str]]:
 def _listing(ckpt: Path, *, strict: bool = False) -> list[tuple[str, Path, os.stat_result]]:
     """``(name, path, stat)`` of each entry of ``ckpt``, by name; entries gone meanwhile are left out.
 
-    A missing directory lists nothing; one that cannot be read lists nothing either, or with
-    ``strict`` is a :class:`CacheError`.
+    ``stat`` follows symlinks; a dangling symlink is listed with its own (``lstat``) result, which
+    :func:`_dangling` recognises. A missing directory lists nothing; one that cannot be read lists
+    nothing either, or with ``strict`` is a :class:`CacheError`.
     """
     try:
         names = sorted(os.listdir(ckpt))
@@ -713,8 +936,24 @@ def _listing(ckpt: Path, *, strict: bool = False) -> list[tuple[str, Path, os.st
         try:
             out.append((name, path, path.stat()))
         except OSError:
-            continue
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat_module.S_ISLNK(st.st_mode):
+                out.append((name, path, st))
     return out
+
+
+def _dangling(st: os.stat_result) -> bool:
+    return stat_module.S_ISLNK(st.st_mode)  # a followed stat is never a link: only dangling ones are
+
+
+def _link_detail(path: Path) -> str:
+    try:
+        return f"dangling symlink -> {os.readlink(path)}"
+    except OSError:
+        return "dangling symlink"
 
 
 def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: bool = True) -> CacheInfo:
@@ -728,13 +967,16 @@ def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: b
     known: dict[str, list[str]] | None = None
     files = []
     for name, path, st in listing:
+        if _dangling(st):
+            files.append(CachedFile(path, 0, st.st_mtime, "broken", detail=_link_detail(path)))
+            continue
         if not path.is_file():
             continue
         if _is_partial(name):
             files.append(CachedFile(path, st.st_size, st.st_mtime, "partial"))
             continue
         entry = index.get(name) if isinstance(index.get(name), dict) else {}
-        fresh = (entry.get("size"), entry.get("mtime_ns")) == (st.st_size, st.st_mtime_ns)
+        fresh = _fresh(entry, st)
         weights: list[str] = []
         if entry.get("weights"):
             weights.append(entry["weights"])
@@ -788,7 +1030,7 @@ def _files_for(selectors: Sequence[str], hub: Path, registry: Sequence[str]) -> 
     ckpt = hub / "checkpoints"
     paths, rest = [], []
     for selector in selectors:
-        if (ckpt / selector).is_file() and "/" not in selector:
+        if "/" not in selector and ((ckpt / selector).is_file() or (ckpt / selector).is_symlink()):
             paths.append(ckpt / selector)
         elif selector.endswith(_FILE_SUFFIXES) and "/" not in selector:
             # A file name, not a selector: say so rather than "unknown weights enum".
@@ -832,6 +1074,8 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
 
     def one(path: Path) -> VerifyResult:
         cached = by_path[path]
+        if cached.status == "broken":
+            return VerifyResult(path, 0, None, False, cached.detail, cached.weights)
         try:
             digest = hash_file(path)
         except OSError as exc:
@@ -852,8 +1096,12 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
         return VerifyResult(path, cached.size, digest, detail is None, detail, cached.weights)
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(paths) or 1)),
-                                thread_name_prefix="tvpack-verify") as pool:
+        # torch.load's deprecation chatter (TypedStorage, quantized tensors) says nothing about the
+        # files: the finding is the result. Filters are process-wide, so set once around the pool.
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, min(jobs, len(paths) or 1)),
+                                                           thread_name_prefix="tvpack-verify") as pool:
+            if deep:
+                warnings.simplefilter("ignore")
             results = list(pool.map(one, paths))
     finally:
         if bar is not None:
@@ -874,14 +1122,36 @@ class Removal:
         return {"path": str(self.path), "size": self.size, "reason": self.reason}
 
 
-def _prunable(hub: Path, min_age: float) -> list[Removal]:
+def _hold_unless_busy(hub: Path, stem: str, held: list[FileLock]) -> bool:
+    """Take the file lock of a part's file without waiting: False when someone holds it (a fetch
+    is running, in whatever pid namespace or container), True when it is ours now (or there is
+    no lock to take: then nobody can hold it either)."""
+    lock = FileLock(locks_dir(hub) / f"{stem}.lock")
+    try:
+        if not lock.try_acquire():
+            return False
+    except OSError:
+        return True
+    held.append(lock)
+    return True
+
+
+def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
+    """Abandoned parts and temporary files. The lock of each part's file is taken (into ``held``)
+    and must stay held until the removal, so no fetch can claim the part meanwhile."""
     out: list[Removal] = []
     ckpt = hub / "checkpoints"
     now = time.time()
+    stems_held: dict[str, bool] = {}
     for name, path, st in _listing(ckpt):
+        if _dangling(st):
+            continue  # a user's link, not our litter
         match = _PART_NAME.match(name)
         if match:
-            if _part_abandoned(path, match):
+            stem = match["file"]
+            if stem not in stems_held:
+                stems_held[stem] = _hold_unless_busy(hub, stem, held)
+            if stems_held[stem] and _part_abandoned(path, match):
                 out.append(Removal(path, st.st_size, "abandoned partial download"))
                 state = part_state_path(path)
                 if state.exists():
@@ -904,20 +1174,28 @@ def _prunable(hub: Path, min_age: float) -> list[Removal]:
                 out.append(Removal(path, path.stat().st_size, "temporary index file"))
     except OSError:
         pass
+    return out
+
+
+def _stale_locks(hub: Path, remove: bool) -> list[Removal]:
+    """Lock files nobody holds; each removed (when ``remove``) while we hold it, so a process
+    waiting on it notices (the lock re-checks that its path still names the file it locked)."""
+    out: list[Removal] = []
     try:
         lock_paths = sorted(locks_dir(hub).glob("*.lock"))
     except OSError:
-        lock_paths = []
+        return out
     for path in lock_paths:
-        lock = FileLock(str(path), timeout=0)
+        lock = FileLock(path)
         try:
-            lock.acquire()
-        except Timeout:
-            continue  # held: a fetch is running
+            if not lock.try_acquire():
+                continue  # held: a fetch is running
         except OSError:
             continue
         try:
             out.append(Removal(path, path.stat().st_size if path.exists() else 0, "stale lock file"))
+            if remove:
+                _remove(path)
         finally:
             lock.release()
     return out
@@ -935,18 +1213,24 @@ def _remove(path: Path) -> None:
 def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.0) -> list[Removal]:
     """Remove abandoned partial downloads, temporary files and lock files nobody holds.
 
-    Returns what was (or, with ``dry_run``, would be) removed. Part files of live processes and
-    torch.hub temp files younger than ``min_age`` seconds are left alone.
+    Returns what was (or, with ``dry_run``, would be) removed. Part files whose file lock is held
+    (a fetch running anywhere, in any pid namespace), or whose owner is alive, and torch.hub temp
+    files younger than ``min_age`` seconds are left alone.
     """
     hub = _hub_dir(torch_home)
-    plan_ = _prunable(hub, min_age)
-    if not dry_run:
-        gone = [name for name in _load_index(hub) if not (hub / "checkpoints" / name).exists()]
-        if gone:  # index entries of files deleted by hand
-            _update_index(hub, dict.fromkeys(gone))
-        for item in plan_:
-            _remove(item.path)
-    return plan_
+    held: list[FileLock] = []
+    try:
+        plan_ = _prunable(hub, min_age, held)
+        if not dry_run:
+            gone = [name for name in _load_index(hub) if not (hub / "checkpoints" / name).exists()]
+            if gone:  # index entries of files deleted by hand
+                _update_index(hub, dict.fromkeys(gone))
+            for item in plan_:
+                _remove(item.path)
+    finally:
+        for lock in held:
+            lock.release()
+    return plan_ + _stale_locks(hub, remove=not dry_run)
 
 
 def remove_from_cache(selectors: Sequence[str], *, torch_home=None, registry: Sequence[str] = (),
@@ -974,7 +1258,7 @@ def remove_from_cache(selectors: Sequence[str], *, torch_home=None, registry: Se
 
 
 __all__ = [
-    "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult",
+    "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult", "lock_timeout",
     "file_sha256", "record_verified", "index_entry", "hash_file",
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
     "prune_cache", "remove_from_cache", "Removal",
@@ -986,11 +1270,11 @@ __all__ = [
 def write_lockfile(selectors: Iterable[str], output, *, registry: Sequence[str] = (), all_weights: bool = False,
                    with_backbones: bool = False, torch_home=None, mirrors: Sequence[str] | None = None,
                    upstream: bool = True, offline: bool | None = None, jobs: int = 4,
-                   progress: bool = False, policy=None) -> Path:
+                   progress: bool = False, policy=None, lock_timeout: float | None = None) -> Path:
     """Resolve selectors, fetch whatever is missing, and pin each file's sha256 and size."""
     refs = resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
     results = fetch_results(refs=refs, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                            offline=offline, jobs=jobs, progress=progress, policy=policy)
+                            offline=offline, jobs=jobs, progress=progress, policy=policy, lock_timeout=lock_timeout)
     pinned = []
     for result in results:
         sha = result.sha256 or file_sha256(result.path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import UsageError
+
 TRUTHY = {"1", "true", "yes", "on"}
 
 
@@ -48,3 +50,18 @@ def xdg_cache_home_env() -> str | None:
 def no_snapshot() -> bool:
     """``TVPACK_NO_SNAPSHOT=1``: discover torchvision's weights live instead of reading the snapshot."""
     return _flag("TVPACK_NO_SNAPSHOT")
+
+
+def lock_timeout() -> float | None:
+    """``TVPACK_LOCK_TIMEOUT=SECONDS``: how long to wait for another process's lock on a file
+    before giving up with an error (unset: wait up to 15 minutes, then go ahead without it)."""
+    value = os.environ.get("TVPACK_LOCK_TIMEOUT", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise UsageError(f"TVPACK_LOCK_TIMEOUT must be a number of seconds, got {value!r}")
+    return seconds

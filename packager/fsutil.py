@@ -5,12 +5,16 @@
   written to such a temp name and renamed into place, so readers see the old file or the new one,
   never a part of either; nothing is left behind on failure.
 * :func:`fsync_dir`: make renames in a directory survive a crash (best effort).
+* :func:`share_with_group` / :func:`make_dirs`: in a directory shared by a team (setgid or
+  group-writable, ``chgrp TEAM DIR; chmod 2775 DIR``), what we create stays writable by the group
+  whatever the creator's umask, as git's ``core.sharedRepository=group`` does.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
@@ -35,19 +39,73 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def group_shared(directory) -> bool:
+    """Is ``directory`` shared by a group: setgid, or writable by its group? (False if unreadable.)"""
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_ISGID | stat.S_IWGRP))
+
+
+def share_with_group(path, *, fd: int | None = None, is_dir: bool = False) -> None:
+    """Give ``path`` (just created by us; ``fd`` open on it if at hand) group read-write, and a
+    directory also group search and setgid, when its parent directory is :func:`group_shared`.
+
+    Only adds bits, never removes any; best effort (only the owner may chmod).
+    """
+    if not group_shared(os.path.dirname(os.path.abspath(path))):
+        return
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode if fd is not None else os.stat(path).st_mode)
+        want = mode | stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP | stat.S_ISGID if is_dir else 0)
+        if want != mode:
+            if fd is not None:
+                os.fchmod(fd, want)
+            else:
+                os.chmod(path, want)
+    except OSError:
+        pass
+
+
+def make_dirs(path) -> None:
+    """``mkdir -p path``, each directory created shared with the group when its parent is shared.
+
+    Raises OSError (FileExistsError when a file is in the way) for the caller to word.
+    """
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if directory.is_dir():  # another process made it meanwhile
+                continue
+            raise
+        share_with_group(directory, is_dir=True)
+
+
 def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | None = None,
                        suffix: str = ".tmp") -> Path:
     """Replace ``dest`` with ``data`` atomically (temp file beside it + ``os.replace``).
 
     ``durable``: fsync the file before the rename and the directory after it. ``mode``: the
-    file's permission bits (else the default for a new file, umask applied). The temp file is
-    removed on any failure; ``OSError`` propagates for the caller to word.
+    file's permission bits (else the default for a new file, umask applied, plus group read-write
+    in a group-shared directory). The temp file is removed on any failure; ``OSError`` propagates
+    for the caller to word.
     """
     dest = Path(dest)
     tmp = temp_path(dest, suffix)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
+            if mode is None:
+                share_with_group(tmp, fd=fd)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -82,4 +140,5 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
     return atomic_write_text(dest, text, **kwargs)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "temp_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "group_shared", "make_dirs",
+           "share_with_group", "temp_path"]

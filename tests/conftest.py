@@ -19,7 +19,8 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path_factory):
     """No test touches the real ~/.cache/torch, or inherits tvpack settings from the shell."""
-    for name in ("TVPACK_REGISTRY", "TVPACK_MIRROR", "TVPACK_OFFLINE", "TVPACK_DEBUG", "XDG_CACHE_HOME"):
+    for name in ("TVPACK_REGISTRY", "TVPACK_MIRROR", "TVPACK_OFFLINE", "TVPACK_DEBUG", "TVPACK_LOCK_TIMEOUT",
+                 "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("default-torch-home")))
 
@@ -121,3 +122,47 @@ def zoo_server(zoo_root):
 
     with MirrorServer(zoo_root) as server:
         yield server
+
+
+def synth_refs(root: Path, count: int = 2, size: int = 1 << 20, stem: str = "synth", names=None) -> list:
+    """Random checkpoint files under ``root/models/synth`` (a mirror layout) and pinned refs for them,
+    with download.pytorch.org urls (so ``--mirror URL --no-upstream`` serves them). ``names``: file
+    stems to use instead of ``<stem><i>``."""
+    import hashlib
+    import random
+
+    from packager.registry import WeightsRef
+
+    folder = root / "models" / "synth"
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i in range(count):
+        data = random.Random(f"{stem}{i}{size}").randbytes(size + i)
+        sha = hashlib.sha256(data).hexdigest()
+        base = names[i] if names else f"{stem}{i}"
+        name = f"{base}-{sha[:8]}.pth"
+        (folder / name).write_bytes(data)
+        refs.append(WeightsRef(enum=f"Synth{i}_Weights", member="V1", url=f"https://download.pytorch.org/models/synth/{name}",
+                               module="synth", models=(f"{stem}{i}",), size_hint=len(data), sha256=sha))
+    return refs
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "a condition"):
+    """Poll ``predicate()`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def tvpack_command(*args) -> list[str]:
+    return [sys.executable, "-m", "packager", *map(str, args)]
+
+
+def tvpack_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **{k: str(v) for k, v in extra.items()}}

@@ -168,6 +168,7 @@ def test_mirrors_in_order_then_upstream(tmp_path, torch_home):
                                    mirrors=[bad.url, good.url], upstream=False, policy=FAST)
         assert r.source.startswith(good.url)
         # a 404 at the mirror falls through to the weights' own url
+        (tmp_path / "empty").mkdir()  # a directory mirror must exist (a missing one is a usage error)
         (r,) = cache.fetch_results(refs=[direct], torch_home=tmp_path / "home2", mirrors=[tmp_path / "empty"],
                                    policy=FAST)
         assert r.source == direct.url

@@ -43,6 +43,11 @@ with_backbones_option = click.option(
     help="Also select each builder's default weights_backbone (needed to fine-tune offline).",
 )
 all_option = click.option("--all", "all_weights", is_flag=True, help="Select every weights of every model.")
+lock_timeout_option = click.option(
+    "--lock-timeout", "lock_timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+    help="Give up (one line naming the holder) after SECONDS waiting for another tvpack process that is "
+         "fetching the same file (default: wait up to 15 minutes, then fetch anyway; env TVPACK_LOCK_TIMEOUT).",
+)
 selectors_argument = click.argument("selectors", nargs=-1, metavar="[SELECTOR...]")  # optional: --all, --lock, --from-bundle
 
 

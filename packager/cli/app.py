@@ -1,7 +1,11 @@
 """The ``tvpack`` group: global options, and every error turned into one line and an exit code."""
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import sys
+import threading
 
 import click
 
@@ -9,27 +13,70 @@ from .. import __version__, env
 from ..errors import TvpackError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, timeout, systemd) raised in the main thread: it unwinds exactly as
+    Ctrl-C does, so every cleanup that Ctrl-C runs (part files kept, temp files removed, workers
+    stopped) runs for it too; exit 143 (128 + SIGTERM)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 class TvpackGroup(click.Group):
     """Turns errors into one line on stderr and an exit code; tracebacks only with --debug.
 
     A :class:`TvpackError` shows its own message (exit 1, or 2 for usage); an ``OSError`` that no
     library layer translated shows the system's words and the path; anything else is a bug and
-    says how to see the traceback.
+    says how to see the traceback. Ctrl-C exits 130, SIGTERM 143; a closed stdout
+    (``tvpack cache verify | head -1``) ends quietly with 141, as SIGPIPE would.
     """
 
     def invoke(self, ctx):
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            click.echo("tvpack: interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            _echo_err("tvpack: terminated" if terminated else "tvpack: interrupted")
+            ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if _broken_pipe(exc):
+                _silence_stdout()
+                ctx.exit(128 + signal.SIGPIPE)
             if env.debug():
                 raise
             click.echo(f"tvpack: error: {_one_line(exc)}", err=True)
             ctx.exit(getattr(exc, "exit_code", 1) if isinstance(exc, TvpackError) else 1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _echo_err(line: str) -> None:
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
+
+
+def _broken_pipe(exc: BaseException) -> bool:
+    return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE)
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null so that the flush at exit does not
+    raise a second BrokenPipeError (Python's documented recipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (in-process runners)
+        pass
 
 
 def _one_line(exc: BaseException) -> str:
@@ -59,7 +106,8 @@ def main(debug: bool, live_registry: bool) -> None:
       'resnet*'  'quantized_*'          shell globs on model names (DEFAULT of each)
 
     Environment: TORCH_HOME / XDG_CACHE_HOME (where the cache lives, as torch.hub),
-    TVPACK_REGISTRY, TVPACK_MIRROR, TVPACK_OFFLINE, TVPACK_DEBUG, TVPACK_NO_SNAPSHOT.
+    TVPACK_REGISTRY, TVPACK_MIRROR, TVPACK_OFFLINE, TVPACK_DEBUG, TVPACK_NO_SNAPSHOT,
+    TVPACK_LOCK_TIMEOUT.
     """
     if debug:
         os.environ["TVPACK_DEBUG"] = "1"

@@ -8,6 +8,7 @@ from ._common import (
     echo_json,
     human_bytes,
     json_option,
+    lock_timeout_option,
     output_file_callback,
     progress_enabled,
     registry_option,
@@ -35,10 +36,11 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @click.option("--offline", is_flag=True, help="Never use the network (also TVPACK_OFFLINE=1).")
 @with_backbones_option
 @all_option
+@lock_timeout_option
 @json_option
 @quiet_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, as_json, quiet):
+               all_weights, lock_timeout, as_json, quiet):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
@@ -47,11 +49,13 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     SOURCE_DATE_EPOCH, 0 if unset).
     """
     from ..bundle import bundle, open_bundle
+    from ..cache import lock_timeout as waiting_for_locks
 
-    path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
-                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
-                  offline=True if offline else None, with_backbones=with_backbones,
-                  progress=progress_enabled(quiet or as_json))
+    with waiting_for_locks(lock_timeout):
+        path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                      mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                      offline=True if offline else None, with_backbones=with_backbones,
+                      progress=progress_enabled(quiet or as_json))
     with open_bundle(path) as opened:
         if as_json:
             echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": path.stat().st_size,

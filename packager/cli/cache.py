@@ -8,6 +8,7 @@ from ._common import (
     echo_json,
     human_bytes,
     json_option,
+    lock_timeout_option,
     output_file_callback,
     progress_enabled,
     registry_option,
@@ -39,16 +40,25 @@ def _network_options(func):
                      metavar="SECONDS", help="Seconds without a byte before a transfer is retried."),
         click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True,
                      help="Further attempts per url on connection errors, timeouts, 429 and 5xx."),
+        click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
+                     metavar="BYTES", help="An attempt receiving fewer than BYTES per second for --speed-time "
+                                           "seconds is aborted and retried (0: never)."),
+        click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                     metavar="SECONDS", help="The window --speed-limit is measured over."),
+        click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="Give up on a file after SECONDS from one source, retries included (default: no limit)."),
+        lock_timeout_option,
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _policy(connect_timeout, read_timeout, retries):
+def _policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time):
     from ..transport import Policy
 
-    return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries)
+    return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries,
+                  speed_limit=speed_limit, speed_time=speed_time, max_time=max_time)
 
 
 def _mirrors(mirrors):
@@ -80,7 +90,8 @@ def _describe(result) -> str:
 @json_option
 @quiet_option
 def fetch_cmd(selectors, all_weights, torch_home, registry, mirrors, no_upstream, jobs, offline,
-              connect_timeout, read_timeout, retries, lockfile, with_backbones, dry_run, as_json, quiet):
+              connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, lock_timeout, lockfile,
+              with_backbones, dry_run, as_json, quiet):
     """Download weights into the torch.hub cache, verified, so torchvision never downloads.
 
     Each file lands at <hub dir>/checkpoints/<basename(url)>, checked against the sha256 prefix in
@@ -103,7 +114,8 @@ def fetch_cmd(selectors, all_weights, torch_home, registry, mirrors, no_upstream
         selectors, all_weights=all_weights, registry=registry, torch_home=torch_home, mirrors=_mirrors(mirrors),
         upstream=not no_upstream, jobs=jobs, lock=lockfile, offline=offline, with_backbones=with_backbones,
         dry_run=dry_run, progress=progress_enabled(quiet) and not as_json, raise_errors=False,
-        policy=_policy(connect_timeout, read_timeout, retries),
+        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
+        lock_timeout=lock_timeout,
     )
     bad = [r for r in results if r.status in ("failed", "missing")]
     if as_json:
@@ -117,7 +129,7 @@ def fetch_cmd(selectors, all_weights, torch_home, registry, mirrors, no_upstream
         counts: dict[str, int] = {}
         for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
-        got = sum(r.size or 0 for r in results if r.status == "downloaded")
+        got = sum(r.received for r in results if r.status == "downloaded")  # a resume counts what was missing
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         click.echo(f"{len(results)} weights: {summary}; {human_bytes(got)} transferred", err=quiet)
     if bad:
@@ -157,7 +169,8 @@ def _print_plan(results) -> None:
 @json_option
 @quiet_option
 def lock_cmd(selectors, output, all_weights, torch_home, registry, mirrors, no_upstream, jobs, offline,
-             connect_timeout, read_timeout, retries, with_backbones, as_json, quiet):
+             connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, lock_timeout, with_backbones,
+             as_json, quiet):
     """Pin weights to their exact bytes: write a lockfile (url, size, full sha256 per file).
 
     Missing files are fetched first. Later, `tvpack fetch --lock FILE` fetches exactly these files
@@ -169,7 +182,9 @@ def lock_cmd(selectors, output, all_weights, torch_home, registry, mirrors, no_u
     path = write_lockfile(
         selectors, output, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
         torch_home=torch_home, mirrors=_mirrors(mirrors), upstream=not no_upstream, offline=offline, jobs=jobs,
-        progress=progress_enabled(quiet) and not as_json, policy=_policy(connect_timeout, read_timeout, retries),
+        progress=progress_enabled(quiet) and not as_json,
+        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
+        lock_timeout=lock_timeout,
     )
     refs = read_lockfile(path)
     if as_json:
@@ -201,6 +216,7 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
             corrupt     its sha256 contradicts its name or a manifest
             partial     an interrupted or running download (tvpack cache prune)
             unknown     no known weights and nothing to check it against
+            broken      a dangling symlink (its target is gone)
     """
     from ..cache import scan_cache
 

@@ -7,6 +7,7 @@ from ._common import (
     echo_json,
     human_bytes,
     json_option,
+    lock_timeout_option,
     progress_enabled,
     registry_option,
     selectors_argument,
@@ -34,11 +35,12 @@ from .app import main
 @click.option("--no-upstream", is_flag=True, help="Never fetch missing checkpoints from download.pytorch.org.")
 @click.option("--endpoint-url", default=None, metavar="URL",
               help="S3 endpoint (default: AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, else AWS).")
+@lock_timeout_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, only the summary.")
 @click.option("--dry-run", is_flag=True, help="Show what would be published; write and fetch nothing.")
 def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, registry, torch_home, mirrors,
-               no_upstream, endpoint_url, as_json, quiet, dry_run):
+               no_upstream, endpoint_url, lock_timeout, as_json, quiet, dry_run):
     """Publish checkpoints to DEST in download.pytorch.org's layout, ready to serve as --mirror.
 
     \b
@@ -58,18 +60,20 @@ def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, 
       tvpack mirror --all --to s3://ml-artifacts/torchvision --jobs 8
       tvpack mirror --from-bundle vision.tvpack --to s3://ml-artifacts/torchvision
     """
+    from ..cache import lock_timeout as waiting_for_locks
     from ..mirror import export_mirror
 
     if bundle_file is not None and (selectors or all_weights):
         raise click.UsageError("--from-bundle publishes the whole bundle: give no SELECTOR or --all")
     if bundle_file is None and not selectors and not all_weights:
         raise click.UsageError("give SELECTOR..., --all or --from-bundle FILE")
-    report = export_mirror(
-        selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
-        torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
-        with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
-        progress=progress_enabled(quiet or as_json),
-    )
+    with waiting_for_locks(lock_timeout):
+        report = export_mirror(
+            selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
+            torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
+            with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
+            progress=progress_enabled(quiet or as_json),
+        )
     if as_json:
         echo_json(report.to_dict())
         return

@@ -12,36 +12,50 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import DownloadError, MirrorError, UsageError
-from .stream import DEFAULT_POLICY, Policy, ProgressFn, Result, TotalFn, Verifier, discard_part, part_state_path
+from .stream import (
+    DEFAULT_POLICY,
+    Cancel,
+    Cancelled,
+    Policy,
+    ProgressFn,
+    Result,
+    TotalFn,
+    Verifier,
+    discard_part,
+    open_part,
+    part_state_path,
+)
 
-__all__ = ["DEFAULT_POLICY", "Policy", "Result", "Verifier", "discard_part", "open_target", "part_state_path",
-           "transfer"]
+__all__ = ["DEFAULT_POLICY", "Cancel", "Cancelled", "Policy", "Result", "Verifier", "discard_part", "open_part",
+           "open_target", "part_state_path", "transfer"]
 
 
 def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
-             session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None) -> Result:
+             session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None,
+             cancel: Cancel | None = None) -> Result:
     """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
 
-    Raises DownloadError (after retries, or at once for a 4xx), IntegrityError (bytes wrong: the
-    part is removed), CacheError (the disk cannot take it). On DownloadError the part is kept so
-    that a later call resumes it.
+    Raises DownloadError (after retries, or at once for a 4xx and other errors that cannot heal),
+    IntegrityError (bytes wrong: the part is removed), CacheError (the disk cannot take it),
+    Cancelled (``cancel`` was set: stopped between chunks or by aborting a blocked read). On
+    DownloadError and Cancelled the part is kept so that a later call resumes it.
     """
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
         from .http import transfer_http
 
-        return transfer_http(url, part, verifier, policy, session, on_bytes, on_total)
+        return transfer_http(url, part, verifier, policy, session, on_bytes, on_total, cancel)
     if parsed.scheme == "s3":
         try:
             from .s3 import transfer_s3
         except ImportError:
             raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
-        return transfer_s3(url, part, verifier, policy, on_bytes, on_total)
+        return transfer_s3(url, part, verifier, policy, on_bytes, on_total, cancel)
     if parsed.scheme in ("file", ""):
         from .file import transfer_file
 
         source = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
-        return transfer_file(url, source, part, verifier, policy, on_bytes, on_total)
+        return transfer_file(url, source, part, verifier, policy, on_bytes, on_total, cancel)
     raise DownloadError(f"{url}: unsupported url scheme {parsed.scheme!r}")
 
 

@@ -8,10 +8,21 @@ from typing import Callable
 
 from ..errors import DownloadError, IntegrityError, MirrorError
 from ..fsutil import atomic_write_text, fsync_dir, temp_path
-from .stream import Pipeline, Result, StoredObject, check_space, discard_part, disk_error, finish, prehash, write_state
+from .stream import (
+    Pipeline,
+    Result,
+    StoredObject,
+    discard_part,
+    disk_error,
+    finish,
+    open_part,
+    prehash,
+    reserve_space,
+    write_state,
+)
 
 
-def transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total) -> Result:
+def transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total, cancel=None) -> Result:
     try:
         src = open(source, "rb")
     except FileNotFoundError:
@@ -30,27 +41,28 @@ def transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total)
         first = offset
         if on_total is not None:
             on_total(total, offset)
-        check_space(part, total - offset)
-        try:
-            write_state(part, {"url": url, "total": total})
-            f = open(part, "ab" if offset else "wb")
-        except OSError as exc:
-            raise disk_error(exc, part) from exc
-        with f:
-            src.seek(offset)
+        with reserve_space(part, total - offset) as reservation:
             try:
-                Pipeline(f, verifier, on_bytes, policy.chunk_size).run(src.readinto)
+                write_state(part, {"url": url, "total": total})
+                f = open_part(part, "ab" if offset else "wb")
             except OSError as exc:
                 raise disk_error(exc, part) from exc
-            try:
-                digest = finish(part, f, verifier)
-            except IntegrityError:
-                if first:  # perhaps the old part: once more from zero
-                    discard_part(part)
-                    return transfer_file(url, source, part, verifier, policy, on_bytes, on_total)
-                raise
-            except OSError as exc:
-                raise disk_error(exc, part) from exc
+            with f:
+                src.seek(offset)
+                try:
+                    Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel,
+                             reservation=reservation).run(src.readinto)
+                except OSError as exc:
+                    raise disk_error(exc, part) from exc
+                try:
+                    digest = finish(part, f, verifier)
+                except IntegrityError:
+                    if first:  # perhaps the old part: once more from zero
+                        discard_part(part)
+                        return transfer_file(url, source, part, verifier, policy, on_bytes, on_total, cancel)
+                    raise
+                except OSError as exc:
+                    raise disk_error(exc, part) from exc
     return Result(url, digest, verifier.count, first, 1)
 
 

@@ -6,26 +6,40 @@ bodies, 408/429 and 5xx; any other 4xx fails at once. A resumed transfer asks fo
 only when its ``Content-Range`` starts where the part ends; a 200 means the server ignored the
 range or the file changed, so the part restarts from zero. The validators of a part live beside it
 in ``<part>.json``. Proxies and CA bundles come from the environment (requests).
+
+What cannot heal fails at once, naming the cause: a certificate that does not verify (and how
+to trust a private CA), a redirect loop (at most ``Policy.max_redirects`` hops, one chain), a
+proxy that refuses connections (named as the proxy, not as the mirror). A body that is not the
+checkpoint (an HTML error page served with status 200) is described by its type and first bytes.
+A :class:`~.stream.Watchdog` shuts the socket down under a blocked read when the run is
+cancelled, the bytes trickle below the minimum speed, or the time allowed per file is up.
 """
 from __future__ import annotations
 
 import email.utils
 import http.client
+import socket
+import ssl
 import threading
 import time
 
 from ..errors import DownloadError, IntegrityError
 from .stream import (
+    Cancelled,
     Pipeline,
     Restart,
     Result,
     Retryable,
-    check_space,
+    Watchdog,
+    check_deadline,
+    deadline_of,
     discard_part,
     disk_error,
     finish,
+    open_part,
     prehash,
     read_state,
+    reserve_space,
     write_state,
 )
 
@@ -71,24 +85,29 @@ def default_session():
     return session
 
 
-def transfer_http(url, part, verifier, policy, session, on_bytes, on_total) -> Result:
+def transfer_http(url, part, verifier, policy, session, on_bytes, on_total, cancel=None) -> Result:
     import requests
     import urllib3
 
     session = session or default_session()
+    session.max_redirects = policy.max_redirects
     transient = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                  ConnectionError, TimeoutError)
+    deadline = deadline_of(policy)
     attempt = 0
     first_offset = None
     restarted = False
     while True:
+        if cancel is not None:
+            cancel.check()
+        check_deadline(url, policy, deadline)
         offset = prehash(part, verifier, policy.chunk_size)
         if offset == 0:
             discard_part(part)
         if first_offset is None:
             first_offset = offset
         try:
-            result = _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total)
+            result = _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total, cancel, deadline)
             return Result(url, result, verifier.count, first_offset, attempt + 1)
         except Restart:
             discard_part(part)
@@ -107,18 +126,97 @@ def transfer_http(url, part, verifier, policy, session, on_bytes, on_total) -> R
         except Retryable as exc:
             reason, retry_after = exc.reason, exc.retry_after
         except transient as exc:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled() from None
+            fatal = _fatal(url, exc)
+            if fatal is not None:
+                raise fatal from None
             reason, retry_after = _describe(exc), None
         attempt += 1
         if attempt > policy.retries:
             raise DownloadError(f"{url}: {reason} (gave up after {attempt} attempts)")
         if retry_after is not None and retry_after > policy.max_retry_after:
             raise DownloadError(f"{url}: {reason}; server asks to retry after {retry_after:.0f}s")
-        time.sleep(policy.delay(attempt, retry_after))
+        delay = policy.delay(attempt, retry_after)
+        check_deadline(url, policy, deadline, delay)
+        if cancel is not None:
+            cancel.sleep(delay)
+        else:
+            time.sleep(delay)
+
+
+def _fatal(url: str, exc: BaseException) -> DownloadError | None:
+    """A DownloadError for an error no retry can heal (certificate, redirect loop, dead proxy), else None."""
+    import requests
+
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        last = getattr(getattr(exc, "response", None), "url", None)
+        return DownloadError(f"{url}: redirect loop (more than {_max_redirects(exc)} redirects"
+                             + (f", last to {last})" if last else ")"))
+    if isinstance(exc, requests.exceptions.SSLError):
+        verify = _cause(exc, ssl.SSLCertVerificationError)
+        if verify is None:
+            return None  # a handshake cut short may heal
+        message = getattr(verify, "verify_message", None) or "the certificate was not accepted"
+        if "hostname" in message.lower():
+            return DownloadError(f"{url}: certificate verify failed: {message}")
+        return DownloadError(f"{url}: certificate verify failed: {message}; set REQUESTS_CA_BUNDLE to your CA bundle "
+                             "(a PEM file holding the CA that signed the server's certificate)")
+    if isinstance(exc, requests.exceptions.ProxyError):
+        proxy = _proxy_of(exc)
+        where = f"the proxy {proxy}" if proxy else "the proxy"
+        variable = "HTTPS_PROXY" if url.lower().startswith("https:") else "HTTP_PROXY"
+        if "Connection refused" in text:
+            return DownloadError(f"{url}: {where} refused the connection (the proxy comes from {variable}; "
+                                 "check it, or exempt this host with NO_PROXY)")
+        if "Failed to resolve" in text or "Name or service not known" in text:
+            return DownloadError(f"{url}: cannot resolve {where} (the proxy comes from {variable})")
+    return None
+
+
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in the chain requests and urllib3 wrap around a cause."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        todo.extend([getattr(current, "reason", None), current.__cause__, current.__context__,
+                     *(a for a in getattr(current, "args", ()) if isinstance(a, BaseException))])
+    return None
+
+
+def _max_redirects(exc) -> str:
+    text = str(exc)
+    digits = "".join(ch for ch in text.split("redirects")[0] if ch.isdigit())
+    return digits or "the allowed"
+
+
+def _inner_text(exc: BaseException) -> str:
+    inner = exc.args[0] if exc.args else exc
+    reason = getattr(inner, "reason", None)
+    return str(reason or inner)[:200]
+
+
+def _proxy_of(exc: BaseException) -> str | None:
+    inner = exc.args[0] if exc.args else None
+    proxy = getattr(getattr(inner, "pool", None), "proxy", None)
+    return str(proxy) if proxy else None
 
 
 def _describe(exc: BaseException) -> str:
     import requests
 
+    if isinstance(exc, requests.exceptions.ProxyError):
+        proxy = _proxy_of(exc)
+        return f"cannot reach the proxy {proxy}" if proxy else "cannot reach the proxy"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"TLS error: {_inner_text(exc)}"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return "connect timeout"
     if isinstance(exc, requests.exceptions.ConnectionError):
@@ -145,7 +243,58 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {exc}"
 
 
-def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total) -> str:
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
+
+
+def _received(count: int, head: bytes, content_type: str | None) -> str | None:
+    """"1234 bytes of text/html starting '<!DOCTYPE html>...'" when what came looks like a page
+    (a text type, or printable first bytes), else None: a checkpoint is binary."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    try:
+        start = head.decode("utf-8")
+        printable = bool(start) and all(c.isprintable() or c.isspace() for c in start)
+    except UnicodeDecodeError:
+        start, printable = head.decode("utf-8", "replace"), False
+    if not (kind.startswith(_TEXT_TYPES) or printable):
+        return None
+    start = " ".join(start.split())[:40]
+    return f"{count} bytes of {kind or 'unknown type'}" + (f" starting {start!r}" if start else "") + \
+        " (an error page or login portal served instead of the file?)"
+
+
+def _explain(exc: IntegrityError, verifier, content_type: str | None) -> IntegrityError:
+    """The same refusal, saying what was received when it looks like an error page."""
+    what = _received(verifier.count, verifier.head, content_type)
+    if what is None:
+        return exc
+    message = exc.message.rsplit(": expected ", 1)[0]
+    return IntegrityError(message, expected=exc.expected, got=what, hint=exc.hint)
+
+
+def _socket_of(response):
+    """The socket under a streamed requests response (to shut it down from another thread)."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
+
+
+def _aborter(response):
+    sock = _socket_of(response)
+
+    def abort() -> None:
+        # shutdown (not close) wakes a thread blocked in recv on this socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+    return abort
+
+
+def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total, cancel, deadline) -> str:
     state = read_state(part) if offset else {}
     headers = {"Accept-Encoding": "identity"}
     if offset:
@@ -166,6 +315,7 @@ def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_tot
             raise Restart()
         if status >= 400:
             raise DownloadError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
+        content_type = response.headers.get("Content-Type")
         length = response.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         if status == 206 and offset:
@@ -185,56 +335,120 @@ def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_tot
         else:
             raise DownloadError(f"{url}: unexpected HTTP {status}")
         if total is not None and verifier.size is not None and total != verifier.size:
-            raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
+            got = None
+            if status == 200:
+                got = _received(total, _peek(response), content_type)  # an error page? say what it was
+            raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=got or f"{total} bytes")
         if on_total is not None:
             on_total(total, offset)
-        check_space(part, (total - offset) if total is not None else None)
-        try:
-            write_state(part, {
-                "url": url,
-                "etag": response.headers.get("ETag"),
-                "last_modified": response.headers.get("Last-Modified"),
-                "total": total,
-            })
-            f = open(part, mode)
-        except OSError as exc:
-            raise disk_error(exc, part) from exc
-        with f:
-            pipeline = Pipeline(f, verifier, on_bytes, policy.chunk_size)
+        with reserve_space(part, (total - offset) if total is not None else None) as reservation:
             try:
-                pipeline.run(_http_filler(response, policy.chunk_size))
-            except http.client.IncompleteRead:
-                raise Retryable("connection closed early") from None
+                write_state(part, {
+                    "url": url,
+                    "etag": response.headers.get("ETag"),
+                    "last_modified": response.headers.get("Last-Modified"),
+                    "total": total,
+                })
+                f = open_part(part, mode)
             except OSError as exc:
-                if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
+                raise disk_error(exc, part) from exc
+            with f, Watchdog(url, policy, cancel, deadline, _aborter(response)) as watchdog:
+                pipeline = Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel, reservation=reservation)
+                try:
+                    pipeline.run(_http_filler(response, policy.chunk_size, watchdog, length))
+                except IntegrityError as exc:
+                    raise _explain(exc, verifier, content_type) from None
+                except http.client.IncompleteRead:
+                    watchdog.raise_if_fired()
+                    raise Retryable("connection closed early") from None
+                except OSError as exc:
+                    watchdog.raise_if_fired()
+                    if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
+                        raise
+                    raise disk_error(exc, part) from exc
+                except Exception:
+                    watchdog.raise_if_fired()
                     raise
-                raise disk_error(exc, part) from exc
-            if total is not None and verifier.count < total:
-                raise Retryable("connection closed early")
-            try:
-                return finish(part, f, verifier)
-            except OSError as exc:
-                raise disk_error(exc, part) from exc
+                watchdog.raise_if_fired()
+                if total is not None and verifier.count < total:
+                    raise Retryable("connection closed early")
+                try:
+                    return finish(part, f, verifier)
+                except IntegrityError as exc:
+                    raise _explain(exc, verifier, content_type) from None
+                except OSError as exc:
+                    raise disk_error(exc, part) from exc
     finally:
         response.close()
 
 
-def _http_filler(response, chunk_size: int):
+def _peek(response, n: int = 64) -> bytes:
+    try:
+        return response.raw.read(n, decode_content=False) or b""
+    except Exception:  # noqa: BLE001 - only to describe the page
+        return b""
+
+
+_FILL_SECONDS = 0.5
+_FILL_SOON = 256 * 1024  # hand over a buffer this full when the socket runs dry (stalls keep little in memory)
+
+
+def _http_filler(response, chunk_size: int, watchdog, length: int | None):
     """``fill(buffer) -> n`` reading the body straight into ``buffer`` (no intermediate bytes).
 
-    Uses http.client's ``readinto`` under urllib3 when available (it enforces Content-Length and
-    de-chunks); otherwise urllib3's ``read``, copied in.
+    A plain (not chunked, not encoded) body is read with the socket file's ``readinto1``: each
+    call returns what has arrived, so the watchdog sees bytes as they come (a trickle is caught
+    however large the buffer) and the body's length is enforced here. Otherwise http.client's
+    ``readinto`` (it de-chunks), else urllib3's ``read``, copied in.
     """
     fp = getattr(response.raw, "_fp", None)
     encoding = response.headers.get("Content-Encoding", "identity").lower()
-    if fp is not None and hasattr(fp, "readinto") and encoding in ("", "identity"):
+    plain = encoding in ("", "identity")
+    sock_file = getattr(fp, "fp", None)
+    if plain and fp is not None and not getattr(fp, "chunked", True) and hasattr(sock_file, "readinto1"):
+        remaining = [length]
+        deferred: list[BaseException] = []
+
+        def fill1(buf: bytearray) -> int:
+            if deferred:
+                raise deferred.pop()
+            n = 0
+            started = time.monotonic()
+            with memoryview(buf) as view:
+                while n < len(buf):
+                    want = len(buf) - n
+                    if remaining[0] is not None:
+                        want = min(want, remaining[0])
+                        if not want:
+                            break
+                    try:
+                        k = sock_file.readinto1(view[n:n + want])
+                    except Exception as exc:
+                        if not n:
+                            raise
+                        deferred.append(exc)  # hand over the bytes we have first: they are kept for a resume
+                        break
+                    if not k:
+                        break
+                    n += k
+                    watchdog.fed(k)
+                    if remaining[0] is not None:
+                        remaining[0] -= k
+                    if n >= _FILL_SOON and (k < want or time.monotonic() - started > _FILL_SECONDS):
+                        break  # the socket ran dry, or a slow link: write what came, so the part keeps up
+            return n
+        return fill1
+    if fp is not None and hasattr(fp, "readinto") and plain:
         def fill(buf: bytearray) -> int:
-            return fp.readinto(buf)
+            n = fp.readinto(buf)
+            watchdog.fed(n or 0)
+            return n
         return fill
     read = response.raw.read
 
     def fill_copy(buf: bytearray) -> int:
         data = read(len(buf), decode_content=False)
         buf[: len(data)] = data
+        watchdog.fed(len(data))
         return len(data)
     return fill_copy

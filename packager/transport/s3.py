@@ -29,13 +29,14 @@ from .stream import (
     Pipeline,
     Result,
     StoredObject,
-    check_space,
     chunks_filler,
     discard_part,
     disk_error,
     finish,
+    open_part,
     prehash,
     read_state,
+    reserve_space,
     write_state,
 )
 
@@ -436,7 +437,7 @@ def _upload_part(s3, url, bucket, key, upload_id, number, data, checksum, progre
 
 
 # -- reading: a transfer into a part file --------------------------------------------------------
-def transfer_s3(url, part, verifier, policy, on_bytes, on_total) -> Result:
+def transfer_s3(url, part, verifier, policy, on_bytes, on_total, cancel=None) -> Result:
     offset = prehash(part, verifier, policy.chunk_size)
     state = read_state(part) if offset else {}
     etag = state.get("etag") if state.get("url") == url else None
@@ -457,21 +458,22 @@ def transfer_s3(url, part, verifier, policy, on_bytes, on_total) -> Result:
         raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
     if on_total is not None:
         on_total(total, offset)
-    check_space(part, total - offset)
-    try:
-        write_state(part, {"url": url, "etag": etag, "total": total})
-        f = open(part, "ab" if offset else "wb")
-    except OSError as exc:
-        raise disk_error(exc, part) from exc
-    with f:
+    with reserve_space(part, total - offset) as reservation:
         try:
-            Pipeline(f, verifier, on_bytes, policy.chunk_size).run(chunks_filler(iter(chunks)))
+            write_state(part, {"url": url, "etag": etag, "total": total})
+            f = open_part(part, "ab" if offset else "wb")
         except OSError as exc:
             raise disk_error(exc, part) from exc
-        try:
-            digest = finish(part, f, verifier)
-        except OSError as exc:
-            raise disk_error(exc, part) from exc
+        with f:
+            try:
+                Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel,
+                         reservation=reservation).run(chunks_filler(iter(chunks)))
+            except OSError as exc:
+                raise disk_error(exc, part) from exc
+            try:
+                digest = finish(part, f, verifier)
+            except OSError as exc:
+                raise disk_error(exc, part) from exc
     return Result(url, digest, verifier.count, offset, 1)
 
 

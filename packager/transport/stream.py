@@ -8,6 +8,12 @@ write-behind keeps dirty pages bounded so the final fsync is short.
 
 The kinds of store (:mod:`.http`, :mod:`.file`, :mod:`.s3`) feed a Pipeline; :mod:`packager.transport`
 picks one by url scheme. Importing this module never imports torch or requests.
+
+Stopping: a :class:`Cancel` shared by a run's transfers is checked between chunks and in retry
+sleeps, and a :class:`Watchdog` aborts a read blocked in the kernel from another thread (when the
+run is cancelled, the bytes trickle below ``Policy.speed_limit`` for ``speed_time`` seconds, or
+``max_time`` has passed). Disk space is reserved per file system across the transfers of a
+process (:func:`reserve_space`), so parallel transfers do not each count the same free bytes.
 """
 from __future__ import annotations
 
@@ -20,12 +26,14 @@ import random
 import shutil
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
-from ..errors import CacheError, IntegrityError
-from ..fsutil import atomic_write_json
+from ..errors import CacheError, DownloadError, IntegrityError
+from ..fsutil import atomic_write_json, share_with_group
 
 MiB = 1 << 20
 CHUNK_SIZE = 4 * MiB
@@ -34,7 +42,13 @@ USER_AGENT = "tvpack"
 
 @dataclass(frozen=True)
 class Policy:
-    """How hard to try: timeouts (seconds), retries per url and the backoff between them."""
+    """How hard to try: timeouts (seconds), retries per url and the backoff between them.
+
+    ``speed_limit`` / ``speed_time`` (curl's names): an attempt that receives fewer than
+    ``speed_limit`` bytes per second over ``speed_time`` seconds is aborted and retried (a
+    server trickling a byte now and then never trips the read timeout); 0 turns it off.
+    ``max_time``: seconds for one file from one source, every attempt included (None: no limit).
+    """
 
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -43,6 +57,10 @@ class Policy:
     max_backoff: float = 30.0
     max_retry_after: float = 120.0  # a longer Retry-After gives up on this url instead
     chunk_size: int = CHUNK_SIZE
+    speed_limit: float = 1024.0
+    speed_time: float = 30.0
+    max_time: float | None = None
+    max_redirects: int = 10
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based retry count)."""
@@ -70,11 +88,16 @@ class Verifier:
         self.size = size
         self.reset()
 
+    HEAD = 64  # first bytes kept, to say what was received when it is not what was expected
+
     def reset(self) -> None:
         self._hash = hashlib.sha256()
         self.count = 0
+        self.head = b""
 
     def update(self, data) -> None:
+        if len(self.head) < self.HEAD:
+            self.head += bytes(data[: self.HEAD - len(self.head)])
         self.count += len(data)
         if self.size is not None and self.count > self.size:
             raise IntegrityError(f"{self.what}: too large", expected=f"{self.size} bytes",
@@ -125,12 +148,176 @@ def write_state(part: Path, state: dict) -> None:
     atomic_write_json(part_state_path(part), state, durable=False)
 
 
+def open_part(part: Path, mode: str):
+    """Open a part file for writing ("wb" or "ab"); a new one gets group read-write in a
+    group-shared directory, so another member of the group can resume it."""
+    f = open(part, mode)
+    share_with_group(part, fd=f.fileno())
+    return f
+
+
 def discard_part(part: Path) -> None:
     for path in (part, part_state_path(part)):
         try:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+# -- stopping: cancellation, stalls, deadlines -------------------------------------------------------
+
+class Cancelled(Exception):
+    """The run was cancelled (Ctrl-C, SIGTERM): the transfer stopped, its part file is kept."""
+
+
+class Cancel:
+    """A flag shared by the transfers of one run; set once, from any thread."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep`` that ends early (raising :class:`Cancelled`) when the run is cancelled."""
+        if self._event.wait(max(0.0, seconds)):
+            raise Cancelled()
+
+
+def deadline_of(policy: Policy) -> float | None:
+    """The ``time.monotonic()`` by which a transfer starting now must be done, if any."""
+    return None if policy.max_time is None else time.monotonic() + policy.max_time
+
+
+def check_deadline(url: str, policy: Policy, deadline: float | None, extra: float = 0.0) -> None:
+    if deadline is not None and time.monotonic() + extra >= deadline:
+        raise DownloadError(f"{url}: not complete within {policy.max_time:g}s (the time allowed per file)")
+
+
+class Watchdog:
+    """Watches one attempt from its own thread and calls ``abort()`` (which must unblock a read
+    stuck in the kernel, e.g. shut the socket down) when the run is cancelled, when fewer than
+    ``policy.speed_limit * policy.speed_time`` bytes arrived in the last ``speed_time`` seconds,
+    or when the deadline has passed. The reader reports bytes with :meth:`fed` and, when its read
+    ends, asks :meth:`raise_if_fired` whether that was the watchdog's doing."""
+
+    POLL = 0.1
+
+    def __init__(self, url: str, policy: Policy, cancel: Cancel | None, deadline: float | None,
+                 abort: Callable[[], None]):
+        self.url = url
+        self.policy = policy
+        self.cancel = cancel
+        self.deadline = deadline
+        self.abort = abort
+        self.reason: str | None = None
+        self._count = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def fed(self, n: int) -> None:
+        self._count += n  # one writer (the reading thread); the watchdog only reads
+
+    def __enter__(self) -> "Watchdog":
+        if self.cancel is not None or self.deadline is not None or self.policy.speed_limit > 0:
+            self._thread = threading.Thread(target=self._watch, name="tvpack-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        window_start, window_count = time.monotonic(), self._count
+        limit = self.policy.speed_limit * self.policy.speed_time
+        while not self._stop.wait(self.POLL):
+            now = time.monotonic()
+            if self.cancel is not None and self.cancel.cancelled:
+                return self._fire("cancelled")
+            if self.deadline is not None and now >= self.deadline:
+                return self._fire("deadline")
+            if self.policy.speed_limit > 0 and now - window_start >= self.policy.speed_time:
+                got = self._count - window_count
+                if got < limit:
+                    return self._fire(f"too slow: {got} bytes in {now - window_start:.0f}s, under the minimum of "
+                                      f"{self.policy.speed_limit:g} bytes/s over {self.policy.speed_time:g}s")
+                window_start, window_count = now, self._count
+
+    def _fire(self, reason: str) -> None:
+        self.reason = reason
+        try:
+            self.abort()
+        except Exception:  # noqa: BLE001 - the read may have ended on its own meanwhile
+            pass
+
+    def raise_if_fired(self) -> None:
+        """If the watchdog aborted the read: Cancelled, DownloadError (deadline) or Retryable (slow)."""
+        if self.reason is None:
+            return
+        if self.reason == "cancelled":
+            raise Cancelled()
+        if self.reason == "deadline":
+            check_deadline(self.url, self.policy, self.deadline)
+        raise Retryable(self.reason)
+
+
+# -- disk space ------------------------------------------------------------------------------------
+
+class SpaceReservation:
+    """Bytes a running transfer will still write to one file system."""
+
+    def __init__(self, device: int, needed: int):
+        self.device = device
+        self.remaining = needed
+
+    def wrote(self, n: int) -> None:
+        self.remaining = max(0, self.remaining - n)
+
+
+_reservations: list[SpaceReservation] = []
+_reservations_mutex = threading.Lock()
+
+
+@contextmanager
+def reserve_space(part: Path, needed: int | None):
+    """Reserve ``needed`` bytes beside ``part`` for the duration of the block, or raise CacheError.
+
+    Free space is compared with what this process's other transfers to the same file system have
+    yet to write, so N parallel transfers cannot each count the same free bytes. Yields the
+    :class:`SpaceReservation` (None when the size or the free space is unknown).
+    """
+    if not needed:
+        yield None
+        return
+    try:
+        free = shutil.disk_usage(part.parent).free
+        device = os.stat(part.parent).st_dev
+    except OSError:
+        yield None
+        return
+    with _reservations_mutex:
+        promised = sum(r.remaining for r in _reservations if r.device == device)
+        if free - promised < needed:
+            busy = f", {promised} of them promised to transfers in progress" if promised else ""
+            raise CacheError(f"not enough disk space in {part.parent}: need {needed} bytes, {free} free{busy}")
+        reservation = SpaceReservation(device, needed)
+        _reservations.append(reservation)
+    try:
+        yield reservation
+    finally:
+        with _reservations_mutex:
+            _reservations.remove(reservation)
 
 
 # -- the transfer ----------------------------------------------------------------------------------
@@ -258,11 +445,14 @@ class Pipeline:
     exactly the bytes written (the resume invariant).
     """
 
-    def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4):
+    def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4, *,
+                 cancel: Cancel | None = None, reservation: SpaceReservation | None = None):
         self.f = f
         self._behind = _WriteBehind(f)
         self.verifier = verifier
         self.on_bytes = on_bytes
+        self.cancel = cancel
+        self.reservation = reservation
         self.error: BaseException | None = None
         self._free: queue.Queue = queue.Queue()
         self._buffers = _take_buffers(buffers, chunk_size)
@@ -285,6 +475,8 @@ class Pipeline:
     def _write(self, view) -> None:
         self.f.write(view)
         self._behind.wrote(len(view))
+        if self.reservation is not None:
+            self.reservation.wrote(len(view))
         if self.on_bytes is not None:
             self.on_bytes(len(view))
 
@@ -308,9 +500,12 @@ class Pipeline:
                     self._free.put(buf)
 
     def run(self, fill: Callable[[bytearray], int]) -> None:
-        """Call ``fill(buffer) -> bytes read`` until it returns 0, feeding both stages."""
+        """Call ``fill(buffer) -> bytes read`` until it returns 0, feeding both stages; stops
+        (raising :class:`Cancelled`) between chunks once the run is cancelled."""
         try:
             while self.error is None:
+                if self.cancel is not None:
+                    self.cancel.check()
                 buf = self._free.get()
                 n = fill(buf)
                 if not n:
@@ -376,13 +571,3 @@ def disk_error(exc: OSError, part: Path) -> CacheError:
         return CacheError(f"cannot write to {part.parent}: {exc.strerror}")
     return CacheError(f"cannot write {part}: {exc.strerror or exc}")
 
-
-def check_space(part: Path, needed: int | None) -> None:
-    if not needed:
-        return
-    try:
-        free = shutil.disk_usage(part.parent).free
-    except OSError:
-        return
-    if free < needed:
-        raise CacheError(f"not enough disk space in {part.parent}: need {needed} bytes, {free} free")

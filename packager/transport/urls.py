@@ -3,11 +3,12 @@
 A mirror holds files in the upstream layout: ``https://download.pytorch.org/<path>`` lives at
 ``<mirror>/<path>`` (``models/...``, ``models/quantized/...``), any other url at
 ``<mirror>/<basename>``. Mirrors are http(s) URLs, ``file://`` URLs, plain directories or
-``s3://bucket/prefix``. Pure: no I/O but resolving a directory to an absolute path.
+``s3://bucket/prefix``. Pure but for looking at a plain directory: it must exist.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
@@ -27,20 +28,32 @@ def mirror_path(url: str) -> str:
 
 
 MIRROR_SCHEMES = ("http", "https", "file", "s3")
+# "host:port" or "host:port/path" with no scheme: meant as a url, not as a relative directory
+_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):\d{1,5}(?:/.*)?$")
 
 
 def normalize_mirror(mirror: str) -> str:
     """A mirror spec as a URL: plain directories become ``file://`` URLs.
 
     Raises :class:`UsageError` for a spec that can never work (empty, unknown scheme, no host,
-    unparsable), so a typo fails at once with the mirror named rather than once per file.
+    unparsable, a directory that does not exist, ``host:port`` without a scheme), so a typo fails
+    at once with the mirror named rather than once per file.
     """
     raw = mirror
     mirror = mirror.strip()
     if not mirror:
         raise UsageError("empty --mirror given (expected http(s)://, file://, s3:// or a directory)")
     if "://" not in mirror:
-        return Path(mirror).expanduser().resolve().as_uri()
+        path = Path(mirror).expanduser()
+        if not path.is_dir():
+            if _HOST_PORT.match(mirror):
+                raise UsageError(f"bad mirror {raw!r}: no scheme; did you mean http://{mirror} ? "
+                                 "(a mirror without a scheme is a directory, and there is no such directory)")
+            if path.exists():
+                raise UsageError(f"bad mirror {raw!r}: not a directory")
+            raise UsageError(f"bad mirror {raw!r}: no such directory (give http(s)://, file://, s3:// or an "
+                             "existing directory)")
+        return path.resolve().as_uri()
     try:
         parsed = urlparse(mirror)
         parsed.port  # noqa: B018 - validates the port (and IPv6 brackets) now

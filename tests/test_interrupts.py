@@ -1,0 +1,123 @@
+"""Stopping and waiting, with real processes: Ctrl-C / SIGTERM stop a parallel fetch at once (parts
+kept for a resume, no temp files), and a fetch waiting for another's lock says who holds it and
+gives up after --lock-timeout / TVPACK_LOCK_TIMEOUT (fetch, lock, bundle, mirror)."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from packager.formats.lockfile import dump_lockfile
+from tests.conftest import ZOO_REGISTRY, run_tvpack, synth_refs, tvpack_command, tvpack_env, wait_for
+
+MB = 1_000_000
+
+
+def _parts(home, minimum: int = 1) -> list:
+    folder = home / "hub" / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob("*.tvpack-part") if p.stat().st_size >= minimum]
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                    (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_stops_a_parallel_fetch_at_once_and_keeps_the_parts(mirror_server, tmp_path, sig, code, word):
+    refs = synth_refs(mirror_server.root, count=2, size=3 * MB)
+    lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+    home = tmp_path / "home"
+    mirror_server.add_fault("stall", at=MB, seconds=30)  # both transfers hang mid-body
+    proc = subprocess.Popen(tvpack_command("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream",
+                                           "-j", "2"),
+                            env=tvpack_env(TORCH_HOME=home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(_parts(home, MB // 2)) == 2, what="two part files with bytes")
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == code, err
+    assert elapsed < 3, f"took {elapsed:.1f}s to stop"
+    assert err == f"tvpack: {word}\n"
+    kept = _parts(home)
+    assert sorted(p.stat().st_size for p in kept) == [MB, MB]  # every byte received is kept, to resume from
+    assert not [p for p in home.rglob("*") if p.name.endswith(".tmp")]  # no temp files left behind
+
+    mirror_server.clear_faults()
+    mirror_server.clear_log()
+    proc = run_tvpack("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream",
+                      env={"TORCH_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("resumed at") == 2
+    mirror_server.settle()
+    assert all(r.range == f"bytes={MB}-" for r in mirror_server.transfers())
+
+
+def _holder_is_running(mirror_server, tmp_path, ref_path, command):
+    """Start ``command`` (a fetch of a file whose transfer stalls) and wait until it holds the lock."""
+    home = tmp_path / "home"
+    mirror_server.add_fault("stall", path=ref_path, at=MB, seconds=60)
+    proc = subprocess.Popen(command, env=tvpack_env(TORCH_HOME=home), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for(lambda: _parts(home, MB // 2), what="the holder's part file")
+    return proc, home
+
+
+def _check_waited_and_gave_up(proc, holder, filename: str, seconds: str, started: float) -> None:
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith(f"tvpack: waiting for {filename}: held by pid {holder.pid} on {socket.gethostname()}"
+                               " since "), lines[0]
+    assert "(tvpack fetch " in lines[0]
+    assert lines[1].startswith(f"tvpack: error: gave up after {seconds}s waiting for the lock on {filename}: "
+                               f"held by pid {holder.pid}"), lines[1]
+    assert time.monotonic() - started < 15
+
+
+def test_a_fetch_waiting_for_a_lock_names_the_holder_and_gives_up_after_the_timeout(mirror_server, tmp_path):
+    (ref,) = synth_refs(mirror_server.root, count=1, size=3 * MB)
+    lock = dump_lockfile([ref], tmp_path / "tvpack.lock")
+    fetch = ["fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream"]
+    holder, home = _holder_is_running(mirror_server, tmp_path, f"/models/synth/{ref.filename}",
+                                      tvpack_command(*fetch))
+    try:
+        holder.send_signal(signal.SIGSTOP)  # Ctrl-Z: it holds the lock and does nothing
+        started = time.monotonic()
+        proc = run_tvpack(*fetch, "--lock-timeout", "1", env={"TORCH_HOME": str(home)})
+        _check_waited_and_gave_up(proc, holder, ref.filename, "1", started)
+        started = time.monotonic()
+        proc = run_tvpack(*fetch, env={"TORCH_HOME": str(home), "TVPACK_LOCK_TIMEOUT": "0.5"})
+        _check_waited_and_gave_up(proc, holder, ref.filename, "0.5", started)
+        proc = run_tvpack(*fetch, env={"TORCH_HOME": str(home), "TVPACK_LOCK_TIMEOUT": "soon"})
+        assert proc.returncode == 2 and "TVPACK_LOCK_TIMEOUT must be a number of seconds" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock went with it and its part is resumed
+    mirror_server.clear_faults()
+    proc = run_tvpack(*fetch, "--lock-timeout", "5", env={"TORCH_HOME": str(home)})
+    assert proc.returncode == 0 and "resumed at" in proc.stdout, proc.stderr
+
+
+def test_lock_bundle_and_mirror_honour_the_lock_timeout(zoo, zoo_server, tmp_path):
+    filename = zoo.ZooRaftSmall_Weights.THINGS_V1.url.rsplit("/", 1)[1]
+    common = ["--registry", ZOO_REGISTRY, "--mirror", zoo_server.url, "--no-upstream"]
+    holder, home = _holder_is_running(zoo_server, tmp_path, f"/models/tvpack-zoo/{filename}",
+                                      tvpack_command("fetch", "zoo_raft_small", *common))
+    try:
+        for command in (["lock", "-o", tmp_path / "tvpack.lock"], ["bundle", "-o", tmp_path / "b.tvpack"],
+                        ["mirror", "--to", tmp_path / "exported"]):
+            started = time.monotonic()
+            proc = run_tvpack(*command, "zoo_raft_small", *common, "--lock-timeout", "1",
+                              env={"TORCH_HOME": str(home)})
+            _check_waited_and_gave_up(proc, holder, filename, "1", started)
+    finally:
+        holder.kill()
+        holder.wait()
