@@ -93,11 +93,12 @@ def test_a_file_name_near_255_bytes_is_fetched_resumed_and_pruned(mirror_server,
     proc = subprocess.Popen(tvpack_command(*fetch), env=tvpack_env(TORCH_HOME=home), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        (part,) = wait_for(lambda: [p for p in _checkpoints(home).glob("*.tvpack-part") if p.stat().st_size]
-                           if _checkpoints(home).is_dir() else [], what="the part file")
+        parts = lambda: list(_checkpoints(home).glob("*.tvpack-part")) if _checkpoints(home).is_dir() else []  # noqa: E731
+        wait_for(lambda: any(p.stat().st_size for p in parts()) or proc.poll() is not None, what="the part's bytes")
     finally:
         proc.kill()
         proc.wait()
+    (part,) = parts()
     assert len(os.fsencode(part.name)) <= 200 and part.name.startswith("resnet_ää")
     assert _statuses(home)[part.name]["status"] == "partial"
     dry = json.loads(run_tvpack("cache", "prune", "--dry-run", "--json", env={"TORCH_HOME": str(home)}).stdout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from packager import cache
 from packager.formats.lockfile import dump_lockfile
 from tests.conftest import ROOT, ZOO_REGISTRY, run_tvpack, synth_refs, tvpack_command, tvpack_env, wait_for
 
@@ -119,7 +121,7 @@ def _search_permission_lent(*paths):
 
 
 def test_a_group_shared_cache_stays_usable_by_every_member_whatever_their_umask(mirror_server):
-    refs = synth_refs(mirror_server.root, count=3, size=3 * MB)
+    refs = synth_refs(mirror_server.root, count=4, size=3 * MB)
     with _team() as (team, (alice, bob)), \
             _search_permission_lent(sys.executable, os.path.realpath(sys.executable), sys.prefix, ROOT):
         base = Path(tempfile.mkdtemp(prefix="tvpack-team-", dir="/tmp"))
@@ -130,7 +132,7 @@ def test_a_group_shared_cache_stays_usable_by_every_member_whatever_their_umask(
             os.chown(shared, 0, grp.getgrnam(team).gr_gid)
             os.chmod(shared, 0o2775)
             locks = {}
-            for name, chosen in (("one", refs[:1]), ("two", refs[:2]), ("three", refs[2:])):
+            for name, chosen in (("one", refs[:1]), ("two", refs[:2]), ("three", refs[2:3]), ("four", refs[3:])):
                 locks[name] = dump_lockfile(chosen, base / f"{name}.lock")
                 os.chmod(locks[name], 0o644)
 
@@ -159,6 +161,9 @@ def test_a_group_shared_cache_stays_usable_by_every_member_whatever_their_umask(
             finally:
                 killed.send_signal(signal.SIGKILL)  # setpriv execs sh, which execs python: this is the fetch
                 killed.wait()
+            left = [p for p in _checkpoints(shared).iterdir() if ".tvpack-part" in p.name]
+            assert len(left) == 2  # the part and its .json, made under umask 077, yet group read-write
+            assert all(stat.S_IMODE(p.stat().st_mode) & 0o060 == 0o060 for p in left), left
             mirror_server.clear_faults()
             proc = as_user(bob, "022", "fetch", "--lock", locks["three"], *fetch)
             assert proc.returncode == 0, proc.stderr
@@ -174,11 +179,23 @@ def test_a_group_shared_cache_stays_usable_by_every_member_whatever_their_umask(
                 else:
                     assert mode & 0o060 == 0o060, f"{path}: {oct(mode)}"
             index = json.loads((shared / "hub" / "tvpack" / "index.json").read_text())["files"]
-            assert set(index) == {r.filename for r in refs}  # nobody's index update was lost
+            assert set(index) == {r.filename for r in refs[:3]}  # nobody's index update was lost
             proc = as_user(alice, "022", "cache", "ls", "--json", "--no-registry")
             assert proc.returncode == 0, proc.stderr
             assert {f["file"]: f["status"] for f in json.loads(proc.stdout)["files"]} == \
-                {r.filename: "verified" for r in refs}
+                {r.filename: "verified" for r in refs[:3]}
+
+            # a part file from before sharing was set up (alice's, 0600) cannot block bob: ignored, said so
+            dead = subprocess.Popen(["true"])
+            dead.wait()
+            legacy = _checkpoints(shared) / f"{refs[3].filename}.{cache._HOST}.{dead.pid}.0badc0de.tvpack-part"
+            legacy.write_bytes(b"x" * 1000)
+            os.chown(legacy, pwd.getpwnam(alice).pw_uid, gid)
+            os.chmod(legacy, 0o600)
+            proc = as_user(bob, "022", "fetch", "--lock", locks["four"], *fetch)
+            assert proc.returncode == 0, proc.stderr
+            assert f"tvpack: ignoring {legacy.name}: a partial download left by another user that you cannot write" \
+                in proc.stderr
         finally:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -208,8 +225,8 @@ def test_prune_never_removes_a_download_running_in_another_pid_namespace(mirror_
                                   *tvpack_command("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream")],
                                  env=tvpack_env(TORCH_HOME=home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        (part,) = wait_for(lambda: [p for p in _checkpoints(home).glob("*.tvpack-part") if p.stat().st_size]
-                           if _checkpoints(home).is_dir() else [], what="the part file")
+        (part,) = wait_for(lambda: list(_checkpoints(home).glob("*.tvpack-part")) if _checkpoints(home).is_dir()
+                           else [], what="the part file")
         pid = int(part.name.split(".")[-3])
         if os.path.exists(f"/proc/{pid}"):
             pytest.skip(f"pid {pid} of the namespace also names a process here")
