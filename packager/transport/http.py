@@ -394,12 +394,13 @@ _FILL_SOON = 256 * 1024  # hand over a buffer this full when the socket runs dry
 
 
 def _http_filler(response, chunk_size: int, watchdog, length: int | None):
-    """``fill(buffer) -> n`` reading the body straight into ``buffer`` (no intermediate bytes).
+    """``fill(buffer) -> n`` reading the body into ``buffer``, reporting bytes as they arrive.
 
-    A plain (not chunked, not encoded) body is read with the socket file's ``readinto1``: each
-    call returns what has arrived, so the watchdog sees bytes as they come (a trickle is caught
-    however large the buffer) and the body's length is enforced here. Otherwise http.client's
-    ``readinto`` (it de-chunks), else urllib3's ``read``, copied in.
+    Each read returns what has arrived (never waits for a whole buffer), so the watchdog sees a
+    trickle however large the buffer, and a buffer is handed on once the socket runs dry (a stall
+    leaves little unwritten). A plain body (not chunked, not encoded) is read straight into the
+    buffer by the socket file's ``readinto1`` (no copy), its length enforced here; a chunked one
+    through http.client's ``read1`` (it de-chunks); anything else through urllib3's ``read``.
     """
     fp = getattr(response.raw, "_fp", None)
     encoding = response.headers.get("Content-Encoding", "identity").lower()
@@ -407,48 +408,56 @@ def _http_filler(response, chunk_size: int, watchdog, length: int | None):
     sock_file = getattr(fp, "fp", None)
     if plain and fp is not None and not getattr(fp, "chunked", True) and hasattr(sock_file, "readinto1"):
         remaining = [length]
-        deferred: list[BaseException] = []
 
-        def fill1(buf: bytearray) -> int:
-            if deferred:
-                raise deferred.pop()
-            n = 0
-            started = time.monotonic()
-            with memoryview(buf) as view:
-                while n < len(buf):
-                    want = len(buf) - n
-                    if remaining[0] is not None:
-                        want = min(want, remaining[0])
-                        if not want:
-                            break
-                    try:
-                        k = sock_file.readinto1(view[n:n + want])
-                    except Exception as exc:
-                        if not n:
-                            raise
-                        deferred.append(exc)  # hand over the bytes we have first: they are kept for a resume
-                        break
-                    if not k:
-                        break
-                    n += k
-                    watchdog.fed(k)
-                    if remaining[0] is not None:
-                        remaining[0] -= k
-                    if n >= _FILL_SOON and (k < want or time.monotonic() - started > _FILL_SECONDS):
-                        break  # the socket ran dry, or a slow link: write what came, so the part keeps up
-            return n
-        return fill1
-    if fp is not None and hasattr(fp, "readinto") and plain:
-        def fill(buf: bytearray) -> int:
-            n = fp.readinto(buf)
-            watchdog.fed(n or 0)
-            return n
-        return fill
+        def read_plain(view) -> int:
+            if remaining[0] is not None:
+                if not remaining[0]:
+                    return 0
+                view = view[: remaining[0]]
+            k = sock_file.readinto1(view)
+            if remaining[0] is not None:
+                remaining[0] -= k
+            return k
+        return _filler(read_plain, watchdog)
+    if plain and fp is not None and hasattr(fp, "read1"):
+        def read_chunked(view) -> int:
+            data = fp.read1(len(view))
+            view[: len(data)] = data
+            return len(data)
+        return _filler(read_chunked, watchdog)
     read = response.raw.read
 
-    def fill_copy(buf: bytearray) -> int:
-        data = read(len(buf), decode_content=False)
-        buf[: len(data)] = data
-        watchdog.fed(len(data))
+    def read_other(view) -> int:
+        data = read(len(view), decode_content=False)
+        view[: len(data)] = data
         return len(data)
-    return fill_copy
+    return _filler(read_other, watchdog)
+
+
+def _filler(read, watchdog):
+    """``fill(buffer)`` from ``read(view) -> bytes read`` (0 at the end), which returns what has arrived."""
+    deferred: list[BaseException] = []
+
+    def fill(buf: bytearray) -> int:
+        if deferred:
+            raise deferred.pop()
+        n = 0
+        started = time.monotonic()
+        with memoryview(buf) as view:
+            while n < len(buf):
+                want = len(buf) - n
+                try:
+                    k = read(view[n:])
+                except Exception as exc:
+                    if not n:
+                        raise
+                    deferred.append(exc)  # hand over the bytes we have first: they are kept for a resume
+                    break
+                if not k:
+                    break
+                n += k
+                watchdog.fed(k)
+                if n >= _FILL_SOON and (k < want or time.monotonic() - started > _FILL_SECONDS):
+                    break  # the socket ran dry, or a slow link: write what came, so the part keeps up
+        return n
+    return fill
