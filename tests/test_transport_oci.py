@@ -9,11 +9,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import need_server
 
 from packager.errors import OCIError, UsageError
-from packager.transport.oci import (OCI_MANIFEST, Credentials, Policy, Reference, RegistryClient, credential_files,
-                                    digest_of, find_credentials, login, parse_reference)
-from tests.conftest import need_server
+from packager.transport.oci import (
+    OCI_MANIFEST,
+    Credentials,
+    Policy,
+    Reference,
+    RegistryClient,
+    credential_files,
+    digest_of,
+    find_credentials,
+    login,
+    parse_reference,
+)
 
 FAST = Policy(retries=2, backoff=0.01, max_backoff=0.02, connect_timeout=3, read_timeout=10)
 

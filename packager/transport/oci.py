@@ -365,6 +365,24 @@ class _HashingReader:
         return data
 
 
+class _Progress:
+    """Bytes sent in this attempt, reported to ``on_bytes``; ``rewind`` reports them back (negative)
+    when an attempt is abandoned and its bytes will be sent again."""
+
+    def __init__(self, on_bytes: ProgressFn | None):
+        self.on_bytes = on_bytes
+        self.sent = 0
+
+    def __call__(self, n: int) -> None:
+        self.sent += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def rewind(self) -> None:
+        if self.sent:
+            self(-self.sent)
+
+
 def _opener(source) -> Callable[[], BinaryIO]:
     if callable(source):
         return source
@@ -610,24 +628,18 @@ class RegistryClient:
         open_source = _opener(source)
         what = f"oci://{self.host}/{repository}" + (f"@{digest}" if digest else " (blob upload)")
         attempt = 0
+        progress = _Progress(on_bytes)
         while True:
-            sent = [0]
-
-            def count(n: int) -> None:
-                sent[0] += n
-                if on_bytes is not None:
-                    on_bytes(n)
             try:
-                return self._upload(repository, open_source, size, digest, count, chunk_size, what)
+                return self._upload(repository, open_source, size, digest, progress, chunk_size, what)
             except _Retry as exc:
-                if on_bytes is not None and sent[0]:
-                    on_bytes(-sent[0])  # the bar goes back: these bytes will be sent again
+                progress.rewind()  # the bar goes back: these bytes will be sent again
                 attempt += 1
                 if attempt > self.policy.retries:
                     raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
                 time.sleep(self.policy.delay(attempt))
 
-    def _upload(self, repository, open_source, size, digest, on_bytes, chunk_size, what) -> str:
+    def _upload(self, repository, open_source, size, digest, progress: "_Progress", chunk_size, what) -> str:
         import requests
 
         start = self._request("POST", self._url(repository, "blobs", "uploads") + "/", what=what,
@@ -640,19 +652,10 @@ class RegistryClient:
         try:
             with open_source() as f:
                 if digest is not None and size <= chunk_size:
-                    sent = [0]
-
                     def body() -> _HashingReader:  # a fresh body per attempt (retries, auth challenges)
                         f.seek(0)
-                        if on_bytes is not None and sent[0]:
-                            on_bytes(-sent[0])
-                        sent[0] = 0
-
-                        def count(n: int) -> None:
-                            sent[0] += n
-                            if on_bytes is not None:
-                                on_bytes(n)
-                        return _HashingReader(f, size, None, count)
+                        progress.rewind()
+                        return _HashingReader(f, size, None, progress)
                     response = self._request("PUT", self._with_digest(location, digest), what=what,
                                              repository=repository, push=True, ok=(201,), headers=octets, body=body)
                     response.close()
@@ -664,7 +667,7 @@ class RegistryClient:
                     headers = {**octets, "Content-Range": f"{offset}-{offset + n - 1}"}
                     # one attempt only: a PATCH half-sent cannot be repeated; the whole blob restarts
                     response = self.session.request(
-                        "PATCH", location, data=_HashingReader(f, n, hasher, on_bytes),
+                        "PATCH", location, data=_HashingReader(f, n, hasher, progress),
                         headers={**headers, **self._auth_header(f"repository:{repository}:pull,push")},
                         timeout=(self.policy.connect_timeout, self.policy.read_timeout))
                     response.close()
