@@ -279,6 +279,23 @@ def test_basic_auth_with_docker_config_in_home(auth_registry, no_creds):
     assert client.ensure_blob("private/m", data, size=len(data), digest=digest_of(data)) == "pushed"
 
 
+def test_basic_auth_through_a_credential_helper(auth_registry, no_creds, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-tvpacktest"
+    helper.write_text(f"#!/bin/sh\nread host\n[ \"$host\" = {auth_registry.host} ] || exit 1\n"
+                      "echo '{\"Username\": \"alice\", \"Secret\": \"s3cret\"}'\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    docker = no_creds / ".docker" / "config.json"
+    docker.parent.mkdir()
+    docker.write_text(json.dumps({"auths": {auth_registry.host: {}}, "credsStore": "tvpacktest"}))
+    found = find_credentials(auth_registry.host)
+    assert (found.username, found.password) == ("alice", "s3cret") and "credential helper tvpacktest" in found.source
+    RegistryClient(auth_registry.host, plain_http=True, policy=FAST).ping()
+    assert find_credentials("other.host:1") is None
+
+
 def test_basic_auth_with_registry_auth_file_and_wrong_or_missing_creds(auth_registry, no_creds, tmp_path):
     host = auth_registry.host
     with pytest.raises(OCIError) as err:
@@ -333,6 +350,8 @@ def test_bearer_token_challenge_with_distribution_token_auth(tmp_path, no_creds)
         # a token per scope, asked for once; the mount asks pull on the source repository too
         assert ("bob", ["repository:team/b:pull,push", "repository:team/a:pull"]) in tokens.issued
         assert len(tokens.issued) <= 4
+        client.ping()
+        assert tokens.issued[-1] == ("bob", [])  # /v2/ itself asks for no scope
 
 
 def test_tls_with_requests_ca_bundle_and_without(tmp_path, no_creds, monkeypatch):

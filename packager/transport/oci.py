@@ -441,7 +441,7 @@ class RegistryClient:
         if scheme != "bearer" or not params.get("realm"):
             raise self._unauthorized(what, creds)
         query = [("service", params["service"])] if params.get("service") else []
-        query += [("scope", s) for s in (params.get("scope") or scope).split()]
+        query += [("scope", s) for s in (params.get("scope") or scope).split() if s]
         headers = {"Authorization": creds.basic()} if creds else {}
         try:
             reply = self.session.get(params["realm"], params=query, headers=headers,
@@ -525,7 +525,8 @@ class RegistryClient:
         import requests
 
         url = url if url.startswith(("http://", "https://")) else self.base + url
-        scope = f"repository:{repository}:{'pull,push' if push else 'pull'}" if repository else "registry:catalog:*"
+        # no scope for /v2/ itself: a token server may refuse one we have no business asking for
+        scope = f"repository:{repository}:{'pull,push' if push else 'pull'}" if repository else ""
         attempt = 0
         challenged = False
         while True:
