@@ -77,6 +77,7 @@ class TokenServer:
         self.cert, self.key = self_signed_cert(self.workdir, "token-signer")
         self.port = free_port()
         self.issued: list[tuple[str | None, list[str]]] = []  # (user, scopes) per token handed out
+        self.lifetime = 300  # seconds until a token's "exp" (the registry allows some clock skew beyond it)
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -109,7 +110,7 @@ class TokenServer:
             if kind and name:
                 access.append({"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]})
         now = int(time.time())
-        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "exp": now + 300, "nbf": now - 10,
+        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "exp": now + self.lifetime, "nbf": now - 10,
                   "iat": now, "jti": secrets.token_hex(8), "access": access}
         return self._sign(claims)
 
@@ -139,7 +140,7 @@ class TokenServer:
                 scopes = query.get("scope", [])
                 owner.issued.append((user, scopes))
                 token = owner._token(user, scopes)
-                self._send(200, {"token": token, "access_token": token, "expires_in": 300})
+                self._send(200, {"token": token, "access_token": token, "expires_in": owner.lifetime})
 
             def _send(self, status: int, body: dict):
                 data = json.dumps(body).encode()

@@ -423,8 +423,10 @@ class RegistryClient:
         return self._credentials
 
     def _auth_header(self, scope: str) -> dict[str, str]:
-        if scope in self._tokens:
-            return {"Authorization": f"Bearer {self._tokens[scope]}"}
+        # a token that may push to a repository may also pull from it
+        for held in (scope, scope + ",push" if scope.endswith(":pull") else scope):
+            if held in self._tokens:
+                return {"Authorization": f"Bearer {self._tokens[held]}"}
         if self._basic and self._credentials is not None:
             return {"Authorization": self._credentials.basic()}
         return {}
@@ -441,7 +443,9 @@ class RegistryClient:
         if scheme != "bearer" or not params.get("realm"):
             raise self._unauthorized(what, creds)
         query = [("service", params["service"])] if params.get("service") else []
-        query += [("scope", s) for s in (params.get("scope") or scope).split() if s]
+        # the challenge's scopes plus ours: the token is cached under ours, so it must grant it
+        scopes = (params.get("scope") or "").split()
+        query += [("scope", s) for s in scopes + ([scope] if scope and scope not in scopes else [])]
         headers = {"Authorization": creds.basic()} if creds else {}
         try:
             reply = self.session.get(params["realm"], params=query, headers=headers,
@@ -572,12 +576,13 @@ class RegistryClient:
 
     # -- blobs --
 
-    def blob_exists(self, repository: str, digest: str) -> int | None:
-        """The size of the blob if ``repository`` has it (HEAD), else None."""
+    def blob_exists(self, repository: str, digest: str, *, for_push: bool = False) -> int | None:
+        """The size of the blob if ``repository`` has it (HEAD), else None. ``for_push``: ask for
+        push access right away (one token for the HEAD and the upload that may follow)."""
         _check_digest(digest)
         what = f"oci://{self.host}/{repository}@{digest}"
         response = self._request("HEAD", self._url(repository, "blobs", digest), what=what, repository=repository,
-                                 ok=(200, 404))
+                                 ok=(200, 404), push=for_push)
         response.close()
         if response.status_code == 404:
             return None
@@ -608,7 +613,7 @@ class RegistryClient:
         """Make sure ``repository`` has blob ``digest``, moving as few bytes as possible: ``"exists"``
         (HEAD), ``"mounted"`` (from the first of ``mount_from`` that has it), or ``"pushed"``. An
         interrupted push re-run this way sends only the blobs that did not make it."""
-        if self.blob_exists(repository, digest) is not None:
+        if self.blob_exists(repository, digest, for_push=True) is not None:
             return "exists"
         for other in mount_from:
             if other != repository and self.mount_blob(repository, digest, other):
@@ -663,21 +668,36 @@ class RegistryClient:
                     return self._check_pushed(response, digest, what)
                 hasher = hashlib.sha256()
                 offset = 0
+                scope = f"repository:{repository}:pull,push"
+                reauthenticated = False
                 while offset < size:
                     n = min(chunk_size, size - offset)
                     headers = {**octets, "Content-Range": f"{offset}-{offset + n - 1}"}
-                    # one attempt only: a PATCH half-sent cannot be repeated; the whole blob restarts
+                    before, sent_before = hasher.copy(), progress.sent
                     response = self.session.request(
                         "PATCH", location, data=_HashingReader(f, n, hasher, progress),
-                        headers={**headers, **self._auth_header(f"repository:{repository}:pull,push")},
+                        headers={**headers, **self._auth_header(scope)},
                         timeout=(self.policy.connect_timeout, self.policy.read_timeout))
                     response.close()
+                    if response.status_code == 401 and not reauthenticated and f.seekable():
+                        # a token expired during a long upload: the registry refused this chunk
+                        # before storing any of it, so it can be sent again under a fresh token
+                        reauthenticated = True
+                        self._tokens.pop(scope, None)
+                        self._authenticate(response, scope, repository, what)
+                        hasher = before
+                        progress(sent_before - progress.sent)
+                        f.seek(offset)
+                        continue
+                    # other failures restart the whole blob: how much of a half-sent PATCH the
+                    # registry kept is not something every registry reports reliably
                     if response.status_code in (408, 429) or response.status_code >= 500:
                         raise _Retry(f"HTTP {response.status_code} during a chunk upload")
                     if response.status_code != 202:
                         raise self._fail(response, what)
                     location = self._location(response, what)
                     offset += n
+                    reauthenticated = False
                 computed = "sha256:" + hasher.hexdigest()
                 if digest is not None and computed != digest:
                     raise OCIError(f"{what}: the source's bytes do not match the digest: expected {digest}, "
