@@ -332,8 +332,11 @@ def test_login_checks_then_writes_the_containers_auth_file(auth_registry, no_cre
 def test_bearer_token_challenge_with_distribution_token_auth(tmp_path, no_creds):
     from packager.testing.registry import DistributionRegistry, TokenServer
 
-    tokens = need_server(TokenServer, tmp_path, users={"bob": "pw"})
+    tokens = need_server(TokenServer, tmp_path, users={"bob": "pw", "carol": "pw"}, pull_only=("carol",))
     with tokens, need_server(DistributionRegistry, tmp_path, token_server=tokens) as reg:
+        reader = RegistryClient(reg.host, plain_http=True, policy=FAST, credentials=Credentials("carol", "pw", "C"))
+        with pytest.raises(OCIError, match="access denied: the credentials from C do not allow push"):
+            reader.push_blob("team/a", b"x", size=1, digest=digest_of(b"x"))
         with pytest.raises(OCIError, match="unauthorized: no credentials"):
             RegistryClient(reg.host, plain_http=True, policy=FAST).ping()
         with pytest.raises(OCIError, match="refused the credentials"):
@@ -347,9 +350,10 @@ def test_bearer_token_challenge_with_distribution_token_auth(tmp_path, no_creds)
         assert client.ensure_blob("team/b", data, size=len(data), digest=digest, mount_from=("team/a",)) == "mounted"
         client.pull_blob("team/b", digest, tmp_path / "out", size=len(data))
         assert (tmp_path / "out").read_bytes() == data
+        assert reader.blob_exists("team/b", digest) == len(data)  # carol may pull
         # one token per repository (a push token serves the pull too); the mount's also covers the source
         scopes = [{s.rsplit(":", 1)[0] + ":" + ",".join(sorted(s.rsplit(":", 1)[1].split(","))) for s in scopes}
-                  for _, scopes in tokens.issued]
+                  for user, scopes in tokens.issued if user == "bob"]
         assert scopes == [{"repository:team/a:pull", "repository:team/a:pull,push"},
                           {"repository:team/b:pull", "repository:team/b:pull,push"},
                           {"repository:team/a:pull", "repository:team/b:pull,push"}]

@@ -60,12 +60,14 @@ class TokenServer:
     """A docker token server on loopback (``GET /token?service=&scope=``), as Harbor or GitLab run
     beside a registry: it checks HTTP basic credentials against ``users`` (anonymous callers get
     tokens too when ``anonymous=True``) and answers ``{"token": JWT}``: ES256, signed by a
-    self-signed certificate the registry trusts (``rootcertbundle``), granting what was asked."""
+    self-signed certificate the registry trusts (``rootcertbundle``), granting what was asked
+    (only pull to the users in ``pull_only``)."""
 
     service = "tvpack-test-registry"
     issuer = "tvpack-test-token-server"
 
-    def __init__(self, workdir, *, users: dict[str, str] | None = None, anonymous: bool = False):
+    def __init__(self, workdir, *, users: dict[str, str] | None = None, anonymous: bool = False,
+                 pull_only: tuple[str, ...] = ()):
         try:
             from cryptography.hazmat.primitives import serialization  # noqa: F401
         except ImportError:
@@ -74,6 +76,7 @@ class TokenServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})
         self.anonymous = anonymous
+        self.pull_only = set(pull_only)  # users (None: anonymous) whose tokens grant pull and nothing else
         self.cert, self.key = self_signed_cert(self.workdir, "token-signer")
         self.port = free_port()
         self.issued: list[tuple[str | None, list[str]]] = []  # (user, scopes) per token handed out
@@ -107,8 +110,9 @@ class TokenServer:
         for scope in scopes:
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
+            granted = [a for a in actions.split(",") if a and (a == "pull" or user not in self.pull_only)]
             if kind and name:
-                access.append({"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]})
+                access.append({"type": kind, "name": name, "actions": granted})
         now = int(time.time())
         claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "exp": now + self.lifetime, "nbf": now - 10,
                   "iat": now, "jti": secrets.token_hex(8), "access": access}

@@ -554,6 +554,10 @@ class RegistryClient:
                     continue
                 if response.status_code == 401:
                     response.close()
+                    _, params = _challenge(response.headers.get("WWW-Authenticate", ""))
+                    if params.get("error") == "insufficient_scope" and self._credentials is not None:
+                        raise OCIError(f"{what}: access denied: the credentials from {self._credentials.source} "
+                                       f"do not allow {'push' if push else 'pull'} here")
                     raise self._unauthorized(what, self._credentials)
                 if response.status_code in ok:
                     return response
