@@ -30,10 +30,12 @@ import hashlib
 import ipaddress
 import json
 import os
+import queue
 import random
 import re
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,6 +365,42 @@ class _HashingReader:
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         return data
+
+
+class _HashAndWrite:
+    """Hash and write received chunks on a worker thread, in order, while the caller receives the
+    next one (hashlib and file writes release the GIL: a pull then costs about what the network
+    does, not network + hash + write). ``close`` waits for the queue to drain and re-raises the
+    worker's error."""
+
+    def __init__(self, hasher, f, depth: int = 4):
+        self.hasher, self.f = hasher, f
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._work, name="tvpack-oci-sink", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.hasher.update(data)
+                    self.f.write(data)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by close() in the caller's thread
+                    self.error = exc
+
+    def put(self, data: bytes) -> None:
+        if self.error is not None:
+            self.close()
+        self._queue.put(data)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 class _Progress:
@@ -833,14 +871,17 @@ class RegistryClient:
             received = 0
             try:
                 with open(part, "ab") as f:
-                    for data in response.iter_content(self.policy.read_size):
-                        received += len(data)
-                        if limit is not None and received > limit:
-                            raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
-                        hasher.update(data)
-                        f.write(data)
-                        if on_bytes is not None:
-                            on_bytes(len(data))
+                    sink = _HashAndWrite(hasher, f)
+                    try:
+                        for data in response.iter_content(self.policy.read_size):
+                            received += len(data)
+                            if limit is not None and received > limit:
+                                raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
+                            sink.put(data)
+                            if on_bytes is not None:
+                                on_bytes(len(data))
+                    finally:
+                        sink.close()  # after any error too: the part then holds exactly the bytes hashed
                     f.flush()
                     os.fsync(f.fileno())
             except OCIError:
