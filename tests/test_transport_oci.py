@@ -201,6 +201,15 @@ def test_pull_resumes_a_part_file_with_range(client, registry, tmp_path):
     assert gets[-1][2:] == (206, len(data) - 123_456)
 
 
+def test_pull_finishes_a_complete_part_without_a_request(client, registry, tmp_path):
+    data = blob(50_000, seed=8)
+    digest = client.push_blob("r", data, size=len(data), digest=digest_of(data))
+    (tmp_path / "blob.part").write_bytes(data)  # interrupted between the last byte and the rename
+    before = len(registry.requests())
+    assert client.pull_blob("r", digest, tmp_path / "blob", size=len(data)) == len(data)
+    assert (tmp_path / "blob").read_bytes() == data and len(registry.requests()) == before
+
+
 def test_pull_refuses_a_part_that_is_not_a_prefix(client, tmp_path):
     data = blob(100_000, seed=4)
     digest = client.push_blob("r", data, size=len(data), digest=digest_of(data))

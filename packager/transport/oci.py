@@ -783,7 +783,7 @@ class RegistryClient:
         dest = Path(dest)
         part = Path(part) if part is not None else dest.with_name(dest.name + ".part")
         what = f"oci://{self.host}/{repository}@{digest}"
-        if size is not None and self._part_size(part) == size and self._prehash_all(part) == digest:
+        if size is not None and self._part_size(part) == size and "sha256:" + self._hash_file(part).hexdigest() == digest:
             os.replace(part, dest)  # finished earlier but not renamed (interrupted right at the end)
             if on_bytes is not None:
                 on_bytes(size)
@@ -827,27 +827,23 @@ class RegistryClient:
         except FileNotFoundError:
             return 0
 
-    def _prehash_all(self, part: Path) -> str:
+    def _hash_file(self, path: Path):
         hasher = hashlib.sha256()
-        with open(part, "rb") as f:
+        with open(path, "rb") as f:
             while data := f.read(self.policy.read_size):
                 hasher.update(data)
-        return "sha256:" + hasher.hexdigest()
+        return hasher
 
     def _prehash(self, part: Path, size: int | None):
         """A hasher over the bytes already in ``part`` and their count (0 and no part when it
         cannot be continued: missing, or already as long as the whole blob can be)."""
-        hasher = hashlib.sha256()
         have = self._part_size(part)
         if have and size is not None and have >= size:
             have = 0
         if not have:
             _unlink(part)
-            return hasher, 0
-        with open(part, "rb") as f:
-            while data := f.read(self.policy.read_size):
-                hasher.update(data)
-        return hasher, have
+            return hashlib.sha256(), 0
+        return self._hash_file(part), have
 
     def _pull_attempt(self, repository, digest, part: Path, hasher, have: int, size, what, on_bytes):
         """Append the rest of the blob to ``part``; returns the hasher over the whole part. Raises
