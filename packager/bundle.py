@@ -20,13 +20,15 @@ data) before it counts as valid: vanilla torchvision unpickles cache files with
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from . import cache
-from .errors import BundleError, CacheError, OfflineError
+from .errors import BundleError, CacheError, OfflineError, UsageError
 from .formats.archive import (
     BLOCK,
     RECORD,
@@ -35,6 +37,7 @@ from .formats.archive import (
     copy_file,
     copy_hashing,
     each_member,
+    round_up,
     source_date_epoch,
     tar_header,
     write_all,
@@ -52,8 +55,9 @@ from .formats.manifest import (
     is_checkpoint_path,
     manifest_path_for,
     parse_manifest,
+    site_files,
 )
-from .formats.volumes import open_source
+from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source
 from .fsutil import atomic_write_bytes, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef
@@ -69,16 +73,18 @@ class VerifyReport:
     members: int  # archive members, manifest included
     bytes: int  # payload bytes hashed
     created_by: dict
+    at_site: int = 0  # checkpoints a delta bundle expects at the site (not in the archive, not checked here)
 
     def to_dict(self) -> dict:
         return {"ok": True, "path": str(self.path), "manifest_id": self.manifest_id, "weights": self.weights,
-                "members": self.members, "bytes": self.bytes, "created_by": self.created_by}
+                "members": self.members, "bytes": self.bytes, "created_by": self.created_by,
+                "at_site": self.at_site}
 
 
 @dataclass(frozen=True)
 class Placed:
     path: Path
-    status: str  # "installed", "replaced", "unchanged"
+    status: str  # "installed", "replaced", "unchanged"; "present": expected at the site (delta) and found there
     size: int
     weights: tuple[str, ...] = ()
 
@@ -134,6 +140,7 @@ class _Archive(TarArchive):
             if path not in self.expected:
                 self.fail(f"member {path!r} is not listed in the manifest")
         self.payload = self.members[1:]
+        self.site_files = site_files(self.entries)  # a delta bundle's checkpoints expected at the site
 
 
 
@@ -174,7 +181,23 @@ class Bundle:
 
     @property
     def size(self) -> int:
+        """Bytes of the members carried (the manifest excluded)."""
         return sum(m.size for m in self._archive.payload)
+
+    @property
+    def site_files(self) -> dict[str, tuple[int, str]]:
+        """{archive path: (size, sha256)} of the checkpoints a delta bundle expects at the site."""
+        return dict(self._archive.site_files)
+
+    @property
+    def file_size(self) -> int:
+        """The archive's size in bytes (all parts of a split bundle)."""
+        return self._archive.source.size
+
+    @property
+    def parts(self) -> list[Path]:
+        """The files holding the archive: the bundle itself, or the parts of a split bundle."""
+        return list(self._archive.source.parts)
 
     def entry(self, name: str) -> BundleEntry:
         """By weights name (``Enum.MEMBER``), model name (when one weights of it is bundled) or
@@ -256,7 +279,8 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
         return VerifyReport(Path(path), archive.manifest_id, len(archive.entries), len(archive.members),
-                            sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {})
+                            sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {},
+                            len(archive.site_files))
     finally:
         archive.source.close()
 
@@ -279,6 +303,8 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         weights_of: dict[str, list[str]] = {}
         for entry in archive.entries:
             weights_of.setdefault(entry.path, []).append(entry.name)
+        # 0. a delta bundle: what it expects at the site must be there, exactly, before anything is written
+        present = _check_site(archive, hub)
         # 1. decide per file (refuse conflicts before writing anything)
         plan = []
         for member in archive.payload:
@@ -348,6 +374,10 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                                   url=entry and entry.url)
             placed.append(Placed(dest, "installed" if action == "install" else action, member.size,
                                  tuple(weights_of.get(member.path, ()))))
+        for member_path, dest in present:
+            entry = first_entry[member_path]
+            cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
+            placed.append(Placed(dest, "present", entry.size, tuple(weights_of[member_path])))
         manifest_dest = _destination(hub, archive.manifest_path)
         _makedirs(manifest_dest.parent)
         if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
@@ -357,6 +387,47 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         for tmp in temps:
             _unlink(tmp)
         archive.source.close()
+
+
+def _check_site(archive: _Archive, hub: Path) -> list[tuple[str, Path]]:
+    """The checkpoints a delta bundle expects at the site, as (archive path, file) once each is found
+    in the cache with its size and sha256 (from the verification index when the file is unchanged
+    since it was hashed, else hashed now; nothing is recorded yet). Raises one line naming every
+    file missing or different: the bundle was made for another state of this site."""
+    found, problems = [], []
+    for member_path, (size, sha) in archive.site_files.items():
+        dest = _destination(hub, member_path)
+        try:
+            st = os.stat(dest)
+        except FileNotFoundError:
+            problems.append(f"{dest.name} (missing)")
+            continue
+        except OSError as exc:
+            problems.append(f"{dest.name} (unreadable: {exc.strerror or exc})")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{dest.name} (not a regular file)")
+            continue
+        if st.st_size != size:
+            problems.append(f"{dest.name} (different: {st.st_size} bytes, expected {size})")
+            continue
+        entry = cache.index_entry(dest)
+        try:
+            got = entry["sha256"] if entry and entry.get("sha256") else cache.hash_file(dest)
+        except OSError as exc:
+            problems.append(f"{dest.name} (unreadable: {exc.strerror or exc})")
+            continue
+        if got != sha:
+            problems.append(f"{dest.name} (different: sha256 {got[:12]}..., expected {sha[:12]}...)")
+            continue
+        found.append((member_path, dest))
+    if problems:
+        shown = ", ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise BundleError(f"{archive.path.name} is a delta bundle: {len(problems)} of the {len(archive.site_files)} "
+                          f"checkpoints it expects at the site are missing or different in {hub / 'checkpoints'}: "
+                          f"{shown}; nothing was installed (install the bundles it was made against first, or "
+                          "make a full bundle)")
+    return found
 
 
 def install(path, *, torch_home=None, force: bool = False, progress: bool = False) -> list[Path]:
@@ -396,17 +467,30 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False) -> Path:
+           progress: bool = False, site=None, split: int | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
     ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
     :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
     beside ``output`` and renamed into place only when complete.
+
+    ``site``: what the destination already holds, anything with ``has(file, sha256)`` (an
+    :class:`~packager.formats.inventory.Inventory`; :func:`packager.delta.read_site` reads one from a
+    SITE.json, an earlier bundle or a lockfile). The manifest still describes every selected
+    weights, but checkpoints the site holds with the same name and sha256 are not carried: they are
+    listed as expected at the site (a delta bundle). Every checkpoint is still read from this
+    cache, so the manifest only ever pins hashes taken here.
+
+    ``split``: write ``output.000``, ``output.001``, ... of at most ``split`` bytes each and
+    ``output.sha256`` (``sha256sum -c`` format) while the archive streams, with no full-size temp
+    file; the parts appear together when complete, and the path of ``output.sha256`` is returned.
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
     output = Path(output)
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split <= 0):
+        raise UsageError(f"invalid part size {split!r}: must be a positive number of bytes")
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -426,53 +510,134 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     for ref in selected:
         path = Path(paths[ref.name])
         files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
+    at_site = {p.name for p, _size, sha in files.values() if site is not None and site.has(p.name, sha)}
     infos = describe(selected, registry=registry)
-    manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()})
+    manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
+                              at_site=at_site)
     manifest_bytes = encode_manifest(manifest)
     mtime = source_date_epoch()
-    unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()})
-    tmp = temp_path(output)
+    unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
+                     if p.name not in at_site})
+    if split is not None:
+        total = _archive_size(manifest_bytes, unique, mtime)
+        if -(-total // split) > MAX_PARTS:
+            raise UsageError(f"a part size of {split} bytes splits this {total}-byte bundle into "
+                             f"{-(-total // split)} parts, more than {MAX_PARTS}: choose a larger size")
     bar = _progress(progress, sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb", buffering=0) as out:
-            fd = out.fileno()
-            write_all(fd, memoryview(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)))
-            write_all(fd, memoryview(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK)))
-            for arcname, path, size, sha in unique:
-                _write_checkpoint(fd, arcname, path, size, sha, mtime, bar)
-            end = out.tell() + 2 * BLOCK
-            write_all(fd, memoryview(bytes(2 * BLOCK + (-end % RECORD))))
-        os.replace(tmp, output)
+        if split is None:
+            _write_file(output, manifest_bytes, unique, mtime, bar)
+            return output
+        with SplitWriter(output, split) as writer:  # commits on success, removes every part on failure
+            _write_archive(_SplitSink(writer), manifest_bytes, unique, mtime, bar)
+        return output.with_name(listing_name(output.name))
     except OSError as exc:
-        _unlink(tmp)
         raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
     finally:
         if bar is not None:
             bar.close()
-    return output
 
 
-def _write_checkpoint(fd: int, arcname: str, path: Path, size: int, sha: str, mtime: int, bar) -> None:
+def _write_file(output: Path, manifest_bytes: bytes, unique, mtime: int, bar) -> None:
+    """The archive into a temp file beside ``output``, renamed into place when complete."""
+    tmp = temp_path(output)
+    try:
+        with open(tmp, "wb", buffering=0) as out:
+            _write_archive(_FileSink(out.fileno()), manifest_bytes, unique, mtime, bar)
+        os.replace(tmp, output)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _archive_size(manifest_bytes: bytes, unique, mtime: int) -> int:
+    """The exact size of the archive :func:`_write_archive` writes (headers are pure functions)."""
+    end = len(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)) + round_up(len(manifest_bytes))
+    end += sum(len(tar_header(arcname, size, mtime)) + round_up(size) for arcname, _p, size, _s in unique)
+    return end + 2 * BLOCK + (-(end + 2 * BLOCK) % RECORD)
+
+
+def _write_archive(sink, manifest_bytes: bytes, unique, mtime: int, bar) -> None:
+    """Manifest first, then each checkpoint, then the end-of-archive zeros padded to a whole record."""
+    sink.write(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime))
+    sink.write(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK))
+    for arcname, path, size, sha in unique:
+        _write_checkpoint(sink, arcname, path, size, sha, mtime, bar)
+    end = sink.tell() + 2 * BLOCK
+    sink.write(bytes(2 * BLOCK + (-end % RECORD)))
+
+
+class _FileSink:
+    """The archive written to one open file: checkpoints copied by the kernel where it can."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> None:
+        write_all(self.fd, memoryview(data))
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def copy(self, src_fd: int, size: int, bar) -> None:
+        copy_file(src_fd, self.fd, size, bar)
+
+    def copy_hashing(self, src_fd: int, size: int, bar) -> str:
+        return copy_hashing(src_fd, self.fd, size, bar)
+
+
+class _SplitSink:
+    """The archive written through a :class:`SplitWriter` into parts of a fixed size."""
+
+    def __init__(self, writer: SplitWriter):
+        self.writer = writer
+
+    def write(self, data) -> None:
+        self.writer.write(data)
+
+    def tell(self) -> int:
+        return self.writer.tell()
+
+    def copy(self, src_fd: int, size: int, bar) -> None:
+        self.writer.write_from(src_fd, os.lseek(src_fd, 0, os.SEEK_CUR), size)
+        if bar is not None:
+            bar.update(size)
+
+    def copy_hashing(self, src_fd: int, size: int, bar) -> str:
+        digest = hashlib.sha256()
+        buffer = bytearray(min(max(size, 1), 8 << 20))
+        view = memoryview(buffer)
+        remaining = size
+        while remaining:
+            n = os.readv(src_fd, [view[:min(len(buffer), remaining)]])
+            if n == 0:
+                raise BundleError("a checkpoint shrank while it was being bundled")
+            digest.update(view[:n])
+            self.writer.write(view[:n])
+            remaining -= n
+            if bar is not None:
+                bar.update(n)
+        return digest.hexdigest()
+
+
+def _write_checkpoint(sink, arcname: str, path: Path, size: int, sha: str, mtime: int, bar) -> None:
     with open(path, "rb", buffering=0) as src:
         st = os.fstat(src.fileno())
         if st.st_size != size:
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-        write_all(fd, memoryview(tar_header(arcname, size, mtime)))
+        sink.write(tar_header(arcname, size, mtime))
         # The manifest's hash is only as good as the index entry behind it: copy in the kernel
         # when the index vouches for exactly this file (size and mtime), else hash while copying.
         entry = cache.index_entry(path)
         if entry and entry.get("sha256") == sha and entry.get("mtime_ns") == st.st_mtime_ns:
-            copy_file(src.fileno(), fd, size, bar)
-        elif copy_hashing(src.fileno(), fd, size, bar) != sha:
+            sink.copy(src.fileno(), size, bar)
+        elif sink.copy_hashing(src.fileno(), size, bar) != sha:
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
         after = os.fstat(src.fileno())
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-    write_all(fd, memoryview(bytes(-size % BLOCK)))
+    sink.write(bytes(-size % BLOCK))
 
 
 

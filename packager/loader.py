@@ -45,7 +45,7 @@ from . import home
 from .bundle import open_bundle
 from .cache import file_sha256 as _file_sha256
 from .discovery import get_registry
-from .errors import BundleError, IntegrityError, LoadError, TvpackError
+from .errors import BundleError, IntegrityError, LoadError, TvpackError, VolumeError
 from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
 from .formats.volumes import open_source as open_bytes
@@ -293,10 +293,18 @@ class BundleSource(Source):
             entries = opened.entries  # each names "<bundle>:<manifest path>" as where it was read
         super().__init__(self.path, entries)
 
+    def _site_only(self) -> str:
+        files = sorted({e.filename for e in self.entries.values() if e.at_site})
+        return ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
         from concurrent.futures import ThreadPoolExecutor
 
         what = f"{self.path}:{entry.path}"
+        if entry.at_site:
+            raise LoadError(f"{entry.name}: {self.path.name} is a delta bundle and does not carry {entry.filename}; "
+                            f"it expects these at the site: {self._site_only()}",
+                            hint="install the bundle there (tvpack install) and load from that TORCH_HOME")
         with open_bundle(self.path) as opened:
             member = opened.member(entry.path)
         if member.size != entry.size:
@@ -315,6 +323,9 @@ class BundleSource(Source):
             except LoadError as exc:
                 failure = exc
             got, n = hashing.result()
+            verdict = source.diagnose() if (n, got) != (entry.size, entry.sha256) else None
+        if verdict:  # a split bundle with a badly copied part: name the part
+            raise VolumeError(verdict)
         if n != entry.size:
             raise BundleError(f"{what}: the archive is truncated ({n} of {entry.size} bytes)")
         if got != entry.sha256:
@@ -332,8 +343,8 @@ def open_source(source=None) -> Source:
     if source is None:
         return InstalledSource(home.hub_dir())
     path = Path(os.path.expanduser(os.fspath(source)))
-    if path.is_file():
-        return BundleSource(path)
+    if path.is_file() or (not path.exists() and path.with_name(path.name + ".sha256").is_file()):
+        return BundleSource(path)  # a bundle file, or split: NAME.000, NAME.sha256 or NAME beside its parts
     if path.is_dir():
         if (path / MANIFEST_DIR).is_dir():
             return InstalledSource(path / "hub")

@@ -35,30 +35,56 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @click.option("--offline", is_flag=True, help="Never use the network (also TVPACK_OFFLINE=1).")
 @with_backbones_option
 @all_option
+@click.option("--for", "site_file", type=click.Path(dir_okay=False), metavar="SITE",
+              help="A delta bundle for a site: SITE is its inventory (tvpack inventory), an earlier bundle or a "
+                   "lockfile; checkpoints it holds with the same name and sha256 are described, not carried.")
+@click.option("--split", "split_size", metavar="SIZE",
+              help="Write FILE.000, FILE.001, ... of at most SIZE each (4G, 700M binary; 25GB decimal) and "
+                   "FILE.sha256 for `sha256sum -c`.")
 @json_option
 @quiet_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, as_json, quiet):
+               all_weights, site_file, split_size, as_json, quiet):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
     vanilla torchvision a working offline cache; `tvpack install FILE` does the same with
     verification. Byte-identical for the same selection and files (mtime from
-    SOURCE_DATE_EPOCH, 0 if unset).
+    SOURCE_DATE_EPOCH, 0 if unset). With --for, `tvpack install` on the site first checks
+    that it holds every checkpoint not carried. With --split, `cat FILE.0* > FILE` gives
+    the same bytes as an unsplit bundle; every command reads the parts in place.
     """
     from ..bundle import bundle, open_bundle
+    from ..formats.volumes import parse_size
 
+    part_size = parse_size(split_size) if split_size is not None else None
+    site = None
+    if site_file is not None:
+        from ..delta import read_site, version_notes
+
+        site = read_site(site_file)
+        for note in version_notes(site):
+            click.echo(f"tvpack: note: {note}", err=True)
     path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
                   mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
                   offline=True if offline else None, with_backbones=with_backbones,
-                  progress=progress_enabled(quiet or as_json))
+                  progress=progress_enabled(quiet or as_json), site=site, split=part_size)
     with open_bundle(path) as opened:
+        carried, at_site = len(opened.members) - 1, len(opened.site_files)
+        saved = sum(size for size, _sha in opened.site_files.values())
         if as_json:
-            echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": path.stat().st_size,
-                       "weights": [e.name for e in opened.entries]})
+            echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": opened.file_size,
+                       "weights": [e.name for e in opened.entries], "parts": [str(p) for p in opened.parts],
+                       "carried": carried, "at_site": sorted(p.rsplit("/", 1)[-1] for p in opened.site_files),
+                       "bytes_not_carried": saved})
             return
-        click.echo(f"wrote {path}: {len(opened.entries)} weights, {len(opened.members) - 1} checkpoint files, "
-                   f"{human_bytes(path.stat().st_size)} (manifest {opened.manifest_id})")
+        where = str(path)
+        if part_size is not None:
+            where = (f"{len(opened.parts)} parts of at most {split_size} ({opened.parts[0].name} .. "
+                     f"{opened.parts[-1].name}) and {path.name}")
+        delta = f", {at_site} expected at the site ({human_bytes(saved)} not carried)" if site is not None else ""
+        click.echo(f"wrote {where}: {len(opened.entries)} weights, {carried} checkpoint files carried{delta}, "
+                   f"{human_bytes(opened.file_size)} (manifest {opened.manifest_id})")
 
 
 @main.command("inspect")
@@ -76,13 +102,21 @@ def inspect_cmd(file, as_json):
         if as_json:
             echo_json(opened.manifest)
             return
-        rows = [[e.name, ",".join(e.models), e.filename, human_bytes(e.size), e.headline_metric or "",
-                 e.transform_summary] for e in opened.entries]
-        click.echo(table(["weights", "model(s)", "file", "size", "metric", "transforms"], rows, right=[3]))
+        site = opened.site_files
+        rows = [[e.name, ",".join(e.models), e.filename, human_bytes(e.size), "at site" if e.at_site else "carried",
+                 e.headline_metric or "", e.transform_summary] for e in opened.entries]
+        click.echo(table(["weights", "model(s)", "file", "size", "where", "metric", "transforms"], rows, right=[3]))
         made = opened.created_by
-        click.echo(f"\n{len(opened.entries)} weights in {len(opened.members) - 1} files, {human_bytes(opened.size)};"
-                   f" manifest {opened.manifest_id}; made by tvpack {made.get('packager', '?')} with torch"
-                   f" {made.get('torch', '?')}, torchvision {made.get('torchvision', '?')}")
+        files = f"{len(opened.members) - 1} files, {human_bytes(opened.size)}"
+        if site:
+            saved = sum(size for size, _sha in site.values())
+            files = (f"{len(opened.members) - 1} files carried ({human_bytes(opened.size)}) and {len(site)} expected "
+                     f"at the site ({human_bytes(saved)} saved)")
+        if len(opened.parts) > 1:
+            files += f", in {len(opened.parts)} parts {opened.parts[0].name} .. {opened.parts[-1].name}"
+        click.echo(f"\n{len(opened.entries)} weights in {files}; manifest {opened.manifest_id}; made by tvpack "
+                   f"{made.get('packager', '?')} with torch {made.get('torch', '?')}, torchvision "
+                   f"{made.get('torchvision', '?')}")
 
 
 @main.command("verify")
@@ -105,8 +139,9 @@ def verify_cmd(file, as_json, quiet):
     if as_json:
         echo_json(report.to_dict())
         return
+    site = f"; {report.at_site} files expected at the site are checked by install there" if report.at_site else ""
     click.echo(f"ok: {file}: {report.weights} weights, {report.members - 1} files, {human_bytes(report.bytes)}"
-               f" verified (manifest {report.manifest_id})")
+               f" verified (manifest {report.manifest_id}){site}")
 
 
 @main.command("install")
@@ -120,6 +155,9 @@ def install_cmd(file, torch_home, force, as_json, quiet):
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
     different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/.
+    A delta bundle (bundle --for) is refused, with nothing written, unless every checkpoint it
+    expects at the site is there with its sha256. FILE may be the first part or the .sha256
+    of a split bundle.
     """
     from ..bundle import install_bundle
 
@@ -129,5 +167,7 @@ def install_cmd(file, torch_home, force, as_json, quiet):
         return
     for placed in report.files:
         click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
-    counts = {s: sum(p.status == s for p in report.files) for s in ("installed", "replaced", "unchanged")}
+    labels = {"installed": "installed", "replaced": "replaced", "unchanged": "unchanged",
+              "present": "already at the site as expected"}
+    counts = {label: sum(p.status == s for p in report.files) for s, label in labels.items()}
     click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; manifest {report.manifest}")
