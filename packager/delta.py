@@ -205,7 +205,12 @@ def split_bundle(path, part_size: int, output=None) -> list[Path]:
                               f"size, join them first (cat {source.name}.0* > {source.name})")
     with open_bundle(path):
         pass
-    return split_file(path, part_size, output)
+    target = Path(output) if output is not None else path
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"cannot create {target.parent}: {exc.strerror or exc}") from None
+    return split_file(path, part_size, target)
 
 
 __all__ = ["inventory", "read_site", "split_bundle", "version_notes", "write_inventory"]

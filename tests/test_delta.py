@@ -570,3 +570,20 @@ def test_too_many_parts_refused_before_writing(connected, tmp_path):
     with pytest.raises(UsageError, match="more than 1000"):
         B.bundle(SMALL, tmp_path / "b.tar", registry=[ZOO_REGISTRY], torch_home=connected, fetch=False, split=1024)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_delta_bundle_is_not_published_as_a_mirror(update, tmp_path, cli):
+    _site, path = update
+    result = cli("mirror", "--from-bundle", path, "--to", tmp_path / "mirror")
+    assert result.exit_code == 1 and "is a delta bundle" in one_error_line(result.output)
+    assert not (tmp_path / "mirror").exists() or not any((tmp_path / "mirror").rglob("*.pth"))
+
+
+def test_bundle_for_notes_other_torchvision_at_the_site(connected, tmp_path, cli):
+    site = inv.make_inventory([], versions=inv.Versions(tvpack="0.1.0", torch="2.0.0", torchvision="0.15.0"))
+    delta.write_inventory(site, tmp_path / "SITE.json")
+    result = cli("bundle", SMALL[0], "--registry", ZOO_REGISTRY, "--torch-home", connected, "--no-fetch",
+                 "--for", tmp_path / "SITE.json", "-o", tmp_path / "b.tar")
+    assert result.exit_code == 0, result.output
+    assert "note: the site has torch 2.0.0" in result.stderr and "torchvision 0.15.0" in result.stderr
+    assert "0 expected at the site" in result.stdout

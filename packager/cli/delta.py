@@ -34,7 +34,8 @@ def inventory_cmd(torch_home, deep, output):
     path = write_inventory(site, output)
     v = site.versions
     click.echo(f"wrote {path}: {len(site.checkpoints)} checkpoints ({human_bytes(site.total_size)}), "
-               f"{len(site.manifests)} installed manifests in {site.torch_home}; tvpack {v.tvpack}, torch "
+               f"{len(site.manifests)} installed manifest{'' if len(site.manifests) == 1 else 's'} in {site.torch_home}; "
+               f"tvpack {v.tvpack}, torch "
                f"{v.torch or 'not installed'}, torchvision {v.torchvision or 'not installed'}")
 
 
@@ -62,4 +63,5 @@ def split_cmd(file, size, output, as_json):
         return
     for part in parts:
         click.echo(f"{part}  ({human_bytes(part.stat().st_size)})")
-    click.echo(f"{len(parts)} parts and {listing}; check a copy with: cd DIR && sha256sum -c {listing.name}")
+    click.echo(f"{len(parts)} parts and {listing}; check a copy with: cd {listing.parent} && sha256sum -c "
+               f"{listing.name}")
