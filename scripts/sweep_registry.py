@@ -146,8 +146,8 @@ def check_one(ref_name: str, with_bundle_file: bool, workdir: str) -> tuple[str,
 
     from packager import load_model
     from packager.bundle import bundle, install
-    from packager.loader import LoaderWarning
     from packager.discovery import get_registry
+    from packager.loader import LoaderWarning
     from packager.testing.zoo import synthesize_checkpoint
 
     reg = get_registry(())

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from packager import snapshot
 from packager.discovery import get_registry, live_registry
 from packager.formats.manifest import build_manifest
 from packager.registry import WeightsInfo
 from packager.spec import meta_to_json, transform_spec
-
-from conftest import ROOT
 
 # Runs the real CLI in a fresh interpreter, then reports whether torch or torchvision got imported.
 PROBE = """
