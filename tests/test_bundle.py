@@ -170,16 +170,13 @@ def test_install_places_files_records_index_and_manifest(small_bundle, tmp_path,
         manifest = home / "hub/tvpack/manifests" / f"{opened.manifest_id}.json"
         assert json.loads(manifest.read_text()) == opened.manifest
     assert not [p for p in files_under(home) if "tvpack-install" in p.name]
-    # again: unchanged; a different file of the same name is refused, then replaced with --force
+    # again: unchanged; a file whose own name's hash proves it damaged is repaired without --force
     assert [f["status"] for f in json.loads(cli("install", small_bundle, "--torch-home", home, "--json").stdout)[
         "files"]] == ["unchanged", "unchanged"]
     victim = home / "hub/checkpoints" / report["files"][0]["path"].rsplit("/", 1)[1]
     victim.write_bytes(b"something else")
     result = cli("install", small_bundle, "--torch-home", home)
-    assert result.exit_code == 1 and "--force" in one_error_line(result)
-    assert victim.read_bytes() == b"something else"
-    result = cli("install", small_bundle, "--torch-home", home, "--force")
-    assert result.exit_code == 0 and "replaced" in result.stdout
+    assert result.exit_code == 0 and "repaired" in result.stdout
     with B.open_bundle(small_bundle) as opened:
         expected = next(e.sha256 for e in opened.entries if e.filename == victim.name)
     assert sha256_of(victim) == expected == cache.index_entry(victim)["sha256"]
