@@ -54,7 +54,7 @@ from .formats.manifest import (
     parse_manifest,
 )
 from .formats.volumes import open_source
-from .fsutil import fsync_dir, temp_path
+from .fsutil import fsync_dir, remove_stale_temps, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename
 from .snapshot import describe, resolve
@@ -495,6 +495,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
         raise BundleError("no output file given (-o FILE)")
     output = Path(output)
     _refuse_cache_output(output, _hub_dir(torch_home))
+    remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")

@@ -664,7 +664,9 @@ class CacheInfo:
 
 
 def _is_partial(name: str) -> bool:
-    return name.endswith(PART_SUFFIX) or name.endswith(PART_SUFFIX + ".json") or bool(TORCH_HUB_PARTIAL.search(name))
+    """A download or write in progress (or abandoned): never an ordinary, let alone verified, file."""
+    return (name.endswith(PART_SUFFIX) or name.endswith(PART_SUFFIX + ".json") or bool(TORCH_HUB_PARTIAL.search(name))
+            or bool(_TEMP_NAME.match(name)))
 
 
 def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
