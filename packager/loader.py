@@ -144,7 +144,7 @@ class Source:
                 return entry
         return None
 
-    def _missing_hint(self, name: str) -> str | None:
+    def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
         return None
 
     def _choices(self) -> str:
@@ -163,7 +163,7 @@ class Source:
                 if entry.member == member:
                     return entry, model
             raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name))
+                            hint=self._missing_hint(name, registry))
         if "." in name:
             enum, member = name.split(".", 1)
             if member == "DEFAULT":
@@ -172,11 +172,11 @@ class Source:
             if name in self.entries:
                 return self.entries[name], None
             raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name))
+                            hint=self._missing_hint(name, registry))
         candidates = [e for e in self.entries.values() if name in e.models]
         if not candidates:
             raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name))
+                            hint=self._missing_hint(name, registry))
         if len(candidates) == 1:
             return candidates[0], name
         return self._default(name, candidates, registry), name
@@ -184,7 +184,7 @@ class Source:
     def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
         if not candidates:
             raise LoadError(f"{self.describe()} holds no weights for {what!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(what))
+                            hint=self._missing_hint(what, registry))
         default = _installed_default(candidates[0], registry)
         for entry in candidates:
             if entry.member == default:
@@ -250,11 +250,11 @@ class InstalledSource(Source):
         self.skipped.append(message)
         warnings.warn(LoaderWarning(message), stacklevel=4)
 
-    def _missing_hint(self, name: str) -> str | None:
+    def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
         if self.skipped:
             return f"{len(self.skipped)} manifest(s) were skipped, e.g. {self.skipped[0]}"
         # the weights' file may be in the cache, fetched rather than installed: say how to give it a manifest
-        return _not_installed_hint(self.hub, name)
+        return _not_installed_hint(self.hub, name, registry)
 
     def checkpoint_path(self, entry: Entry) -> Path:
         return self.hub / "checkpoints" / entry.filename
@@ -327,9 +327,9 @@ class BundleSource(Source):
         return state
 
 
-def _not_installed_hint(hub: Path, name: str) -> str | None:
+def _not_installed_hint(hub: Path, name: str, registry: Sequence[str] = ()) -> str | None:
     try:
-        refs = resolve([name.replace(".DEFAULT", ":DEFAULT") if "." in name and name.endswith(".DEFAULT") else name])
+        refs = resolve([name], registry=registry)
     except TvpackError:
         return None
     present = [ref for ref in refs if (hub / "checkpoints" / ref.filename).is_file()]
