@@ -167,7 +167,7 @@ def install_cmd(file, torch_home, force, as_json, quiet):
         return
     for placed in report.files:
         click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
-    labels = {"installed": "installed", "replaced": "replaced", "unchanged": "unchanged",
+    labels = {"installed": "installed", "replaced": "replaced", "repaired": "repaired", "unchanged": "unchanged",
               "present": "already at the site as expected"}
     counts = {label: sum(p.status == s for p in report.files) for s, label in labels.items()}
     click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; manifest {report.manifest}")
