@@ -8,7 +8,8 @@ in a TORCH_HOME cache and its verification index. Page cache warm for every cont
 before every timed run; best of ``--repeat``, contenders taking turns:
 
   1. ``install`` from a ``--parts``-part split of the bundle (read in place through NAME.000) vs
-     ``install`` from the single file (target within 1.1x); ``bundle --split`` vs ``bundle``, and
+     ``install`` from the single file (target within 1.1x), and ``verify`` the same two ways (the
+     read path alone: install's fsyncs vary with the disk's other work); ``bundle --split`` vs ``bundle``, and
      vs ``bundle`` then coreutils ``split -b`` and ``sha256sum`` (the parts must be hashed once for
      NAME.sha256: that is the cost); ``tvpack split`` vs ``split -b`` + ``sha256sum``;
   2. a delta bundle for a site holding 90% of the selection (its inventory lists all but the last
@@ -73,7 +74,7 @@ def run(work: Path, args) -> int:
     ckpt = home / "hub" / "checkpoints"
 
     from packager import cache, delta
-    from packager.bundle import bundle, install_bundle
+    from packager.bundle import bundle, install_bundle, verify_bundle
     from packager.formats.inventory import make_inventory
 
     files = sorted(ckpt.glob("*.pth"))
@@ -128,6 +129,12 @@ def run(work: Path, args) -> int:
     )
     rm(dest_single)
     rm(dest_split)
+    # the read path alone (no writes, no fsync whose cost varies with the disk's other work)
+    t_verify, t_verify_split = interleaved(
+        args.repeat,
+        (lambda: timed(lambda: verify_bundle(single)), lambda: None),
+        (lambda: timed(lambda: verify_bundle(parts[0])), lambda: None),
+    )
 
     # 2. a delta bundle for a site that holds 90% of the selection
     held = files[:len(files) - max(1, len(files) // 10)]
@@ -146,6 +153,8 @@ def run(work: Path, args) -> int:
     print(f"\nsplit   {gb:.2f} GiB in {args.parts} parts of {part_size / MiB:,.0f} MiB:")
     print(f"  install: single file {t_install:.2f} s | from the parts (read in place) {t_install_split:.2f} s "
           f"-> ratio {t_install_split / t_install:.2f}x (target <= 1.1x)")
+    print(f"  verify:  single file {t_verify:.2f} s | from the parts {t_verify_split:.2f} s "
+          f"-> ratio {t_verify_split / t_verify:.2f}x")
     print(f"  bundle:  single file {t_bundle:.2f} s | --split {t_bundle_split:.2f} s "
           f"-> ratio {t_bundle_split / t_bundle:.2f}x | single file then split -b + sha256sum "
           f"{t_bundle + t_coreutils:.2f} s -> ratio {t_bundle_split / (t_bundle + t_coreutils):.2f}x")
