@@ -41,7 +41,6 @@ from .formats.archive import (
     write_all,
 )
 from .formats.checkpoint import check_checkpoint
-from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.manifest import (
     CHECKPOINT_DIR,
     MANIFEST_DIR,
@@ -55,6 +54,7 @@ from .formats.manifest import (
     manifest_path_for,
     parse_manifest,
 )
+from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import open_source
 from .fsutil import atomic_write_bytes, temp_path
 from .home import hub_dir as _hub_dir

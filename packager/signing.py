@@ -105,9 +105,10 @@ def _pem(item, what: str) -> tuple[bytes, str]:
         raise SignatureError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def _named(name: str, load):
+def _named(name: str, load, *args):
+    """``load(*args)``, its refusal prefixed with the file it concerns."""
     try:
-        return load()
+        return load(*args)
     except SignatureError as exc:
         raise SignatureError(f"{name}: {exc.message}") from None
 
@@ -117,10 +118,10 @@ def load_trust(keys: Iterable = (), ca_roots: Iterable = ()) -> Trust:
     public, roots = [], []
     for key in keys:
         pem, name = _pem(key, "public key")
-        public.append(_named(name, lambda: sigfmt.load_public_key(pem)))
+        public.append(_named(name, sigfmt.load_public_key, pem))
     for root in ca_roots:
         pem, name = _pem(root, "CA root")
-        found = _named(name, lambda: sigfmt.load_ca_roots(pem))
+        found = _named(name, sigfmt.load_ca_roots, pem)
         if not found:
             raise SignatureError(f"{name}: no CA certificate in it")
         roots.extend(found)
@@ -132,7 +133,7 @@ def _mixed_trust(items: Iterable, what: str) -> Trust:
     keys, roots = [], []
     for item in items:
         pem, name = _pem(item, what)
-        trust = _named(name, lambda: Trust.from_pem(pem))
+        trust = _named(name, Trust.from_pem, pem)
         keys.extend(trust.keys)
         roots.extend(trust.ca_roots)
     return Trust(tuple(keys), tuple(roots))

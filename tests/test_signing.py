@@ -360,7 +360,7 @@ def test_refuses_an_unsigned_bundle_under_a_policy_from_the_trusted_folder(bundl
     shutil.copy(keys / "p256.pub", trusted / "release.pem")
     before = tree(home)
     line = one_error_line(cli("install", bundles["small"], "--torch-home", home))
-    assert f"requires a trusted signature" in line and str(trusted) in line
+    assert "requires a trusted signature" in line and str(trusted) in line
     assert tree(home) == before
     # signed by the trusted key: it installs, and so does the loader (next tests)
     assert cli("install", signed(bundles, tmp_path, keys / "p256.key"), "--torch-home", home).exit_code == 0
@@ -489,7 +489,7 @@ def test_reader_allows_only_signatures_after_the_payload(bundles, tmp_path):
         "nested": ("hub/tvpack/signatures/x/0123456789abcdef.sig", b"{}", "is not a signature"),
         "too_large": (sig_name, bytes(sigfmt.MAX_SIGNATURE + 1), "implausibly large"),
     }
-    for case, (name, data, message) in cases.items():
+    for name, data, message in cases.values():
         path = copy_of(bundles, tmp_path)
         append_member(path, name, data)
         with pytest.raises(BundleError, match=message):

@@ -253,12 +253,12 @@ def _ecdsa(public_key, *, deterministic: bool = False):
 def _sign_bytes(key, data: bytes) -> bytes:
     """ECDSA with RFC 6979 nonces where the OpenSSL under ``cryptography`` has them: the same key and statement give
     the same signature, so a signed bundle is as reproducible as an unsigned one. Verifiers cannot tell the
-    difference; older OpenSSL builds sign with random nonces."""
+    difference; an older cryptography or OpenSSL signs with random nonces."""
     from cryptography.exceptions import UnsupportedAlgorithm
 
     try:
         return key.sign(data, _ecdsa(key.public_key(), deterministic=True))
-    except UnsupportedAlgorithm:
+    except (UnsupportedAlgorithm, TypeError):  # TypeError: a cryptography without the keyword
         return key.sign(data, _ecdsa(key.public_key()))
 
 
