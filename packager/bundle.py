@@ -147,8 +147,11 @@ class _Archive(TarArchive):
 
     def _check_signature_member(self, member: Member) -> None:
         # Signatures are made after the manifest, so it cannot list them: only their name and size are checked here.
-        if manifest_id_of_signature(member.path) is None:
+        named = manifest_id_of_signature(member.path)
+        if named is None:
             self.fail(f"member {member.path!r} is not a signature ({SIGNATURES_DIR}/<manifest-id>[.<label>].sig)")
+        if named != self.manifest_id:  # installed, it would sit beside (or replace) another manifest's signature
+            self.fail(f"signature {member.path!r} is named for manifest {named}, not this bundle's {self.manifest_id}")
         if member.size > MAX_SIGNATURE:
             self.fail(f"signature {member.path!r} of {member.size} bytes is implausibly large")
         if len(self.signatures) >= MAX_SIGNATURES:

@@ -393,12 +393,12 @@ def test_refuses_a_signature_over_a_different_manifest(bundles, keys, tmp_path, 
     refused_everywhere(cli, path, tmp_path / "home", ["--key", keys / "p256.pub"],
                        r"hub/[a-z/_0-9-]+\.(json|pth): (signed, but the bundle does not have it|in the bundle, but the "
                        r"signature does not cover it)")
-    # under its own name
+    # under its own name: the reader refuses it (installed, it would sit beside the other manifest)
     path = copy_of(bundles, tmp_path)
     with B.open_bundle(other) as opened:
         append_member(path, opened.signatures[0].path, foreign)
     refused_everywhere(cli, path, tmp_path / "home", ["--key", keys / "p256.pub"],
-                       rf"it is named for manifest [0-9a-f]{{16}}, not this one \({this_id}\)")
+                       rf"is named for manifest [0-9a-f]{{16}}, not this bundle's {this_id}")
 
 
 def test_refuses_a_swapped_checkpoint_with_a_consistently_rewritten_manifest(bundles, keys, tmp_path, cli):
@@ -430,13 +430,15 @@ def test_refuses_a_swapped_checkpoint_with_a_consistently_rewritten_manifest(bun
     old_sig = [(n, d) for n, d in members if n.startswith(sigfmt.SIGNATURES_DIR)]
     hostile = write_tar(tmp_path / "hostile.tvpack", [(manifest_path_for(new_manifest), new_manifest), *checkpoints,
                                                      *old_sig])
-    assert cli("verify", hostile).exit_code == 0  # self-consistent: without a signature check it would pass
-    refused_everywhere(cli, hostile, tmp_path / "home", ["--key", keys / "p256.pub"], "it is named for manifest")
+    refused_everywhere(cli, hostile, tmp_path / "home", ["--key", keys / "p256.pub"], "is named for manifest")
     new_id = manifest_path_for(new_manifest).rsplit("/", 1)[1][:16]
     renamed = write_tar(tmp_path / "renamed.tvpack", [(manifest_path_for(new_manifest), new_manifest), *checkpoints,
                                                      (sigfmt.signature_path(new_id), old_sig[0][1])])
+    assert cli("verify", renamed).exit_code == 0  # self-consistent: without a signature check it would pass
     refused_everywhere(cli, renamed, tmp_path / "home", ["--key", keys / "p256.pub"],
                        "(signed, but the bundle does not have it|does not cover it)")
+    stripped = write_tar(tmp_path / "stripped.tvpack", [(manifest_path_for(new_manifest), new_manifest), *checkpoints])
+    refused_everywhere(cli, stripped, tmp_path / "home", ["--key", keys / "p256.pub"], "is not signed")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
