@@ -5,6 +5,7 @@ torchvision a working offline cache::
 
     hub/tvpack/manifests/<id>.json     first member: JSON manifest, id = sha256(manifest)[:16]
     hub/checkpoints/<basename(url)>    each checkpoint, byte-identical to the downloaded file
+    hub/tvpack/signatures/<id>[.<label>].sig   OMS signatures, if any (made after the manifest: see signing.py)
 
 Writing is deterministic (members sorted, mtime from ``SOURCE_DATE_EPOCH`` or 0, uid/gid 0, no
 user or group names, mode 0644, ustar headers with pax records only for long names or sizes over
@@ -13,10 +14,10 @@ sha256 taken from the cache's verification index when the file is unchanged.
 
 Reading trusts nothing: our own header parser accepts regular files only (no links, devices,
 FIFOs or directories), relative paths under ``hub/`` without ``..``, each member once, exactly the
-members the manifest lists, with the sizes and sha256 it states, zero padding and a proper end of
-archive. A checkpoint must load with ``torch.load(weights_only=True)`` (without reading its tensor
-data) before it counts as valid: vanilla torchvision unpickles cache files with
-``weights_only=False``, so a poisoned pickle would run code there.
+members the manifest lists, with the sizes and sha256 it states, then only signature members, zero
+padding and a proper end of archive. A checkpoint must load with ``torch.load(weights_only=True)``
+(without reading its tensor data) before it counts as valid: vanilla torchvision unpickles cache
+files with ``weights_only=False``, so a poisoned pickle would run code there.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from .formats.manifest import (
     parse_manifest,
     site_files,
 )
+from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
 from .fsutil import fsync_dir, remove_stale_temps, temp_path
 from .home import hub_dir as _hub_dir
@@ -84,7 +86,7 @@ class VerifyReport:
 @dataclass(frozen=True)
 class Placed:
     path: Path
-    status: str  # "installed", "replaced", "repaired", "unchanged"; "present": expected at the site (delta) and found
+    status: str  # "installed", "replaced", "unchanged"; "present": expected at the site (delta) and found
     size: int
     weights: tuple[str, ...] = ()
 
@@ -122,14 +124,24 @@ class _Archive(TarArchive):
             self.fail("manifest does not match its id (it was altered)")
         try:
             document = decode_manifest(data)
-            self.entries, self.expected = parse_manifest(document, f"{self.path}:{first.path}")
+            self.entries, listed = parse_manifest(document, f"{self.path}:{first.path}")
         except BundleError as exc:
             self.fail(exc.message)
+        self.site_files = site_files(self.entries)  # a delta bundle's checkpoints expected at the site, not members
+        self.expected = {path: value for path, value in listed.items() if path not in self.site_files}
         self.manifest_bytes = data
         self.manifest = document
         self.manifest_path = first.path
         self.manifest_id = MANIFEST_NAME.fullmatch(first.path).group(1)
-        present = {m.path: m for m in self.members[1:]}
+        present, self.signatures = {}, []
+        for member in self.members[1:]:
+            if member.path.startswith(SIGNATURES_DIR + "/"):
+                self._check_signature_member(member)
+                self.signatures.append(member)
+            elif self.signatures:
+                self.fail(f"member {member.path!r} follows a signature; signatures come after the files they sign")
+            else:
+                present[member.path] = member
         for path, (size, _sha) in self.expected.items():
             member = present.get(path)
             if member is None:
@@ -139,8 +151,19 @@ class _Archive(TarArchive):
         for path in present:
             if path not in self.expected:
                 self.fail(f"member {path!r} is not listed in the manifest")
-        self.payload = self.members[1:]
-        self.site_files = site_files(self.entries)  # a delta bundle's checkpoints expected at the site
+        self.payload = self.members[1:len(self.members) - len(self.signatures)]
+
+    def _check_signature_member(self, member: Member) -> None:
+        # Signatures are made after the manifest, so it cannot list them: only their name and size are checked here.
+        named = manifest_id_of_signature(member.path)
+        if named is None:
+            self.fail(f"member {member.path!r} is not a signature ({SIGNATURES_DIR}/<manifest-id>[.<label>].sig)")
+        if named != self.manifest_id:  # installed, it would sit beside (or replace) another manifest's signature
+            self.fail(f"signature {member.path!r} is named for manifest {named}, not this bundle's {self.manifest_id}")
+        if member.size > MAX_SIGNATURE:
+            self.fail(f"signature {member.path!r} of {member.size} bytes is implausibly large")
+        if len(self.signatures) >= MAX_SIGNATURES:
+            self.fail(f"more than {MAX_SIGNATURES} signatures")
 
 
 
@@ -161,6 +184,10 @@ class Bundle:
         self.manifest_path: str = archive.manifest_path
         self.entries: tuple[BundleEntry, ...] = tuple(archive.entries)
         self.members: tuple[Member, ...] = tuple(archive.members)
+        self.manifest_bytes: bytes = archive.manifest_bytes
+        # archive path -> (size, sha256) of every file the manifest lists, carried or (delta) expected at the site
+        self.files: dict[str, tuple[int, str]] = dict(sorted({**archive.expected, **archive.site_files}.items()))
+        self.signatures: tuple[Member, ...] = tuple(archive.signatures)  # after the payload, not listed
 
     def __repr__(self) -> str:
         return f"<Bundle {self.path} {len(self.entries)} weights, manifest {self.manifest_id}>"
@@ -258,13 +285,17 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
-def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
+def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
     """Every structural check, every sha256 and the weights-only pickle check of each checkpoint.
 
     Returns a report when all hold; raises :class:`BundleError` (one line) at the first failure.
+    ``check(bundle)`` (e.g. the signature check of :mod:`packager.signing`) runs on the opened bundle
+    before any payload is read; it raises to refuse.
     """
     archive = _open_archive(path)
     try:
+        if check is not None:
+            check(Bundle(Path(path), archive))
         bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
         try:
             digests = each_member([(m,) for m in archive.payload],
@@ -278,7 +309,7 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
-        return VerifyReport(Path(path), archive.manifest_id, len(archive.entries), len(archive.members),
+        return VerifyReport(Path(path), archive.manifest_id, len(archive.entries), 1 + len(archive.payload),
                             sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {},
                             len(archive.site_files))
     finally:
@@ -322,8 +353,10 @@ def _stage_file(dest: Path) -> tuple[Path, int]:
         raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
 
 
-def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False) -> InstallReport:
+def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
+                   check=None) -> InstallReport:
     """Verify a bundle and place its files under the hub directory; see :func:`install`.
+    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse.
 
     All or nothing as :func:`packager.loader.load_model` sees it: every new file, the manifest
     included, is written and fsynced under a temporary name first (a full disk fails here, before
@@ -333,6 +366,8 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
     archive = _open_archive(path)
     temps: list[Path] = []
     try:
+        if check is not None:
+            check(Bundle(Path(path), archive))
         hub = _hub_dir(torch_home)
         weights_of: dict[str, list[str]] = {}
         for entry in archive.entries:
@@ -409,8 +444,11 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                 raise CacheError(f"cannot write the bundle manifest {manifest_dest}: {exc.strerror or exc}") from None
             finally:
                 os.close(fd)
+        # its signatures go beside it (packager.signing checks them against it), staged the same way
+        signature_moves = [move for move in (_stage_signature(archive, member, hub, temps)
+                                             for member in archive.signatures) if move is not None]
         # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
-        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None]
+        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
                + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
         first_entry = {}
         for entry in archive.entries:
@@ -431,6 +469,25 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         for tmp in temps:
             _unlink(tmp)
         archive.source.close()
+
+
+def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
+    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
+    dest = _destination(hub, member.path)
+    data = archive._read(member.offset, member.size)
+    if dest.is_file() and not dest.is_symlink() and dest.read_bytes() == data:
+        return None
+    _makedirs(dest.parent)
+    tmp, fd = _stage_file(dest)
+    temps.append(tmp)
+    try:
+        write_all(fd, memoryview(data))
+        os.fsync(fd)
+    except OSError as exc:
+        raise CacheError(f"cannot write the signature {dest}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return dest, tmp
 
 
 def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
@@ -554,7 +611,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False, site=None, split: int | None = None) -> Path:
+           progress: bool = False, site=None, split: int | None = None, sign=None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -572,6 +629,10 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     ``split``: write ``output.000``, ``output.001``, ... of at most ``split`` bytes each and
     ``output.sha256`` (``sha256sum -c`` format) while the archive streams, with no full-size temp
     file; the parts appear together when complete, and the path of ``output.sha256`` is returned.
+
+    ``sign(manifest_bytes, {archive path: (size, sha256)})`` returns ``[(archive path, bytes)]`` of signature
+    members, written after the checkpoints in the same pass (:meth:`packager.signing.Signer.members`); they cover
+    every file the manifest lists, those a delta bundle expects at the site included.
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -607,8 +668,10 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     mtime = source_date_epoch()
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
                      if p.name not in at_site})
+    listed = dict(sorted({f"{CHECKPOINT_DIR}/{p.name}": (size, sha) for p, size, sha in files.values()}.items()))
+    signatures = list(sign(manifest_bytes, listed)) if sign else []
     if split is not None:
-        total = _archive_size(manifest_bytes, unique, mtime)
+        total = _archive_size(manifest_bytes, unique, signatures, mtime)
         if -(-total // split) > MAX_PARTS:
             raise UsageError(f"a part size of {split} bytes splits this {total}-byte bundle into "
                              f"{-(-total // split)} parts, more than {MAX_PARTS}: choose a larger size")
@@ -619,10 +682,10 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if split is None:
-            _write_file(output, manifest_bytes, unique, mtime, bar)
+            _write_file(output, manifest_bytes, unique, signatures, mtime, bar)
             return output
         with SplitWriter(output, split) as writer:  # commits on success, removes every part on failure
-            _write_archive(_SplitSink(writer), manifest_bytes, unique, mtime, bar)
+            _write_archive(_SplitSink(writer), manifest_bytes, unique, signatures, mtime, bar)
         return output.with_name(listing_name(output.name))
     except OSError as exc:
         raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
@@ -631,12 +694,12 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
             bar.close()
 
 
-def _write_file(output: Path, manifest_bytes: bytes, unique, mtime: int, bar) -> None:
+def _write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
     """The archive into a temp file beside ``output``, renamed into place when complete."""
     tmp = temp_path(output)
     try:
         with open(tmp, "wb", buffering=0) as out:
-            _write_archive(_FileSink(out.fileno()), manifest_bytes, unique, mtime, bar)
+            _write_archive(_FileSink(out.fileno()), manifest_bytes, unique, signatures, mtime, bar)
             os.fsync(out.fileno())  # a power loss must not leave an empty file under the final name
         os.replace(tmp, output)
         fsync_dir(output.parent)
@@ -645,19 +708,22 @@ def _write_file(output: Path, manifest_bytes: bytes, unique, mtime: int, bar) ->
         raise
 
 
-def _archive_size(manifest_bytes: bytes, unique, mtime: int) -> int:
+def _archive_size(manifest_bytes: bytes, unique, signatures, mtime: int) -> int:
     """The exact size of the archive :func:`_write_archive` writes (headers are pure functions)."""
     end = len(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)) + round_up(len(manifest_bytes))
     end += sum(len(tar_header(arcname, size, mtime)) + round_up(size) for arcname, _p, size, _s in unique)
+    end += sum(len(tar_header(arcname, len(data), mtime)) + round_up(len(data)) for arcname, data in signatures)
     return end + 2 * BLOCK + (-(end + 2 * BLOCK) % RECORD)
 
 
-def _write_archive(sink, manifest_bytes: bytes, unique, mtime: int, bar) -> None:
-    """Manifest first, then each checkpoint, then the end-of-archive zeros padded to a whole record."""
+def _write_archive(sink, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
+    """Manifest first, then each checkpoint, the signatures, and the end-of-archive zeros padded to a whole record."""
     sink.write(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime))
     sink.write(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK))
     for arcname, path, size, sha in unique:
         _write_checkpoint(sink, arcname, path, size, sha, mtime, bar)
+    for arcname, data in signatures:
+        sink.write(tar_header(arcname, len(data), mtime) + data + bytes(-len(data) % BLOCK))
     end = sink.tell() + 2 * BLOCK
     sink.write(bytes(2 * BLOCK + (-end % RECORD)))
 

@@ -48,3 +48,13 @@ def xdg_cache_home_env() -> str | None:
 def no_snapshot() -> bool:
     """``TVPACK_NO_SNAPSHOT=1``: discover torchvision's weights live instead of reading the snapshot."""
     return _flag("TVPACK_NO_SNAPSHOT")
+
+
+def trusted_keys() -> list[str]:
+    """``TVPACK_TRUSTED_KEYS``: comma-separated PEM files (public keys or CA roots); set, signatures are mandatory."""
+    return _list("TVPACK_TRUSTED_KEYS")
+
+
+def signing_key_password() -> str | None:
+    """``TVPACK_SIGNING_KEY_PASSWORD``: the password of an encrypted signing key (else tvpack prompts on a terminal)."""
+    return os.environ.get("TVPACK_SIGNING_KEY_PASSWORD")

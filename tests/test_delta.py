@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
+from test_signature import pki  # noqa: F401 - a fixture
 
 from packager import bundle as B
 from packager import delta
@@ -358,14 +359,19 @@ def test_at_site_is_parsed_strictly(update, change, words):
         parse_manifest(manifest)
 
 
-def test_at_site_entries_are_not_members(update):
+def test_at_site_files_are_listed_but_not_members(update):
+    """The manifest lists every file (a signature covers them all); the archive holds only those carried."""
+    _site, path = update
     manifest = _manifest(update)
-    entries, members = parse_manifest(manifest)
-    assert not set(manifest["at_site"]) & set(members)
+    entries, files = parse_manifest(manifest)
+    assert set(manifest["at_site"]) < set(files) and len(files) == len(SELECTION)
     assert {e.path for e in entries if e.at_site} == set(manifest["at_site"])
-    del manifest["at_site"]  # an old-style manifest: every checkpoint is a member again
-    entries, members = parse_manifest(manifest)
-    assert not any(e.at_site for e in entries) and len(members) == len(entries)
+    with B.open_bundle(path) as opened:
+        assert {m.path for m in opened.members[1:]} == set(files) - set(manifest["at_site"])
+        assert opened.files == files
+    del manifest["at_site"]  # an old-style manifest: the same files, every one a member
+    entries, again = parse_manifest(manifest)
+    assert not any(e.at_site for e in entries) and again == files
 
 
 def test_a_carried_member_listed_at_site_is_refused(update, tmp_path):
@@ -587,3 +593,40 @@ def test_bundle_for_notes_other_torchvision_at_the_site(connected, tmp_path, cli
     assert result.exit_code == 0, result.output
     assert "note: the site has torch 2.0.0" in result.stderr and "torchvision 0.15.0" in result.stderr
     assert "0 expected at the site" in result.stdout
+
+
+def test_a_signed_delta_bundle_covers_the_files_expected_at_the_site(connected, pki, tmp_path, cli,  # noqa: F811
+                                                                     zoo):
+    """Signed as it is written (and split): the signature lists every file the manifest describes, so install under
+    the key, `cache verify --signatures` and the loader with trusted keys accept the whole set afterwards."""
+    from packager import loader, signing
+    from packager.formats import signature as sigfmt
+
+    keys = Path(pki["dir"].decode())
+    signer = signing.Signer.load(keys / "p256.key")
+    site = tmp_path / "site"
+    B.bundle(HALF, tmp_path / "half.tar", registry=[ZOO_REGISTRY], torch_home=connected, fetch=False,
+             sign=signer.members)
+    B.install_bundle(tmp_path / "half.tar", torch_home=site)
+    delta.write_inventory(delta.inventory(torch_home=site), tmp_path / "SITE.json")
+    out = tmp_path / "stick" / "update.tar"
+    result = cli("bundle", *SELECTION, "--registry", ZOO_REGISTRY, "--torch-home", connected, "--no-fetch",
+                 "--for", tmp_path / "SITE.json", "--split", "8M", "--sign-key", keys / "p256.key", "-o", out)
+    assert result.exit_code == 0 and "signed by" in result.output, result.output
+    first = out.with_name("update.tar.000")
+    with B.open_bundle(first) as opened:
+        assert len(opened.signatures) == 1 and len(opened.site_files) == 4 and len(opened.files) == 8
+        info = sigfmt.describe(opened.open_member(opened.signatures[0].path).read())
+        assert {p for p in info.resources if p.startswith("hub/checkpoints/")} == set(opened.files)
+        delta_id = opened.manifest_id
+    assert cli("verify", first, "--key", keys / "p256.pub").exit_code == 0
+    assert cli("verify", first, "--key", keys / "other.pub").exit_code == 1
+    result = cli("install", out.with_name("update.tar.sha256"), "--torch-home", site, "--key", keys / "p256.pub")
+    assert result.exit_code == 0 and "signature valid" in result.output, result.output
+    result = cli("cache", "verify", "--signatures", "--torch-home", site, "--key", keys / "p256.pub", "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["ok"], result.output
+    signed_in = {f["file"]: f["signed_in"] for f in report["files"]}
+    assert all(delta_id in signed_in[file_of(zoo, n)] for n in SELECTION)  # the files it did not carry too
+    model, _w = loader.load_model(site, HALF[2], registry=[ZOO_REGISTRY], trusted_keys=[keys / "p256.pub"])
+    assert not model.training

@@ -17,6 +17,7 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .signing import cert_chain_option, load_signer, signature_lines, trust_options
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
@@ -41,10 +42,13 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @click.option("--split", "split_size", metavar="SIZE",
               help="Write FILE.000, FILE.001, ... of at most SIZE each (4G, 700M binary; 25GB decimal) and "
                    "FILE.sha256 for `sha256sum -c`.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
+              help="Sign the bundle with this EC private key (PEM) as it is written.")
+@cert_chain_option
 @json_option
 @quiet_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, site_file, split_size, as_json, quiet):
+               all_weights, site_file, split_size, sign_key, cert_chain, as_json, quiet):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
@@ -57,6 +61,9 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     from ..bundle import bundle, open_bundle
     from ..formats.volumes import parse_size
 
+    if cert_chain and not sign_key:
+        raise click.UsageError("--cert-chain goes with --sign-key")
+    signer = load_signer(sign_key, cert_chain) if sign_key else None  # before writing: a wrong password fails fast
     part_size = parse_size(split_size) if split_size is not None else None
     site = None
     if site_file is not None:
@@ -68,13 +75,17 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
                   mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
                   offline=True if offline else None, with_backbones=with_backbones,
-                  progress=progress_enabled(quiet or as_json), site=site, split=part_size)
+                  progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
+                  site=site, split=part_size)
     with open_bundle(path) as opened:
-        carried, at_site = len(opened.members) - 1, len(opened.site_files)
+        signed = f"; signed by {signer.signer}" if signer else ""
+        at_site = len(opened.site_files)
+        carried = len(opened.files) - at_site
         saved = sum(size for size, _sha in opened.site_files.values())
         if as_json:
             echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": opened.file_size,
-                       "weights": [e.name for e in opened.entries], "parts": [str(p) for p in opened.parts],
+                       "weights": [e.name for e in opened.entries],
+                       "signatures": [m.path for m in opened.signatures], "parts": [str(p) for p in opened.parts],
                        "carried": carried, "at_site": sorted(p.rsplit("/", 1)[-1] for p in opened.site_files),
                        "bytes_not_carried": saved})
             return
@@ -84,7 +95,7 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
                      f"{opened.parts[-1].name}) and {path.name}")
         delta = f", {at_site} expected at the site ({human_bytes(saved)} not carried)" if site is not None else ""
         click.echo(f"wrote {where}: {len(opened.entries)} weights, {carried} checkpoint files carried{delta}, "
-                   f"{human_bytes(opened.file_size)} (manifest {opened.manifest_id})")
+                   f"{human_bytes(opened.file_size)} (manifest {opened.manifest_id}){signed}")
 
 
 @main.command("inspect")
@@ -93,10 +104,12 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
 def inspect_cmd(file, as_json):
     """Show what a bundle holds: weights, models, sizes, headline metrics, transforms.
 
-    Checks the archive's structure and manifest (not the hashes: see `tvpack verify`).
-    --json prints the manifest itself.
+    Checks the archive's structure and manifest (not the hashes: see `tvpack verify`), and lists
+    the signatures it carries (signer, algorithm) without checking them. --json prints the manifest
+    itself.
     """
     from ..bundle import open_bundle
+    from ..signing import bundle_signatures
 
     with open_bundle(file) as opened:
         if as_json:
@@ -107,64 +120,89 @@ def inspect_cmd(file, as_json):
                  e.headline_metric or "", e.transform_summary] for e in opened.entries]
         click.echo(table(["weights", "model(s)", "file", "size", "where", "metric", "transforms"], rows, right=[3]))
         made = opened.created_by
-        files = f"{len(opened.members) - 1} files, {human_bytes(opened.size)}"
+        files = f"{len(opened.files)} files, {human_bytes(opened.size)}"
         if site:
             saved = sum(size for size, _sha in site.values())
-            files = (f"{len(opened.members) - 1} files carried ({human_bytes(opened.size)}) and {len(site)} expected "
-                     f"at the site ({human_bytes(saved)} saved)")
+            files = (f"{len(opened.files) - len(site)} files carried ({human_bytes(opened.size)}) and {len(site)} "
+                     f"expected at the site ({human_bytes(saved)} saved)")
         if len(opened.parts) > 1:
             files += f", in {len(opened.parts)} parts {opened.parts[0].name} .. {opened.parts[-1].name}"
         click.echo(f"\n{len(opened.entries)} weights in {files}; manifest {opened.manifest_id}; made by tvpack "
                    f"{made.get('packager', '?')} with torch {made.get('torch', '?')}, torchvision "
                    f"{made.get('torchvision', '?')}")
+        report = bundle_signatures(opened)
+        click.echo(f"signatures: {len(report.checks)}" if report.checks else "signatures: none (unsigned)")
+        for line in signature_lines(report):
+            click.echo(line)
 
 
 @main.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False))
+@trust_options
 @json_option
 @quiet_option
-def verify_cmd(file, as_json, quiet):
+def verify_cmd(file, keys, ca_roots, as_json, quiet):
     """Check a bundle: structure, manifest, every sha256, and that every checkpoint loads with
-    torch.load(weights_only=True). Exit status 0 only if all hold."""
-    from ..bundle import verify_bundle
+    torch.load(weights_only=True). Exit status 0 only if all hold.
+
+    With --key / --ca-root (or a configured trust policy: TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/)
+    at least one signature must also be valid for them and cover exactly the bundle's files; the
+    signer is named. Signatures are checked first, from the manifest's hashes: no second read."""
     from ..errors import TvpackError
+    from ..signing import trust_policy, verify_signed
 
     try:
-        report = verify_bundle(file, progress=progress_enabled(quiet or as_json))
+        signed = verify_signed(file, trust_policy(keys, ca_roots), progress=progress_enabled(quiet or as_json))
+        report = signed.contents
     except TvpackError as exc:
         if not as_json:
             raise
         echo_json({"ok": False, "path": str(file), "error": exc.format()})
         click.get_current_context().exit(exc.exit_code)
     if as_json:
-        echo_json(report.to_dict())
+        echo_json(signed.to_dict())
         return
     site = f"; {report.at_site} files expected at the site are checked by install there" if report.at_site else ""
     click.echo(f"ok: {file}: {report.weights} weights, {report.members - 1} files, {human_bytes(report.bytes)}"
-               f" verified (manifest {report.manifest_id}){site}")
+               f" verified (manifest {report.manifest_id}){site}; {_signed_summary(signed.signatures)}")
+
+
+def _signed_summary(report) -> str:
+    if report.valid:
+        return "signed by " + ", ".join(report.signers)
+    if not report.checks:
+        return "unsigned"
+    return f"{len(report.checks)} signature(s) not checked (give --key PUB or --ca-root PEM)"
 
 
 @main.command("install")
 @click.argument("file", type=click.Path(dir_okay=False))
 @torch_home_option
 @click.option("--force", is_flag=True, help="Replace cached files whose contents differ from the bundle's.")
+@trust_options
 @json_option
 @quiet_option
-def install_cmd(file, torch_home, force, as_json, quiet):
+def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet):
     """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
-    different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/.
-    A delta bundle (bundle --for) is refused, with nothing written, unless every checkpoint it
-    expects at the site is there with its sha256. FILE may be the first part or the .sha256
-    of a split bundle.
+    different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/,
+    its signatures under hub/tvpack/signatures/. With --key / --ca-root, or when a trust policy
+    is configured (TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/), a valid signature is required and
+    checked before anything is written. A delta bundle (bundle --for) is refused, with nothing
+    written, unless every checkpoint it expects at the site is there with its sha256. FILE may be
+    the first part or the .sha256 of a split bundle.
     """
-    from ..bundle import install_bundle
+    from ..signing import install_signed, trust_policy
 
-    report = install_bundle(file, torch_home=torch_home, force=force, progress=progress_enabled(quiet or as_json))
+    signed = install_signed(file, trust_policy(keys, ca_roots, torch_home=torch_home), torch_home=torch_home,
+                            force=force, progress=progress_enabled(quiet or as_json))
+    report = signed.installed
     if as_json:
-        echo_json(report.to_dict())
+        echo_json(signed.to_dict())
         return
+    if signed.signatures.valid:
+        click.echo("signature valid: signed by " + ", ".join(signed.signatures.signers))
     for placed in report.files:
         click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
     labels = {"installed": "installed", "replaced": "replaced", "repaired": "repaired", "unchanged": "unchanged",

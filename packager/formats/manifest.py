@@ -36,6 +36,7 @@ MAX_MANIFEST = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_NAME = re.compile(re.escape(MANIFEST_DIR) + r"/([0-9a-f]{16})\.json")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_MEMBERS = ("hub/tvpack/manifests/", "hub/tvpack/locks/", "hub/tvpack/signatures/", "hub/tvpack/trusted/")
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,10 @@ def decode_manifest(data: bytes) -> dict:
 
 
 def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict[str, tuple[int, str]]]:
-    """Validate a manifest document; returns (weights entries, {archive path: (size, sha256)} of the
-    members the archive must hold). Checkpoints expected at the site (``"at_site"``) are not members:
-    their entries have ``at_site`` set (see :func:`site_files`).
+    """Validate a manifest document; returns (weights entries, {archive path: (size, sha256)} of every
+    file it lists). Checkpoints a delta bundle expects at the site (``"at_site"``) are listed too (a
+    signature covers them, an install places or finds them) but are not archive members: their
+    entries have ``at_site`` set, and :func:`site_files` gives them.
 
     The single reader of manifests, in bundles and installed (``<hub>/tvpack/manifests``) alike;
     ``where`` (the manifest's location) is recorded in each entry.
@@ -204,17 +206,15 @@ def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict
         ))
     at_site = _at_site(data, expected)
     entries = [BundleEntry(**fields, at_site=fields["path"] in at_site) for fields in described]
-    for path in at_site:
-        del expected[path]
     members = data.get("members", {})
     if not isinstance(members, dict):
         raise BundleError("manifest: 'members' is not an object")
     for path, info in members.items():
         check_path(path, "manifest: member")
         # Extra members are tvpack data only: never a checkpoint (that would skip the pickle
-        # check), never the cache's own index, locks or manifests.
-        if not path.startswith("hub/tvpack/") or path.startswith(("hub/tvpack/manifests/", "hub/tvpack/locks/")) \
-                or path == "hub/tvpack/index.json":
+        # check), never the cache's own index, locks or manifests, never a signature (made after the
+        # manifest, not listed in it) and never a trusted key (a bundle must not vouch for itself).
+        if not path.startswith("hub/tvpack/") or path.startswith(_NOT_MEMBERS) or path == "hub/tvpack/index.json":
             raise BundleError(f"manifest: member {path!r} is outside the places a bundle may write")
         if path in expected:
             raise BundleError(f"manifest: {path} is listed twice")
