@@ -213,7 +213,8 @@ class Bundle:
 
 
 def _open_archive(path) -> _Archive:
-    source = open_source(path)
+    # a source object (the formats.volumes interface) is read as it is: an OCI image's layers, for one
+    source = path if hasattr(path, "readinto_at") else open_source(path)
     try:
         return _Archive(source)
     except BaseException:
@@ -224,7 +225,12 @@ def _open_archive(path) -> _Archive:
 def open_bundle(path) -> Bundle:
     """Open a bundle: its structure and manifest are checked, payload hashes are not (see verify)."""
     archive = _open_archive(path)
-    return Bundle(Path(path), archive)
+    return Bundle(_path_of(path), archive)
+
+
+def _path_of(path) -> Path:
+    """What reports name: the file, or a source object's ``path``."""
+    return Path(getattr(path, "path", path))
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -255,7 +261,7 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
-        return VerifyReport(Path(path), archive.manifest_id, len(archive.entries), len(archive.members),
+        return VerifyReport(_path_of(path), archive.manifest_id, len(archive.entries), len(archive.members),
                             sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {})
     finally:
         archive.source.close()
@@ -352,7 +358,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         _makedirs(manifest_dest.parent)
         if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
             atomic_write_bytes(manifest_dest, archive.manifest_bytes, durable=False, suffix=_INSTALL_SUFFIX)
-        return InstallReport(Path(path), manifest_dest, tuple(placed))
+        return InstallReport(_path_of(path), manifest_dest, tuple(placed))
     finally:
         for tmp in temps:
             _unlink(tmp)
@@ -392,21 +398,26 @@ def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list
     return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
 
 
-def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
-           all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
-           mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
-           offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False) -> Path:
-    """Write a bundle of the selected weights to ``output``; returns its path.
+@dataclass(frozen=True)
+class BundlePlan:
+    """What a bundle of a selection holds, its checkpoints in the cache: written out by :func:`bundle`,
+    or pushed as an OCI image straight from the cache (:mod:`packager.oci`)."""
 
-    Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
-    ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
-    :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
-    beside ``output`` and renamed into place only when complete.
-    """
-    if output is None:
-        raise BundleError("no output file given (-o FILE)")
-    output = Path(output)
+    manifest_bytes: bytes
+    files: tuple[tuple[str, Path, int, str], ...]  # (archive path, cached file, size, sha256), sorted
+    mtime: int  # of every member (SOURCE_DATE_EPOCH or 0)
+
+    @property
+    def manifest_path(self) -> str:
+        return manifest_path_for(self.manifest_bytes)
+
+
+def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
+                all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
+                mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
+                offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
+                progress: bool = False) -> BundlePlan:
+    """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle."""
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -428,9 +439,29 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
         files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
     infos = describe(selected, registry=registry)
     manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()})
-    manifest_bytes = encode_manifest(manifest)
-    mtime = source_date_epoch()
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()})
+    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch())
+
+
+def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
+           all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
+           mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
+           offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
+           progress: bool = False) -> Path:
+    """Write a bundle of the selected weights to ``output``; returns its path.
+
+    Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
+    ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
+    :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
+    beside ``output`` and renamed into place only when complete.
+    """
+    if output is None:
+        raise BundleError("no output file given (-o FILE)")
+    output = Path(output)
+    plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                       mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
+                       with_backbones=with_backbones, jobs=jobs, progress=progress)
+    manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
     tmp = temp_path(output)
     bar = _progress(progress, sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
     try:
@@ -476,5 +507,5 @@ def _write_checkpoint(fd: int, arcname: str, path: Path, size: int, sha: str, mt
 
 
 
-__all__ = ["Bundle", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle", "open_bundle",
-           "verify_bundle"]
+__all__ = ["Bundle", "BundlePlan", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle",
+           "open_bundle", "plan_bundle", "verify_bundle"]

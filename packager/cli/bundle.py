@@ -17,6 +17,7 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .oci import is_oci, plain_http_option
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
@@ -25,7 +26,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @selectors_argument
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               callback=output_file_callback,
-              help="The bundle to write (an uncompressed tar; replaced atomically).")
+              help="The bundle to write (an uncompressed tar; replaced atomically), or oci://HOST/REPO[:TAG] to "
+                   "push it to a registry as an image straight from the cache.")
 @torch_home_option
 @registry_option
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
@@ -37,8 +39,9 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @all_option
 @json_option
 @quiet_option
+@plain_http_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, as_json, quiet):
+               all_weights, as_json, quiet, plain_http):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
@@ -48,6 +51,14 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     """
     from ..bundle import bundle, open_bundle
 
+    if is_oci(output):
+        from .oci import bundle_to_registry
+
+        return bundle_to_registry(output, plain_http=plain_http, as_json=as_json,
+                                  progress=progress_enabled(quiet or as_json), selectors=selectors,
+                                  all_weights=all_weights, registry=registry, torch_home=torch_home,
+                                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                                  offline=True if offline else None, with_backbones=with_backbones)
     path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
                   mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
                   offline=True if offline else None, with_backbones=with_backbones,
@@ -64,15 +75,18 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
 @main.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 @json_option
-def inspect_cmd(file, as_json):
+@plain_http_option
+def inspect_cmd(file, as_json, plain_http):
     """Show what a bundle holds: weights, models, sizes, headline metrics, transforms.
 
     Checks the archive's structure and manifest (not the hashes: see `tvpack verify`).
-    --json prints the manifest itself.
+    --json prints the manifest itself. FILE may be oci://HOST/REPO[:TAG] (reads only the
+    image's manifest layer).
     """
     from ..bundle import open_bundle
+    from .oci import open_registry_image
 
-    with open_bundle(file) as opened:
+    with (open_registry_image(file, plain_http=plain_http) if is_oci(file) else open_bundle(file)) as opened:
         if as_json:
             echo_json(opened.manifest)
             return
@@ -115,17 +129,23 @@ def verify_cmd(file, as_json, quiet):
 @click.option("--force", is_flag=True, help="Replace cached files whose contents differ from the bundle's.")
 @json_option
 @quiet_option
-def install_cmd(file, torch_home, force, as_json, quiet):
+@plain_http_option
+def install_cmd(file, torch_home, force, as_json, quiet, plain_http):
     """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
     different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/.
+    FILE may be oci://HOST/REPO[:TAG]: only the layers of checkpoints not already cached are
+    fetched, then checked and placed exactly as from a file.
     """
     from ..bundle import install_bundle
+    from .oci import install_from_registry
 
-    report = install_bundle(file, torch_home=torch_home, force=force, progress=progress_enabled(quiet or as_json))
+    options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json)}
+    report = install_from_registry(file, plain_http=plain_http, **options) if is_oci(file) \
+        else install_bundle(file, **options)
     if as_json:
-        echo_json(report.to_dict())
+        echo_json({**report.to_dict(), "bundle": file} if is_oci(file) else report.to_dict())
         return
     for placed in report.files:
         click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
