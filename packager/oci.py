@@ -858,11 +858,13 @@ def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = Fal
     def data_of(path: str, size: int):
         dest = hub.joinpath(*path.split("/")[1:])
         sha = image.expected[path][1]
+        layer = image.layers[path]
         if dest.is_file() and not dest.is_symlink() and cache.file_sha256(dest) == sha:
+            if bar is not None:
+                bar.update(layer.size)
             return _own(FileSource(dest), 0)  # already there: install_bundle finds it unchanged
         if (dest.exists() or dest.is_symlink()) and not force:
             return None  # install_bundle refuses the conflict before it reads any data
-        layer = image.layers[path]
         try:
             staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

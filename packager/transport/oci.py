@@ -7,6 +7,7 @@
     client.put_manifest(ref.repository, ref.reference, manifest_bytes, OCI_MANIFEST)
     manifest = client.get_manifest(ref.repository, ref.reference)     # (data, media_type, digest), verified
     client.pull_blob(ref.repository, digest, dest, size=size)          # sha256 checked while streaming, resumable
+    client.stream_blob(ref.repository, digest, out.write, size=size)   # the same, into a caller's sink
 
 Authentication is what docker, podman, skopeo and oras do: anonymous first; on a ``401`` the
 ``WWW-Authenticate`` challenge decides between HTTP basic and a bearer token fetched from the challenge's
