@@ -54,9 +54,9 @@ from .formats.manifest import (
     parse_manifest,
 )
 from .formats.volumes import open_source
-from .fsutil import atomic_write_bytes, temp_path
+from .fsutil import fsync_dir, remove_stale_temps, temp_path
 from .home import hub_dir as _hub_dir
-from .registry import WeightsRef
+from .registry import WeightsRef, hash_prefix_from_filename
 from .snapshot import describe, resolve
 from .spec import build_transforms, meta_from_json
 
@@ -276,8 +276,42 @@ def _destination(hub: Path, member_path: str) -> Path:
 _INSTALL_SUFFIX = ".tvpack-install"  # of install's temp files
 
 
+def _current_sha(dest: Path) -> str | None:
+    return cache.file_sha256(dest) if dest.is_file() else None
+
+
+def _conflict(dest: Path, current: str | None, expected: str) -> str:
+    """The refusal for a different file in the way (only ``--force`` replaces it)."""
+    if dest.is_symlink() and not dest.exists():
+        return f"{dest} is a dangling symbolic link (to {os.readlink(dest)}); remove it or use --force to replace it"
+    if current is None:
+        return f"{dest} exists and is not a regular file; remove it or use --force to replace it"
+    return (f"{dest} exists with different contents (sha256 {current[:12]}..., bundle has {expected[:12]}...); "
+            "it is another version of this file, not a damaged one: use --force to replace it")
+
+
+def _proves_corrupt(dest: Path, current: str | None) -> bool:
+    """The file's own name promises a hash prefix that its bytes do not have: it can only be damaged."""
+    prefix = hash_prefix_from_filename(dest.name)
+    return current is not None and prefix is not None and not current.startswith(prefix)
+
+
+def _stage_file(dest: Path) -> tuple[Path, int]:
+    tmp = temp_path(dest, _INSTALL_SUFFIX)
+    try:
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for fetch
+    except OSError as exc:
+        raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
 def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False) -> InstallReport:
-    """Verify a bundle and place its files under the hub directory; see :func:`install`."""
+    """Verify a bundle and place its files under the hub directory; see :func:`install`.
+
+    All or nothing as :func:`packager.loader.load_model` sees it: every new file, the manifest
+    included, is written and fsynced under a temporary name first (a full disk fails here, before
+    any final name changes), then the checkpoints are renamed into place and the manifest last;
+    if a rename fails, the files placed so far are put back as they were.
+    """
     archive = _open_archive(path)
     temps: list[Path] = []
     try:
@@ -294,12 +328,13 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
             if dest.is_symlink() or dest.exists():
                 if dest.is_dir() and not dest.is_symlink():
                     raise BundleError(f"cannot install {dest}: a directory is in the way")
-                current = cache.file_sha256(dest) if dest.is_file() else None
+                current = _current_sha(dest)
                 if current == expected:
                     action = "unchanged"
+                elif _proves_corrupt(dest, current):
+                    action = "repaired"  # damaged by its own name's hash: nothing of value is lost
                 elif not force:
-                    raise BundleError(f"{dest} exists with different contents (sha256 {str(current)[:12]}..., bundle"
-                                      f" has {expected[:12]}...); use --force to replace it")
+                    raise BundleError(_conflict(dest, current, expected))
                 else:
                     action = "replaced"
             plan.append((member, dest, action))
@@ -311,16 +346,16 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         def stage(member: Member, dest: Path, action: str, pool) -> tuple[Path | None, str]:
             if action == "unchanged":
                 return None, archive.hash_member(member, pool, bar=bar)
-            tmp = temp_path(dest, _INSTALL_SUFFIX)
+            tmp, fd = _stage_file(dest)
+            temps.append(tmp)
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                temps.append(tmp)
-                try:
-                    return tmp, archive.hash_member(member, pool, sink=fd, bar=bar)
-                finally:
-                    os.close(fd)
+                digest = archive.hash_member(member, pool, sink=fd, bar=bar)
+                os.fsync(fd)  # the bytes are on disk before any name points at them
+                return tmp, digest
             except OSError as exc:
                 raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
 
         bar = _progress(progress, sum(m.size for m in archive.payload), "install")
         try:
@@ -340,29 +375,72 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                     check_checkpoint(str(tmp), member.path)
                 else:
                     _check_member_pickle(archive, member)
-        # 4. place: checkpoints first, the manifest last (the loader trusts what it lists)
-        placed = []
+        # 4. the manifest, staged too: a full disk fails now, with nothing placed yet
+        manifest_dest = _destination(hub, archive.manifest_path)
+        _makedirs(manifest_dest.parent)
+        manifest_tmp = None
+        if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
+            manifest_tmp, fd = _stage_file(manifest_dest)
+            temps.append(manifest_tmp)
+            try:
+                write_all(fd, memoryview(archive.manifest_bytes))
+                os.fsync(fd)
+            except OSError as exc:
+                raise CacheError(f"cannot write the bundle manifest {manifest_dest}: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
+        # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
+        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None]
+               + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
         first_entry = {}
         for entry in archive.entries:
             first_entry.setdefault(entry.path, entry)
-        for member, dest, action, tmp in staged:
-            if tmp is not None:
-                os.replace(tmp, dest)
-                temps.remove(tmp)
+        placed = []
+        for member, dest, action, _tmp in staged:
             entry = first_entry.get(member.path)
             cache.record_verified(dest, archive.expected[member.path][1], weights=entry and entry.name,
                                   url=entry and entry.url)
             placed.append(Placed(dest, "installed" if action == "install" else action, member.size,
                                  tuple(weights_of.get(member.path, ()))))
-        manifest_dest = _destination(hub, archive.manifest_path)
-        _makedirs(manifest_dest.parent)
-        if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
-            atomic_write_bytes(manifest_dest, archive.manifest_bytes, durable=False, suffix=_INSTALL_SUFFIX)
         return InstallReport(_path_of(path), manifest_dest, tuple(placed))
     finally:
         for tmp in temps:
             _unlink(tmp)
         archive.source.close()
+
+
+def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
+    """Rename each staged temp file over its destination, durably; on failure undo the ones done.
+
+    A file being replaced is first hard-linked to a backup name, so that undoing restores it.
+    """
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for dest, tmp in moves:
+            backup = None
+            if dest.is_symlink() or dest.exists():
+                backup = temp_path(dest, _INSTALL_SUFFIX)
+                try:
+                    os.link(dest, backup, follow_symlinks=False)
+                except OSError:
+                    backup = None  # cannot keep a copy (another file system, no links): replace anyway
+                else:
+                    temps.append(backup)
+            os.replace(tmp, dest)
+            temps.remove(tmp)
+            done.append((dest, backup))
+        for directory in dict.fromkeys(dest.parent for dest, _tmp in moves):
+            fsync_dir(directory)
+    except OSError as exc:
+        for dest, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, dest)
+                else:
+                    dest.unlink()
+            except OSError:
+                pass
+        raise CacheError(f"cannot place {dest}: {exc.strerror or exc}; nothing was installed") from None
 
 
 def install(path, *, torch_home=None, force: bool = False, progress: bool = False) -> list[Path]:
@@ -396,6 +474,15 @@ def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list
     if refs is not None:
         return list(refs)
     return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+
+
+def _refuse_cache_output(output: Path, hub: Path) -> None:
+    """A bundle never overwrites what the cache holds (a checkpoint, the index, a manifest)."""
+    target = output.resolve() if output.exists() or output.is_symlink() else output.parent.resolve() / output.name
+    inside = hub.resolve()
+    if target == inside or inside in target.parents:
+        raise BundleError(f"refusing to write the bundle to {output}: it is inside the checkpoint cache {hub}"
+                          " (choose a path outside it)")
 
 
 @dataclass(frozen=True)
@@ -458,6 +545,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     if output is None:
         raise BundleError("no output file given (-o FILE)")
     output = Path(output)
+    _refuse_cache_output(output, _hub_dir(torch_home))
+    remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
                        with_backbones=with_backbones, jobs=jobs, progress=progress)
@@ -474,7 +563,9 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
                 _write_checkpoint(fd, arcname, path, size, sha, mtime, bar)
             end = out.tell() + 2 * BLOCK
             write_all(fd, memoryview(bytes(2 * BLOCK + (-end % RECORD))))
+            os.fsync(fd)  # a power loss must not leave an empty file under the final name
         os.replace(tmp, output)
+        fsync_dir(output.parent)
     except OSError as exc:
         _unlink(tmp)
         raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None

@@ -5,12 +5,14 @@
   written to such a temp name and renamed into place, so readers see the old file or the new one,
   never a part of either; nothing is left behind on failure.
 * :func:`fsync_dir`: make renames in a directory survive a crash (best effort).
+* :func:`remove_stale_temps`: clean up the temp files of a process that was killed mid-write.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 
 
@@ -18,6 +20,46 @@ def temp_path(dest, suffix: str = ".tmp") -> Path:
     """``.<name>.<pid>.<random hex><suffix>`` beside ``dest``: unique across processes and threads."""
     dest = Path(dest)
     return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
+    """Remove :func:`temp_path` files of ``dest`` left by a killed process (SIGKILL, OOM, power
+    loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
+    another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
+    dest = Path(dest)
+    prefix = f".{dest.name}."
+    removed = []
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid, _, token = name[len(prefix):-len(suffix)].partition(".")
+        if not (pid.isdigit() and len(token) == 8):
+            continue
+        path = dest.parent / name
+        try:
+            if time.time() - path.stat().st_mtime < min_age or _pid_alive(int(pid)):
+                continue
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def fsync_dir(path) -> None:
@@ -82,4 +124,5 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
     return atomic_write_text(dest, text, **kwargs)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "temp_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "remove_stale_temps",
+           "temp_path"]

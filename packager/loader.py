@@ -49,6 +49,7 @@ from .errors import BundleError, IntegrityError, LoadError, TvpackError
 from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
 from .formats.volumes import open_source as open_bytes
+from .snapshot import resolve
 from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Source:
                 return entry
         return None
 
-    def _missing_hint(self) -> str | None:
+    def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
         return None
 
     def _choices(self) -> str:
@@ -162,7 +163,7 @@ class Source:
                 if entry.member == member:
                     return entry, model
             raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(name, registry))
         if "." in name:
             enum, member = name.split(".", 1)
             if member == "DEFAULT":
@@ -171,11 +172,11 @@ class Source:
             if name in self.entries:
                 return self.entries[name], None
             raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(name, registry))
         candidates = [e for e in self.entries.values() if name in e.models]
         if not candidates:
             raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(name, registry))
         if len(candidates) == 1:
             return candidates[0], name
         return self._default(name, candidates, registry), name
@@ -183,7 +184,7 @@ class Source:
     def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
         if not candidates:
             raise LoadError(f"{self.describe()} holds no weights for {what!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(what, registry))
         default = _installed_default(candidates[0], registry)
         for entry in candidates:
             if entry.member == default:
@@ -249,10 +250,11 @@ class InstalledSource(Source):
         self.skipped.append(message)
         warnings.warn(LoaderWarning(message), stacklevel=4)
 
-    def _missing_hint(self) -> str | None:
-        if not self.skipped:
-            return None
-        return f"{len(self.skipped)} manifest(s) were skipped, e.g. {self.skipped[0]}"
+    def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
+        if self.skipped:
+            return f"{len(self.skipped)} manifest(s) were skipped, e.g. {self.skipped[0]}"
+        # the weights' file may be in the cache, fetched rather than installed: say how to give it a manifest
+        return _not_installed_hint(self.hub, name, registry)
 
     def checkpoint_path(self, entry: Entry) -> Path:
         return self.hub / "checkpoints" / entry.filename
@@ -325,6 +327,20 @@ class BundleSource(Source):
         return state
 
 
+def _not_installed_hint(hub: Path, name: str, registry: Sequence[str] = ()) -> str | None:
+    try:
+        refs = resolve([name], registry=registry)
+    except TvpackError:
+        return None
+    present = [ref for ref in refs if (hub / "checkpoints" / ref.filename).is_file()]
+    if not present:
+        return None
+    ref = present[0]
+    return (f"its file {ref.filename} is in the cache without a manifest (fetched, not installed); give it one with:"
+            f" tvpack bundle {ref.name} --no-fetch --torch-home {hub.parent} -o b.tvpack.tar && tvpack install"
+            f" b.tvpack.tar --torch-home {hub.parent}")
+
+
 def open_source(source=None) -> Source:
     """A bundle file, or a TORCH_HOME / hub directory with installed bundles (None: the default)."""
     if isinstance(source, Source):
@@ -339,6 +355,13 @@ def open_source(source=None) -> Source:
             return InstalledSource(path / "hub")
         if (path / "tvpack" / "manifests").is_dir():
             return InstalledSource(path)
+        found = sorted(p.name for p in (path / "hub" / "checkpoints").glob("*") if p.is_file()) \
+            if (path / "hub" / "checkpoints").is_dir() else []
+        if found:
+            raise LoadError(f"{path} holds {len(found)} checkpoint file(s) ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}) but no tvpack manifest: they were fetched, not"
+                            " installed", hint=f"give them one with: tvpack bundle SELECTOR... --no-fetch --torch-home"
+                            f" {path} -o b.tvpack.tar && tvpack install b.tvpack.tar --torch-home {path}")
         raise LoadError(f"{path} holds no installed tvpack bundle (no {MANIFEST_DIR}/)",
                         hint="install one with: tvpack install BUNDLE --torch-home DIR")
     raise LoadError(f"no such bundle file or directory: {path}")

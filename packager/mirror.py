@@ -186,7 +186,7 @@ def _load_index(target) -> dict:
         return {}
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
         raise MirrorError(f"{target.location(INDEX_NAME)} exists but is not a tvpack mirror index; "

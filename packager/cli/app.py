@@ -35,6 +35,8 @@ class TvpackGroup(click.Group):
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TvpackError):
         return exc.format()
+    if isinstance(exc, RecursionError):  # hostile input that a parser recursed into (deeply nested JSON)
+        return "input is nested too deeply to be tvpack data (a hostile or corrupt file?)"
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"

@@ -149,5 +149,5 @@ def install_cmd(file, torch_home, force, as_json, quiet, plain_http):
         return
     for placed in report.files:
         click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
-    counts = {s: sum(p.status == s for p in report.files) for s in ("installed", "replaced", "unchanged")}
+    counts = {s: sum(p.status == s for p in report.files) for s in ("installed", "replaced", "repaired", "unchanged")}
     click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; manifest {report.manifest}")

@@ -132,6 +132,8 @@ def decode_manifest(data: bytes) -> dict:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise BundleError("manifest is not valid JSON") from None
+    except RecursionError:
+        raise BundleError("manifest is nested too deeply to be a tvpack manifest") from None
 
 
 def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict[str, tuple[int, str]]]:
