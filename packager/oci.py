@@ -20,10 +20,11 @@ The image layout is :mod:`packager.formats.image`; the protocol is :mod:`package
   complete): the blob's digest, the tar around the checkpoint and the checkpoint's sha256 are all checked
   while it streams. The result is then opened by the bundle reader, as any bundle file would be.
 * Install goes through :func:`packager.bundle.install_bundle`, the path bundle files take, over an
-  :class:`ImageSource`: the bundle's bytes composed from the manifest layer, the layers fetched (into
-  ``<hub>/tvpack/oci-layers/``, digest-checked and resumable) and the checkpoints the cache already holds
-  with the right sha256 (not fetched at all). Every check a bundle file gets (sha256 against the
-  manifest, the weights-only pickle check, atomic placement, the manifest last, and the signature checks
+  :class:`ImageSource`: the bundle's bytes composed from the manifest layer, the checkpoints the cache
+  already holds with the right sha256 (never fetched), and the other layers, fetched when install_bundle
+  first reads them (into ``<hub>/tvpack/oci-layers/``, digest-checked, resumable, removed afterwards).
+  Every check and decision a bundle file gets (sha256 against the manifest, the weights-only pickle
+  check, conflicts, staged all-or-nothing placement, the manifest last, and the signature checks
   install_bundle makes) applies to an image unchanged: ``install_options`` are handed to it as they are.
 
 Importing this module never imports torch.
@@ -31,10 +32,12 @@ Importing this module never imports torch.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -840,12 +843,35 @@ def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None =
     return bundles.open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
 
 
+class _LazyLayer:
+    """A checkpoint's data in a layer fetched on the first read (install_bundle reads the data of what
+    it installs, and refuses a conflict before reading anything); one fetch at a time, as the
+    registry client serves one thread."""
+
+    def __init__(self, fetch: Callable[[], tuple[FileSource, int]], lock: threading.Lock):
+        self._fetch, self._lock = fetch, lock
+        self._source: FileSource | None = None
+        self._base = 0
+
+    def readinto_at(self, view, offset: int) -> int:
+        if self._source is None:
+            with self._lock:
+                if self._source is None:
+                    self._source, self._base = self._fetch()
+        return self._source.readinto_at(view, self._base + offset)
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+
+
 def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = False, progress: bool = False,
             client: RegistryClient | None = None, **install_options) -> "bundles.InstallReport":
     """Install the bundle an image holds into ``<hub dir>/checkpoints`` (see the module's docstring):
-    only the layers of checkpoints the cache does not already hold with the right sha256 are fetched,
-    then :func:`packager.bundle.install_bundle` checks and places everything as for a bundle file
-    (``install_options`` are passed on to it)."""
+    :func:`packager.bundle.install_bundle` decides, checks and places everything as for a bundle file
+    (``install_options`` are passed on to it), over the image's layers. A checkpoint the cache already
+    holds with the right sha256 is read where it is; any other layer is fetched when install_bundle
+    first reads it (so a conflict it refuses costs no transfer)."""
     ref = _reference(ref)
     client = _client(ref, client, plain_http)
     image = read_image(ref, client=client)
@@ -853,18 +879,12 @@ def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = Fal
     staging = hub / STAGING_DIR
     owned: list = []
     staged: list[Path] = []
-    keep_staged = False
+    lock = threading.Lock()
+    bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {ref.repository}")
 
-    def data_of(path: str, size: int):
-        dest = hub.joinpath(*path.split("/")[1:])
-        sha = image.expected[path][1]
-        layer = image.layers[path]
-        if dest.is_file() and not dest.is_symlink() and cache.file_sha256(dest) == sha:
-            if bar is not None:
-                bar.update(layer.size)
-            return _own(FileSource(dest), 0)  # already there: install_bundle finds it unchanged
-        if (dest.exists() or dest.is_symlink()) and not force:
-            return None  # install_bundle refuses the conflict before it reads any data
+    def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
+        """Stage the layer (digest-checked, resumable), check the tar around the data; its source and
+        where the data starts."""
         try:
             staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -873,8 +893,10 @@ def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = Fal
         staged.append(blob)
         if blob.is_file():  # kept by an interrupted install: pull_blob checks a complete part before a request
             os.replace(blob, blob.with_name(blob.name + ".part"))
-        client.pull_blob(ref.repository, layer.digest, blob, size=layer.size, on_bytes=bar.update if bar else None)
-        source = _own(FileSource(blob), 0)[0]
+        client.pull_blob(ref.repository, layer.digest, blob, size=layer.size,
+                         on_bytes=bar.update if bar is not None else None)
+        source = FileSource(blob)
+        owned.append(source)
         header_len = len(tar_header(path, size, 0))
         check_header(source.read_at(header_len, 0), path, size, str(image.reference))
         tail = source.read_at(layer.size - header_len - size, header_len + size)
@@ -882,24 +904,29 @@ def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = Fal
             raise OCIError(f"{image.reference}: not a tvpack layer: non-zero bytes after {path} in its layer")
         return source, header_len
 
-    def _own(source, offset: int):
-        owned.append(source)
-        return source, offset
-
-    bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {ref.repository}")
-    try:
-        try:
-            pieces = _pieces(image, data_of)
-        finally:
+    def data_of(path: str, size: int):
+        dest = hub.joinpath(*path.split("/")[1:])
+        layer = image.layers[path]
+        if dest.is_file() and not dest.is_symlink() and cache.file_sha256(dest) == image.expected[path][1]:
             if bar is not None:
-                bar.close()
-        with ImageSource(str(image.reference), pieces, owned) as source:
+                bar.update(layer.size)
+            source = FileSource(dest)  # already there: install_bundle finds it unchanged
+        else:
+            source = _LazyLayer(functools.partial(fetch, path, size, layer), lock)
+        owned.append(source)
+        return source, 0
+
+    keep_staged = False
+    try:
+        with ImageSource(str(image.reference), _pieces(image, data_of)) as source:
             return bundles.install_bundle(source, torch_home=torch_home, force=force, progress=progress,
                                           **install_options)
     except KeyboardInterrupt:
         keep_staged = True  # digest-checked layers: a re-run takes them as they are
         raise
     finally:
+        if bar is not None:
+            bar.close()
         for source in owned:
             source.close()
         if not keep_staged:

@@ -308,15 +308,20 @@ def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path
     assert blob_gets(registry)[gets:] == [manifest["layers"][2]["digest"], manifest["layers"][1]["digest"]]
     assert not (home / oci.STAGING_DIR).exists()
 
-    # a different file in the way: refused before its layer is fetched (and replaced with --force)
+    # something else in the way: refused before its layer is fetched (replaced with --force); a file its own
+    # name proves damaged is repaired, from its layer
     other = tmp_path / "other-home"
     (other / "hub/checkpoints").mkdir(parents=True)
-    (other / "hub/checkpoints" / kept).write_bytes(b"not the checkpoint")
+    (other / "hub/checkpoints" / kept).symlink_to(tmp_path / "nowhere")
     gets = len(blob_gets(registry))
-    with pytest.raises(BundleError, match="exists with different contents"):
+    with pytest.raises(BundleError, match="dangling symbolic link"):
         oci.install(ref_of(registry), torch_home=other, plain_http=True)
     assert manifest["layers"][0]["digest"] not in blob_gets(registry)[gets:]
     oci.install(ref_of(registry), torch_home=other, plain_http=True, force=True)
+    assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
+    (other / "hub/checkpoints" / kept).write_bytes(b"damaged")
+    report = oci.install(ref_of(registry), torch_home=other, plain_http=True)
+    assert {p.path.name: p.status for p in report.files}[kept] == "repaired"
     assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
 
 
