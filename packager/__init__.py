@@ -34,6 +34,11 @@ _API = {
     "load_model": "loader",
     "load_weights": "loader",
     "export_mirror": "mirror",
+    "Signer": "signing",
+    "sign_bundle": "signing",
+    "trust_policy": "signing",
+    "verify_signed": "signing",
+    "install_signed": "signing",
 }
 
 __all__ = sorted([*_API, "errors", "__version__"])

@@ -5,6 +5,7 @@ torchvision a working offline cache::
 
     hub/tvpack/manifests/<id>.json     first member: JSON manifest, id = sha256(manifest)[:16]
     hub/checkpoints/<basename(url)>    each checkpoint, byte-identical to the downloaded file
+    hub/tvpack/signatures/<id>[.<label>].sig   OMS signatures, if any (made after the manifest: see signing.py)
 
 Writing is deterministic (members sorted, mtime from ``SOURCE_DATE_EPOCH`` or 0, uid/gid 0, no
 user or group names, mode 0644, ustar headers with pax records only for long names or sizes over
@@ -13,10 +14,10 @@ sha256 taken from the cache's verification index when the file is unchanged.
 
 Reading trusts nothing: our own header parser accepts regular files only (no links, devices,
 FIFOs or directories), relative paths under ``hub/`` without ``..``, each member once, exactly the
-members the manifest lists, with the sizes and sha256 it states, zero padding and a proper end of
-archive. A checkpoint must load with ``torch.load(weights_only=True)`` (without reading its tensor
-data) before it counts as valid: vanilla torchvision unpickles cache files with
-``weights_only=False``, so a poisoned pickle would run code there.
+members the manifest lists, with the sizes and sha256 it states, then only signature members, zero
+padding and a proper end of archive. A checkpoint must load with ``torch.load(weights_only=True)``
+(without reading its tensor data) before it counts as valid: vanilla torchvision unpickles cache
+files with ``weights_only=False``, so a poisoned pickle would run code there.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from .formats.manifest import (
     manifest_path_for,
     parse_manifest,
 )
+from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import open_source
 from .fsutil import fsync_dir, remove_stale_temps, temp_path
 from .home import hub_dir as _hub_dir
@@ -123,7 +125,15 @@ class _Archive(TarArchive):
         self.manifest = document
         self.manifest_path = first.path
         self.manifest_id = MANIFEST_NAME.fullmatch(first.path).group(1)
-        present = {m.path: m for m in self.members[1:]}
+        present, self.signatures = {}, []
+        for member in self.members[1:]:
+            if member.path.startswith(SIGNATURES_DIR + "/"):
+                self._check_signature_member(member)
+                self.signatures.append(member)
+            elif self.signatures:
+                self.fail(f"member {member.path!r} follows a signature; signatures come after the files they sign")
+            else:
+                present[member.path] = member
         for path, (size, _sha) in self.expected.items():
             member = present.get(path)
             if member is None:
@@ -133,7 +143,19 @@ class _Archive(TarArchive):
         for path in present:
             if path not in self.expected:
                 self.fail(f"member {path!r} is not listed in the manifest")
-        self.payload = self.members[1:]
+        self.payload = self.members[1:len(self.members) - len(self.signatures)]
+
+    def _check_signature_member(self, member: Member) -> None:
+        # Signatures are made after the manifest, so it cannot list them: only their name and size are checked here.
+        named = manifest_id_of_signature(member.path)
+        if named is None:
+            self.fail(f"member {member.path!r} is not a signature ({SIGNATURES_DIR}/<manifest-id>[.<label>].sig)")
+        if named != self.manifest_id:  # installed, it would sit beside (or replace) another manifest's signature
+            self.fail(f"signature {member.path!r} is named for manifest {named}, not this bundle's {self.manifest_id}")
+        if member.size > MAX_SIGNATURE:
+            self.fail(f"signature {member.path!r} of {member.size} bytes is implausibly large")
+        if len(self.signatures) >= MAX_SIGNATURES:
+            self.fail(f"more than {MAX_SIGNATURES} signatures")
 
 
 
@@ -154,6 +176,9 @@ class Bundle:
         self.manifest_path: str = archive.manifest_path
         self.entries: tuple[BundleEntry, ...] = tuple(archive.entries)
         self.members: tuple[Member, ...] = tuple(archive.members)
+        self.manifest_bytes: bytes = archive.manifest_bytes
+        self.files: dict[str, tuple[int, str]] = dict(archive.expected)  # archive path -> (size, sha256), as listed
+        self.signatures: tuple[Member, ...] = tuple(archive.signatures)  # after the payload, not listed
 
     def __repr__(self) -> str:
         return f"<Bundle {self.path} {len(self.entries)} weights, manifest {self.manifest_id}>"
@@ -241,13 +266,17 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
-def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
+def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
     """Every structural check, every sha256 and the weights-only pickle check of each checkpoint.
 
     Returns a report when all hold; raises :class:`BundleError` (one line) at the first failure.
+    ``check(bundle)`` (e.g. the signature check of :mod:`packager.signing`) runs on the opened bundle
+    before any payload is read; it raises to refuse.
     """
     archive = _open_archive(path)
     try:
+        if check is not None:
+            check(Bundle(_path_of(path), archive))
         bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
         try:
             digests = each_member([(m,) for m in archive.payload],
@@ -261,7 +290,7 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
-        return VerifyReport(_path_of(path), archive.manifest_id, len(archive.entries), len(archive.members),
+        return VerifyReport(_path_of(path), archive.manifest_id, len(archive.entries), 1 + len(archive.payload),
                             sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {})
     finally:
         archive.source.close()
@@ -304,8 +333,10 @@ def _stage_file(dest: Path) -> tuple[Path, int]:
         raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
 
 
-def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False) -> InstallReport:
+def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
+                   check=None) -> InstallReport:
     """Verify a bundle and place its files under the hub directory; see :func:`install`.
+    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse.
 
     All or nothing as :func:`packager.loader.load_model` sees it: every new file, the manifest
     included, is written and fsynced under a temporary name first (a full disk fails here, before
@@ -315,6 +346,8 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
     archive = _open_archive(path)
     temps: list[Path] = []
     try:
+        if check is not None:
+            check(Bundle(_path_of(path), archive))
         hub = _hub_dir(torch_home)
         weights_of: dict[str, list[str]] = {}
         for entry in archive.entries:
@@ -389,8 +422,11 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                 raise CacheError(f"cannot write the bundle manifest {manifest_dest}: {exc.strerror or exc}") from None
             finally:
                 os.close(fd)
+        # its signatures go beside it (packager.signing checks them against it), staged the same way
+        signature_moves = [move for move in (_stage_signature(archive, member, hub, temps)
+                                             for member in archive.signatures) if move is not None]
         # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
-        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None]
+        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
                + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
         first_entry = {}
         for entry in archive.entries:
@@ -407,6 +443,25 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         for tmp in temps:
             _unlink(tmp)
         archive.source.close()
+
+
+def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
+    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
+    dest = _destination(hub, member.path)
+    data = archive._read(member.offset, member.size)
+    if dest.is_file() and not dest.is_symlink() and dest.read_bytes() == data:
+        return None
+    _makedirs(dest.parent)
+    tmp, fd = _stage_file(dest)
+    temps.append(tmp)
+    try:
+        write_all(fd, memoryview(data))
+        os.fsync(fd)
+    except OSError as exc:
+        raise CacheError(f"cannot write the signature {dest}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return dest, tmp
 
 
 def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
@@ -534,13 +589,15 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False) -> Path:
+           progress: bool = False, sign=None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
     ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
     :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
     beside ``output`` and renamed into place only when complete.
+    ``sign(manifest_bytes, {archive path: (size, sha256)})`` returns ``[(archive path, bytes)]`` of signature
+    members, written after the checkpoints in the same pass (:meth:`packager.signing.Signer.members`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -561,6 +618,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
             write_all(fd, memoryview(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK)))
             for arcname, path, size, sha in unique:
                 _write_checkpoint(fd, arcname, path, size, sha, mtime, bar)
+            for arcname, data in sign(manifest_bytes, {a: (size, sha) for a, _p, size, sha in unique}) if sign else ():
+                write_all(fd, memoryview(tar_header(arcname, len(data), mtime) + data + bytes(-len(data) % BLOCK)))
             end = out.tell() + 2 * BLOCK
             write_all(fd, memoryview(bytes(2 * BLOCK + (-end % RECORD))))
             os.fsync(fd)  # a power loss must not leave an empty file under the final name

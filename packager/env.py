@@ -50,6 +50,16 @@ def no_snapshot() -> bool:
     return _flag("TVPACK_NO_SNAPSHOT")
 
 
+def trusted_keys() -> list[str]:
+    """``TVPACK_TRUSTED_KEYS``: comma-separated PEM files (public keys or CA roots); set, signatures are mandatory."""
+    return _list("TVPACK_TRUSTED_KEYS")
+
+
+def signing_key_password() -> str | None:
+    """``TVPACK_SIGNING_KEY_PASSWORD``: the password of an encrypted signing key (else tvpack prompts on a terminal)."""
+    return os.environ.get("TVPACK_SIGNING_KEY_PASSWORD")
+
+
 # -- OCI registry credentials: the files docker, podman, skopeo and oras read ----------------------------
 
 def _path_var(name: str) -> str | None:

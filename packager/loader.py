@@ -45,7 +45,7 @@ from . import home
 from .bundle import open_bundle
 from .cache import file_sha256 as _file_sha256
 from .discovery import get_registry
-from .errors import BundleError, IntegrityError, LoadError, TvpackError
+from .errors import BundleError, IntegrityError, LoadError, SignatureError, TvpackError
 from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
 from .formats.volumes import open_source as open_bytes
@@ -779,21 +779,44 @@ def _build(weights: LoadedWeights, model: str | None, *, registry, map_location,
 # -- public API --------------------------------------------------------------------------------------
 
 def load_model(source, name: str, *, registry: Sequence[str] = (), map_location="cpu", fast: bool = True,
-               **builder_kwargs):
+               trusted_keys=None, require_signed: bool | None = None, **builder_kwargs):
     """``(model, weights)`` from a bundle file or a TORCH_HOME where bundles were installed.
 
     ``name`` is a model name (its only weights in the source, else its DEFAULT), ``model:MEMBER``
     or a weights name (``ResNet50_Weights.IMAGENET1K_V2``). The model is in eval mode. Extra
     keyword arguments go to the builder, as with ``torchvision.models.get_model``. ``fast=False``
     builds the plain way (random init, then copy), for comparison.
+
+    ``trusted_keys`` (PEM public keys or CA roots: paths or bytes) refuses checkpoints that no
+    signature valid for them covers; so does a configured trust policy (``TVPACK_TRUSTED_KEYS``,
+    ``<hub>/tvpack/trusted/``) unless ``require_signed=False``; ``require_signed=True`` demands one.
     """
-    return open_source(source).load_model(name, registry=registry, map_location=map_location, fast=fast,
-                                          **builder_kwargs)
+    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed)
+    return src.load_model(name, registry=registry, map_location=map_location, fast=fast, **builder_kwargs)
 
 
-def load_weights(source, name: str, *, registry: Sequence[str] = ()) -> LoadedWeights:
+def load_weights(source, name: str, *, registry: Sequence[str] = (), trusted_keys=None,
+                 require_signed: bool | None = None) -> LoadedWeights:
     """The weights object alone (transforms, meta, state dict): works even where no builder exists."""
-    return open_source(source).weights(name, registry=registry)
+    return _signed_only(open_source(source), name, registry, trusted_keys, require_signed).weights(name, registry=registry)
+
+
+def _signed_only(src: Source, name: str, registry, trusted_keys, require_signed) -> Source:
+    """Under a trust policy, ``src`` keeps only the weights a trusted signature covers (backbones included), and
+    ``name`` not among them is refused in one line."""
+    from . import signing
+
+    hub = src.hub if isinstance(src, InstalledSource) else None
+    policy = signing.loader_policy(trusted_keys, require_signed, hub=hub)
+    if not policy:
+        return src
+    entry, _ = src.find(name, registry=registry)
+    covered, why = signing.covered_entries(src.entries.values(), policy, hub=hub,
+                                           bundle_path=src.path if isinstance(src, BundleSource) else None)
+    if entry.name not in covered:
+        raise SignatureError(f"refusing {entry.name} from {src.describe()}: {why[entry.name]}")
+    src.entries = {n: e for n, e in src.entries.items() if n in covered}
+    return src
 
 
 def list_entries(source) -> list[Entry]:

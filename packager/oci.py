@@ -23,15 +23,17 @@ The image layout is :mod:`packager.formats.image`; the protocol is :mod:`package
   :class:`ImageSource`: the bundle's bytes composed from the manifest layer, the checkpoints the cache
   already holds with the right sha256 (never fetched), and the other layers, fetched when install_bundle
   first reads them (into ``<hub>/tvpack/oci-layers/``, digest-checked, resumable, removed afterwards).
-  Every check and decision a bundle file gets (sha256 against the manifest, the weights-only pickle
-  check, conflicts, staged all-or-nothing placement, the manifest last, and the signature checks
-  install_bundle makes) applies to an image unchanged: ``install_options`` are handed to it as they are.
+  Every check and decision a bundle file gets (the signature checks of :mod:`packager.signing`, sha256
+  against the manifest, the weights-only pickle check, conflicts, all-or-nothing placement, the manifest
+  last) applies to an image unchanged, through :func:`packager.signing.install_signed`; ``verify`` is
+  :func:`packager.signing.verify_signed` the same way.
 
 Importing this module never imports torch.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import hashlib
 import io
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import bundle as bundles
-from . import cache
+from . import cache, signing
 from .errors import BundleError, OCIError
 from .formats.archive import BLOCK, RECORD, TarArchive, round_up, tar_header
 from .formats.image import (
@@ -274,7 +276,7 @@ class Image:
 def _manifest_layer(manifest_bytes: bytes, others: Sequence[tuple[str, bytes]], mtime: int) -> Layer:
     members = [ImageMember(manifest_path_for(manifest_bytes), len(manifest_bytes),
                            hashlib.sha256(manifest_bytes).hexdigest(), mtime, _BytesSource(manifest_bytes))]
-    for path, data in sorted(others):
+    for path, data in others:  # signatures, in the bundle's order
         members.append(ImageMember(path, len(data), hashlib.sha256(data).hexdigest(), mtime, _BytesSource(data)))
     return Layer("manifest", tuple(members))
 
@@ -284,9 +286,11 @@ def _weights_of(manifest_bytes: bytes) -> tuple[str, ...]:
     return tuple(sorted(e.name for e in entries))
 
 
-def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFORM) -> Image:
-    """The image of the bundle ``plan`` describes, its checkpoints read from the cache (no bundle file)."""
+def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
+    """The image of the bundle ``plan`` describes, its checkpoints read from the cache (no bundle file).
+    ``sign`` as for :func:`packager.bundle.bundle`: its signature members go into the manifest layer."""
     parse_platform(platform)
+    signatures = list(sign(plan.manifest_bytes, {a: (size, sha) for a, _p, size, sha in plan.files})) if sign else []
     sources = []
     layers = []
     try:
@@ -300,7 +304,7 @@ def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFOR
         for source in sources:
             source.close()
         raise
-    layers.append(_manifest_layer(plan.manifest_bytes, (), plan.mtime))
+    layers.append(_manifest_layer(plan.manifest_bytes, signatures, plan.mtime))
     manifest_id = MANIFEST_NAME.fullmatch(plan.manifest_path).group(1)
     return Image(manifest_id, _weights_of(plan.manifest_bytes), tuple(layers), platform, sources)
 
@@ -322,7 +326,7 @@ def image_of_bundle(path, *, platform: str = DEFAULT_PLATFORM) -> Image:
                               f"could not be pulled back byte for byte (write it again with tvpack bundle)")
 
         if [m.path for m in members] != bundle_order(m.path for m in members):
-            refuse("its members are not in tvpack's order (the manifest, then by path)")
+            refuse("its members are not in tvpack's order (the manifest, the checkpoints by path, signatures)")
         mtimes, end = {}, 0
         for m in members:
             try:
@@ -865,49 +869,43 @@ class _LazyLayer:
             self._source.close()
 
 
-def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = False, progress: bool = False,
-            client: RegistryClient | None = None, **install_options) -> "bundles.InstallReport":
-    """Install the bundle an image holds into ``<hub dir>/checkpoints`` (see the module's docstring):
-    :func:`packager.bundle.install_bundle` decides, checks and places everything as for a bundle file
-    (``install_options`` are passed on to it), over the image's layers. A checkpoint the cache already
-    holds with the right sha256 is read where it is; any other layer is fetched when install_bundle
-    first reads it (so a conflict it refuses costs no transfer)."""
-    ref = _reference(ref)
-    client = _client(ref, client, plain_http)
-    image = read_image(ref, client=client)
-    hub = hub_dir(torch_home)
-    staging = hub / STAGING_DIR
+@contextlib.contextmanager
+def _fetching(image: RemoteImage, client: RegistryClient, staging: Path, hub: Path | None, progress: bool):
+    """An :class:`ImageSource` over ``image``: a checkpoint already under ``hub`` with the right sha256 is read
+    where it is; any other layer is fetched into ``staging`` when first read (digest-checked, resumable),
+    its tar checked around the data. Staged layers are removed at the end (kept after an interrupt, for the
+    next run to take as they are)."""
     owned: list = []
     staged: list[Path] = []
     lock = threading.Lock()
-    bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {ref.repository}")
+    bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
+    where = str(image.reference)
 
     def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
-        """Stage the layer (digest-checked, resumable), check the tar around the data; its source and
-        where the data starts."""
         try:
             staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BundleError(f"cannot create {staging}: {exc.strerror or exc}") from None
         blob = staging / f"{layer.digest.split(':')[1]}.tar"
         staged.append(blob)
-        if blob.is_file():  # kept by an interrupted install: pull_blob checks a complete part before a request
+        if blob.is_file():  # kept by an interrupted run: pull_blob checks a complete part before a request
             os.replace(blob, blob.with_name(blob.name + ".part"))
-        client.pull_blob(ref.repository, layer.digest, blob, size=layer.size,
+        client.pull_blob(image.reference.repository, layer.digest, blob, size=layer.size,
                          on_bytes=bar.update if bar is not None else None)
         source = FileSource(blob)
         owned.append(source)
         header_len = len(tar_header(path, size, 0))
-        check_header(source.read_at(header_len, 0), path, size, str(image.reference))
+        check_header(source.read_at(header_len, 0), path, size, where)
         tail = source.read_at(layer.size - header_len - size, header_len + size)
         if tail.count(0) != len(tail):
-            raise OCIError(f"{image.reference}: not a tvpack layer: non-zero bytes after {path} in its layer")
+            raise OCIError(f"{where}: not a tvpack layer: non-zero bytes after {path} in its layer")
         return source, header_len
 
     def data_of(path: str, size: int):
-        dest = hub.joinpath(*path.split("/")[1:])
         layer = image.layers[path]
-        if dest.is_file() and not dest.is_symlink() and cache.file_sha256(dest) == image.expected[path][1]:
+        dest = hub.joinpath(*path.split("/")[1:]) if hub is not None else None
+        if dest is not None and dest.is_file() and not dest.is_symlink() \
+                and cache.file_sha256(dest) == image.expected[path][1]:
             if bar is not None:
                 bar.update(layer.size)
             source = FileSource(dest)  # already there: install_bundle finds it unchanged
@@ -916,24 +914,52 @@ def install(ref, *, torch_home=None, force: bool = False, plain_http: bool = Fal
         owned.append(source)
         return source, 0
 
-    keep_staged = False
+    keep = False
     try:
-        with ImageSource(str(image.reference), _pieces(image, data_of)) as source:
-            return bundles.install_bundle(source, torch_home=torch_home, force=force, progress=progress,
-                                          **install_options)
+        with ImageSource(where, _pieces(image, data_of)) as source:
+            yield source
     except KeyboardInterrupt:
-        keep_staged = True  # digest-checked layers: a re-run takes them as they are
+        keep = True
         raise
     finally:
         if bar is not None:
             bar.close()
         for source in owned:
             source.close()
-        if not keep_staged:
+        if not keep:
             for blob in staged:
                 _unlink(blob)
             _rmdir_quietly(staging)
-            _rmdir_quietly(staging.parent)
+
+
+def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_http: bool = False,
+            progress: bool = False, client: RegistryClient | None = None) -> "signing.SignedInstallReport":
+    """Install the bundle an image holds into ``<hub dir>/checkpoints``, as
+    :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``policy``,
+    then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
+    layers: a checkpoint the cache already holds with the right sha256 is not fetched; any other layer is
+    fetched when install_bundle first reads it (after the signature checks; a conflict it refuses costs no
+    transfer), into ``<hub>/tvpack/oci-layers/``."""
+    ref = _reference(ref)
+    client = _client(ref, client, plain_http)
+    image = read_image(ref, client=client)
+    hub = hub_dir(torch_home)
+    with _fetching(image, client, hub / STAGING_DIR, hub, progress) as source:
+        return signing.install_signed(source, policy if policy is not None else signing.NO_POLICY,
+                                      torch_home=torch_home, force=force, progress=progress)
+
+
+def verify(ref, *, policy=None, plain_http: bool = False, progress: bool = False,
+           client: RegistryClient | None = None) -> "signing.SignedVerifyReport":
+    """:func:`packager.signing.verify_signed` of the bundle an image holds (signatures, structure, every
+    sha256, the weights-only pickle check), its layers fetched into a temporary directory of tvpack's
+    cache and removed afterwards."""
+    ref = _reference(ref)
+    client = _client(ref, client, plain_http)
+    image = read_image(ref, client=client)
+    staging = tvpack_cache_dir() / "oci" / f"verify-{image.reference.digest.split(':')[1][:16]}"
+    with _fetching(image, client, staging, None, progress) as source:
+        return signing.verify_signed(source, policy if policy is not None else signing.NO_POLICY, progress=progress)
 
 
 def _rmdir_quietly(path: Path) -> None:
@@ -946,5 +972,5 @@ def _rmdir_quietly(path: Path) -> None:
 __all__ = [
     "BlobResult", "DigestCache", "Image", "ImageMember", "ImageSource", "Layer", "PullReport", "PushReport",
     "RemoteImage", "hash_layer", "image_of_bundle", "image_of_plan", "install", "is_oci_reference", "open_image",
-    "pull", "push", "push_bundle", "read_image",
+    "pull", "push", "push_bundle", "read_image", "verify",
 ]

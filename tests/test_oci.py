@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
 
 from packager import bundle as B
-from packager import oci
+from packager import oci, signing
 from packager.errors import BundleError, OCIError
 from packager.formats import image as I
 from packager.formats.archive import tar_header
@@ -302,7 +302,7 @@ def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path
     kept = manifest["layers"][0]["annotations"]["org.opencontainers.image.title"]
     shutil.copy(made["home"] / "hub/checkpoints" / kept, home / "hub/checkpoints" / kept)
     gets = len(blob_gets(registry))
-    report = oci.install(ref_of(registry), torch_home=home, plain_http=True)
+    report = oci.install(ref_of(registry), torch_home=home, plain_http=True).installed
     assert sorted((p.path.name, p.status) for p in report.files) == sorted(
         [(kept, "unchanged"), (manifest["layers"][1]["annotations"]["org.opencontainers.image.title"], "installed")])
     assert blob_gets(registry)[gets:] == [manifest["layers"][2]["digest"], manifest["layers"][1]["digest"]]
@@ -320,7 +320,7 @@ def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path
     oci.install(ref_of(registry), torch_home=other, plain_http=True, force=True)
     assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
     (other / "hub/checkpoints" / kept).write_bytes(b"damaged")
-    report = oci.install(ref_of(registry), torch_home=other, plain_http=True)
+    report = oci.install(ref_of(registry), torch_home=other, plain_http=True).installed
     assert {p.path.name: p.status for p in report.files}[kept] == "repaired"
     assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
 
@@ -377,6 +377,56 @@ def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tm
     missing = one_error_line(run_tvpack("pull", ref_of(registry, "plain/image", "v2"), "-o", tmp_path / "y",
                                         "--plain-http"))
     assert "tag or manifest not found" in missing
+
+
+# -- signatures ---------------------------------------------------------------------------------------
+def ec_key(openssl: str, directory: Path, name: str) -> tuple[Path, Path]:
+    key, pub = directory / f"{name}.key", directory / f"{name}.pub"
+    subprocess.run([openssl, "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key)], check=True)
+    subprocess.run([openssl, "ec", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+    return key, pub
+
+
+def test_signatures_travel_in_the_image_and_are_checked_from_the_registry(registry, made, tmp_path, zoo_root):
+    openssl = need_binary("openssl")
+    (alice, alice_pub), (bob, bob_pub) = ec_key(openssl, tmp_path, "alice"), ec_key(openssl, tmp_path, "bob")
+    _other, other_pub = ec_key(openssl, tmp_path, "other")
+    path = tmp_path / "signed.tvpack"
+    shutil.copy(made["small"], path)
+    # two signatures, appended in an order that is not sorted: the image keeps the bundle's order
+    signing.sign_bundle(path, signing.Signer.load(alice))
+    signing.sign_bundle(path, signing.Signer.load(bob), label="release")
+    with B.open_bundle(path) as opened:
+        names = [m.path.rsplit("/", 1)[1] for m in opened.signatures]
+    assert names == sorted(names, reverse=True)
+    ref = ref_of(registry, "models/signed")
+    assert run_tvpack("push", path, ref, "--plain-http").returncode == 0
+    out = tmp_path / "pulled.tvpack"
+    assert run_tvpack("pull", ref, "-o", out, "--plain-http").returncode == 0
+    assert out.read_bytes() == path.read_bytes()
+    shown = run_tvpack("inspect", ref, "--plain-http")
+    assert "signatures: 2" in shown.stdout, shown.stderr
+    verified = run_tvpack("verify", ref, "--key", bob_pub, "--plain-http")
+    assert verified.returncode == 0 and "signed by" in verified.stdout, verified.stderr
+
+    # an untrusted signer is refused before any checkpoint layer is fetched; nothing is written
+    layers = image_manifest(registry, "models/signed")["layers"]
+    gets = len(blob_gets(registry))
+    home = tmp_path / "home"
+    line = one_error_line(run_tvpack("install", ref, "--key", other_pub, "--torch-home", home, "--plain-http"))
+    assert "signature" in line
+    assert blob_gets(registry)[gets:] == [layers[-1]["digest"]] and files_under(home / "hub/checkpoints") == []
+    installed = run_tvpack("install", ref, "--key", alice_pub, "--torch-home", home, "--plain-http")
+    assert installed.returncode == 0 and "signature valid" in installed.stdout, installed.stderr
+    assert len(files_under(home / "hub/tvpack/signatures")) == 2
+
+    # signed straight from the cache into a registry
+    proc = run_tvpack("bundle", *SMALL, "--registry", ZOO_REGISTRY, "--torch-home", made["home"], "--no-fetch",
+                      "--sign-key", alice, "-o", ref_of(registry, "models/from-cache"), "--plain-http")
+    assert proc.returncode == 0, proc.stderr
+    again = run_tvpack("install", ref_of(registry, "models/from-cache"), "--key", alice_pub, "--torch-home",
+                       tmp_path / "home2", "--plain-http")
+    assert again.returncode == 0 and "signature valid" in again.stdout, again.stderr
 
 
 # -- authentication -------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def main(debug: bool, live_registry: bool) -> None:
       'resnet*'  'quantized_*'          shell globs on model names (DEFAULT of each)
 
     Environment: TORCH_HOME / XDG_CACHE_HOME (where the cache lives, as torch.hub),
-    TVPACK_REGISTRY, TVPACK_MIRROR, TVPACK_OFFLINE, TVPACK_DEBUG, TVPACK_NO_SNAPSHOT.
+    TVPACK_REGISTRY, TVPACK_MIRROR, TVPACK_OFFLINE, TVPACK_DEBUG, TVPACK_NO_SNAPSHOT,
+    TVPACK_TRUSTED_KEYS, TVPACK_SIGNING_KEY_PASSWORD.
     """
     if debug:
         os.environ["TVPACK_DEBUG"] = "1"

@@ -132,14 +132,15 @@ def _check_reference(reference: str) -> None:
 
 
 # -- the oci:// side of commands in cli/bundle.py -------------------------------------------------------
-def bundle_to_registry(reference: str, *, plain_http: bool, as_json: bool, progress: bool, **select) -> None:
+def bundle_to_registry(reference: str, *, plain_http: bool, as_json: bool, progress: bool, sign=None,
+                       **select) -> None:
     """``tvpack bundle SELECTORS -o oci://REF``: the image straight from the cache, no bundle file."""
     from ..bundle import plan_bundle
     from ..oci import image_of_plan, push
 
     _check_reference(reference)
     plan = plan_bundle(progress=progress, **select)
-    with image_of_plan(plan) as image:
+    with image_of_plan(plan, sign=sign) as image:
         report = push(image, reference, plain_http=plain_http, progress=progress)
     _print_push(report, as_json)
 
@@ -152,9 +153,17 @@ def open_registry_image(reference: str, *, plain_http: bool):
     return open_image(reference, plain_http=plain_http)
 
 
-def install_from_registry(reference: str, *, plain_http: bool, **options):
-    """For ``tvpack install oci://REF``: the bundle install path over the image's layers."""
+def install_from_registry(reference: str, policy, *, plain_http: bool, **options):
+    """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers."""
     from ..oci import install
 
     _check_reference(reference)
-    return install(reference, plain_http=plain_http, **options)
+    return install(reference, policy=policy, plain_http=plain_http, **options)
+
+
+def verify_registry_image(reference: str, policy, *, plain_http: bool, progress: bool):
+    """For ``tvpack verify oci://REF``: the (signed) bundle verification over the image's layers."""
+    from ..oci import verify
+
+    _check_reference(reference)
+    return verify(reference, policy=policy, plain_http=plain_http, progress=progress)

@@ -5,14 +5,14 @@
     config    application/vnd.oci.image.config.v1+json: os, architecture, rootfs {type: layers, diff_ids}
     layers    application/vnd.oci.image.layer.v1.tar, uncompressed, so each layer's diff_id is its digest:
               one per checkpoint, holding hub/checkpoints/<file> (path order), then one holding the bundle
-              manifest hub/tvpack/manifests/<id>.json and the bundle's other members (signatures) in path order
+              manifest hub/tvpack/manifests/<id>.json and the bundle's other members (signatures) in its order
 
 A layer is the bundle's own members written as the bundle writes them (:func:`~.archive.tar_header`: ustar,
 uid/gid 0, mode 0644, the bundle's mtime; zero padding) followed by the two zero blocks that end a tar. So a
 bundle's layers are a function of the bundle, the image digest a function of the layers (every JSON document
 here is encoded canonically: sorted keys, no spaces), and the bundle a function of the layers: manifest
-member, checkpoints in path order, other members in path order, end blocks, padding to a tar record
-(:func:`bundle_order`). A layer in any other shape is not a tvpack layer and is refused.
+member, checkpoints in path order, the other members in the manifest layer's order, end blocks, padding
+to a tar record (:func:`bundle_order`). A layer in any other shape is not a tvpack layer and is refused.
 
 Which file is where is said twice, by layer annotations (read before anything is fetched) and by the tar
 inside (read as it streams); the two must agree, and both must agree with the bundle manifest.
@@ -76,11 +76,12 @@ def bundle_size(members: Iterable[tuple[str, int]]) -> int:
 
 
 def bundle_order(paths: Iterable[str]) -> list[str]:
-    """The member order of a bundle: the manifest first, then everything else by path (checkpoints,
-    under hub/checkpoints/, sort before the other tvpack members, under hub/tvpack/)."""
+    """The member order of a bundle as tvpack writes it: the manifest, the checkpoints by path, then the
+    other members (signatures) in the order given (the manifest layer keeps them in the bundle's order)."""
     paths = list(paths)
-    manifests = [p for p in paths if MANIFEST_NAME.fullmatch(p)]
-    return manifests[:1] + sorted(p for p in paths if p not in manifests[:1])
+    manifest = [p for p in paths if MANIFEST_NAME.fullmatch(p)][:1]
+    checkpoints = sorted(p for p in paths if is_checkpoint_path(p))
+    return manifest + checkpoints + [p for p in paths if p not in manifest and not is_checkpoint_path(p)]
 
 
 def header_mtime(header: bytes) -> int:

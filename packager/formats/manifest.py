@@ -30,6 +30,7 @@ MAX_MANIFEST = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_NAME = re.compile(re.escape(MANIFEST_DIR) + r"/([0-9a-f]{16})\.json")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_MEMBERS = ("hub/tvpack/manifests/", "hub/tvpack/locks/", "hub/tvpack/signatures/", "hub/tvpack/trusted/")
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,9 @@ def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict
     for path, info in members.items():
         check_path(path, "manifest: member")
         # Extra members are tvpack data only: never a checkpoint (that would skip the pickle
-        # check), never the cache's own index, locks or manifests.
-        if not path.startswith("hub/tvpack/") or path.startswith(("hub/tvpack/manifests/", "hub/tvpack/locks/")) \
-                or path == "hub/tvpack/index.json":
+        # check), never the cache's own index, locks or manifests, never a signature (made after the
+        # manifest, not listed in it) and never a trusted key (a bundle must not vouch for itself).
+        if not path.startswith("hub/tvpack/") or path.startswith(_NOT_MEMBERS) or path == "hub/tvpack/index.json":
             raise BundleError(f"manifest: member {path!r} is outside the places a bundle may write")
         if path in expected:
             raise BundleError(f"manifest: {path} is listed twice")
