@@ -263,7 +263,8 @@ class Bundle:
 
 
 def _open_archive(path) -> _Archive:
-    source = open_source(path)
+    # a source object (the formats.volumes interface) is read as it is: an OCI image's layers, for one
+    source = path if hasattr(path, "readinto_at") else open_source(path)
     try:
         return _Archive(source)
     except BaseException:
@@ -274,7 +275,12 @@ def _open_archive(path) -> _Archive:
 def open_bundle(path) -> Bundle:
     """Open a bundle: its structure and manifest are checked, payload hashes are not (see verify)."""
     archive = _open_archive(path)
-    return Bundle(Path(path), archive)
+    return Bundle(_path_of(path), archive)
+
+
+def _path_of(path) -> Path:
+    """What reports name: the file, or a source object's ``path``."""
+    return Path(getattr(path, "path", path))
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -295,7 +301,7 @@ def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
     archive = _open_archive(path)
     try:
         if check is not None:
-            check(Bundle(Path(path), archive))
+            check(Bundle(_path_of(path), archive))
         bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
         try:
             digests = each_member([(m,) for m in archive.payload],
@@ -309,7 +315,7 @@ def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
-        return VerifyReport(Path(path), archive.manifest_id, len(archive.entries), 1 + len(archive.payload),
+        return VerifyReport(_path_of(path), archive.manifest_id, len(archive.entries), 1 + len(archive.payload),
                             sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {},
                             len(archive.site_files))
     finally:
@@ -367,7 +373,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
     temps: list[Path] = []
     try:
         if check is not None:
-            check(Bundle(Path(path), archive))
+            check(Bundle(_path_of(path), archive))
         hub = _hub_dir(torch_home)
         weights_of: dict[str, list[str]] = {}
         for entry in archive.entries:
@@ -464,7 +470,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
             entry = first_entry[member_path]
             cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
             placed.append(Placed(dest, "present", entry.size, tuple(weights_of[member_path])))
-        return InstallReport(Path(path), manifest_dest, tuple(placed))
+        return InstallReport(_path_of(path), manifest_dest, tuple(placed))
     finally:
         for tmp in temps:
             _unlink(tmp)
@@ -607,6 +613,64 @@ def _refuse_cache_output(output: Path, hub: Path) -> None:
                           " (choose a path outside it)")
 
 
+@dataclass(frozen=True)
+class BundlePlan:
+    """What a bundle of a selection holds, its checkpoints in the cache: written out by :func:`bundle`,
+    or pushed as an OCI image straight from the cache (:mod:`packager.oci`)."""
+
+    manifest_bytes: bytes
+    files: tuple[tuple[str, Path, int, str], ...]  # (archive path, cached file, size, sha256), sorted: carried
+    mtime: int  # of every member (SOURCE_DATE_EPOCH or 0)
+    at_site: tuple[tuple[str, int, str], ...] = ()  # (archive path, size, sha256): a delta bundle's, not carried
+
+    @property
+    def manifest_path(self) -> str:
+        return manifest_path_for(self.manifest_bytes)
+
+    @property
+    def listed(self) -> dict[str, tuple[int, str]]:
+        """{archive path: (size, sha256)} of every file the manifest lists, carried or not: what a signature covers."""
+        return dict(sorted([*((a, (size, sha)) for a, _p, size, sha in self.files),
+                            *((a, (size, sha)) for a, size, sha in self.at_site)]))
+
+
+def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
+                all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
+                mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
+                offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
+                progress: bool = False, site=None) -> BundlePlan:
+    """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
+    with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks."""
+    selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
+    if not selected:
+        raise BundleError("nothing to bundle: the selection is empty")
+    by_file: dict[str, WeightsRef] = {}
+    for ref in selected:
+        other = by_file.setdefault(ref.filename, ref)
+        if other.url != ref.url:
+            raise BundleError(f"{other.name} and {ref.name} both use the file name {ref.filename} for different urls")
+    try:
+        paths = cache.ensure_cached(selected, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
+                                    offline=True if not fetch else offline, jobs=jobs, progress=progress)
+    except OfflineError as exc:
+        if fetch:
+            raise
+        raise OfflineError(exc.message.replace("offline mode", "--no-fetch", 1)) from None
+    files: dict[str, tuple[Path, int, str]] = {}
+    for ref in selected:
+        path = Path(paths[ref.name])
+        files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
+    at_site = {p.name for p, _size, sha in files.values() if site is not None and site.has(p.name, sha)}
+    infos = describe(selected, registry=registry)
+    manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
+                              at_site=at_site)
+    unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
+                     if p.name not in at_site})
+    expected = sorted({(f"{CHECKPOINT_DIR}/{p.name}", size, sha) for p, size, sha in files.values()
+                       if p.name in at_site})
+    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch(), tuple(expected))
+
+
 def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
            all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
@@ -641,35 +705,11 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
         raise UsageError(f"invalid part size {split!r}: must be a positive number of bytes")
     _refuse_cache_output(output, _hub_dir(torch_home))
     remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
-    selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
-    if not selected:
-        raise BundleError("nothing to bundle: the selection is empty")
-    by_file: dict[str, WeightsRef] = {}
-    for ref in selected:
-        other = by_file.setdefault(ref.filename, ref)
-        if other.url != ref.url:
-            raise BundleError(f"{other.name} and {ref.name} both use the file name {ref.filename} for different urls")
-    try:
-        paths = cache.ensure_cached(selected, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                                    offline=True if not fetch else offline, jobs=jobs, progress=progress)
-    except OfflineError as exc:
-        if fetch:
-            raise
-        raise OfflineError(exc.message.replace("offline mode", "--no-fetch", 1)) from None
-    files: dict[str, tuple[Path, int, str]] = {}
-    for ref in selected:
-        path = Path(paths[ref.name])
-        files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
-    at_site = {p.name for p, _size, sha in files.values() if site is not None and site.has(p.name, sha)}
-    infos = describe(selected, registry=registry)
-    manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
-                              at_site=at_site)
-    manifest_bytes = encode_manifest(manifest)
-    mtime = source_date_epoch()
-    unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
-                     if p.name not in at_site})
-    listed = dict(sorted({f"{CHECKPOINT_DIR}/{p.name}": (size, sha) for p, size, sha in files.values()}.items()))
-    signatures = list(sign(manifest_bytes, listed)) if sign else []
+    plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                       mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
+                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site)
+    manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
+    signatures = list(sign(manifest_bytes, plan.listed)) if sign else []
     if split is not None:
         total = _archive_size(manifest_bytes, unique, signatures, mtime)
         if -(-total // split) > MAX_PARTS:
@@ -800,5 +840,5 @@ def _write_checkpoint(sink, arcname: str, path: Path, size: int, sha: str, mtime
     sink.write(bytes(-size % BLOCK))
 
 
-__all__ = ["Bundle", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle", "open_bundle",
-           "verify_bundle"]
+__all__ = ["Bundle", "BundlePlan", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle",
+           "open_bundle", "plan_bundle", "verify_bundle"]

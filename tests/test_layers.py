@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "packager.registry", "packager.spec"}),
     ("formats", {"packager.formats", "packager.formats.archive", "packager.formats.manifest",
                  "packager.formats.lockfile", "packager.formats.checkpoint", "packager.formats.signature",
-                 "packager.formats.volumes", "packager.formats.inventory"}),
+                 "packager.formats.volumes", "packager.formats.inventory", "packager.formats.image"}),
     ("catalog", {"packager.discovery", "packager.snapshot"}),
     ("transport", {"packager.transport", "packager.transport.stream", "packager.transport.urls",
                    "packager.transport.http", "packager.transport.file", "packager.transport.s3",
@@ -124,7 +124,8 @@ def test_the_checker_sees_function_level_imports(tmp_path):
 
 @pytest.mark.parametrize("module", ["packager.cli", "packager.registry", "packager.snapshot", "packager.cache",
                                     "packager.bundle", "packager.mirror", "packager.formats.signature",
-                                    "packager.formats.volumes", "packager.transport.oci"])
+                                    "packager.formats.volumes", "packager.transport.oci", "packager.oci",
+                                    "packager.formats.image"])
 def test_data_modules_do_not_import_torch(module):
     code = f"import sys, importlib; importlib.import_module({module!r}); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -17,6 +17,7 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .oci import is_oci, plain_http_option
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -26,7 +27,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @selectors_argument
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               callback=output_file_callback,
-              help="The bundle to write (an uncompressed tar; replaced atomically).")
+              help="The bundle to write (an uncompressed tar; replaced atomically), or oci://HOST/REPO[:TAG] to "
+                   "push it to a registry as an image straight from the cache.")
 @torch_home_option
 @registry_option
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
@@ -47,8 +49,9 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @cert_chain_option
 @json_option
 @quiet_option
+@plain_http_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, site_file, split_size, sign_key, cert_chain, as_json, quiet):
+               all_weights, site_file, split_size, sign_key, cert_chain, as_json, quiet, plain_http):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
@@ -63,6 +66,9 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
 
     if cert_chain and not sign_key:
         raise click.UsageError("--cert-chain goes with --sign-key")
+    if is_oci(output) and (site_file is not None or split_size is not None):
+        raise click.UsageError("--for and --split write files; an OCI image shares layers with what a registry "
+                               "already holds instead")
     signer = load_signer(sign_key, cert_chain) if sign_key else None  # before writing: a wrong password fails fast
     part_size = parse_size(split_size) if split_size is not None else None
     site = None
@@ -72,6 +78,14 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
         site = read_site(site_file)
         for note in version_notes(site):
             click.echo(f"tvpack: note: {note}", err=True)
+    if is_oci(output):
+        from .oci import bundle_to_registry
+
+        return bundle_to_registry(output, plain_http=plain_http, as_json=as_json,
+                                  progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
+                                  selectors=selectors, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                                  offline=True if offline else None, with_backbones=with_backbones)
     path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
                   mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
                   offline=True if offline else None, with_backbones=with_backbones,
@@ -101,17 +115,19 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
 @main.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 @json_option
-def inspect_cmd(file, as_json):
+@plain_http_option
+def inspect_cmd(file, as_json, plain_http):
     """Show what a bundle holds: weights, models, sizes, headline metrics, transforms.
 
     Checks the archive's structure and manifest (not the hashes: see `tvpack verify`), and lists
     the signatures it carries (signer, algorithm) without checking them. --json prints the manifest
-    itself.
+    itself. FILE may be oci://HOST/REPO[:TAG] (reads only the image's manifest layer).
     """
     from ..bundle import open_bundle
     from ..signing import bundle_signatures
+    from .oci import open_registry_image
 
-    with open_bundle(file) as opened:
+    with (open_registry_image(file, plain_http=plain_http) if is_oci(file) else open_bundle(file)) as opened:
         if as_json:
             echo_json(opened.manifest)
             return
@@ -141,18 +157,23 @@ def inspect_cmd(file, as_json):
 @trust_options
 @json_option
 @quiet_option
-def verify_cmd(file, keys, ca_roots, as_json, quiet):
+@plain_http_option
+def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     """Check a bundle: structure, manifest, every sha256, and that every checkpoint loads with
     torch.load(weights_only=True). Exit status 0 only if all hold.
 
     With --key / --ca-root (or a configured trust policy: TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/)
     at least one signature must also be valid for them and cover exactly the bundle's files; the
-    signer is named. Signatures are checked first, from the manifest's hashes: no second read."""
+    signer is named. Signatures are checked first, from the manifest's hashes: no second read.
+    FILE may be oci://HOST/REPO[:TAG]: its layers are fetched into a temporary directory and checked alike."""
     from ..errors import TvpackError
     from ..signing import trust_policy, verify_signed
+    from .oci import verify_registry_image
 
     try:
-        signed = verify_signed(file, trust_policy(keys, ca_roots), progress=progress_enabled(quiet or as_json))
+        policy, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+        signed = verify_registry_image(file, policy, plain_http=plain_http, progress=progress) if is_oci(file) \
+            else verify_signed(file, policy, progress=progress)
         report = signed.contents
     except TvpackError as exc:
         if not as_json:
@@ -182,24 +203,30 @@ def _signed_summary(report) -> str:
 @trust_options
 @json_option
 @quiet_option
-def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet):
+@plain_http_option
+def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet, plain_http):
     """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
     different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/,
     its signatures under hub/tvpack/signatures/. With --key / --ca-root, or when a trust policy
     is configured (TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/), a valid signature is required and
-    checked before anything is written. A delta bundle (bundle --for) is refused, with nothing
-    written, unless every checkpoint it expects at the site is there with its sha256. FILE may be
-    the first part or the .sha256 of a split bundle.
+    checked before anything is written. FILE may be oci://HOST/REPO[:TAG]: only the layers of
+    checkpoints not already cached are fetched, then checked and placed exactly as from a file.
+    A delta bundle (bundle --for) is refused, with nothing written, unless every checkpoint it
+    expects at the site is there with its sha256. FILE may be the first part or the .sha256 of a
+    split bundle.
     """
     from ..signing import install_signed, trust_policy
+    from .oci import install_from_registry
 
-    signed = install_signed(file, trust_policy(keys, ca_roots, torch_home=torch_home), torch_home=torch_home,
-                            force=force, progress=progress_enabled(quiet or as_json))
+    policy = trust_policy(keys, ca_roots, torch_home=torch_home)
+    options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json)}
+    signed = install_from_registry(file, policy, plain_http=plain_http, **options) if is_oci(file) \
+        else install_signed(file, policy, **options)
     report = signed.installed
     if as_json:
-        echo_json(signed.to_dict())
+        echo_json({**signed.to_dict(), "bundle": file} if is_oci(file) else signed.to_dict())
         return
     if signed.signatures.valid:
         click.echo("signature valid: signed by " + ", ".join(signed.signatures.signers))

@@ -7,6 +7,7 @@
     client.put_manifest(ref.repository, ref.reference, manifest_bytes, OCI_MANIFEST)
     manifest = client.get_manifest(ref.repository, ref.reference)     # (data, media_type, digest), verified
     client.pull_blob(ref.repository, digest, dest, size=size)          # sha256 checked while streaming, resumable
+    client.stream_blob(ref.repository, digest, out.write, size=size)   # the same, into a caller's sink
 
 Authentication is what docker, podman, skopeo and oras do: anonymous first; on a ``401`` the
 ``WWW-Authenticate`` challenge decides between HTTP basic and a bearer token fetched from the challenge's
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
+from .. import env
 from ..errors import OCIError, UsageError
 from ..fsutil import atomic_write_json
 
@@ -164,16 +166,16 @@ class Credentials:
 
 
 def _home() -> Path:
-    return Path(os.environ.get("HOME") or Path.home())
+    return Path(env.home_dir() or Path.home())
 
 
 def auth_file_for_login() -> Path:
     """Where :func:`login` writes: ``REGISTRY_AUTH_FILE``, else ``$XDG_RUNTIME_DIR/containers/auth.json``,
     else ``/run/containers/<uid>/auth.json`` (podman's and skopeo's choice, in that order)."""
-    if os.environ.get("REGISTRY_AUTH_FILE"):
-        return Path(os.environ["REGISTRY_AUTH_FILE"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"
+    if env.registry_auth_file():
+        return Path(env.registry_auth_file())
+    if env.xdg_runtime_dir():
+        return Path(env.xdg_runtime_dir()) / "containers" / "auth.json"
     return Path(f"/run/containers/{os.getuid()}/auth.json")
 
 
@@ -182,7 +184,7 @@ def credential_files() -> list[Path]:
     :func:`auth_file_for_login`), ``~/.config/containers/auth.json``, then the docker config
     (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``)."""
     files = [auth_file_for_login(), _home() / ".config" / "containers" / "auth.json"]
-    docker_dir = Path(os.environ["DOCKER_CONFIG"]) if os.environ.get("DOCKER_CONFIG") else _home() / ".docker"
+    docker_dir = Path(env.docker_config_dir()) if env.docker_config_dir() else _home() / ".docker"
     files.append(docker_dir / "config.json")
     unique: list[Path] = []
     for path in files:
@@ -401,6 +403,13 @@ class _HashAndWrite:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+class _WriteTo:
+    """A ``write(data)`` callable dressed as the file :class:`_HashAndWrite` writes to."""
+
+    def __init__(self, write: Callable[[bytes], object]):
+        self.write = write
 
 
 class _Progress:
@@ -888,6 +897,65 @@ class RegistryClient:
             except OSError as exc:
                 raise OCIError(f"{what}: cannot write {part}: {exc.strerror or exc}") from None
         return hasher
+
+    def stream_blob(self, repository: str, digest: str, write: Callable[[bytes], object], *, size: int,
+                    on_bytes: ProgressFn | None = None) -> None:
+        """Stream blob ``digest`` of ``size`` bytes to ``write``, called with each chunk in order on a
+        worker thread (hashing and writing overlap the next chunk's arrival). Returns when all bytes
+        matched the digest; otherwise raises :class:`OCIError`, and whatever ``write`` received must be
+        discarded by the caller. An interrupted transfer continues with ``Range`` from the bytes
+        received (skipping them when the registry ignores the range); nothing is kept across calls:
+        for that, :meth:`pull_blob` and its part file. An error raised by ``write`` is re-raised."""
+        _check_digest(digest)
+        what = f"oci://{self.host}/{repository}@{digest}"
+        hasher = hashlib.sha256()
+        sink = _HashAndWrite(hasher, _WriteTo(write))
+        received, attempt = 0, 0
+        try:
+            while True:
+                try:
+                    received = self._stream_attempt(repository, digest, sink, received, size, what, on_bytes)
+                    break
+                except _Retry as exc:
+                    attempt += 1
+                    if attempt > self.policy.retries:
+                        raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
+                    time.sleep(self.policy.delay(attempt))
+        finally:
+            sink.close()
+        computed = "sha256:" + hasher.hexdigest()
+        if computed != digest or received != size:
+            raise OCIError(f"{what}: blob refused: its bytes do not match its digest: expected {digest} ({size} bytes),"
+                           f" got {computed} ({received} bytes)")
+
+    def _stream_attempt(self, repository, digest, sink: "_HashAndWrite", received: int, size: int, what, on_bytes) -> int:
+        """Feed the rest of the blob (from byte ``received``) to ``sink``; returns the bytes fed in all.
+        Raises _Retry for transient failures (``received`` then counts exactly what was fed)."""
+        import requests
+
+        headers = {"Range": f"bytes={received}-"} if received else {}
+        response = self._request("GET", self._url(repository, "blobs", digest), what=what, repository=repository,
+                                 ok=(200, 206), headers={**headers, "Accept-Encoding": "identity"}, stream=True)
+        with response:
+            skip = received if received and response.status_code == 200 else 0  # the range was ignored
+            try:
+                for data in response.iter_content(self.policy.read_size):
+                    if skip:
+                        if len(data) <= skip:
+                            skip -= len(data)
+                            continue
+                        data, skip = data[skip:], 0
+                    if received + len(data) > size:
+                        raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
+                    sink.put(data)
+                    received += len(data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+            except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as exc:
+                raise _Retry(f"transfer interrupted ({type(exc).__name__})") from None
+            if received < size:
+                raise _Retry(f"the registry ended the blob after {received} of {size} bytes")
+        return received
 
     # -- manifests --
 
