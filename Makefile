@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 # torch from this machine's disk; never uv/poetry (they would download gigabytes)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: install test demo bench sweep lint clean system-deps
 
@@ -18,9 +18,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
-# nginx for the mirror tests (moto's S3 server comes with the test extra)
+# nginx for the mirror tests (moto's S3 server comes with the test extra); the CNCF distribution registry,
+# htpasswd, skopeo and umoci for the OCI tests and benchmarks
+SYSTEM_PACKAGES := nginx-light docker-registry apache2-utils skopeo umoci
 system-deps:
-	@command -v nginx >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
+	@missing=""; for tool in nginx docker-registry htpasswd skopeo umoci; do \
+	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing=1; done; \
+	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
 test: install system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -31,9 +31,19 @@ _API = {
     "open_bundle": "bundle",
     "install": "bundle",
     "verify_bundle": "bundle",
+    "install_bundle": "bundle",
+    "inventory": "delta",
+    "write_inventory": "delta",
+    "read_site": "delta",
+    "split_bundle": "delta",
     "load_model": "loader",
     "load_weights": "loader",
     "export_mirror": "mirror",
+    "Signer": "signing",
+    "sign_bundle": "signing",
+    "trust_policy": "signing",
+    "verify_signed": "signing",
+    "install_signed": "signing",
 }
 
 __all__ = sorted([*_API, "errors", "__version__"])

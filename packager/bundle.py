@@ -5,6 +5,7 @@ torchvision a working offline cache::
 
     hub/tvpack/manifests/<id>.json     first member: JSON manifest, id = sha256(manifest)[:16]
     hub/checkpoints/<basename(url)>    each checkpoint, byte-identical to the downloaded file
+    hub/tvpack/signatures/<id>[.<label>].sig   OMS signatures, if any (made after the manifest: see signing.py)
 
 Writing is deterministic (members sorted, mtime from ``SOURCE_DATE_EPOCH`` or 0, uid/gid 0, no
 user or group names, mode 0644, ustar headers with pax records only for long names or sizes over
@@ -13,20 +14,22 @@ sha256 taken from the cache's verification index when the file is unchanged.
 
 Reading trusts nothing: our own header parser accepts regular files only (no links, devices,
 FIFOs or directories), relative paths under ``hub/`` without ``..``, each member once, exactly the
-members the manifest lists, with the sizes and sha256 it states, zero padding and a proper end of
-archive. A checkpoint must load with ``torch.load(weights_only=True)`` (without reading its tensor
-data) before it counts as valid: vanilla torchvision unpickles cache files with
-``weights_only=False``, so a poisoned pickle would run code there.
+members the manifest lists, with the sizes and sha256 it states, then only signature members, zero
+padding and a proper end of archive. A checkpoint must load with ``torch.load(weights_only=True)``
+(without reading its tensor data) before it counts as valid: vanilla torchvision unpickles cache
+files with ``weights_only=False``, so a poisoned pickle would run code there.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from . import cache
-from .errors import BundleError, CacheError, OfflineError
+from .errors import BundleError, CacheError, OfflineError, UsageError
 from .formats.archive import (
     BLOCK,
     RECORD,
@@ -35,6 +38,7 @@ from .formats.archive import (
     copy_file,
     copy_hashing,
     each_member,
+    round_up,
     source_date_epoch,
     tar_header,
     write_all,
@@ -52,11 +56,13 @@ from .formats.manifest import (
     is_checkpoint_path,
     manifest_path_for,
     parse_manifest,
+    site_files,
 )
-from .formats.volumes import open_source
-from .fsutil import atomic_write_bytes, temp_path
+from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
+from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
+from .fsutil import fsync_dir, remove_stale_temps, temp_path
 from .home import hub_dir as _hub_dir
-from .registry import WeightsRef
+from .registry import WeightsRef, hash_prefix_from_filename
 from .snapshot import describe, resolve
 from .spec import build_transforms, meta_from_json
 
@@ -69,16 +75,18 @@ class VerifyReport:
     members: int  # archive members, manifest included
     bytes: int  # payload bytes hashed
     created_by: dict
+    at_site: int = 0  # checkpoints a delta bundle expects at the site (not in the archive, not checked here)
 
     def to_dict(self) -> dict:
         return {"ok": True, "path": str(self.path), "manifest_id": self.manifest_id, "weights": self.weights,
-                "members": self.members, "bytes": self.bytes, "created_by": self.created_by}
+                "members": self.members, "bytes": self.bytes, "created_by": self.created_by,
+                "at_site": self.at_site}
 
 
 @dataclass(frozen=True)
 class Placed:
     path: Path
-    status: str  # "installed", "replaced", "unchanged"
+    status: str  # "installed", "replaced", "unchanged"; "present": expected at the site (delta) and found
     size: int
     weights: tuple[str, ...] = ()
 
@@ -116,14 +124,24 @@ class _Archive(TarArchive):
             self.fail("manifest does not match its id (it was altered)")
         try:
             document = decode_manifest(data)
-            self.entries, self.expected = parse_manifest(document, f"{self.path}:{first.path}")
+            self.entries, listed = parse_manifest(document, f"{self.path}:{first.path}")
         except BundleError as exc:
             self.fail(exc.message)
+        self.site_files = site_files(self.entries)  # a delta bundle's checkpoints expected at the site, not members
+        self.expected = {path: value for path, value in listed.items() if path not in self.site_files}
         self.manifest_bytes = data
         self.manifest = document
         self.manifest_path = first.path
         self.manifest_id = MANIFEST_NAME.fullmatch(first.path).group(1)
-        present = {m.path: m for m in self.members[1:]}
+        present, self.signatures = {}, []
+        for member in self.members[1:]:
+            if member.path.startswith(SIGNATURES_DIR + "/"):
+                self._check_signature_member(member)
+                self.signatures.append(member)
+            elif self.signatures:
+                self.fail(f"member {member.path!r} follows a signature; signatures come after the files they sign")
+            else:
+                present[member.path] = member
         for path, (size, _sha) in self.expected.items():
             member = present.get(path)
             if member is None:
@@ -133,7 +151,19 @@ class _Archive(TarArchive):
         for path in present:
             if path not in self.expected:
                 self.fail(f"member {path!r} is not listed in the manifest")
-        self.payload = self.members[1:]
+        self.payload = self.members[1:len(self.members) - len(self.signatures)]
+
+    def _check_signature_member(self, member: Member) -> None:
+        # Signatures are made after the manifest, so it cannot list them: only their name and size are checked here.
+        named = manifest_id_of_signature(member.path)
+        if named is None:
+            self.fail(f"member {member.path!r} is not a signature ({SIGNATURES_DIR}/<manifest-id>[.<label>].sig)")
+        if named != self.manifest_id:  # installed, it would sit beside (or replace) another manifest's signature
+            self.fail(f"signature {member.path!r} is named for manifest {named}, not this bundle's {self.manifest_id}")
+        if member.size > MAX_SIGNATURE:
+            self.fail(f"signature {member.path!r} of {member.size} bytes is implausibly large")
+        if len(self.signatures) >= MAX_SIGNATURES:
+            self.fail(f"more than {MAX_SIGNATURES} signatures")
 
 
 
@@ -154,6 +184,10 @@ class Bundle:
         self.manifest_path: str = archive.manifest_path
         self.entries: tuple[BundleEntry, ...] = tuple(archive.entries)
         self.members: tuple[Member, ...] = tuple(archive.members)
+        self.manifest_bytes: bytes = archive.manifest_bytes
+        # archive path -> (size, sha256) of every file the manifest lists, carried or (delta) expected at the site
+        self.files: dict[str, tuple[int, str]] = dict(sorted({**archive.expected, **archive.site_files}.items()))
+        self.signatures: tuple[Member, ...] = tuple(archive.signatures)  # after the payload, not listed
 
     def __repr__(self) -> str:
         return f"<Bundle {self.path} {len(self.entries)} weights, manifest {self.manifest_id}>"
@@ -174,7 +208,23 @@ class Bundle:
 
     @property
     def size(self) -> int:
+        """Bytes of the members carried (the manifest excluded)."""
         return sum(m.size for m in self._archive.payload)
+
+    @property
+    def site_files(self) -> dict[str, tuple[int, str]]:
+        """{archive path: (size, sha256)} of the checkpoints a delta bundle expects at the site."""
+        return dict(self._archive.site_files)
+
+    @property
+    def file_size(self) -> int:
+        """The archive's size in bytes (all parts of a split bundle)."""
+        return self._archive.source.size
+
+    @property
+    def parts(self) -> list[Path]:
+        """The files holding the archive: the bundle itself, or the parts of a split bundle."""
+        return list(self._archive.source.parts)
 
     def entry(self, name: str) -> BundleEntry:
         """By weights name (``Enum.MEMBER``), model name (when one weights of it is bundled) or
@@ -213,7 +263,8 @@ class Bundle:
 
 
 def _open_archive(path) -> _Archive:
-    source = open_source(path)
+    # a source object (the formats.volumes interface) is read as it is: an OCI image's layers, for one
+    source = path if hasattr(path, "readinto_at") else open_source(path)
     try:
         return _Archive(source)
     except BaseException:
@@ -224,7 +275,12 @@ def _open_archive(path) -> _Archive:
 def open_bundle(path) -> Bundle:
     """Open a bundle: its structure and manifest are checked, payload hashes are not (see verify)."""
     archive = _open_archive(path)
-    return Bundle(Path(path), archive)
+    return Bundle(_path_of(path), archive)
+
+
+def _path_of(path) -> Path:
+    """What reports name: the file, or a source object's ``path``."""
+    return Path(getattr(path, "path", path))
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -235,13 +291,17 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
-def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
+def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
     """Every structural check, every sha256 and the weights-only pickle check of each checkpoint.
 
     Returns a report when all hold; raises :class:`BundleError` (one line) at the first failure.
+    ``check(bundle)`` (e.g. the signature check of :mod:`packager.signing`) runs on the opened bundle
+    before any payload is read; it raises to refuse.
     """
     archive = _open_archive(path)
     try:
+        if check is not None:
+            check(Bundle(_path_of(path), archive))
         bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
         try:
             digests = each_member([(m,) for m in archive.payload],
@@ -255,8 +315,9 @@ def verify_bundle(path, *, progress: bool = False) -> VerifyReport:
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
-        return VerifyReport(Path(path), archive.manifest_id, len(archive.entries), len(archive.members),
-                            sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {})
+        return VerifyReport(_path_of(path), archive.manifest_id, len(archive.entries), 1 + len(archive.payload),
+                            sum(m.size for m in archive.payload), archive.manifest.get("created_by") or {},
+                            len(archive.site_files))
     finally:
         archive.source.close()
 
@@ -270,15 +331,55 @@ def _destination(hub: Path, member_path: str) -> Path:
 _INSTALL_SUFFIX = ".tvpack-install"  # of install's temp files
 
 
-def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False) -> InstallReport:
-    """Verify a bundle and place its files under the hub directory; see :func:`install`."""
+def _current_sha(dest: Path) -> str | None:
+    return cache.file_sha256(dest) if dest.is_file() else None
+
+
+def _conflict(dest: Path, current: str | None, expected: str) -> str:
+    """The refusal for a different file in the way (only ``--force`` replaces it)."""
+    if dest.is_symlink() and not dest.exists():
+        return f"{dest} is a dangling symbolic link (to {os.readlink(dest)}); remove it or use --force to replace it"
+    if current is None:
+        return f"{dest} exists and is not a regular file; remove it or use --force to replace it"
+    return (f"{dest} exists with different contents (sha256 {current[:12]}..., bundle has {expected[:12]}...); "
+            "it is another version of this file, not a damaged one: use --force to replace it")
+
+
+def _proves_corrupt(dest: Path, current: str | None) -> bool:
+    """The file's own name promises a hash prefix that its bytes do not have: it can only be damaged."""
+    prefix = hash_prefix_from_filename(dest.name)
+    return current is not None and prefix is not None and not current.startswith(prefix)
+
+
+def _stage_file(dest: Path) -> tuple[Path, int]:
+    tmp = temp_path(dest, _INSTALL_SUFFIX)
+    try:
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for fetch
+    except OSError as exc:
+        raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
+def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
+                   check=None) -> InstallReport:
+    """Verify a bundle and place its files under the hub directory; see :func:`install`.
+    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse.
+
+    All or nothing as :func:`packager.loader.load_model` sees it: every new file, the manifest
+    included, is written and fsynced under a temporary name first (a full disk fails here, before
+    any final name changes), then the checkpoints are renamed into place and the manifest last;
+    if a rename fails, the files placed so far are put back as they were.
+    """
     archive = _open_archive(path)
     temps: list[Path] = []
     try:
+        if check is not None:
+            check(Bundle(_path_of(path), archive))
         hub = _hub_dir(torch_home)
         weights_of: dict[str, list[str]] = {}
         for entry in archive.entries:
             weights_of.setdefault(entry.path, []).append(entry.name)
+        # 0. a delta bundle: what it expects at the site must be there, exactly, before anything is written
+        present = _check_site(archive, hub)
         # 1. decide per file (refuse conflicts before writing anything)
         plan = []
         for member in archive.payload:
@@ -288,12 +389,13 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
             if dest.is_symlink() or dest.exists():
                 if dest.is_dir() and not dest.is_symlink():
                     raise BundleError(f"cannot install {dest}: a directory is in the way")
-                current = cache.file_sha256(dest) if dest.is_file() else None
+                current = _current_sha(dest)
                 if current == expected:
                     action = "unchanged"
+                elif _proves_corrupt(dest, current):
+                    action = "repaired"  # damaged by its own name's hash: nothing of value is lost
                 elif not force:
-                    raise BundleError(f"{dest} exists with different contents (sha256 {str(current)[:12]}..., bundle"
-                                      f" has {expected[:12]}...); use --force to replace it")
+                    raise BundleError(_conflict(dest, current, expected))
                 else:
                     action = "replaced"
             plan.append((member, dest, action))
@@ -305,16 +407,16 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         def stage(member: Member, dest: Path, action: str, pool) -> tuple[Path | None, str]:
             if action == "unchanged":
                 return None, archive.hash_member(member, pool, bar=bar)
-            tmp = temp_path(dest, _INSTALL_SUFFIX)
+            tmp, fd = _stage_file(dest)
+            temps.append(tmp)
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                temps.append(tmp)
-                try:
-                    return tmp, archive.hash_member(member, pool, sink=fd, bar=bar)
-                finally:
-                    os.close(fd)
+                digest = archive.hash_member(member, pool, sink=fd, bar=bar)
+                os.fsync(fd)  # the bytes are on disk before any name points at them
+                return tmp, digest
             except OSError as exc:
                 raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
 
         bar = _progress(progress, sum(m.size for m in archive.payload), "install")
         try:
@@ -334,29 +436,139 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                     check_checkpoint(str(tmp), member.path)
                 else:
                     _check_member_pickle(archive, member)
-        # 4. place: checkpoints first, the manifest last (the loader trusts what it lists)
-        placed = []
+        # 4. the manifest, staged too: a full disk fails now, with nothing placed yet
+        manifest_dest = _destination(hub, archive.manifest_path)
+        _makedirs(manifest_dest.parent)
+        manifest_tmp = None
+        if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
+            manifest_tmp, fd = _stage_file(manifest_dest)
+            temps.append(manifest_tmp)
+            try:
+                write_all(fd, memoryview(archive.manifest_bytes))
+                os.fsync(fd)
+            except OSError as exc:
+                raise CacheError(f"cannot write the bundle manifest {manifest_dest}: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
+        # its signatures go beside it (packager.signing checks them against it), staged the same way
+        signature_moves = [move for move in (_stage_signature(archive, member, hub, temps)
+                                             for member in archive.signatures) if move is not None]
+        # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
+        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
+               + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
         first_entry = {}
         for entry in archive.entries:
             first_entry.setdefault(entry.path, entry)
-        for member, dest, action, tmp in staged:
-            if tmp is not None:
-                os.replace(tmp, dest)
-                temps.remove(tmp)
+        placed = []
+        for member, dest, action, _tmp in staged:
             entry = first_entry.get(member.path)
             cache.record_verified(dest, archive.expected[member.path][1], weights=entry and entry.name,
                                   url=entry and entry.url)
             placed.append(Placed(dest, "installed" if action == "install" else action, member.size,
                                  tuple(weights_of.get(member.path, ()))))
-        manifest_dest = _destination(hub, archive.manifest_path)
-        _makedirs(manifest_dest.parent)
-        if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
-            atomic_write_bytes(manifest_dest, archive.manifest_bytes, durable=False, suffix=_INSTALL_SUFFIX)
-        return InstallReport(Path(path), manifest_dest, tuple(placed))
+        for member_path, dest in present:
+            entry = first_entry[member_path]
+            cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
+            placed.append(Placed(dest, "present", entry.size, tuple(weights_of[member_path])))
+        return InstallReport(_path_of(path), manifest_dest, tuple(placed))
     finally:
         for tmp in temps:
             _unlink(tmp)
         archive.source.close()
+
+
+def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
+    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
+    dest = _destination(hub, member.path)
+    data = archive._read(member.offset, member.size)
+    if dest.is_file() and not dest.is_symlink() and dest.read_bytes() == data:
+        return None
+    _makedirs(dest.parent)
+    tmp, fd = _stage_file(dest)
+    temps.append(tmp)
+    try:
+        write_all(fd, memoryview(data))
+        os.fsync(fd)
+    except OSError as exc:
+        raise CacheError(f"cannot write the signature {dest}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return dest, tmp
+
+
+def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
+    """Rename each staged temp file over its destination, durably; on failure undo the ones done.
+
+    A file being replaced is first hard-linked to a backup name, so that undoing restores it.
+    """
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for dest, tmp in moves:
+            backup = None
+            if dest.is_symlink() or dest.exists():
+                backup = temp_path(dest, _INSTALL_SUFFIX)
+                try:
+                    os.link(dest, backup, follow_symlinks=False)
+                except OSError:
+                    backup = None  # cannot keep a copy (another file system, no links): replace anyway
+                else:
+                    temps.append(backup)
+            os.replace(tmp, dest)
+            temps.remove(tmp)
+            done.append((dest, backup))
+        for directory in dict.fromkeys(dest.parent for dest, _tmp in moves):
+            fsync_dir(directory)
+    except OSError as exc:
+        for dest, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, dest)
+                else:
+                    dest.unlink()
+            except OSError:
+                pass
+        raise CacheError(f"cannot place {dest}: {exc.strerror or exc}; nothing was installed") from None
+
+
+def _check_site(archive: _Archive, hub: Path) -> list[tuple[str, Path]]:
+    """The checkpoints a delta bundle expects at the site, as (archive path, file) once each is found
+    in the cache with its size and sha256 (from the verification index when the file is unchanged
+    since it was hashed, else hashed now; nothing is recorded yet). Raises one line naming every
+    file missing or different: the bundle was made for another state of this site."""
+    found, problems = [], []
+    for member_path, (size, sha) in archive.site_files.items():
+        dest = _destination(hub, member_path)
+        try:
+            st = os.stat(dest)
+        except FileNotFoundError:
+            problems.append(f"{dest.name} (missing)")
+            continue
+        except OSError as exc:
+            problems.append(f"{dest.name} (unreadable: {exc.strerror or exc})")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{dest.name} (not a regular file)")
+            continue
+        if st.st_size != size:
+            problems.append(f"{dest.name} (different: {st.st_size} bytes, expected {size})")
+            continue
+        entry = cache.index_entry(dest)
+        try:
+            got = entry["sha256"] if entry and entry.get("sha256") else cache.hash_file(dest)
+        except OSError as exc:
+            problems.append(f"{dest.name} (unreadable: {exc.strerror or exc})")
+            continue
+        if got != sha:
+            problems.append(f"{dest.name} (different: sha256 {got[:12]}..., expected {sha[:12]}...)")
+            continue
+        found.append((member_path, dest))
+    if problems:
+        shown = ", ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise BundleError(f"{archive.path.name} is a delta bundle: {len(problems)} of the {len(archive.site_files)} "
+                          f"checkpoints it expects at the site are missing or different in {hub / 'checkpoints'}: "
+                          f"{shown}; nothing was installed (install the bundles it was made against first, or "
+                          "make a full bundle)")
+    return found
 
 
 def install(path, *, torch_home=None, force: bool = False, progress: bool = False) -> list[Path]:
@@ -392,21 +604,43 @@ def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list
     return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
 
 
-def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
-           all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
-           mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
-           offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False) -> Path:
-    """Write a bundle of the selected weights to ``output``; returns its path.
+def _refuse_cache_output(output: Path, hub: Path) -> None:
+    """A bundle never overwrites what the cache holds (a checkpoint, the index, a manifest)."""
+    target = output.resolve() if output.exists() or output.is_symlink() else output.parent.resolve() / output.name
+    inside = hub.resolve()
+    if target == inside or inside in target.parents:
+        raise BundleError(f"refusing to write the bundle to {output}: it is inside the checkpoint cache {hub}"
+                          " (choose a path outside it)")
 
-    Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
-    ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
-    :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
-    beside ``output`` and renamed into place only when complete.
-    """
-    if output is None:
-        raise BundleError("no output file given (-o FILE)")
-    output = Path(output)
+
+@dataclass(frozen=True)
+class BundlePlan:
+    """What a bundle of a selection holds, its checkpoints in the cache: written out by :func:`bundle`,
+    or pushed as an OCI image straight from the cache (:mod:`packager.oci`)."""
+
+    manifest_bytes: bytes
+    files: tuple[tuple[str, Path, int, str], ...]  # (archive path, cached file, size, sha256), sorted: carried
+    mtime: int  # of every member (SOURCE_DATE_EPOCH or 0)
+    at_site: tuple[tuple[str, int, str], ...] = ()  # (archive path, size, sha256): a delta bundle's, not carried
+
+    @property
+    def manifest_path(self) -> str:
+        return manifest_path_for(self.manifest_bytes)
+
+    @property
+    def listed(self) -> dict[str, tuple[int, str]]:
+        """{archive path: (size, sha256)} of every file the manifest lists, carried or not: what a signature covers."""
+        return dict(sorted([*((a, (size, sha)) for a, _p, size, sha in self.files),
+                            *((a, (size, sha)) for a, size, sha in self.at_site)]))
+
+
+def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
+                all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
+                mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
+                offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
+                progress: bool = False, site=None) -> BundlePlan:
+    """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
+    with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks."""
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -426,55 +660,185 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     for ref in selected:
         path = Path(paths[ref.name])
         files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
+    at_site = {p.name for p, _size, sha in files.values() if site is not None and site.has(p.name, sha)}
     infos = describe(selected, registry=registry)
-    manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()})
-    manifest_bytes = encode_manifest(manifest)
-    mtime = source_date_epoch()
-    unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()})
-    tmp = temp_path(output)
+    manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
+                              at_site=at_site)
+    unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
+                     if p.name not in at_site})
+    expected = sorted({(f"{CHECKPOINT_DIR}/{p.name}", size, sha) for p, size, sha in files.values()
+                       if p.name in at_site})
+    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch(), tuple(expected))
+
+
+def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
+           all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
+           mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
+           offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
+           progress: bool = False, site=None, split: int | None = None, sign=None) -> Path:
+    """Write a bundle of the selected weights to ``output``; returns its path.
+
+    Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
+    ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
+    :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
+    beside ``output`` and renamed into place only when complete.
+
+    ``site``: what the destination already holds, anything with ``has(file, sha256)`` (an
+    :class:`~packager.formats.inventory.Inventory`; :func:`packager.delta.read_site` reads one from a
+    SITE.json, an earlier bundle or a lockfile). The manifest still describes every selected
+    weights, but checkpoints the site holds with the same name and sha256 are not carried: they are
+    listed as expected at the site (a delta bundle). Every checkpoint is still read from this
+    cache, so the manifest only ever pins hashes taken here.
+
+    ``split``: write ``output.000``, ``output.001``, ... of at most ``split`` bytes each and
+    ``output.sha256`` (``sha256sum -c`` format) while the archive streams, with no full-size temp
+    file; the parts appear together when complete, and the path of ``output.sha256`` is returned.
+
+    ``sign(manifest_bytes, {archive path: (size, sha256)})`` returns ``[(archive path, bytes)]`` of signature
+    members, written after the checkpoints in the same pass (:meth:`packager.signing.Signer.members`); they cover
+    every file the manifest lists, those a delta bundle expects at the site included.
+    """
+    if output is None:
+        raise BundleError("no output file given (-o FILE)")
+    output = Path(output)
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split <= 0):
+        raise UsageError(f"invalid part size {split!r}: must be a positive number of bytes")
+    _refuse_cache_output(output, _hub_dir(torch_home))
+    remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
+    plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                       mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
+                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site)
+    manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
+    signatures = list(sign(manifest_bytes, plan.listed)) if sign else []
+    if split is not None:
+        total = _archive_size(manifest_bytes, unique, signatures, mtime)
+        if -(-total // split) > MAX_PARTS:
+            raise UsageError(f"a part size of {split} bytes splits this {total}-byte bundle into "
+                             f"{-(-total // split)} parts, more than {MAX_PARTS}: choose a larger size")
+        for index in range(-(-total // split)):
+            remove_stale_temps(output.with_name(part_name(output.name, index)))
+        remove_stale_temps(output.with_name(listing_name(output.name)))
     bar = _progress(progress, sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb", buffering=0) as out:
-            fd = out.fileno()
-            write_all(fd, memoryview(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)))
-            write_all(fd, memoryview(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK)))
-            for arcname, path, size, sha in unique:
-                _write_checkpoint(fd, arcname, path, size, sha, mtime, bar)
-            end = out.tell() + 2 * BLOCK
-            write_all(fd, memoryview(bytes(2 * BLOCK + (-end % RECORD))))
-        os.replace(tmp, output)
+        if split is None:
+            _write_file(output, manifest_bytes, unique, signatures, mtime, bar)
+            return output
+        with SplitWriter(output, split) as writer:  # commits on success, removes every part on failure
+            _write_archive(_SplitSink(writer), manifest_bytes, unique, signatures, mtime, bar)
+        return output.with_name(listing_name(output.name))
     except OSError as exc:
-        _unlink(tmp)
         raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
     finally:
         if bar is not None:
             bar.close()
-    return output
 
 
-def _write_checkpoint(fd: int, arcname: str, path: Path, size: int, sha: str, mtime: int, bar) -> None:
+def _write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
+    """The archive into a temp file beside ``output``, renamed into place when complete."""
+    tmp = temp_path(output)
+    try:
+        with open(tmp, "wb", buffering=0) as out:
+            _write_archive(_FileSink(out.fileno()), manifest_bytes, unique, signatures, mtime, bar)
+            os.fsync(out.fileno())  # a power loss must not leave an empty file under the final name
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _archive_size(manifest_bytes: bytes, unique, signatures, mtime: int) -> int:
+    """The exact size of the archive :func:`_write_archive` writes (headers are pure functions)."""
+    end = len(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)) + round_up(len(manifest_bytes))
+    end += sum(len(tar_header(arcname, size, mtime)) + round_up(size) for arcname, _p, size, _s in unique)
+    end += sum(len(tar_header(arcname, len(data), mtime)) + round_up(len(data)) for arcname, data in signatures)
+    return end + 2 * BLOCK + (-(end + 2 * BLOCK) % RECORD)
+
+
+def _write_archive(sink, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
+    """Manifest first, then each checkpoint, the signatures, and the end-of-archive zeros padded to a whole record."""
+    sink.write(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime))
+    sink.write(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK))
+    for arcname, path, size, sha in unique:
+        _write_checkpoint(sink, arcname, path, size, sha, mtime, bar)
+    for arcname, data in signatures:
+        sink.write(tar_header(arcname, len(data), mtime) + data + bytes(-len(data) % BLOCK))
+    end = sink.tell() + 2 * BLOCK
+    sink.write(bytes(2 * BLOCK + (-end % RECORD)))
+
+
+class _FileSink:
+    """The archive written to one open file: checkpoints copied by the kernel where it can."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> None:
+        write_all(self.fd, memoryview(data))
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def copy(self, src_fd: int, size: int, bar) -> None:
+        copy_file(src_fd, self.fd, size, bar)
+
+    def copy_hashing(self, src_fd: int, size: int, bar) -> str:
+        return copy_hashing(src_fd, self.fd, size, bar)
+
+
+class _SplitSink:
+    """The archive written through a :class:`SplitWriter` into parts of a fixed size."""
+
+    def __init__(self, writer: SplitWriter):
+        self.writer = writer
+
+    def write(self, data) -> None:
+        self.writer.write(data)
+
+    def tell(self) -> int:
+        return self.writer.tell()
+
+    def copy(self, src_fd: int, size: int, bar) -> None:
+        self.writer.write_from(src_fd, os.lseek(src_fd, 0, os.SEEK_CUR), size)
+        if bar is not None:
+            bar.update(size)
+
+    def copy_hashing(self, src_fd: int, size: int, bar) -> str:
+        digest = hashlib.sha256()
+        buffer = bytearray(min(max(size, 1), 8 << 20))
+        view = memoryview(buffer)
+        remaining = size
+        while remaining:
+            n = os.readv(src_fd, [view[:min(len(buffer), remaining)]])
+            if n == 0:
+                raise BundleError("a checkpoint shrank while it was being bundled")
+            digest.update(view[:n])
+            self.writer.write(view[:n])
+            remaining -= n
+            if bar is not None:
+                bar.update(n)
+        return digest.hexdigest()
+
+
+def _write_checkpoint(sink, arcname: str, path: Path, size: int, sha: str, mtime: int, bar) -> None:
     with open(path, "rb", buffering=0) as src:
         st = os.fstat(src.fileno())
         if st.st_size != size:
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-        write_all(fd, memoryview(tar_header(arcname, size, mtime)))
+        sink.write(tar_header(arcname, size, mtime))
         # The manifest's hash is only as good as the index entry behind it: copy in the kernel
         # when the index vouches for exactly this file (size and mtime), else hash while copying.
         entry = cache.index_entry(path)
         if entry and entry.get("sha256") == sha and entry.get("mtime_ns") == st.st_mtime_ns:
-            copy_file(src.fileno(), fd, size, bar)
-        elif copy_hashing(src.fileno(), fd, size, bar) != sha:
+            sink.copy(src.fileno(), size, bar)
+        elif sink.copy_hashing(src.fileno(), size, bar) != sha:
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
         after = os.fstat(src.fileno())
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-    write_all(fd, memoryview(bytes(-size % BLOCK)))
+    sink.write(bytes(-size % BLOCK))
 
 
-
-__all__ = ["Bundle", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle", "open_bundle",
-           "verify_bundle"]
+__all__ = ["Bundle", "BundlePlan", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle",
+           "open_bundle", "plan_bundle", "verify_bundle"]

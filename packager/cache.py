@@ -223,7 +223,7 @@ def _hub_of(path: Path) -> Path | None:
 def _load_index(hub: Path) -> dict:
     try:
         data = json.loads(index_path(hub).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # damaged or hostile: trust nothing, re-hash
         return {}
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict):
@@ -886,7 +886,9 @@ class CacheInfo:
 
 
 def _is_partial(name: str) -> bool:
-    return name.endswith(PART_SUFFIX) or name.endswith(PART_SUFFIX + ".json") or bool(TORCH_HUB_PARTIAL.search(name))
+    """A download or write in progress (or abandoned): never an ordinary, let alone verified, file."""
+    return (name.endswith(PART_SUFFIX) or name.endswith(PART_SUFFIX + ".json") or bool(TORCH_HUB_PARTIAL.search(name))
+            or bool(_TEMP_NAME.match(name)))
 
 
 def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
@@ -899,7 +901,7 @@ def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
     for path in paths:
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         weights = data.get("weights") if isinstance(data, dict) else None
         for item in weights if isinstance(weights, list) else []:  # a damaged manifest pins nothing

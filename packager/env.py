@@ -65,3 +65,39 @@ def lock_timeout() -> float | None:
     if not seconds >= 0:  # also refuses nan
         raise UsageError(f"TVPACK_LOCK_TIMEOUT must be a number of seconds, got {value!r}")
     return seconds
+
+
+def trusted_keys() -> list[str]:
+    """``TVPACK_TRUSTED_KEYS``: comma-separated PEM files (public keys or CA roots); set, signatures are mandatory."""
+    return _list("TVPACK_TRUSTED_KEYS")
+
+
+def signing_key_password() -> str | None:
+    """``TVPACK_SIGNING_KEY_PASSWORD``: the password of an encrypted signing key (else tvpack prompts on a terminal)."""
+    return os.environ.get("TVPACK_SIGNING_KEY_PASSWORD")
+
+
+# -- OCI registry credentials: the files docker, podman, skopeo and oras read ----------------------------
+
+def _path_var(name: str) -> str | None:
+    return os.environ.get(name) or None  # set but empty means unset, as podman and docker treat it
+
+
+def registry_auth_file() -> str | None:
+    """``REGISTRY_AUTH_FILE``: the containers auth file podman, skopeo and buildah read and write."""
+    return _path_var("REGISTRY_AUTH_FILE")
+
+
+def xdg_runtime_dir() -> str | None:
+    """``XDG_RUNTIME_DIR``: the containers auth file defaults to ``$XDG_RUNTIME_DIR/containers/auth.json``."""
+    return _path_var("XDG_RUNTIME_DIR")
+
+
+def docker_config_dir() -> str | None:
+    """``DOCKER_CONFIG``: the directory holding docker's ``config.json`` (default ``~/.docker``)."""
+    return _path_var("DOCKER_CONFIG")
+
+
+def home_dir() -> str | None:
+    """``HOME``: where ``~/.docker`` and ``~/.config/containers`` are (the password database otherwise)."""
+    return _path_var("HOME")

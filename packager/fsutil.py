@@ -8,6 +8,7 @@
 * :func:`share_with_group` / :func:`make_dirs`: in a directory shared by a team (setgid or
   group-writable, ``chgrp TEAM DIR; chmod 2775 DIR``), what we create stays writable by the group
   whatever the creator's umask, as git's ``core.sharedRepository=group`` does.
+* :func:`remove_stale_temps`: clean up the temp files of a process that was killed mid-write.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import secrets
 import stat
+import time
 from pathlib import Path
 
 
@@ -22,6 +24,46 @@ def temp_path(dest, suffix: str = ".tmp") -> Path:
     """``.<name>.<pid>.<random hex><suffix>`` beside ``dest``: unique across processes and threads."""
     dest = Path(dest)
     return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
+    """Remove :func:`temp_path` files of ``dest`` left by a killed process (SIGKILL, OOM, power
+    loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
+    another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
+    dest = Path(dest)
+    prefix = f".{dest.name}."
+    removed = []
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid, _, token = name[len(prefix):-len(suffix)].partition(".")
+        if not (pid.isdigit() and len(token) == 8):
+            continue
+        path = dest.parent / name
+        try:
+            if time.time() - path.stat().st_mtime < min_age or _pid_alive(int(pid)):
+                continue
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def fsync_dir(path) -> None:
@@ -141,4 +183,4 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
 
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "group_shared", "make_dirs",
-           "share_with_group", "temp_path"]
+           "remove_stale_temps", "share_with_group", "temp_path"]

@@ -45,10 +45,11 @@ from . import home
 from .bundle import open_bundle
 from .cache import file_sha256 as _file_sha256
 from .discovery import get_registry
-from .errors import BundleError, IntegrityError, LoadError, TvpackError
+from .errors import BundleError, IntegrityError, LoadError, SignatureError, TvpackError, VolumeError
 from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
 from .formats.volumes import open_source as open_bytes
+from .snapshot import resolve
 from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Source:
                 return entry
         return None
 
-    def _missing_hint(self) -> str | None:
+    def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
         return None
 
     def _choices(self) -> str:
@@ -162,7 +163,7 @@ class Source:
                 if entry.member == member:
                     return entry, model
             raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(name, registry))
         if "." in name:
             enum, member = name.split(".", 1)
             if member == "DEFAULT":
@@ -171,11 +172,11 @@ class Source:
             if name in self.entries:
                 return self.entries[name], None
             raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(name, registry))
         candidates = [e for e in self.entries.values() if name in e.models]
         if not candidates:
             raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(name, registry))
         if len(candidates) == 1:
             return candidates[0], name
         return self._default(name, candidates, registry), name
@@ -183,7 +184,7 @@ class Source:
     def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
         if not candidates:
             raise LoadError(f"{self.describe()} holds no weights for {what!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint())
+                            hint=self._missing_hint(what, registry))
         default = _installed_default(candidates[0], registry)
         for entry in candidates:
             if entry.member == default:
@@ -249,10 +250,11 @@ class InstalledSource(Source):
         self.skipped.append(message)
         warnings.warn(LoaderWarning(message), stacklevel=4)
 
-    def _missing_hint(self) -> str | None:
-        if not self.skipped:
-            return None
-        return f"{len(self.skipped)} manifest(s) were skipped, e.g. {self.skipped[0]}"
+    def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
+        if self.skipped:
+            return f"{len(self.skipped)} manifest(s) were skipped, e.g. {self.skipped[0]}"
+        # the weights' file may be in the cache, fetched rather than installed: say how to give it a manifest
+        return _not_installed_hint(self.hub, name, registry)
 
     def checkpoint_path(self, entry: Entry) -> Path:
         return self.hub / "checkpoints" / entry.filename
@@ -293,10 +295,18 @@ class BundleSource(Source):
             entries = opened.entries  # each names "<bundle>:<manifest path>" as where it was read
         super().__init__(self.path, entries)
 
+    def _site_only(self) -> str:
+        files = sorted({e.filename for e in self.entries.values() if e.at_site})
+        return ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
         from concurrent.futures import ThreadPoolExecutor
 
         what = f"{self.path}:{entry.path}"
+        if entry.at_site:
+            raise LoadError(f"{entry.name}: {self.path.name} is a delta bundle and does not carry {entry.filename}; "
+                            f"it expects these at the site: {self._site_only()}",
+                            hint="install the bundle there (tvpack install) and load from that TORCH_HOME")
         with open_bundle(self.path) as opened:
             member = opened.member(entry.path)
         if member.size != entry.size:
@@ -315,6 +325,9 @@ class BundleSource(Source):
             except LoadError as exc:
                 failure = exc
             got, n = hashing.result()
+            verdict = source.diagnose() if (n, got) != (entry.size, entry.sha256) else None
+        if verdict:  # a split bundle with a badly copied part: name the part
+            raise VolumeError(verdict)
         if n != entry.size:
             raise BundleError(f"{what}: the archive is truncated ({n} of {entry.size} bytes)")
         if got != entry.sha256:
@@ -325,6 +338,20 @@ class BundleSource(Source):
         return state
 
 
+def _not_installed_hint(hub: Path, name: str, registry: Sequence[str] = ()) -> str | None:
+    try:
+        refs = resolve([name], registry=registry)
+    except TvpackError:
+        return None
+    present = [ref for ref in refs if (hub / "checkpoints" / ref.filename).is_file()]
+    if not present:
+        return None
+    ref = present[0]
+    return (f"its file {ref.filename} is in the cache without a manifest (fetched, not installed); give it one with:"
+            f" tvpack bundle {ref.name} --no-fetch --torch-home {hub.parent} -o b.tvpack.tar && tvpack install"
+            f" b.tvpack.tar --torch-home {hub.parent}")
+
+
 def open_source(source=None) -> Source:
     """A bundle file, or a TORCH_HOME / hub directory with installed bundles (None: the default)."""
     if isinstance(source, Source):
@@ -332,13 +359,20 @@ def open_source(source=None) -> Source:
     if source is None:
         return InstalledSource(home.hub_dir())
     path = Path(os.path.expanduser(os.fspath(source)))
-    if path.is_file():
-        return BundleSource(path)
+    if path.is_file() or (not path.exists() and path.with_name(path.name + ".sha256").is_file()):
+        return BundleSource(path)  # a bundle file, or split: NAME.000, NAME.sha256 or NAME beside its parts
     if path.is_dir():
         if (path / MANIFEST_DIR).is_dir():
             return InstalledSource(path / "hub")
         if (path / "tvpack" / "manifests").is_dir():
             return InstalledSource(path)
+        found = sorted(p.name for p in (path / "hub" / "checkpoints").glob("*") if p.is_file()) \
+            if (path / "hub" / "checkpoints").is_dir() else []
+        if found:
+            raise LoadError(f"{path} holds {len(found)} checkpoint file(s) ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}) but no tvpack manifest: they were fetched, not"
+                            " installed", hint=f"give them one with: tvpack bundle SELECTOR... --no-fetch --torch-home"
+                            f" {path} -o b.tvpack.tar && tvpack install b.tvpack.tar --torch-home {path}")
         raise LoadError(f"{path} holds no installed tvpack bundle (no {MANIFEST_DIR}/)",
                         hint="install one with: tvpack install BUNDLE --torch-home DIR")
     raise LoadError(f"no such bundle file or directory: {path}")
@@ -756,21 +790,44 @@ def _build(weights: LoadedWeights, model: str | None, *, registry, map_location,
 # -- public API --------------------------------------------------------------------------------------
 
 def load_model(source, name: str, *, registry: Sequence[str] = (), map_location="cpu", fast: bool = True,
-               **builder_kwargs):
+               trusted_keys=None, require_signed: bool | None = None, **builder_kwargs):
     """``(model, weights)`` from a bundle file or a TORCH_HOME where bundles were installed.
 
     ``name`` is a model name (its only weights in the source, else its DEFAULT), ``model:MEMBER``
     or a weights name (``ResNet50_Weights.IMAGENET1K_V2``). The model is in eval mode. Extra
     keyword arguments go to the builder, as with ``torchvision.models.get_model``. ``fast=False``
     builds the plain way (random init, then copy), for comparison.
+
+    ``trusted_keys`` (PEM public keys or CA roots: paths or bytes) refuses checkpoints that no
+    signature valid for them covers; so does a configured trust policy (``TVPACK_TRUSTED_KEYS``,
+    ``<hub>/tvpack/trusted/``) unless ``require_signed=False``; ``require_signed=True`` demands one.
     """
-    return open_source(source).load_model(name, registry=registry, map_location=map_location, fast=fast,
-                                          **builder_kwargs)
+    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed)
+    return src.load_model(name, registry=registry, map_location=map_location, fast=fast, **builder_kwargs)
 
 
-def load_weights(source, name: str, *, registry: Sequence[str] = ()) -> LoadedWeights:
+def load_weights(source, name: str, *, registry: Sequence[str] = (), trusted_keys=None,
+                 require_signed: bool | None = None) -> LoadedWeights:
     """The weights object alone (transforms, meta, state dict): works even where no builder exists."""
-    return open_source(source).weights(name, registry=registry)
+    return _signed_only(open_source(source), name, registry, trusted_keys, require_signed).weights(name, registry=registry)
+
+
+def _signed_only(src: Source, name: str, registry, trusted_keys, require_signed) -> Source:
+    """Under a trust policy, ``src`` keeps only the weights a trusted signature covers (backbones included), and
+    ``name`` not among them is refused in one line."""
+    from . import signing
+
+    hub = src.hub if isinstance(src, InstalledSource) else None
+    policy = signing.loader_policy(trusted_keys, require_signed, hub=hub)
+    if not policy:
+        return src
+    entry, _ = src.find(name, registry=registry)
+    covered, why = signing.covered_entries(src.entries.values(), policy, hub=hub,
+                                           bundle_path=src.path if isinstance(src, BundleSource) else None)
+    if entry.name not in covered:
+        raise SignatureError(f"refusing {entry.name} from {src.describe()}: {why[entry.name]}")
+    src.entries = {n: e for n, e in src.entries.items() if n in covered}
+    return src
 
 
 def list_entries(source) -> list[Entry]:

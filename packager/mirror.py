@@ -163,6 +163,9 @@ def items_from_bundle(bundle) -> list[ExportItem]:
     members; the bytes themselves are checked against the manifest's sha256 as they are copied,
     so a damaged bundle never reaches the mirror. Keep the bundle open while the items are used.
     """
+    if bundle.site_files:  # refuse before publishing anything: the mirror would lack these weights
+        raise BundleError(f"{bundle.path.name} is a delta bundle: {len(bundle.site_files)} of its checkpoints are "
+                          "expected at the site, not carried; publish from that site's cache or a full bundle")
     items = []
     for entry in bundle.entries:
         filename = filename_from_url(entry.url)
@@ -186,7 +189,7 @@ def _load_index(target) -> dict:
         return {}
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
         raise MirrorError(f"{target.location(INDEX_NAME)} exists but is not a tvpack mirror index; "

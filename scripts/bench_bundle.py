@@ -213,7 +213,7 @@ def run(work: Path, args) -> int:
     # 3. peak memory: one file vs all files, against the bare interpreter with the same imports
     # what each command imports anyway: bundle reads the registry (torchvision), install needs torch
     base_bundle = ("import torch, torchvision, packager.bundle, packager.cache, packager.spec, packager.cli;"
-                   f"from packager.registry import get_registry; get_registry([{REGISTRY!r}])")
+                   f"from packager.discovery import get_registry; get_registry([{REGISTRY!r}])")
     _t, rss_base_bundle = run_child([sys.executable, "-c", base_bundle], env)
     base_install = "import torch, packager.bundle, packager.cache, packager.cli"
     _t, rss_base_install = run_child([sys.executable, "-c", base_install], env)

@@ -34,8 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from packager.lockfile import dump_lockfile  # noqa: E402
-
+from packager.formats.lockfile import dump_lockfile  # noqa: E402
 from packager.registry import WeightsRef  # noqa: E402
 from packager.testing.servers import Nginx, ServerError  # noqa: E402
 

@@ -146,8 +146,8 @@ def check_one(ref_name: str, with_bundle_file: bool, workdir: str) -> tuple[str,
 
     from packager import load_model
     from packager.bundle import bundle, install
+    from packager.discovery import get_registry
     from packager.loader import LoaderWarning
-    from packager.registry import get_registry
     from packager.testing.zoo import synthesize_checkpoint
 
     reg = get_registry(())
@@ -272,7 +272,7 @@ def _child(ref_name: str, with_bundle_file: bool, threads: int) -> tuple[str, st
 # -- main --------------------------------------------------------------------------------------------
 
 def select(max_mb: float, only: str | None):
-    from packager.registry import get_registry
+    from packager.discovery import get_registry
 
     chosen, skipped = [], []
     for ref in get_registry(()).all_refs():

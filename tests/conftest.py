@@ -19,8 +19,8 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path_factory):
     """No test touches the real ~/.cache/torch, or inherits tvpack settings from the shell."""
-    for name in ("TVPACK_REGISTRY", "TVPACK_MIRROR", "TVPACK_OFFLINE", "TVPACK_DEBUG", "TVPACK_LOCK_TIMEOUT",
-                 "XDG_CACHE_HOME"):
+    for name in ("TVPACK_REGISTRY", "TVPACK_MIRROR", "TVPACK_OFFLINE", "TVPACK_DEBUG", "XDG_CACHE_HOME",
+                 "TVPACK_TRUSTED_KEYS", "TVPACK_SIGNING_KEY_PASSWORD", "TVPACK_LOCK_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("default-torch-home")))
 

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -170,16 +171,13 @@ def test_install_places_files_records_index_and_manifest(small_bundle, tmp_path,
         manifest = home / "hub/tvpack/manifests" / f"{opened.manifest_id}.json"
         assert json.loads(manifest.read_text()) == opened.manifest
     assert not [p for p in files_under(home) if "tvpack-install" in p.name]
-    # again: unchanged; a different file of the same name is refused, then replaced with --force
+    # again: unchanged; a file whose own name's hash proves it damaged is repaired without --force
     assert [f["status"] for f in json.loads(cli("install", small_bundle, "--torch-home", home, "--json").stdout)[
         "files"]] == ["unchanged", "unchanged"]
     victim = home / "hub/checkpoints" / report["files"][0]["path"].rsplit("/", 1)[1]
     victim.write_bytes(b"something else")
     result = cli("install", small_bundle, "--torch-home", home)
-    assert result.exit_code == 1 and "--force" in one_error_line(result)
-    assert victim.read_bytes() == b"something else"
-    result = cli("install", small_bundle, "--torch-home", home, "--force")
-    assert result.exit_code == 0 and "replaced" in result.stdout
+    assert result.exit_code == 0 and "repaired" in result.stdout
     with B.open_bundle(small_bundle) as opened:
         expected = next(e.sha256 for e in opened.entries if e.filename == victim.name)
     assert sha256_of(victim) == expected == cache.index_entry(victim)["sha256"]
@@ -687,3 +685,143 @@ def test_compressed_bundle_is_named_as_such(small_bundle, tmp_path, cli):
         result = cli(command, packed)
         assert result.exit_code == 1
         assert "gzip-compressed data" in result.output and "decompress it first" in result.output
+
+
+# -- production hardening: crash safety, hostile input, clear refusals ------------------------------------------
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def test_bundle_and_install_fsync_every_file_before_its_rename(small_bundle, zoo_root, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", _fd_path(fd))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(a))), real_replace(a, b))[1])
+    B.install(small_bundle, torch_home=tmp_path / "home")
+    out = B.bundle(SMALL[:1], tmp_path / "again.tar", registry=[ZOO_REGISTRY], torch_home=tmp_path / "home", fetch=False)
+    # (the index is a cache of hashes: losing it costs a re-hash, never a wrong answer, so it is not fsynced)
+    renamed = [path for kind, path in events if kind == "rename" and ".index.json." not in path]
+    assert any("tvpack-install" in p for p in renamed) and any(p.endswith(".tmp") and "again.tar" in p for p in renamed)
+    for path in renamed:
+        synced_before = [p for kind, p in events[:events.index(("rename", path))] if kind == "fsync"]
+        assert str(Path(path).resolve()) in synced_before, f"{path} renamed before it was fsynced"
+    assert out.is_file()
+
+
+def _tmpfs(path: Path, size: str):
+    need_binary("mount")
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+
+
+def test_a_full_disk_during_install_leaves_nothing_for_load_model(small_bundle, tmp_path):
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "64m")
+    try:
+        home = disk / "home"
+        def pages(n: int) -> int:
+            return -(-n // 4096) * 4096
+
+        with B.open_bundle(small_bundle) as opened:
+            payload = sum(pages(m.size) for m in opened.members[1:])
+            manifest = pages(opened.members[0].size)
+        (home / "hub" / "checkpoints").mkdir(parents=True)
+        (home / "hub" / "tvpack" / "manifests").mkdir(parents=True)
+        # room for the checkpoints (whole pages on tmpfs), one page short for the manifest staged after them
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler = free - (payload + manifest - 4096)
+        with open(disk / "filler", "wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * filler)
+        proc = run_tvpack("install", small_bundle, "--torch-home", home)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "No space left on device" in lines[0] and str(home) in lines[0], proc.stderr
+        assert not any((home / "hub" / "checkpoints").iterdir())  # nothing placed, no temp left
+        assert not any((home / "hub" / "tvpack" / "manifests").iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_bundle_refuses_to_write_into_the_cache(small_bundle, tmp_path):
+    home = tmp_path / "home"
+    B.install(small_bundle, torch_home=home)
+    victim = next((home / "hub" / "checkpoints").iterdir())
+    before = victim.read_bytes()
+    for target in (victim, home / "hub" / "tvpack" / "index.json", home / "hub" / "checkpoints" / "new.tar"):
+        proc = run_tvpack("bundle", SMALL[0], "--registry", ZOO_REGISTRY, "--no-fetch", "--torch-home", home,
+                          "-o", target)
+        assert proc.returncode == 1 and "inside the checkpoint cache" in proc.stderr, proc.stderr
+    assert victim.read_bytes() == before
+
+
+def test_a_killed_bundle_leaves_a_temp_that_the_next_run_removes_and_ls_does_not_list(small_bundle, tmp_path):
+    home = tmp_path / "home"
+    B.install(small_bundle, torch_home=home)
+    out = tmp_path / "out.tar"
+    dead_pid = 2 ** 22 - 7  # above the default pid_max: never a live process
+    stale = tmp_path / f".out.tar.{dead_pid}.0badc0de.tmp"
+    stale.write_bytes(b"x" * 1000)
+    ckpt_temp = home / "hub" / "checkpoints" / f".zoo.pth.{dead_pid}.0badc0de.tvpack-install"
+    ckpt_temp.write_bytes(b"half a checkpoint")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(ckpt_temp, (old, old))
+    listing = json.loads(run_tvpack("cache", "ls", "--json", "--torch-home", home, check=True).stdout)
+    by_name = {f["file"]: f for f in listing["files"]} if isinstance(listing, dict) else {f["file"]: f for f in listing}
+    assert by_name[ckpt_temp.name]["status"] == "partial"
+    B.bundle(SMALL[:1], out, registry=[ZOO_REGISTRY], torch_home=home, fetch=False)
+    assert not stale.exists() and out.is_file()
+    pruned = run_tvpack("cache", "prune", "--torch-home", home, check=True)
+    assert not ckpt_temp.exists(), pruned.stdout
+
+
+def test_special_files_are_refused_at_once(tmp_path):
+    fifo = tmp_path / "bundle.fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    proc = run_tvpack("inspect", fifo, timeout=30)
+    assert proc.returncode == 1 and "is a FIFO, not a bundle file" in proc.stderr
+    assert time.monotonic() - started < 20
+    with open(tmp_path / "b.tar", "wb") as f:
+        f.write(b"x")
+    proc = subprocess.run(f"cat {tmp_path / 'b.tar'} | {sys.executable} -m packager inspect /dev/stdin", shell=True,
+                          capture_output=True, text=True, timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and "is a FIFO" in proc.stderr and "Illegal seek" not in proc.stderr
+
+
+def test_deeply_nested_json_is_one_line(tmp_path):
+    deep = "[" * 200_000 + "]" * 200_000
+    lock = tmp_path / "tvpack.lock"
+    lock.write_text('{"format": "tvpack-lock", "format_version": 1, "weights": ' + deep + "}")
+    proc = run_tvpack("fetch", "--lock", lock, "--dry-run")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "nested too deeply" in proc.stderr and "bug" not in proc.stderr
+    manifest = ('{"format": "tvpack-bundle", "format_version": 1, "weights": ' + deep + "}").encode()
+    archive = tmp_path / "deep.tar"
+    with open(archive, "wb") as f:
+        f.write(tar_header(manifest_path_for(manifest), len(manifest), 0))
+        f.write(manifest + bytes(-len(manifest) % 512) + bytes(1024))
+        f.write(bytes(-f.tell() % 10240))
+    for command in ("inspect", "verify", "install"):
+        proc = run_tvpack(command, archive, *(["--torch-home", tmp_path / "h"] if command == "install" else []))
+        assert proc.returncode == 1 and "nested too deeply" in proc.stderr and "bug" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "h").exists() or not any((tmp_path / "h").rglob("*.pth"))
+
+
+def test_install_names_a_dangling_symlink(small_bundle, tmp_path):
+    home = tmp_path / "home"
+    B.install(small_bundle, torch_home=home)
+    victim = next((home / "hub" / "checkpoints").iterdir())
+    victim.unlink()
+    victim.symlink_to(tmp_path / "gone.pth")
+    proc = run_tvpack("install", small_bundle, "--torch-home", home)
+    assert proc.returncode == 1 and "dangling symbolic link" in proc.stderr and "None" not in proc.stderr
+    run_tvpack("install", small_bundle, "--torch-home", home, "--force", check=True)
+    assert victim.is_file() and not victim.is_symlink()

@@ -697,3 +697,19 @@ def test_predict_subprocess_and_help(zoo_home, tmp_path):
     assert len(proc.stdout.splitlines()) == 3
     proc = run_tvpack("predict", "--help")
     assert proc.returncode == 0 and "--topk" in proc.stdout and "--registry" in proc.stdout
+
+
+def test_a_fetched_but_not_installed_file_says_how_to_give_it_a_manifest(zoo, tmp_path):
+    home = tmp_path / "home"
+    stage(home, *zoo.zoo_files().values())
+    with pytest.raises(LoadError) as excinfo:
+        loader.load_model(home, "zoo_s3d", registry=[ZOO_REGISTRY])
+    text = excinfo.value.format()
+    assert "fetched, not installed" in text and "tvpack bundle" in text and "tvpack install" in text
+    # with some bundle installed, a weights whose file is only fetched gets the same advice
+    path = bundle(["zoo_shufflenet_v2"], tmp_path / "one.tar", registry=[ZOO_REGISTRY], torch_home=home, fetch=False)
+    install(path, torch_home=home)
+    with pytest.raises(LoadError) as excinfo:
+        loader.load_model(home, "zoo_s3d", registry=[ZOO_REGISTRY])
+    text = excinfo.value.format()
+    assert "in the cache without a manifest" in text and "ZooS3D_Weights" in text

@@ -1,7 +1,7 @@
 """The ``tvpack`` command: click commands only; each parses, calls the library and prints.
 
 The group and its error handling are in :mod:`.app`; commands live in small modules by concept
-(``registry``, ``cache``, ``bundle``, ``loader``, ``mirror``), each registering on ``main`` when
+(``registry``, ``cache``, ``bundle``, ``loader``, ``mirror``, ``signing``, ``oci``), each registering on ``main`` when
 imported here. Command modules import the library inside each command, so ``tvpack --help`` and
 commands that only need data never import torch.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import bundle, cache, loader, mirror, registry  # noqa: F401 - each registers its commands
+from . import bundle, cache, delta, loader, mirror, oci, registry, signing  # noqa: F401 - each registers its commands
 from .app import main
 
 

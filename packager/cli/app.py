@@ -82,6 +82,8 @@ def _silence_stdout() -> None:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TvpackError):
         return exc.format()
+    if isinstance(exc, RecursionError):  # hostile input that a parser recursed into (deeply nested JSON)
+        return "input is nested too deeply to be tvpack data (a hostile or corrupt file?)"
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"
@@ -107,7 +109,7 @@ def main(debug: bool, live_registry: bool) -> None:
 
     Environment: TORCH_HOME / XDG_CACHE_HOME (where the cache lives, as torch.hub),
     TVPACK_REGISTRY, TVPACK_MIRROR, TVPACK_OFFLINE, TVPACK_DEBUG, TVPACK_NO_SNAPSHOT,
-    TVPACK_LOCK_TIMEOUT.
+    TVPACK_TRUSTED_KEYS, TVPACK_SIGNING_KEY_PASSWORD, TVPACK_LOCK_TIMEOUT.
     """
     if debug:
         os.environ["TVPACK_DEBUG"] = "1"

@@ -18,6 +18,8 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .oci import is_oci, plain_http_option
+from .signing import cert_chain_option, load_signer, signature_lines, trust_options
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
@@ -26,7 +28,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @selectors_argument
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               callback=output_file_callback,
-              help="The bundle to write (an uncompressed tar; replaced atomically).")
+              help="The bundle to write (an uncompressed tar; replaced atomically), or oci://HOST/REPO[:TAG] to "
+                   "push it to a registry as an image straight from the cache.")
 @torch_home_option
 @registry_option
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
@@ -36,102 +39,205 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @click.option("--offline", is_flag=True, help="Never use the network (also TVPACK_OFFLINE=1).")
 @with_backbones_option
 @all_option
+@click.option("--for", "site_file", type=click.Path(dir_okay=False), metavar="SITE",
+              help="A delta bundle for a site: SITE is its inventory (tvpack inventory), an earlier bundle or a "
+                   "lockfile; checkpoints it holds with the same name and sha256 are described, not carried.")
+@click.option("--split", "split_size", metavar="SIZE",
+              help="Write FILE.000, FILE.001, ... of at most SIZE each (4G, 700M binary; 25GB decimal) and "
+                   "FILE.sha256 for `sha256sum -c`.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
+              help="Sign the bundle with this EC private key (PEM) as it is written.")
+@cert_chain_option
 @lock_timeout_option
 @json_option
 @quiet_option
+@plain_http_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, lock_timeout, as_json, quiet):
+               all_weights, site_file, split_size, sign_key, cert_chain, lock_timeout, as_json, quiet, plain_http):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
     vanilla torchvision a working offline cache; `tvpack install FILE` does the same with
     verification. Byte-identical for the same selection and files (mtime from
-    SOURCE_DATE_EPOCH, 0 if unset).
+    SOURCE_DATE_EPOCH, 0 if unset). With --for, `tvpack install` on the site first checks
+    that it holds every checkpoint not carried. With --split, `cat FILE.0* > FILE` gives
+    the same bytes as an unsplit bundle; every command reads the parts in place.
     """
     from ..bundle import bundle, open_bundle
     from ..cache import lock_timeout as waiting_for_locks
+    from ..formats.volumes import parse_size
 
-    with waiting_for_locks(lock_timeout):
+    if cert_chain and not sign_key:
+        raise click.UsageError("--cert-chain goes with --sign-key")
+    if is_oci(output) and (site_file is not None or split_size is not None):
+        raise click.UsageError("--for and --split write files; an OCI image shares layers with what a registry "
+                               "already holds instead")
+    signer = load_signer(sign_key, cert_chain) if sign_key else None  # before writing: a wrong password fails fast
+    part_size = parse_size(split_size) if split_size is not None else None
+    site = None
+    if site_file is not None:
+        from ..delta import read_site, version_notes
+
+        site = read_site(site_file)
+        for note in version_notes(site):
+            click.echo(f"tvpack: note: {note}", err=True)
+    with waiting_for_locks(lock_timeout):  # fetching missing weights may wait for another process
+        if is_oci(output):
+            from .oci import bundle_to_registry
+
+            return bundle_to_registry(output, plain_http=plain_http, as_json=as_json,
+                                      progress=progress_enabled(quiet or as_json),
+                                      sign=signer.members if signer else None, selectors=selectors,
+                                      all_weights=all_weights, registry=registry, torch_home=torch_home,
+                                      mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                                      offline=True if offline else None, with_backbones=with_backbones)
         path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
                       mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
                       offline=True if offline else None, with_backbones=with_backbones,
-                      progress=progress_enabled(quiet or as_json))
+                      progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
+                      site=site, split=part_size)
     with open_bundle(path) as opened:
+        signed = f"; signed by {signer.signer}" if signer else ""
+        at_site = len(opened.site_files)
+        carried = len(opened.files) - at_site
+        saved = sum(size for size, _sha in opened.site_files.values())
         if as_json:
-            echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": path.stat().st_size,
-                       "weights": [e.name for e in opened.entries]})
+            echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": opened.file_size,
+                       "weights": [e.name for e in opened.entries],
+                       "signatures": [m.path for m in opened.signatures], "parts": [str(p) for p in opened.parts],
+                       "carried": carried, "at_site": sorted(p.rsplit("/", 1)[-1] for p in opened.site_files),
+                       "bytes_not_carried": saved})
             return
-        click.echo(f"wrote {path}: {len(opened.entries)} weights, {len(opened.members) - 1} checkpoint files, "
-                   f"{human_bytes(path.stat().st_size)} (manifest {opened.manifest_id})")
+        where = str(path)
+        if part_size is not None:
+            where = (f"{len(opened.parts)} parts of at most {split_size} ({opened.parts[0].name} .. "
+                     f"{opened.parts[-1].name}) and {path.name}")
+        delta = f", {at_site} expected at the site ({human_bytes(saved)} not carried)" if site is not None else ""
+        click.echo(f"wrote {where}: {len(opened.entries)} weights, {carried} checkpoint files carried{delta}, "
+                   f"{human_bytes(opened.file_size)} (manifest {opened.manifest_id}){signed}")
 
 
 @main.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 @json_option
-def inspect_cmd(file, as_json):
+@plain_http_option
+def inspect_cmd(file, as_json, plain_http):
     """Show what a bundle holds: weights, models, sizes, headline metrics, transforms.
 
-    Checks the archive's structure and manifest (not the hashes: see `tvpack verify`).
-    --json prints the manifest itself.
+    Checks the archive's structure and manifest (not the hashes: see `tvpack verify`), and lists
+    the signatures it carries (signer, algorithm) without checking them. --json prints the manifest
+    itself. FILE may be oci://HOST/REPO[:TAG] (reads only the image's manifest layer).
     """
     from ..bundle import open_bundle
+    from ..signing import bundle_signatures
+    from .oci import open_registry_image
 
-    with open_bundle(file) as opened:
+    with (open_registry_image(file, plain_http=plain_http) if is_oci(file) else open_bundle(file)) as opened:
         if as_json:
             echo_json(opened.manifest)
             return
-        rows = [[e.name, ",".join(e.models), e.filename, human_bytes(e.size), e.headline_metric or "",
-                 e.transform_summary] for e in opened.entries]
-        click.echo(table(["weights", "model(s)", "file", "size", "metric", "transforms"], rows, right=[3]))
+        site = opened.site_files
+        rows = [[e.name, ",".join(e.models), e.filename, human_bytes(e.size), "at site" if e.at_site else "carried",
+                 e.headline_metric or "", e.transform_summary] for e in opened.entries]
+        click.echo(table(["weights", "model(s)", "file", "size", "where", "metric", "transforms"], rows, right=[3]))
         made = opened.created_by
-        click.echo(f"\n{len(opened.entries)} weights in {len(opened.members) - 1} files, {human_bytes(opened.size)};"
-                   f" manifest {opened.manifest_id}; made by tvpack {made.get('packager', '?')} with torch"
-                   f" {made.get('torch', '?')}, torchvision {made.get('torchvision', '?')}")
+        files = f"{len(opened.files)} files, {human_bytes(opened.size)}"
+        if site:
+            saved = sum(size for size, _sha in site.values())
+            files = (f"{len(opened.files) - len(site)} files carried ({human_bytes(opened.size)}) and {len(site)} "
+                     f"expected at the site ({human_bytes(saved)} saved)")
+        if len(opened.parts) > 1:
+            files += f", in {len(opened.parts)} parts {opened.parts[0].name} .. {opened.parts[-1].name}"
+        click.echo(f"\n{len(opened.entries)} weights in {files}; manifest {opened.manifest_id}; made by tvpack "
+                   f"{made.get('packager', '?')} with torch {made.get('torch', '?')}, torchvision "
+                   f"{made.get('torchvision', '?')}")
+        report = bundle_signatures(opened)
+        click.echo(f"signatures: {len(report.checks)}" if report.checks else "signatures: none (unsigned)")
+        for line in signature_lines(report):
+            click.echo(line)
 
 
 @main.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False))
+@trust_options
 @json_option
 @quiet_option
-def verify_cmd(file, as_json, quiet):
+@plain_http_option
+def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     """Check a bundle: structure, manifest, every sha256, and that every checkpoint loads with
-    torch.load(weights_only=True). Exit status 0 only if all hold."""
-    from ..bundle import verify_bundle
+    torch.load(weights_only=True). Exit status 0 only if all hold.
+
+    With --key / --ca-root (or a configured trust policy: TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/)
+    at least one signature must also be valid for them and cover exactly the bundle's files; the
+    signer is named. Signatures are checked first, from the manifest's hashes: no second read.
+    FILE may be oci://HOST/REPO[:TAG]: its layers are fetched into a temporary directory and checked alike."""
     from ..errors import TvpackError
+    from ..signing import trust_policy, verify_signed
+    from .oci import verify_registry_image
 
     try:
-        report = verify_bundle(file, progress=progress_enabled(quiet or as_json))
+        policy, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+        signed = verify_registry_image(file, policy, plain_http=plain_http, progress=progress) if is_oci(file) \
+            else verify_signed(file, policy, progress=progress)
+        report = signed.contents
     except TvpackError as exc:
         if not as_json:
             raise
         echo_json({"ok": False, "path": str(file), "error": exc.format()})
         click.get_current_context().exit(exc.exit_code)
     if as_json:
-        echo_json(report.to_dict())
+        echo_json(signed.to_dict())
         return
+    site = f"; {report.at_site} files expected at the site are checked by install there" if report.at_site else ""
     click.echo(f"ok: {file}: {report.weights} weights, {report.members - 1} files, {human_bytes(report.bytes)}"
-               f" verified (manifest {report.manifest_id})")
+               f" verified (manifest {report.manifest_id}){site}; {_signed_summary(signed.signatures)}")
+
+
+def _signed_summary(report) -> str:
+    if report.valid:
+        return "signed by " + ", ".join(report.signers)
+    if not report.checks:
+        return "unsigned"
+    return f"{len(report.checks)} signature(s) not checked (give --key PUB or --ca-root PEM)"
 
 
 @main.command("install")
 @click.argument("file", type=click.Path(dir_okay=False))
 @torch_home_option
 @click.option("--force", is_flag=True, help="Replace cached files whose contents differ from the bundle's.")
+@trust_options
 @json_option
 @quiet_option
-def install_cmd(file, torch_home, force, as_json, quiet):
+@plain_http_option
+def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet, plain_http):
     """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
-    different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/.
+    different one is refused unless --force. The manifest is kept under hub/tvpack/manifests/,
+    its signatures under hub/tvpack/signatures/. With --key / --ca-root, or when a trust policy
+    is configured (TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/), a valid signature is required and
+    checked before anything is written. FILE may be oci://HOST/REPO[:TAG]: only the layers of
+    checkpoints not already cached are fetched, then checked and placed exactly as from a file.
+    A delta bundle (bundle --for) is refused, with nothing written, unless every checkpoint it
+    expects at the site is there with its sha256. FILE may be the first part or the .sha256 of a
+    split bundle.
     """
-    from ..bundle import install_bundle
+    from ..signing import install_signed, trust_policy
+    from .oci import install_from_registry
 
-    report = install_bundle(file, torch_home=torch_home, force=force, progress=progress_enabled(quiet or as_json))
+    policy = trust_policy(keys, ca_roots, torch_home=torch_home)
+    options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json)}
+    signed = install_from_registry(file, policy, plain_http=plain_http, **options) if is_oci(file) \
+        else install_signed(file, policy, **options)
+    report = signed.installed
     if as_json:
-        echo_json(report.to_dict())
+        echo_json({**signed.to_dict(), "bundle": file} if is_oci(file) else signed.to_dict())
         return
+    if signed.signatures.valid:
+        click.echo("signature valid: signed by " + ", ".join(signed.signatures.signers))
     for placed in report.files:
         click.echo(f"{placed.status:9}  {placed.path}  ({human_bytes(placed.size)})")
-    counts = {s: sum(p.status == s for p in report.files) for s in ("installed", "replaced", "unchanged")}
+    labels = {"installed": "installed", "replaced": "replaced", "repaired": "repaired", "unchanged": "unchanged",
+              "present": "already at the site as expected"}
+    counts = {label: sum(p.status == s for p in report.files) for s, label in labels.items()}
     click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; manifest {report.manifest}")

@@ -18,6 +18,7 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .signing import trust_options
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-file lines.")
 
@@ -239,14 +240,23 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
 @click.option("--deep", is_flag=True, help="Also check each file loads with torch.load(weights_only=True).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None,
               help="Files hashed in parallel (default: all cores).")
+@click.option("--signatures", is_flag=True,
+              help="Also require every installed manifest to carry a trusted signature and every file to match "
+                   "what a signed manifest states (trust: --key/--ca-root, else the configured policy).")
+@trust_options
 @torch_home_option
 @registry_option
 @json_option
 @quiet_option
-def verify_cmd(selectors, deep, jobs, torch_home, registry, as_json, quiet):
+def verify_cmd(selectors, deep, jobs, signatures, keys, ca_roots, torch_home, registry, as_json, quiet):
     """Re-hash cached files (all, or SELECTOR.../file names) and check them; exit 1 if any is bad."""
     from ..cache import verify_cache
     from ..errors import IntegrityError
+
+    if signatures:
+        return _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as_json, quiet)
+    if keys or ca_roots:
+        raise click.UsageError("--key and --ca-root go with --signatures")
 
     results = verify_cache(selectors, torch_home=torch_home, registry=registry, deep=deep, jobs=jobs,
                            progress=progress_enabled(quiet) and not as_json)
@@ -262,6 +272,31 @@ def verify_cmd(selectors, deep, jobs, torch_home, registry, as_json, quiet):
     if bad:
         raise IntegrityError(f"{len(bad)} of {len(results)} cached files failed verification",
                              expected="files matching their hashes", got=", ".join(r.path.name for r in bad))
+
+
+def _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as_json, quiet):
+    from ..errors import SignatureError
+    from ..signing import trust_policy, verify_installed
+
+    report = verify_installed(trust_policy(keys, ca_roots, torch_home=torch_home), torch_home=torch_home,
+                              selectors=selectors, registry=registry, jobs=jobs,
+                              progress=progress_enabled(quiet) and not as_json)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        for m in report.manifests:
+            state = "signed by " + ", ".join(m.signatures.signers) if m.problem is None else m.problem
+            click.echo(f"{'ok' if m.problem is None else 'BAD':<4} manifest {m.manifest_id}  {state}")
+        for f in report.files:
+            if not quiet or not f.ok:
+                click.echo(f"{'ok' if f.ok else 'BAD':<4} {f.path.name}  "
+                           + (f.detail or "signed in manifest " + ", ".join(f.signed_in)))
+    bad = [m.manifest_id for m in report.manifests if m.problem] + [f.path.name for f in report.files if not f.ok]
+    if not as_json:
+        click.echo(f"{len(report.manifests)} manifests, {len(report.files)} files checked against their signatures; "
+                   f"{len(bad)} bad", err=quiet)
+    if bad:
+        raise SignatureError(f"{len(bad)} installed manifest(s) or file(s) fail the signature check: {', '.join(bad)}")
 
 
 def _print_removals(removals, dry_run: bool, verb: str) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-from ..errors import BundleError
+from ..errors import BundleError, VolumeError
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: the archive is padded to a multiple of it
@@ -206,6 +206,12 @@ class TarArchive:
         self._scan()
 
     def fail(self, problem: str):
+        # In a split bundle, damage is almost always one badly copied part: name the part to copy
+        # again (hashing every part against NAME.sha256, on failure only) rather than the symptom.
+        diagnose = getattr(self.source, "diagnose", None)
+        verdict = diagnose() if diagnose is not None else None
+        if verdict:
+            raise VolumeError(verdict)
         raise BundleError(f"{self.path.name}: {problem}")
 
     def _read(self, offset: int, size: int) -> bytes:

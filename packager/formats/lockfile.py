@@ -84,6 +84,8 @@ def read_lockfile(path) -> list[WeightsRef]:
         raise LockfileError(f"cannot read lockfile {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise LockfileError(f"lockfile {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise LockfileError(f"lockfile {path} is nested too deeply to be a tvpack lockfile") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise LockfileError(f"{path} is not a tvpack lockfile (format should be {FORMAT!r})")
     if data.get("format_version") != FORMAT_VERSION:

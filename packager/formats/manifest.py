@@ -5,6 +5,12 @@ lists each weights (enum, member, module, models, builders, family, url, archive
 sha256, transform spec and meta as JSON data) and any extra tvpack members. :func:`parse_manifest`
 is the single reader, for bundles and installed manifests alike; it refuses anything malformed or
 unsafe with one line.
+
+A *delta* bundle (made for a site's inventory) describes every selected weights as usual but does
+not carry the checkpoints the site already holds: their archive paths are listed, sorted, under
+``"at_site"``, and each keeps its size and sha256 in its weights entry, so installing checks the
+site's copy against exactly those. The key is absent from full bundles (their bytes are unchanged),
+and a reader that does not know it refuses a delta bundle as lacking members, never half-installs it.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import platform
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from .. import __version__
 from ..errors import BundleError
@@ -30,6 +36,7 @@ MAX_MANIFEST = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_NAME = re.compile(re.escape(MANIFEST_DIR) + r"/([0-9a-f]{16})\.json")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_MEMBERS = ("hub/tvpack/manifests/", "hub/tvpack/locks/", "hub/tvpack/signatures/", "hub/tvpack/trusted/")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class BundleEntry:
     meta: dict = field(repr=False, hash=False, compare=False)  # JSON form: spec.meta_from_json
     created_by: dict = field(default_factory=dict, repr=False, hash=False, compare=False)  # the manifest's
     manifest: str = field(default="", repr=False, hash=False, compare=False)  # where this entry was read
+    at_site: bool = False  # a delta bundle does not carry this checkpoint: the site already holds it
 
     @property
     def filename(self) -> str:
@@ -64,7 +72,8 @@ class BundleEntry:
 
     def to_dict(self) -> dict:
         return {"weights": self.name, "models": list(self.models), "family": self.family, "url": self.url,
-                "path": self.path, "size": self.size, "sha256": self.sha256, "manifest": self.manifest}
+                "path": self.path, "size": self.size, "sha256": self.sha256, "manifest": self.manifest,
+                "at_site": self.at_site}
 
     @property
     def ref(self) -> WeightsRef:
@@ -132,10 +141,15 @@ def decode_manifest(data: bytes) -> dict:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise BundleError("manifest is not valid JSON") from None
+    except RecursionError:
+        raise BundleError("manifest is nested too deeply to be a tvpack manifest") from None
 
 
 def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict[str, tuple[int, str]]]:
-    """Validate a manifest document; returns (weights entries, {archive path: (size, sha256)}).
+    """Validate a manifest document; returns (weights entries, {archive path: (size, sha256)} of every
+    file it lists). Checkpoints a delta bundle expects at the site (``"at_site"``) are listed too (a
+    signature covers them, an install places or finds them) but are not archive members: their
+    entries have ``at_site`` set, and :func:`site_files` gives them.
 
     The single reader of manifests, in bundles and installed (``<hub>/tvpack/manifests``) alike;
     ``where`` (the manifest's location) is recorded in each entry.
@@ -156,7 +170,7 @@ def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict
     created_by = data.get("created_by")
     created_by = dict(created_by) if isinstance(created_by, dict) else {}
     expected: dict[str, tuple[int, str]] = {}
-    entries: list[BundleEntry] = []
+    described: list[dict] = []  # each weights' fields; BundleEntry values once "at_site" is known
     names = set()
     for i, item in enumerate(weights):
         at = f"weights[{i}]"
@@ -183,22 +197,24 @@ def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict
         if path in expected and expected[path] != (size, sha):
             raise BundleError(f"manifest: two weights share {path} with different sizes or hashes")
         expected[path] = (size, sha)
-        entries.append(BundleEntry(
+        described.append(dict(
             name=name, enum=enum, member=member, module=_want(item, "module", str, at),
             models=tuple(_want(item, "models", "strs", at)), builders=tuple(_want(item, "builders", "strs", at)),
             family=str(item.get("family") or ""), url=_want(item, "url", str, at), path=path, size=size,
             sha256=sha, transforms=_want(item, "transforms", dict, at), meta=_want(item, "meta", dict, at),
             created_by=created_by, manifest=where,
         ))
+    at_site = _at_site(data, expected)
+    entries = [BundleEntry(**fields, at_site=fields["path"] in at_site) for fields in described]
     members = data.get("members", {})
     if not isinstance(members, dict):
         raise BundleError("manifest: 'members' is not an object")
     for path, info in members.items():
         check_path(path, "manifest: member")
         # Extra members are tvpack data only: never a checkpoint (that would skip the pickle
-        # check), never the cache's own index, locks or manifests.
-        if not path.startswith("hub/tvpack/") or path.startswith(("hub/tvpack/manifests/", "hub/tvpack/locks/")) \
-                or path == "hub/tvpack/index.json":
+        # check), never the cache's own index, locks or manifests, never a signature (made after the
+        # manifest, not listed in it) and never a trusted key (a bundle must not vouch for itself).
+        if not path.startswith("hub/tvpack/") or path.startswith(_NOT_MEMBERS) or path == "hub/tvpack/index.json":
             raise BundleError(f"manifest: member {path!r} is outside the places a bundle may write")
         if path in expected:
             raise BundleError(f"manifest: {path} is listed twice")
@@ -209,10 +225,34 @@ def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict
     return entries, expected
 
 
+def _at_site(data: dict, checkpoints: Mapping[str, tuple[int, str]]) -> set[str]:
+    """The validated ``"at_site"`` list: checkpoint paths of this manifest's weights, each once."""
+    if "at_site" not in data:
+        return set()
+    listed = data["at_site"]
+    if not isinstance(listed, list) or not all(isinstance(path, str) for path in listed):
+        raise BundleError("manifest: 'at_site' is not a list of checkpoint paths")
+    seen: set[str] = set()
+    for path in listed:
+        if path not in checkpoints:
+            raise BundleError(f"manifest: 'at_site' lists {path!r}, which is not the checkpoint of any weights in it")
+        if path in seen:
+            raise BundleError(f"manifest: 'at_site' lists {path} twice")
+        seen.add(path)
+    return seen
 
-def build_manifest(weights: Sequence, files: Mapping[str, tuple[int, str]]) -> dict:
+
+def site_files(entries: Sequence[BundleEntry]) -> dict[str, tuple[int, str]]:
+    """{archive path: (size, sha256)} of the checkpoints a delta bundle expects at the site, sorted."""
+    return {e.path: (e.size, e.sha256) for e in sorted(entries, key=lambda e: e.path) if e.at_site}
+
+
+def build_manifest(weights: Sequence, files: Mapping[str, tuple[int, str]], *, at_site: Collection[str] = ()) -> dict:
     """The manifest document for ``weights`` (:class:`packager.registry.WeightsInfo`: ref, transform spec
-    and meta as JSON data) whose checkpoints are ``files`` (weights name -> (size, sha256))."""
+    and meta as JSON data) whose checkpoints are ``files`` (weights name -> (size, sha256)).
+
+    ``at_site``: checkpoint file names the bundle will not carry because the site holds them (a
+    delta bundle); listed under ``"at_site"`` only when there are any."""
     items = []
     for info in sorted(weights, key=lambda w: w.ref.name):
         ref = info.ref
@@ -223,5 +263,13 @@ def build_manifest(weights: Sequence, files: Mapping[str, tuple[int, str]]) -> d
             "path": f"{CHECKPOINT_DIR}/{ref.filename}", "size": size, "sha256": sha,
             "transforms": info.transforms, "meta": info.meta,
         })
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": created_by(),
-            "weights": items, "members": {}}
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": created_by(),
+                "weights": items, "members": {}}
+    paths = {item["path"] for item in items}
+    site = sorted({f"{CHECKPOINT_DIR}/{name}" for name in at_site})
+    unknown = [path for path in site if path not in paths]
+    if unknown:
+        raise BundleError(f"cannot expect {unknown[0]} at the site: no selected weights uses it")
+    if site:
+        document["at_site"] = site
+    return document

@@ -55,6 +55,9 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 # Files OMS verification must not count as model files: every signature the bundle carries.
 IGNORE_PATHS = (SIGNATURES_DIR,)
+# Limits for readers: a certificate signature is a few KB, and a bundle needs only a handful.
+MAX_SIGNATURE = 1 << 20
+MAX_SIGNATURES = 64
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_ID = re.compile(r"[0-9a-f]{16}")
@@ -92,7 +95,7 @@ class Info:
 
     method: str  # "key" or "certificate"
     signer: Signer | None  # None for a key signature without OMS's key hint
-    algorithm: str | None  # known from the certificate; a bare key signature does not say
+    algorithm: str | None  # from the certificate, or for a bare key the signature's size; None if unknown
     name: str
     resources: Mapping[str, str]  # archive path -> sha256
 
@@ -240,11 +243,23 @@ def _algorithm(public_key, what: str) -> str:
     return _CURVES[public_key.curve.name][1]
 
 
-def _ecdsa(public_key):
+def _ecdsa(public_key, *, deterministic: bool = False):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    return ec.ECDSA(getattr(hashes, _CURVES[public_key.curve.name][0])())
+    return ec.ECDSA(getattr(hashes, _CURVES[public_key.curve.name][0])(), deterministic_signing=deterministic)
+
+
+def _sign_bytes(key, data: bytes) -> bytes:
+    """ECDSA with RFC 6979 nonces where the OpenSSL under ``cryptography`` has them: the same key and statement give
+    the same signature, so a signed bundle is as reproducible as an unsigned one. Verifiers cannot tell the
+    difference; an older cryptography or OpenSSL signs with random nonces."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return key.sign(data, _ecdsa(key.public_key(), deterministic=True))
+    except (UnsupportedAlgorithm, TypeError):  # TypeError: a cryptography without the keyword
+        return key.sign(data, _ecdsa(key.public_key()))
 
 
 def _key_hint(public_key) -> str:
@@ -329,7 +344,7 @@ def sign(resources: Iterable[Resource], *, key_pem: bytes, password: bytes | str
 
         ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
         material = {"x509CertificateChain": {"certificates": [{"rawBytes": _b64(d)} for d in ders]}, "tlogEntries": []}
-    sig = key.sign(_pae(payload), _ecdsa(key.public_key()))
+    sig = _sign_bytes(key, _pae(payload))
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": material,
@@ -452,9 +467,24 @@ def describe(sig_bytes: bytes) -> Info:
             algorithm = None
         signer = Signer(_fingerprint(leaf.public_key()), leaf.subject.rfc4514_string())
     else:
-        algorithm = None
+        algorithm = _algorithm_from_size(parsed.sig)
         signer = Signer(f"SHA256:{parsed.key_hint}") if parsed.key_hint else None
     return Info(parsed.method, signer, algorithm, parsed.name, dict(parsed.resources))
+
+
+def _algorithm_from_size(sig: bytes) -> str | None:
+    """A bare key signature does not name its curve, but its DER (r, s) do by their size: an integer below a P-256
+    order has at most 256 bits, and both of a P-384 signature fit in 256 bits with probability 2**-256."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    try:
+        bits = max(n.bit_length() for n in decode_dss_signature(sig))
+    except ValueError:
+        return None
+    for limit, algorithm in ((256, "ecdsa-p256-sha256"), (384, "ecdsa-p384-sha384"), (521, "ecdsa-p521-sha512")):
+        if bits <= limit:
+            return algorithm
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- verify

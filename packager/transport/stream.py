@@ -139,7 +139,7 @@ def part_state_path(part: Path) -> Path:
 def read_state(part: Path) -> dict:
     try:
         return json.loads(part_state_path(part).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

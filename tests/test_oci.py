@@ -1,0 +1,471 @@
+"""Bundles as OCI images against the real CNCF distribution registry on loopback (anonymous and htpasswd):
+push, pull (byte-identical), install (fresh TORCH_HOME, then vanilla torchvision offline), what moves on a
+re-push, corrupt blobs, and skopeo + umoci as independent consumers."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
+
+from packager import bundle as B
+from packager import oci, signing
+from packager.errors import BundleError, OCIError
+from packager.formats import image as I
+from packager.formats.archive import tar_header
+from packager.transport.oci import OCI_MANIFEST, Policy, RegistryClient, digest_of
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = ["zoo_shufflenet_v2", "zoo_quantized_shufflenet_v2"]
+OTHER = ["zoo_shufflenet_v2", "zoo_mobilenet_v3_small"]  # shares zoo_shufflenet_v2 with SMALL
+SMALL_WEIGHTS = {"zoo_shufflenet_v2": "ZooShuffleNetV2_Weights.IMAGENET10_V1",
+                 "zoo_quantized_shufflenet_v2": "ZooShuffleNetV2_QuantizedWeights.IMAGENET10_FBGEMM_V1"}
+FAST = Policy(retries=1, backoff=0.01, max_backoff=0.02, connect_timeout=3, read_timeout=20)
+
+
+@pytest.fixture(scope="module")
+def made(zoo_root, tmp_path_factory) -> dict:
+    """Bundles of the zoo: SMALL, SMALL with SOURCE_DATE_EPOCH set, and OTHER (overlapping SMALL)."""
+    work = tmp_path_factory.mktemp("oci-bundles")
+    kwargs = dict(registry=[ZOO_REGISTRY], torch_home=work / "home", mirrors=[str(zoo_root)], upstream=False)
+    out = {"home": work / "home",
+           "small": B.bundle(SMALL, work / "small.tvpack", **kwargs),
+           "other": B.bundle(OTHER, work / "other.tvpack", **kwargs)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
+        out["epoch"] = B.bundle(SMALL, work / "epoch.tvpack", **kwargs)
+    return out
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch, zoo_root):
+    """No credentials or digest cache of the real user: HOME, auth files and XDG_CACHE_HOME in tmp
+    (the zoo, found through HOME, is pinned with TVPACK_ZOO_DIR first)."""
+    home = tmp_path / "user-home"
+    home.mkdir()
+    monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SOURCE_DATE_EPOCH"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def registry(tmp_path, isolated):
+    from packager.testing.registry import DistributionRegistry
+
+    with need_server(DistributionRegistry, tmp_path) as reg:
+        yield reg
+
+
+@pytest.fixture
+def auth_registry(tmp_path, isolated):
+    from packager.testing.registry import DistributionRegistry
+
+    with need_server(DistributionRegistry, tmp_path, users={"alice": "s3cret"}) as reg:
+        yield reg
+
+
+def ref_of(reg, repo: str = "models/small", tag: str = "v1") -> str:
+    return f"oci://{reg.host}/{repo}:{tag}"
+
+
+def blob_puts(reg, repo: str | None = None) -> list:
+    """Upload requests that carry or finish blob bytes (PATCH chunks and the closing PUT)."""
+    return [r for r in reg.uploads(repo) if r[0] in ("PATCH", "PUT")]
+
+
+def blob_gets(reg) -> list[str]:
+    return [r[1].rsplit("/", 1)[-1] for r in reg.requests() if r[0] == "GET" and "/blobs/sha256:" in r[1]]
+
+
+def one_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tvpack: error: "), lines[0]
+    return lines[0]
+
+
+def image_manifest(reg, repo="models/small", tag="v1") -> dict:
+    return json.loads(RegistryClient(reg.host, plain_http=True, policy=FAST).get_manifest(repo, tag).data)
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+# -- the layout, pure ---------------------------------------------------------------------------------
+def test_layer_and_bundle_sizes_match_what_the_writers_produce(made):
+    with B.open_bundle(made["small"]) as opened:
+        members = [(m.path, m.size) for m in opened.members]
+    assert I.bundle_size(members) == made["small"].stat().st_size
+    assert I.bundle_order(reversed([p for p, _ in members])) == [p for p, _ in members]
+    with oci.image_of_bundle(made["small"]) as image:
+        for layer in image.layers:
+            data = layer.open().read()
+            assert len(data) == layer.size == I.layer_size((m.path, m.size) for m in layer.members)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tf:  # an independent reader
+                assert [(m.name, m.size, m.mode, m.uid, m.mtime) for m in tf.getmembers()] == \
+                    [(m.path, m.size, 0o644, 0, 0) for m in layer.members]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda m: m.update(mediaType=I.IMAGE_INDEX), "an image index"),
+    (lambda m: m["annotations"].pop(I.A_FORMAT), "no org.tvpack.format"),
+    (lambda m: m["annotations"].update({I.A_FORMAT_VERSION: "9"}), "newer than this tvpack reads"),
+    (lambda m: m["layers"][0].update(mediaType="application/vnd.oci.image.layer.v1.tar+gzip"), "not an uncompressed"),
+    (lambda m: m["layers"].reverse(), "not in the last layer"),
+    (lambda m: m["layers"][0]["annotations"].update({I.A_PATH: "hub/../etc/passwd"}), "no valid org.tvpack.path"),
+])
+def test_image_manifest_refusals(change, expected):
+    layers = [I.LayerInfo("checkpoint", digest_of(b"a"), 5000, "hub/checkpoints/a-12345678.pth", "1" * 64),
+              I.LayerInfo("manifest", digest_of(b"b"), 3000, "hub/tvpack/manifests/0123456789abcdef.json")]
+    config = I.encode_config(layers, "0123456789abcdef")
+    data = I.encode_image_manifest(config, digest_of(config), layers, "0123456789abcdef", ["A.B"])
+    assert I.parse_image_manifest(data, OCI_MANIFEST, "x").layers == tuple(layers)
+    document = json.loads(data)
+    change(document)
+    with pytest.raises(OCIError, match=expected):
+        I.parse_image_manifest(json.dumps(document).encode(), OCI_MANIFEST, "oci://h/r:t")
+
+
+def test_a_bundle_not_laid_out_by_tvpack_is_refused_for_push(made, tmp_path):
+    """GNU tar's headers (user names, modes) differ from tvpack's: a pull could not give the same bytes."""
+    tree = tmp_path / "tree"
+    subprocess.run(["tar", "-xf", str(made["small"]), "-C", str(tree.mkdir() or tree)], check=True)
+    with B.open_bundle(made["small"]) as opened:
+        names = [m.path for m in opened.members]
+    retarred = tmp_path / "gnu.tvpack"
+    subprocess.run(["tar", "--format=ustar", "-cf", str(retarred), "-C", str(tree), *names], check=True)
+    B.verify_bundle(retarred)  # a valid bundle...
+    with pytest.raises(BundleError, match="not laid out as tvpack writes bundles"):
+        oci.image_of_bundle(retarred)  # ...that an image could not reproduce
+
+
+# -- push and pull --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["small", "epoch"])
+def test_push_then_pull_is_byte_identical_and_verifies(registry, made, tmp_path, which):
+    ref = ref_of(registry)
+    pushed = run_tvpack("push", made[which], ref, "--plain-http", "--json")  # real processes throughout
+    assert pushed.returncode == 0, pushed.stderr
+    report = json.loads(pushed.stdout)
+    assert report["status"] == "pushed" and report["uploaded"] == report["size"]
+    out = tmp_path / "pulled" / "small.tvpack"
+    pulled = run_tvpack("pull", ref, "-o", out, "--plain-http")
+    assert pulled.returncode == 0, pulled.stderr
+    assert out.read_bytes() == made[which].read_bytes()
+    assert files_under(out.parent) == ["small.tvpack"]
+    verified = run_tvpack("verify", out)
+    assert verified.returncode == 0 and verified.stdout.startswith("ok: "), verified.stderr
+
+    # what container tools see: an OCI image, config diff_ids = the uncompressed layers' digests
+    manifest = image_manifest(registry)
+    assert manifest["mediaType"] == OCI_MANIFEST and report["digest"].endswith(
+        hashlib.sha256(I.canonical_json(manifest)).hexdigest())
+    client = RegistryClient(registry.host, plain_http=True, policy=FAST)
+    config_path = tmp_path / "config.json"
+    client.pull_blob("models/small", manifest["config"]["digest"], config_path)
+    config = json.loads(config_path.read_text())
+    assert (config["os"], config["architecture"], config["rootfs"]["type"]) == ("linux", "amd64", "layers")
+    assert config["rootfs"]["diff_ids"] == [layer["digest"] for layer in manifest["layers"]]
+    with B.open_bundle(made[which]) as opened:
+        assert manifest["annotations"][I.A_MANIFEST_ID] == opened.manifest_id
+        shas = {e.path: e.sha256 for e in opened.entries}
+    titles = [layer["annotations"]["org.opencontainers.image.title"] for layer in manifest["layers"]]
+    assert titles == [p.rsplit("/", 1)[1] for p in sorted(shas)] + [f"{opened.manifest_id}.json"]
+    for layer in manifest["layers"][:-1]:
+        path = tmp_path / "layer.tar"
+        client.pull_blob("models/small", layer["digest"], path)
+        with tarfile.open(path) as tf:
+            (member,) = tf.getmembers()
+            data = tf.extractfile(member).read()
+        assert hashlib.sha256(data).hexdigest() == shas[member.name] == layer["annotations"][I.A_SHA256]
+
+
+def test_same_bundle_same_image_from_a_file_or_straight_from_the_cache(registry, made, zoo_root):
+    first = oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    assert oci.push_bundle(made["small"], ref_of(registry, tag="again"), plain_http=True).digest == first.digest
+    # `tvpack bundle -o oci://` writes no tar: the layers come from the cache; into another repository,
+    # every blob is mounted from the one pushed to before (recorded in the digest cache)
+    proc = run_tvpack("bundle", *SMALL, "--registry", ZOO_REGISTRY, "--torch-home", made["home"], "--mirror",
+                      str(zoo_root), "--no-upstream", "-o", ref_of(registry, "team/vision", "v1"), "--plain-http",
+                      "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["digest"] == first.digest
+    assert {b["status"] for b in report["blobs"]} == {"mounted"} and report["uploaded"] == 0
+    assert not blob_puts(registry, "team/vision")
+    assert not (ROOT / "oci:").exists()  # nothing was written under the reference's name
+
+
+def test_repush_and_an_overlapping_image_upload_only_new_blobs(registry, made, tmp_path):
+    first = oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    assert [b.status for b in first.blobs] == ["pushed"] * 4  # 2 checkpoints, the manifest layer, the config
+    assert len(blob_puts(registry)) == 4
+    requests = len(registry.requests())
+
+    again = run_tvpack("push", made["small"], ref_of(registry), "--plain-http")
+    assert again.returncode == 0 and again.stdout.startswith("unchanged: "), again.stderr
+    assert [r[0] for r in registry.requests()[requests:]] == ["HEAD", "HEAD"]  # the manifest by digest, the tag
+
+    # without the digest cache: everything is hashed again, nothing uploaded
+    cold = oci.push_bundle(made["small"], ref_of(registry), plain_http=True,
+                           digest_cache=oci.DigestCache(tmp_path / "empty.json"))
+    assert {b.status for b in cold.blobs} == {"exists"} and cold.digest == first.digest
+    assert len(blob_puts(registry)) == 4
+
+    other = oci.push_bundle(made["other"], ref_of(registry, tag="other"), plain_http=True)
+    with B.open_bundle(made["small"]) as a, B.open_bundle(made["other"]) as b:
+        (shared,) = {e.path for e in a.entries} & {e.path for e in b.entries}
+    assert {b.what: b.status for b in other.blobs if b.status != "pushed"} == {shared: "exists"}
+    assert len(blob_puts(registry)) == 4 + 3  # the new checkpoint, the manifest layer, the config
+
+
+def test_an_interrupted_push_reruns_without_resending_finished_blobs(registry, made):
+    client = RegistryClient(registry.host, plain_http=True, policy=Policy(chunk_size=256 << 10))
+    finished = []
+
+    def stop_after_first(result):
+        finished.append(result)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        oci.push_bundle(made["small"], ref_of(registry), client=client, on_blob=stop_after_first)
+    (done,) = finished
+    assert done.status == "pushed" and done.size > 1 << 20
+    # the 1.5 MB layer went up in 256 KiB chunks
+    assert [r[0] for r in registry.uploads()].count("PATCH") == -(-done.size // (256 << 10))
+    puts = len(blob_puts(registry))
+    rerun = oci.push_bundle(made["small"], ref_of(registry), client=client)
+    assert [(b.digest, b.status) for b in rerun.blobs][0] == (done.digest, "exists")
+    assert [b.status for b in rerun.blobs[1:]] == ["pushed"] * 3
+    assert len([r for r in blob_puts(registry)[puts:] if r[0] == "PUT"]) == 3
+
+
+# -- install and inspect --------------------------------------------------------------------------------
+VANILLA = r'''
+import json, sys
+import torch
+import packager.testing.zoo as zoo
+out = {}
+for builder, name in json.loads(sys.argv[1]).items():
+    enum, member = name.split(".")
+    kwargs = {"quantize": True} if "Quantized" in enum else {}
+    model = getattr(zoo, builder)(weights=getattr(getattr(zoo, enum), member), **kwargs)
+    out[name] = float(sum(t.double().sum() for t in model.state_dict().values()
+                          if isinstance(t, torch.Tensor) and t.dtype.is_floating_point))
+print(json.dumps(out))
+'''
+
+
+def load_offline(torch_home: Path) -> dict:
+    """Vanilla torchvision builders (the zoo's, as torchvision describes its own) under ``unshare -n``."""
+    unshare = need_binary("unshare")
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([unshare, "-n", sys.executable, "-c", VANILLA, json.dumps(SMALL_WEIGHTS)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_install_into_a_fresh_torch_home_then_vanilla_torchvision_offline(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    home = tmp_path / "fresh-home"
+    proc = run_tvpack("install", ref_of(registry), "--torch-home", home, "--plain-http")
+    assert proc.returncode == 0, proc.stderr
+    with B.open_bundle(made["small"]) as opened:
+        for entry in opened.entries:
+            assert (home / "hub/checkpoints" / entry.filename).read_bytes() == opened.open_checkpoint(entry.name).read()
+        assert files_under(home / "hub/checkpoints") == sorted(e.filename for e in opened.entries)
+        assert files_under(home / "hub/tvpack/manifests") == [f"{opened.manifest_id}.json"]
+    assert not (home / oci.STAGING_DIR).exists()
+    sums = load_offline(home)
+    assert set(sums) == set(SMALL_WEIGHTS.values())
+
+
+def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    manifest = image_manifest(registry)
+    home = tmp_path / "home"
+    (home / "hub/checkpoints").mkdir(parents=True)
+    kept = manifest["layers"][0]["annotations"]["org.opencontainers.image.title"]
+    shutil.copy(made["home"] / "hub/checkpoints" / kept, home / "hub/checkpoints" / kept)
+    gets = len(blob_gets(registry))
+    report = oci.install(ref_of(registry), torch_home=home, plain_http=True).installed
+    assert sorted((p.path.name, p.status) for p in report.files) == sorted(
+        [(kept, "unchanged"), (manifest["layers"][1]["annotations"]["org.opencontainers.image.title"], "installed")])
+    assert blob_gets(registry)[gets:] == [manifest["layers"][2]["digest"], manifest["layers"][1]["digest"]]
+    assert not (home / oci.STAGING_DIR).exists()
+
+    # something else in the way: refused before its layer is fetched (replaced with --force); a file its own
+    # name proves damaged is repaired, from its layer
+    other = tmp_path / "other-home"
+    (other / "hub/checkpoints").mkdir(parents=True)
+    (other / "hub/checkpoints" / kept).symlink_to(tmp_path / "nowhere")
+    gets = len(blob_gets(registry))
+    with pytest.raises(BundleError, match="dangling symbolic link"):
+        oci.install(ref_of(registry), torch_home=other, plain_http=True)
+    assert manifest["layers"][0]["digest"] not in blob_gets(registry)[gets:]
+    oci.install(ref_of(registry), torch_home=other, plain_http=True, force=True)
+    assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
+    (other / "hub/checkpoints" / kept).write_bytes(b"damaged")
+    report = oci.install(ref_of(registry), torch_home=other, plain_http=True).installed
+    assert {p.path.name: p.status for p in report.files}[kept] == "repaired"
+    assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
+
+
+def test_inspect_reads_only_the_manifest_layer(registry, made):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    manifest = image_manifest(registry)
+    gets = len(blob_gets(registry))
+    proc = run_tvpack("inspect", ref_of(registry), "--plain-http")
+    assert proc.returncode == 0, proc.stderr
+    assert all(name in proc.stdout for name in SMALL_WEIGHTS.values())
+    assert blob_gets(registry)[gets:] == [manifest["layers"][-1]["digest"]]
+
+
+# -- refusals -------------------------------------------------------------------------------------------
+def test_a_blob_corrupted_in_the_registry_is_refused_on_pull_and_install(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    layer = image_manifest(registry)["layers"][0]
+    stored = registry.blob_path(layer["digest"])
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped inside the checkpoint
+    stored.write_bytes(bytes(raw))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_tvpack("pull", ref_of(registry), "-o", out / "small.tvpack", "--plain-http")
+    assert "do not match its digest" in one_error_line(proc)
+    assert files_under(out) == []
+
+    home = tmp_path / "home"
+    proc = run_tvpack("install", ref_of(registry), "--torch-home", home, "--plain-http")
+    assert "do not match its digest" in one_error_line(proc)
+    assert [f for f in files_under(home) if Path(f).suffix] == []  # no checkpoint, manifest or staged layer
+
+
+def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tmp_path):
+    client = RegistryClient(registry.host, plain_http=True, policy=FAST)
+    layer = tar_header("hub/x/file", 3, 0) + b"abc" + bytes(509 + 1024)
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(layer)]}}).encode()
+    for data in (layer, config):
+        client.push_blob("plain/image", data, size=len(data), digest=digest_of(data))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": I.IMAGE_CONFIG, "digest": digest_of(config), "size": len(config)},
+                           "layers": [{"mediaType": I.LAYER_TAR, "digest": digest_of(layer),
+                                       "size": len(layer)}]}).encode()
+    client.put_manifest("plain/image", "v1", manifest, OCI_MANIFEST)
+    ref = ref_of(registry, "plain/image")
+    for args in (("pull", ref, "-o", tmp_path / "x.tvpack"), ("inspect", ref), ("install", ref, "--torch-home",
+                                                                                 tmp_path / "home")):
+        line = one_error_line(run_tvpack(*args, "--plain-http"))
+        assert f"{ref}: not a tvpack image (no org.tvpack.format=tvpack-bundle annotation)" in line, line
+    assert not (tmp_path / "x.tvpack").exists() and not (tmp_path / "home").exists()
+    missing = one_error_line(run_tvpack("pull", ref_of(registry, "plain/image", "v2"), "-o", tmp_path / "y",
+                                        "--plain-http"))
+    assert "tag or manifest not found" in missing
+
+
+# -- signatures ---------------------------------------------------------------------------------------
+def ec_key(openssl: str, directory: Path, name: str) -> tuple[Path, Path]:
+    key, pub = directory / f"{name}.key", directory / f"{name}.pub"
+    subprocess.run([openssl, "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key)], check=True)
+    subprocess.run([openssl, "ec", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+    return key, pub
+
+
+def test_signatures_travel_in_the_image_and_are_checked_from_the_registry(registry, made, tmp_path, zoo_root):
+    openssl = need_binary("openssl")
+    (alice, alice_pub), (bob, bob_pub) = ec_key(openssl, tmp_path, "alice"), ec_key(openssl, tmp_path, "bob")
+    _other, other_pub = ec_key(openssl, tmp_path, "other")
+    path = tmp_path / "signed.tvpack"
+    shutil.copy(made["small"], path)
+    # two signatures, appended in an order that is not sorted: the image keeps the bundle's order
+    signing.sign_bundle(path, signing.Signer.load(alice))
+    signing.sign_bundle(path, signing.Signer.load(bob), label="release")
+    with B.open_bundle(path) as opened:
+        names = [m.path.rsplit("/", 1)[1] for m in opened.signatures]
+    assert names == sorted(names, reverse=True)
+    ref = ref_of(registry, "models/signed")
+    assert run_tvpack("push", path, ref, "--plain-http").returncode == 0
+    out = tmp_path / "pulled.tvpack"
+    assert run_tvpack("pull", ref, "-o", out, "--plain-http").returncode == 0
+    assert out.read_bytes() == path.read_bytes()
+    shown = run_tvpack("inspect", ref, "--plain-http")
+    assert "signatures: 2" in shown.stdout, shown.stderr
+    verified = run_tvpack("verify", ref, "--key", bob_pub, "--plain-http")
+    assert verified.returncode == 0 and "signed by" in verified.stdout, verified.stderr
+
+    # an untrusted signer is refused before any checkpoint layer is fetched; nothing is written
+    layers = image_manifest(registry, "models/signed")["layers"]
+    gets = len(blob_gets(registry))
+    home = tmp_path / "home"
+    line = one_error_line(run_tvpack("install", ref, "--key", other_pub, "--torch-home", home, "--plain-http"))
+    assert "signature" in line
+    assert blob_gets(registry)[gets:] == [layers[-1]["digest"]] and files_under(home / "hub/checkpoints") == []
+    installed = run_tvpack("install", ref, "--key", alice_pub, "--torch-home", home, "--plain-http")
+    assert installed.returncode == 0 and "signature valid" in installed.stdout, installed.stderr
+    assert len(files_under(home / "hub/tvpack/signatures")) == 2
+
+    # signed straight from the cache into a registry
+    proc = run_tvpack("bundle", *SMALL, "--registry", ZOO_REGISTRY, "--torch-home", made["home"], "--no-fetch",
+                      "--sign-key", alice, "-o", ref_of(registry, "models/from-cache"), "--plain-http")
+    assert proc.returncode == 0, proc.stderr
+    again = run_tvpack("install", ref_of(registry, "models/from-cache"), "--key", alice_pub, "--torch-home",
+                       tmp_path / "home2", "--plain-http")
+    assert again.returncode == 0 and "signature valid" in again.stdout, again.stderr
+
+
+# -- authentication -------------------------------------------------------------------------------------
+def test_htpasswd_registry_login_then_push_pull_install(auth_registry, made, tmp_path):
+    ref = ref_of(auth_registry)
+    line = one_error_line(run_tvpack("push", made["small"], ref, "--plain-http"))
+    assert f"unauthorized: no credentials for {auth_registry.host}" in line
+    assert os.environ["REGISTRY_AUTH_FILE"] in line and f"tvpack login {auth_registry.host}" in line
+
+    auth_file = Path(os.environ["REGISTRY_AUTH_FILE"])
+    bad = run_tvpack("login", auth_registry.host, "-u", "alice", "--password-stdin", "--plain-http", input="wrong\n")
+    assert "refused the credentials" in one_error_line(bad) and not auth_file.exists()
+    good = run_tvpack("login", auth_registry.host, "-u", "alice", "--password-stdin", "--plain-http",
+                      input="s3cret\n")
+    assert good.returncode == 0 and str(auth_file) in good.stdout, good.stderr
+    assert list(json.loads(auth_file.read_text())["auths"]) == [auth_registry.host]
+
+    assert run_tvpack("push", made["small"], ref, "--plain-http").returncode == 0
+    out = tmp_path / "pulled.tvpack"
+    assert run_tvpack("pull", ref, "-o", out, "--plain-http").returncode == 0
+    assert out.read_bytes() == made["small"].read_bytes()
+    proc = run_tvpack("install", ref, "--torch-home", tmp_path / "home", "--plain-http", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["bundle"] == ref, proc.stderr
+
+
+# -- independent consumers ------------------------------------------------------------------------------
+def test_skopeo_copy_and_umoci_unpack_give_a_torch_home_vanilla_torchvision_loads_offline(registry, made, tmp_path):
+    skopeo, umoci = need_binary("skopeo"), need_binary("umoci")
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    layout = tmp_path / "layout"
+    subprocess.run([skopeo, "copy", "--src-tls-verify=false", f"docker://{registry.host}/models/small:v1",
+                    f"oci:{layout}:v1"], check=True, capture_output=True, timeout=120)
+    out = tmp_path / "unpacked"
+    subprocess.run([umoci, "unpack", "--rootless", "--image", f"{layout}:v1", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    rootfs = out / "rootfs"
+    with B.open_bundle(made["small"]) as opened:
+        for entry in opened.entries:
+            assert (rootfs / entry.path).read_bytes() == opened.open_checkpoint(entry.name).read()
+        assert (rootfs / opened.manifest_path).is_file()
+    sums = load_offline(rootfs)
+    assert set(sums) == set(SMALL_WEIGHTS.values())
