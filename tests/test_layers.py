@@ -18,7 +18,7 @@ PACKAGE = ROOT / "packager"
 # lowest first; a module may import its own layer's modules (acyclically) and anything below
 LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"packager", "packager.errors", "packager.env", "packager.home", "packager.fsutil",
-                "packager.registry", "packager.spec"}),
+                "packager.locking", "packager.registry", "packager.spec"}),
     ("formats", {"packager.formats", "packager.formats.archive", "packager.formats.manifest",
                  "packager.formats.lockfile", "packager.formats.checkpoint", "packager.formats.signature",
                  "packager.formats.volumes", "packager.formats.inventory", "packager.formats.image"}),
