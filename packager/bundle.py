@@ -60,7 +60,7 @@ from .formats.manifest import (
 )
 from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
-from .fsutil import fsync_dir, remove_stale_temps, temp_path
+from .fsutil import fsync_dir, make_dirs, remove_stale_temps, share_with_group, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename
 from .snapshot import describe, resolve
@@ -354,9 +354,11 @@ def _proves_corrupt(dest: Path, current: str | None) -> bool:
 def _stage_file(dest: Path) -> tuple[Path, int]:
     tmp = temp_path(dest, _INSTALL_SUFFIX)
     try:
-        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for fetch
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for fetch
     except OSError as exc:
         raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    share_with_group(tmp, fd=fd)  # and a group-shared cache stays writable by the whole group
+    return tmp, fd
 
 
 def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
@@ -592,7 +594,7 @@ def _unlink(path: Path) -> None:
 
 def _makedirs(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)  # shared with the group where the cache is (a team's setgid TORCH_HOME)
     except OSError as exc:
         raise BundleError(f"cannot create {path}: {exc.strerror or exc}") from None
 

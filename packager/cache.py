@@ -48,7 +48,7 @@ from . import env
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
 from .formats.checkpoint import deep_check
 from .formats.lockfile import dump_lockfile, read_lockfile, select_locked
-from .fsutil import atomic_write_json, fsync_dir, make_dirs
+from .fsutil import atomic_write_json, fsync_dir, make_dirs, short_name
 from .home import hub_dir as _hub_dir
 from .locking import FileLock, describe_holder
 from .registry import WeightsRef, hash_prefix_from_filename
@@ -74,14 +74,8 @@ _STEM_MAX = 200 - (1 + 40 + 1 + 10 + 1 + 8 + len(PART_SUFFIX))
 
 
 def _stem(filename: str) -> str:
-    """``filename`` as it appears in part and lock names: itself, or when too long for those
-    names, a prefix and a hash of the whole name (unique, and still recognisable by people)."""
-    raw = os.fsencode(filename)
-    if len(raw) <= _STEM_MAX:
-        return filename
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    prefix = raw[: _STEM_MAX - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
-    return f"{prefix}~{digest}"
+    """``filename`` as it appears in part and lock names (shortened when too long for them)."""
+    return short_name(filename, _STEM_MAX)
 
 
 # -- places ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -19,11 +20,25 @@ import stat
 import time
 from pathlib import Path
 
+NAME_STEM_MAX = 127  # bytes of a file name kept in derived names (temp, part, lock): 255 is the usual limit
+
+
+def short_name(filename: str, limit: int = NAME_STEM_MAX) -> str:
+    """``filename`` as it appears in names derived from it: itself, or when too long for those,
+    a prefix and a hash of the whole name (unique, and still recognisable by people)."""
+    raw = os.fsencode(filename)
+    if len(raw) <= limit:
+        return filename
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    prefix = raw[: limit - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
+    return f"{prefix}~{digest}"
+
 
 def temp_path(dest, suffix: str = ".tmp") -> Path:
-    """``.<name>.<pid>.<random hex><suffix>`` beside ``dest``: unique across processes and threads."""
+    """``.<name>.<pid>.<random hex><suffix>`` beside ``dest``: unique across processes and threads
+    (``<name>`` shortened by :func:`short_name` so that a name near 255 bytes still fits)."""
     dest = Path(dest)
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+    return dest.with_name(f".{short_name(dest.name)}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
 def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
@@ -31,7 +46,7 @@ def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> 
     loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
     another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
     dest = Path(dest)
-    prefix = f".{dest.name}."
+    prefix = f".{short_name(dest.name)}."
     removed = []
     try:
         names = os.listdir(dest.parent)

@@ -713,3 +713,23 @@ def test_a_fetched_but_not_installed_file_says_how_to_give_it_a_manifest(zoo, tm
         loader.load_model(home, "zoo_s3d", registry=[ZOO_REGISTRY])
     text = excinfo.value.format()
     assert "in the cache without a manifest" in text and "ZooS3D_Weights" in text
+
+
+def test_a_checkpoint_name_near_255_bytes_installs_and_loads(zoo, tmp_path):
+    """Install's temp names are derived from the file name: a long name must still fit."""
+    weights = zoo.ZooShuffleNetV2_Weights.IMAGENET10_V1
+    src = next(p for p in zoo.zoo_files().values() if p.name == os.path.basename(weights.url))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    long_file = tmp_path / ("w" * (255 - len("-12345678.pth")) + f"-{digest[:8]}.pth")
+    assert len(long_file.name.encode()) == 255
+    shutil.copy(src, long_file)
+    item = entry_for(weights, long_file, url=f"https://example.invalid/{long_file.name}", models=["zoo_shufflenet_v2"],
+                     builders=["packager.testing.zoo.zoo_shufflenet_v2"])
+    bundle_path = write_bundle(tmp_path / "long.tar", [item], [long_file])
+    home = tmp_path / "home"
+    proc = run_tvpack("install", bundle_path, "--torch-home", home)
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "hub" / "checkpoints" / long_file.name).is_file()
+    assert not [p for p in (home / "hub" / "checkpoints").iterdir() if p.name.startswith(".")]
+    model, loaded = loader.load_model(home, "zoo_shufflenet_v2", registry=[ZOO_REGISTRY])
+    assert loaded.sha256 == digest
