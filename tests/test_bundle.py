@@ -13,6 +13,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -825,3 +826,37 @@ def test_install_names_a_dangling_symlink(small_bundle, tmp_path):
     assert proc.returncode == 1 and "dangling symbolic link" in proc.stderr and "None" not in proc.stderr
     run_tvpack("install", small_bundle, "--torch-home", home, "--force", check=True)
     assert victim.is_file() and not victim.is_symlink()
+
+
+def test_sigterm_during_bundle_removes_its_temp_file(tmp_path):
+    """docker stop / timeout send SIGTERM: the half-written bundle must not stay behind (exit 143)."""
+    home = tmp_path / "home" / "hub" / "checkpoints"
+    home.mkdir(parents=True)
+    sparse = home / "big.pth"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB of holes: slow enough to interrupt, free on disk
+    digest = subprocess.run(["sha256sum", sparse], capture_output=True, text=True, check=True).stdout.split()[0]
+    name = f"big-{digest[:8]}.pth"
+    os.replace(sparse, home / name)
+    (tmp_path / "sigterm_weights.py").write_text(
+        "from functools import partial\nfrom typing import Optional\nfrom torch import nn\n"
+        "from torchvision.models._api import Weights, WeightsEnum\n"
+        "from torchvision.transforms._presets import ImageClassification\n\n\n"
+        "class Big_Weights(WeightsEnum):\n"
+        f"    V1 = Weights(url='https://example.invalid/{name}', transforms=partial(ImageClassification, crop_size=8),"
+        " meta={'categories': None})\n\n\n"
+        "def big_model(*, weights: Optional[Big_Weights] = None) -> nn.Module:\n    return nn.Identity()\n")
+    out = tmp_path / "out" / "big.tvpack.tar"
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "TVPACK_REGISTRY": "sigterm_weights",
+           "TORCH_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "packager", "bundle", "big_model", "--no-fetch", "-o", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(out.parent.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert list(out.parent.iterdir()) == [], "the temp file of the interrupted bundle was left behind"
