@@ -122,6 +122,28 @@ def rm(path: Path) -> None:
         path.unlink()
 
 
+def in_scratch(prefix: str, run, args) -> int:
+    """``run(work, args)`` in a fresh temporary directory, removed afterwards unless ``args.keep``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return run(work, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+def interleaved(repeat: int, *contenders) -> list[float]:
+    """Best of ``repeat`` for each (run, cleanup), taking turns so that load from elsewhere hits all alike."""
+    times: list[list[float]] = [[] for _ in contenders]
+    for _ in range(repeat):
+        for slot, (fn, cleanup) in enumerate(contenders):
+            cleanup()
+            times[slot].append(fn())
+    return [min(t) for t in times]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.5)
@@ -130,14 +152,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tvpack-bench-bundle-"))
-    try:
-        return run(work, args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+    return in_scratch("tvpack-bench-bundle-", run, args)
 
 
 def run(work: Path, args) -> int:
@@ -181,18 +196,9 @@ def run(work: Path, args) -> int:
     def cli_install(archive):
         return [sys.executable, "-m", "packager", "install", str(archive), "--torch-home", str(dest), "-q"]
 
-    def interleaved(*contenders) -> list[float]:
-        """Best of --repeat for each (run, cleanup), taking turns so that load from elsewhere on
-        the machine hits every contender alike."""
-        times = [[] for _ in contenders]
-        for _ in range(args.repeat):
-            for slot, (fn, cleanup) in enumerate(contenders):
-                cleanup()
-                times[slot].append(fn())
-        return [min(t) for t in times]
-
     # 1. bundle vs tar -cf (tar's output is kept for step 2)
     t_bundle, t_tar_c = interleaved(
+        args.repeat,
         (lambda: timed(lambda: bundle(selectors, out, registry=[REGISTRY], torch_home=home, fetch=False)),
          lambda: rm(out)),
         (lambda: timed(lambda: subprocess.run(["tar", "-cf", str(tar_out), "-C", str(home), *tar_members],
@@ -203,6 +209,7 @@ def run(work: Path, args) -> int:
 
     # 2. install vs tar -xf
     t_install, t_tar_x = interleaved(
+        args.repeat,
         (lambda: timed(lambda: install_bundle(out, torch_home=dest)), fresh(dest)),
         (lambda: timed(lambda: subprocess.run(["tar", "-xf", str(tar_out), "-C", str(tar_dest)], check=True)),
          fresh(tar_dest)),

@@ -21,10 +21,8 @@ The temporary files are removed at the end (unless --keep).
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_bundle import REGISTRY, make_checkpoints, rm, timed  # noqa: E402
+from bench_bundle import REGISTRY, in_scratch, interleaved, make_checkpoints, rm, timed  # noqa: E402
 
 MiB = 1 << 20
 
@@ -46,24 +44,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tvpack-bench-delta-"))
-    try:
-        return run(work, args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
-
-
-def interleaved(repeat: int, *contenders) -> list[float]:
-    """Best of ``repeat`` for each (run, cleanup), taking turns so that load from elsewhere hits all alike."""
-    times: list[list[float]] = [[] for _ in contenders]
-    for _ in range(repeat):
-        for slot, (fn, cleanup) in enumerate(contenders):
-            cleanup()
-            times[slot].append(fn())
-    return [min(t) for t in times]
+    return in_scratch("tvpack-bench-delta-", run, args)
 
 
 def run(work: Path, args) -> int:

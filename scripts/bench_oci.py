@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_bundle import REGISTRY, make_checkpoints, rm, run_child  # noqa: E402
+from bench_bundle import REGISTRY, in_scratch, make_checkpoints, rm, run_child  # noqa: E402
 
 MiB = 1 << 20
 
@@ -46,14 +45,7 @@ def main() -> int:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed (apt-get install docker-registry skopeo)")
             return 1
-    work = Path(tempfile.mkdtemp(prefix="tvpack-bench-oci-"))
-    try:
-        return run(work, args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+    return in_scratch("tvpack-bench-oci-", run, args)
 
 
 def run(work: Path, args) -> int:
