@@ -21,7 +21,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .servers import ServerSoftwareMissing, find_binary, free_port, wait_for_port
+from .servers import ChildServer, ServerSoftwareMissing, find_binary, free_port
 
 __all__ = ["DistributionRegistry", "TokenServer", "self_signed_cert"]
 
@@ -182,7 +181,7 @@ def _yaml(value: dict, indent: str = "") -> str:
     return "".join(lines)
 
 
-class DistributionRegistry:
+class DistributionRegistry(ChildServer):
     """``docker-registry serve CONFIG`` on 127.0.0.1:<free port>, storage and logs under ``workdir``.
 
     ``users``: htpasswd basic auth. ``token_server``: bearer-token auth through a :class:`TokenServer`.
@@ -244,25 +243,8 @@ class DistributionRegistry:
         # The registry reads REGISTRY_<SECTION>_<KEY> variables as config overrides: REGISTRY_AUTH_FILE,
         # which clients read as the containers auth file, would become an "auth: file:" section.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([self.binary, "serve", str(self.conf)], stdout=out, stderr=subprocess.STDOUT,
-                                         env=env)
-        try:
-            wait_for_port(self.port, proc=self.proc, log=self.log)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch([self.binary, "serve", str(self.conf)], self.log, env=env)
         return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
     def requests(self) -> list[tuple[str, str, int, int]]:
         """``(method, path with query, status, body bytes sent)`` for every access-log line so far."""
@@ -281,11 +263,6 @@ class DistributionRegistry:
         algorithm, _, hexdigest = digest.partition(":")
         return self.storage / "docker" / "registry" / "v2" / "blobs" / algorithm / hexdigest[:2] / hexdigest / "data"
 
-    def __enter__(self) -> "DistributionRegistry":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def sha256_digest(data: bytes) -> str:

@@ -88,9 +88,46 @@ def find_binary(name: str) -> str:
     return path
 
 
-class Nginx:
+class ChildServer:
+    """A server run as a child process on 127.0.0.1: :meth:`_launch` starts it and waits for its
+    port (stopping it again if it never comes up); :meth:`stop` ends it with ``stop_signal``."""
+
+    stop_signal = signal.SIGTERM
+    port: int
+    proc: subprocess.Popen | None = None
+
+    def _launch(self, argv: list[str], log: Path, *, stdout_to_log: bool = True, env: dict | None = None) -> None:
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out if stdout_to_log else subprocess.DEVNULL, stderr=out, env=env)
+        try:
+            wait_for_port(self.port, proc=self.proc, log=log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Nginx(ChildServer):
     """``nginx -g 'daemon off;'`` serving ``root`` on 127.0.0.1; config, pid, logs and temp paths
     all inside ``workdir``. ``start()`` (or ``with``) runs it; ``stop()`` shuts it down gracefully."""
+
+    stop_signal = signal.SIGQUIT  # graceful: nginx finishes its log lines
+
 
     def __init__(self, root, workdir, *, binary: str | None = None):
         self.binary = binary or find_binary("nginx")
@@ -139,26 +176,9 @@ http {{
         if self.proc is not None:
             return self
         self.conf.write_text(self.config())
-        with open(self.stderr_log, "wb") as stderr:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf), "-p", str(self.workdir),
-                                          "-e", str(self.error_log), "-g", "daemon off;"],
-                                         stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            wait_for_port(self.port, proc=self.proc, log=self.stderr_log)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch([self.binary, "-c", str(self.conf), "-p", str(self.workdir), "-e", str(self.error_log),
+                      "-g", "daemon off;"], self.stderr_log, stdout_to_log=False)
         return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: finishes the log lines
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
     def requests(self) -> list[tuple[str, str, int, int]]:
         """``(method, path, status, bytes sent)`` for every line of the access log."""
@@ -175,11 +195,6 @@ http {{
                 continue
         return out
 
-    def __enter__(self) -> "Nginx":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class MotoS3:
