@@ -36,7 +36,6 @@ import bisect
 import contextlib
 import functools
 import hashlib
-import io
 import json
 import os
 import threading
@@ -49,7 +48,7 @@ from typing import Callable, Sequence
 from . import bundle as bundles
 from . import cache, signing
 from .errors import BundleError, OCIError
-from .formats.archive import BLOCK, RECORD, TarArchive, round_up, tar_header
+from .formats.archive import BLOCK, RECORD, MemberFile, TarArchive, round_up, tar_header
 from .formats.image import (
     DEFAULT_PLATFORM,
     END,
@@ -173,33 +172,6 @@ class ImageSource:
         self.close()
 
 
-class _SourceFile(io.RawIOBase):
-    """A seekable read-only file over an :class:`ImageSource` (what the transport uploads from)."""
-
-    def __init__(self, source: ImageSource):
-        super().__init__()
-        self._source, self._pos = source, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._source.size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        n = self._source.readinto_at(buffer, self._pos)
-        self._pos += n
-        return n
-
-
 # -- an image of a bundle, before digests ------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageMember:
@@ -236,8 +208,10 @@ class Layer:
             out += [(len(m.header), m.header), (m.size, (m.source, m.offset)), (-m.size % BLOCK, bytes(-m.size % BLOCK))]
         return out + [(END, bytes(END))]
 
-    def open(self) -> _SourceFile:
-        return _SourceFile(ImageSource(self.path, self.pieces()))
+    def open(self) -> MemberFile:
+        """A seekable read-only file over the layer's bytes (what the transport uploads from)."""
+        source = ImageSource(self.path, self.pieces())
+        return MemberFile(source, 0, source.size)
 
     def key(self) -> str:
         """What decides this layer's bytes (its digest is cached under it): one member's path, size,

@@ -166,3 +166,29 @@ def tvpack_command(*args) -> list[str]:
 
 def tvpack_env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), **{k: str(v) for k, v in extra.items()}}
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs("2m")``: a fresh tmpfs of that size mounted under ``tmp_path`` (needs root: skipped
+    elsewhere), unmounted when the test ends: a real disk to fill."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs-{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmpfs) -> Path:
+    """A 2 MB tmpfs to run out of space on."""
+    return tmpfs("2m")

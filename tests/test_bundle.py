@@ -713,41 +713,30 @@ def test_bundle_and_install_fsync_every_file_before_its_rename(small_bundle, zoo
     assert out.is_file()
 
 
-def _tmpfs(path: Path, size: str):
-    need_binary("mount")
-    path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+def test_a_full_disk_during_install_leaves_nothing_for_load_model(small_bundle, tmpfs):
+    disk = tmpfs("64m")
+    home = disk / "home"
 
+    def pages(n: int) -> int:
+        return -(-n // 4096) * 4096
 
-def test_a_full_disk_during_install_leaves_nothing_for_load_model(small_bundle, tmp_path):
-    disk = tmp_path / "disk"
-    _tmpfs(disk, "64m")
-    try:
-        home = disk / "home"
-        def pages(n: int) -> int:
-            return -(-n // 4096) * 4096
-
-        with B.open_bundle(small_bundle) as opened:
-            payload = sum(pages(m.size) for m in opened.members[1:])
-            manifest = pages(opened.members[0].size)
-        (home / "hub" / "checkpoints").mkdir(parents=True)
-        (home / "hub" / "tvpack" / "manifests").mkdir(parents=True)
-        # room for the checkpoints (whole pages on tmpfs), one page short for the manifest staged after them
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        filler = free - (payload + manifest - 4096)
-        with open(disk / "filler", "wb") as f:
-            f.truncate(0)
-            f.write(b"\0" * filler)
-        proc = run_tvpack("install", small_bundle, "--torch-home", home)
-        assert proc.returncode == 1
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "No space left on device" in lines[0] and str(home) in lines[0], proc.stderr
-        assert not any((home / "hub" / "checkpoints").iterdir())  # nothing placed, no temp left
-        assert not any((home / "hub" / "tvpack" / "manifests").iterdir())
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    with B.open_bundle(small_bundle) as opened:
+        payload = sum(pages(m.size) for m in opened.members[1:])
+        manifest = pages(opened.members[0].size)
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    (home / "hub" / "tvpack" / "manifests").mkdir(parents=True)
+    # room for the checkpoints (whole pages on tmpfs), one page short for the manifest staged after them
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    filler = free - (payload + manifest - 4096)
+    with open(disk / "filler", "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * filler)
+    proc = run_tvpack("install", small_bundle, "--torch-home", home)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and str(home) in lines[0], proc.stderr
+    assert not any((home / "hub" / "checkpoints").iterdir())  # nothing placed, no temp left
+    assert not any((home / "hub" / "tvpack" / "manifests").iterdir())
 
 
 def test_bundle_refuses_to_write_into_the_cache(small_bundle, tmp_path):

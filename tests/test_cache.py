@@ -534,20 +534,6 @@ def test_fetch_lock_does_not_import_torch(mirror_server, tmp_path, torch_home):
     assert read_lockfile(lock)[0].sha256
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MB tmpfs (root only) to run out of space on."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_is_one_clear_line_and_leaves_nothing(mirror_server, tmp_path, tiny_disk, cli):
     refs = synth_refs(mirror_server.root, count=2, size=1_500_000)
     lock = dump_lockfile(refs, tmp_path / "tvpack.lock")

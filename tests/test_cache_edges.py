@@ -9,8 +9,6 @@ import shutil
 import signal
 import subprocess
 
-import pytest
-
 from packager.formats.lockfile import dump_lockfile
 from tests.conftest import ZOO_REGISTRY, run_tvpack, synth_refs, tvpack_command, tvpack_env, wait_for
 
@@ -145,20 +143,6 @@ def test_a_resumed_fetch_counts_only_the_bytes_it_received(mirror_server, tmp_pa
 
 
 # -- disk space and parallel transfers -------------------------------------------------------------
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MB tmpfs (root only) to run out of space on."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
 
 def test_parallel_transfers_do_not_count_the_same_free_space_twice(mirror_server, tmp_path, tiny_disk):
     refs = synth_refs(mirror_server.root, count=2, size=1_200_000)  # each fits, both do not
