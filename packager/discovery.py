@@ -23,8 +23,8 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 from . import env
-from .errors import RegistryError, UsageError
-from .registry import FAMILIES, Catalog, EnumInfo, ModelInfo, WeightsInfo, WeightsRef
+from .errors import RegistryError, SelectorError, UsageError
+from .registry import FAMILIES, Catalog, EnumInfo, ModelInfo, WeightsInfo, WeightsRef, unknown
 from .spec import SpecError, meta_to_json, transform_spec
 
 
@@ -169,14 +169,13 @@ class Registry:
     # -- live lookups ------------------------------------------------------------------------
     def weights(self, name: str):
         """``get_weight``-style lookup: ``ResNet50_Weights.IMAGENET1K_V2`` -> the live member."""
-        key, member = self.catalog()._weights_by_name(name)
-        return self._enum_for_key(key).__members__[member]
-
-    def _enum_for_key(self, key: str):
-        for enum in self._all_enums():
-            if _enum_key(enum) == key:
-                return enum
-        raise KeyError(key)
+        enum_name, _, member = name.partition(".")
+        if enum_name not in self.enums:
+            raise SelectorError(unknown("weights enum", enum_name, self.enums))
+        members = self.enums[enum_name].__members__
+        if member not in members:
+            raise SelectorError(unknown(f"member of {enum_name}", member, members))
+        return members[member]
 
     def _all_enums(self) -> list[type]:
         """Every enum discovered, in order: the visible ones, then those shadowed by name, then

@@ -259,7 +259,7 @@ class Catalog:
                 raise SelectorError(f"no model matches {pattern!r}")
             return [self.models[name] for name in names]
         if pattern not in self.models:
-            raise SelectorError(_unknown("model", pattern, self.models))
+            raise SelectorError(unknown("model", pattern, self.models))
         return [self.models[pattern]]
 
     def _members_of(self, model: ModelInfo, member: str | None) -> list[tuple[str, str]]:
@@ -276,16 +276,16 @@ class Catalog:
                 + ", ".join(f"{model.name}:{m}" for m in enum.members)
             )
         if member not in enum.names:
-            raise SelectorError(_unknown(f"weights of {model.name} ({enum.name})", member, enum.names))
+            raise SelectorError(unknown(f"weights of {model.name} ({enum.name})", member, enum.names))
         return [(enum.key, enum.names[member])]
 
     def _weights_by_name(self, name: str) -> tuple[str, str]:
         enum_name, member = name.split(".", 1)
         if enum_name not in self.enums:
-            raise SelectorError(_unknown("weights enum", enum_name, self.enums))
+            raise SelectorError(unknown("weights enum", enum_name, self.enums))
         enum = self.enums[enum_name]
         if member not in enum.names:
-            raise SelectorError(_unknown(f"member of {enum_name}", member, enum.names))
+            raise SelectorError(unknown(f"member of {enum_name}", member, enum.names))
         return enum.key, enum.names[member]
 
 
@@ -293,7 +293,8 @@ class Catalog:
 _SELECTOR = re.compile(r"[A-Za-z0-9_*?\[\]\-]+(:[A-Za-z0-9_]+)?|[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _unknown(kind: str, name: str, choices: Iterable[str]) -> str:
+def unknown(kind: str, name: str, choices: Iterable[str]) -> str:
+    """``unknown model 'resnt50'; did you mean resnet50?``"""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
     message = f"unknown {kind} {name!r}"
     if close:
