@@ -21,7 +21,6 @@ files with ``weights_only=False``, so a poisoned pickle would run code there.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -786,7 +785,7 @@ class _FileSink:
         copy_file(src_fd, self.fd, size, bar)
 
     def copy_hashing(self, src_fd: int, size: int, bar) -> str:
-        return copy_hashing(src_fd, self.fd, size, bar)
+        return copy_hashing(src_fd, self.write, size, bar)
 
 
 class _SplitSink:
@@ -807,20 +806,7 @@ class _SplitSink:
             bar.update(size)
 
     def copy_hashing(self, src_fd: int, size: int, bar) -> str:
-        digest = hashlib.sha256()
-        buffer = bytearray(min(max(size, 1), 8 << 20))
-        view = memoryview(buffer)
-        remaining = size
-        while remaining:
-            n = os.readv(src_fd, [view[:min(len(buffer), remaining)]])
-            if n == 0:
-                raise BundleError("a checkpoint shrank while it was being bundled")
-            digest.update(view[:n])
-            self.writer.write(view[:n])
-            remaining -= n
-            if bar is not None:
-                bar.update(n)
-        return digest.hexdigest()
+        return copy_hashing(src_fd, self.writer.write, size, bar)
 
 
 def _write_checkpoint(sink, arcname: str, path: Path, size: int, sha: str, mtime: int, bar) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextvars
 import errno
-import hashlib
 import json
 import os
 import re
@@ -48,7 +47,7 @@ from . import env
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
 from .formats.checkpoint import deep_check
 from .formats.lockfile import dump_lockfile, read_lockfile, select_locked
-from .fsutil import atomic_write_json, fsync_dir, make_dirs, short_name
+from .fsutil import atomic_write_json, fsync_dir, hash_file, make_dirs, pid_alive, short_name
 from .home import hub_dir as _hub_dir
 from .locking import FileLock, describe_holder
 from .registry import WeightsRef, hash_prefix_from_filename
@@ -58,7 +57,6 @@ from .transport.urls import candidate_urls, normalize_mirror
 
 INDEX_VERSION = 1
 PART_SUFFIX = ".tvpack-part"
-HASH_CHUNK = 8 << 20
 STALE_FOREIGN_PART = 3600.0  # seconds before another host's part file counts as abandoned
 TORCH_HUB_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # torch.hub's own temp files
 _PART_NAME = re.compile(
@@ -308,20 +306,6 @@ def record_verified(path, sha256: str, **extra) -> None:
     _update_index(hub, {path.name: entry})
 
 
-def hash_file(path, chunk_size: int = HASH_CHUNK) -> str:
-    """sha256 of a file, read in large chunks into one buffer (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def file_sha256(path) -> str:
     """sha256 of ``path``: from the index when unchanged, else hashed now and recorded."""
     entry = index_entry(path)
@@ -381,16 +365,6 @@ _released_parts: set[str] = set()  # part files this process gave up on (resumab
 _released_mutex = threading.Lock()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _part_abandoned(part: Path, match: re.Match) -> bool:
     if match["host"] != _HOST:
         try:
@@ -401,7 +375,7 @@ def _part_abandoned(part: Path, match: re.Match) -> bool:
     if pid == os.getpid():
         with _released_mutex:
             return str(part) in _released_parts
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def _parts_of(ckpt: Path, filename: str) -> list[Path]:
@@ -1161,7 +1135,7 @@ def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
             # install / atomic-write temp files of a killed process (SIGTERM, OOM, power loss).
             # The name holds no host, so a dead pid only counts once the file stopped changing.
             age = now - st.st_mtime
-            if age > min_age or (age > _DEAD_TEMP_AGE and not _pid_alive(int(tmp["pid"]))):
+            if age > min_age or (age > _DEAD_TEMP_AGE and not pid_alive(int(tmp["pid"]))):
                 out.append(Removal(path, st.st_size, "abandoned temporary file"))
     tv = tvpack_dir(hub)
     try:

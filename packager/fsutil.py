@@ -8,7 +8,9 @@
 * :func:`share_with_group` / :func:`make_dirs`: in a directory shared by a team (setgid or
   group-writable, ``chgrp TEAM DIR; chmod 2775 DIR``), what we create stays writable by the group
   whatever the creator's umask, as git's ``core.sharedRepository=group`` does.
-* :func:`remove_stale_temps`: clean up the temp files of a process that was killed mid-write.
+* :func:`remove_stale_temps`: clean up the temp files of a process that was killed mid-write
+  (:func:`pid_alive` says whether a pid still runs).
+* :func:`hash_file`: the sha256 of a file, read in large chunks.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> 
             continue
         path = dest.parent / name
         try:
-            if time.time() - path.stat().st_mtime < min_age or _pid_alive(int(pid)):
+            if time.time() - path.stat().st_mtime < min_age or pid_alive(int(pid)):
                 continue
             path.unlink()
             removed.append(path)
@@ -69,9 +71,8 @@ def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> 
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a process in this PID namespace (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,6 +80,20 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+def hash_file(path, chunk_size: int = 8 << 20) -> str:
+    """sha256 of a file, read in large chunks into one buffer (hashlib releases the GIL)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def fsync_dir(path) -> None:
@@ -197,5 +212,5 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
     return atomic_write_text(dest, text, **kwargs)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "group_shared", "make_dirs",
-           "remove_stale_temps", "share_with_group", "temp_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "group_shared", "hash_file",
+           "make_dirs", "pid_alive", "remove_stale_temps", "share_with_group", "short_name", "temp_path"]

@@ -473,7 +473,9 @@ def copy_file(src_fd: int, dst_fd: int, size: int, bar=None) -> None:
 
 
 
-def copy_hashing(src_fd: int, dst_fd: int, size: int, bar) -> str:
+def copy_hashing(src_fd: int, write, size: int, bar) -> str:
+    """Copy ``size`` bytes from ``src_fd`` to ``write`` (a callable taking a buffer) while hashing
+    them; returns the sha256 of exactly the bytes written."""
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -483,7 +485,7 @@ def copy_hashing(src_fd: int, dst_fd: int, size: int, bar) -> str:
         if n == 0:
             raise BundleError("a checkpoint shrank while it was being bundled")
         digest.update(view[:n])
-        write_all(dst_fd, view[:n])
+        write(view[:n])
         remaining -= n
         if bar is not None:
             bar.update(n)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from ..fsutil import atomic_write_text, fsync_dir, temp_path
+from ..fsutil import atomic_write_text, fsync_dir, hash_file, temp_path
 from .stream import (
     Pipeline,
     Result,
@@ -70,16 +70,6 @@ def transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total,
 _COPY_CHUNK = 1 << 20
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(_COPY_CHUNK)
-            if not data:
-                return digest.hexdigest()
-            digest.update(data)
-
-
 class DirectoryTarget:
     """A local or network directory (``/path`` or ``file://``)."""
 
@@ -103,7 +93,7 @@ class DirectoryTarget:
         try:
             if not dest.is_file() or dest.stat().st_size != obj.size:
                 return False
-            return _hash_file(dest) == obj.sha256
+            return hash_file(dest) == obj.sha256
         except OSError:
             return False
 
