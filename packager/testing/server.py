@@ -51,6 +51,7 @@ class RequestRecord:
     bytes_sent: int  # body bytes actually written to the socket
     fault: str | None  # the fault applied, if any
     complete: bool  # the whole promised body went out
+    seq: int = 0  # arrival order: the log is sorted by it, not by when a request finished
 
 
 @dataclass
@@ -82,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, status, start=0, sent=0, fault=None, complete=True):
         self.server.owner._log(RequestRecord(
             self.command, self._path, self.headers.get("Range"), self.headers.get("If-Range"),
-            status, start, sent, fault, complete,
+            status, start, sent, fault, complete, self._seq,
         ))
 
     def _error(self, status, fault=None, extra_headers=()):
@@ -100,7 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool):
         self._path = posixpath.normpath(unquote(urlparse(self.path).path))
         owner = self.server.owner
-        owner._begin()
+        self._seq = owner._begin()
         try:
             self._serve_inner(head, owner)
         finally:
@@ -244,6 +245,7 @@ class MirrorServer:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
+        self._arrivals = 0
         self._log_records: list[RequestRecord] = []
         self._faults: list[Fault] = []
         self._httpd = _Server((host, port), _Handler)
@@ -303,9 +305,11 @@ class MirrorServer:
         return None
 
     # -- the log -----------------------------------------------------------------------------------
-    def _begin(self) -> None:
+    def _begin(self) -> int:
         with self._lock:
             self._active += 1
+            self._arrivals += 1
+            return self._arrivals
 
     def _end(self) -> None:
         with self._lock:
@@ -331,7 +335,7 @@ class MirrorServer:
     def requests(self, path: str | None = None) -> list[RequestRecord]:
         """Every request logged so far (call :meth:`settle` first to include those in flight)."""
         with self._lock:
-            records = list(self._log_records)
+            records = sorted(self._log_records, key=lambda r: r.seq)
         if path is not None:
             path = posixpath.normpath("/" + path.lstrip("/"))
             records = [r for r in records if r.path == path]
