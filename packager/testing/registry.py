@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .servers import ChildServer, ServerSoftwareMissing, find_binary, free_port
+from .servers import ChildServer, ServerSoftwareMissing, find_binary, free_port, settled_text
 
 __all__ = ["DistributionRegistry", "TokenServer", "self_signed_cert"]
 
@@ -247,8 +247,9 @@ class DistributionRegistry(ChildServer):
         return self
 
     def requests(self) -> list[tuple[str, str, int, int]]:
-        """``(method, path with query, status, body bytes sent)`` for every access-log line so far."""
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        """``(method, path with query, status, body bytes sent)`` for every access-log line so far
+        (once the log is quiet)."""
+        text = settled_text(self.log)
         return [(m.group(1), m.group(2), int(m.group(3)), int(m.group(4)) if m.group(4).isdigit() else 0)
                 for m in _ACCESS_LINE.finditer(text)]
 

@@ -78,6 +78,21 @@ def _tail(log: Path | None, limit: int = 2000) -> str:
     return f": {text[-limit:]}" if text else ""
 
 
+def settled_text(log: Path, *, quiet: float = 0.05, timeout: float = 2.0) -> str:
+    """The text of a server's log once it has stopped growing for ``quiet`` seconds (at most
+    ``timeout``): a server writes a request's access-log line after the response went out, so a
+    client can finish before the line is there."""
+    log = Path(log)
+    deadline = time.monotonic() + timeout
+    size = -1
+    while True:
+        now = log.stat().st_size if log.exists() else 0
+        if now == size or time.monotonic() > deadline:
+            return log.read_text(errors="replace") if log.exists() else ""
+        size = now
+        time.sleep(quiet)
+
+
 def find_binary(name: str) -> str:
     """The path of program ``name`` (``PATH``, then /usr/sbin); raise :class:`ServerSoftwareMissing`."""
     path = shutil.which(name)
@@ -181,9 +196,9 @@ http {{
         return self
 
     def requests(self) -> list[tuple[str, str, int, int]]:
-        """``(method, path, status, bytes sent)`` for every line of the access log."""
+        """``(method, path, status, bytes sent)`` for every line of the access log (once it is quiet)."""
         out = []
-        lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+        lines = settled_text(self.access_log).splitlines()
         for line in lines:
             # 127.0.0.1 - - [date] "GET /path HTTP/1.1" 200 1234 "-" "agent"
             try:
