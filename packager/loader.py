@@ -848,12 +848,13 @@ def _is_classification(weights: LoadedWeights) -> bool:
 
 
 def classify(source, name: str, images: Sequence[str | os.PathLike], *, topk: int = 5,
-             registry: Sequence[str] = ()) -> list[dict]:
-    """Top-k categories for each image file (classification weights only)."""
+             registry: Sequence[str] = (), trusted_keys=None, require_signed: bool | None = None) -> list[dict]:
+    """Top-k categories for each image file (classification weights only); signatures are checked as by
+    :func:`load_model`."""
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
-    src = open_source(source)
+    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed)
     entry, model_name = src.find(name, registry=registry)
     weights = LoadedWeights(entry, src, registry=registry)
     if not _is_classification(weights):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
+from . import signing
 from .bundle import open_bundle
 from .cache import ensure_cached, file_sha256
 from .errors import BundleError, IntegrityError, MirrorError, TvpackError, UsageError
@@ -302,7 +303,8 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
                   registry=(), from_bundle: str | os.PathLike | None = None, torch_home=None, mirrors=None,
                   upstream: bool = True, offline: bool | None = None, with_backbones: bool = False,
                   jobs: int = 4, endpoint_url: str | None = None, dry_run: bool = False, progress: bool = False,
-                  multipart_threshold: int | None = None, part_size: int | None = None) -> MirrorReport:
+                  multipart_threshold: int | None = None, part_size: int | None = None,
+                  keys: Iterable = (), ca_roots: Iterable = ()) -> MirrorReport:
     """Export weights to a mirror at ``to``: a directory, ``file://`` url or ``s3://bucket/prefix``.
 
     The checkpoints come from the local cache (``selectors`` / ``refs`` / ``all_weights``; what
@@ -310,15 +312,24 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
     straight out of a tvpack bundle with no network beyond the destination. ``to`` then serves as
     ``--mirror``: same layout as download.pytorch.org, ``<file>.sha256`` beside each file and an
     ``index.json``. Files already there with the right size and sha256 are skipped.
+
+    A bundle's signatures are checked as ``install`` checks them, before anything is published:
+    against ``keys`` / ``ca_roots`` when given, else the configured trust policy (when one exists).
     """
     selectors = list(selectors)
+    keys, ca_roots = list(keys), list(ca_roots)
     if from_bundle is not None:
         if selectors or refs or all_weights:
             raise UsageError("--from-bundle takes no selectors: it publishes the whole bundle")
+        policy = signing.trust_policy(keys, ca_roots, torch_home=torch_home)
         with open_bundle(from_bundle) as bundle:
+            if policy:
+                signing.require_signed(signing.bundle_signatures(bundle, policy.trust), policy, bundle.path.name)
             return export_items(items_from_bundle(bundle), to, jobs=jobs, endpoint_url=endpoint_url,
                                 dry_run=dry_run, progress=progress, multipart_threshold=multipart_threshold,
                                 part_size=part_size)
+    if keys or ca_roots:
+        raise UsageError("--key and --ca-root check a bundle's signatures: they go with --from-bundle")
     if refs is None:
         refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
     with contextlib.ExitStack() as stack:

@@ -578,3 +578,41 @@ def test_loader_refuses_checkpoints_no_trusted_signature_covers(bundles, keys, t
         sig.write_bytes(b"{}")
     with pytest.raises(SignatureError, match="refusing"):
         load_weights(home, SHUFFLE, registry=[ZOO_REGISTRY])
+
+
+def test_predict_checks_signatures_as_the_loader_does(bundles, keys, tmp_path, cli, monkeypatch):
+    import torch
+    import torchvision
+
+    image = tmp_path / "img.png"
+    torchvision.io.write_png(torch.zeros((3, 40, 40), dtype=torch.uint8), str(image))
+    path = signed(bundles, tmp_path, keys / "p256.key")
+    predict = ("predict", "--topk", "1", "--registry", ZOO_REGISTRY)
+    ok = cli(*predict, path, SHUFFLE, image, "--key", keys / "p256.pub", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)[0]["weights"] == SHUFFLE
+    line = one_error_line(cli(*predict, path, SHUFFLE, image, "--key", keys / "other.pub"))
+    assert f"refusing {SHUFFLE}" in line and "not a trusted key" in line
+    line = one_error_line(cli(*predict, bundles["small"], SHUFFLE, image, "--key", keys / "p256.pub"))
+    assert "is not signed" in line
+    # a configured policy applies with no option at all
+    monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(keys / "p256.pub"))
+    assert "is not signed" in one_error_line(cli(*predict, bundles["small"], SHUFFLE, image))
+    assert cli(*predict, path, SHUFFLE, image).exit_code == 0
+
+
+def test_mirror_from_bundle_checks_signatures_before_publishing(bundles, keys, tmp_path, cli, monkeypatch):
+    path = signed(bundles, tmp_path, keys / "p256.key")
+    dest = tmp_path / "mirror"
+    line = one_error_line(cli("mirror", "--from-bundle", path, "--to", dest, "--key", keys / "other.pub"))
+    assert "refusing signature" in line and "not a trusted key" in line
+    assert "is not signed" in one_error_line(cli("mirror", "--from-bundle", bundles["small"], "--to", dest,
+                                                 "--key", keys / "p256.pub"))
+    monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(keys / "p256.pub"))
+    assert "is not signed" in one_error_line(cli("mirror", "--from-bundle", bundles["small"], "--to", dest))
+    assert tree(dest) == []  # nothing published by a refusal
+    ok = cli("mirror", "--from-bundle", path, "--to", dest, "--json")
+    assert ok.exit_code == 0, ok.output
+    assert {r["status"] for r in json.loads(ok.stdout)["results"]} == {"exported"}
+    # the options belong to bundles: from the cache they are a usage error
+    assert cli("mirror", "resnet50", "--to", dest, "--key", keys / "p256.pub").exit_code == 2

@@ -16,6 +16,7 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .signing import trust_options
 
 
 @main.command("mirror")
@@ -35,12 +36,13 @@ from .app import main
 @click.option("--no-upstream", is_flag=True, help="Never fetch missing checkpoints from download.pytorch.org.")
 @click.option("--endpoint-url", default=None, metavar="URL",
               help="S3 endpoint (default: AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, else AWS).")
+@trust_options
 @lock_timeout_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, only the summary.")
 @click.option("--dry-run", is_flag=True, help="Show what would be published; write and fetch nothing.")
 def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, registry, torch_home, mirrors,
-               no_upstream, endpoint_url, lock_timeout, as_json, quiet, dry_run):
+               no_upstream, endpoint_url, keys, ca_roots, lock_timeout, as_json, quiet, dry_run):
     """Publish checkpoints to DEST in download.pytorch.org's layout, ready to serve as --mirror.
 
     \b
@@ -52,7 +54,9 @@ def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, 
     \b
     Sources: the local cache (SELECTOR... or --all; missing checkpoints are fetched first), or
     --from-bundle FILE on the air-gapped side. Files already at DEST with the right size and
-    sha256 are skipped, so re-running only sends what changed.
+    sha256 are skipped, so re-running only sends what changed. A bundle's signatures are checked
+    first, as install checks them: with --key / --ca-root, or under the configured trust policy
+    (TVPACK_TRUSTED_KEYS, <hub>/tvpack/trusted/) an unsigned or untrusted bundle publishes nothing.
 
     \b
     Examples:
@@ -72,7 +76,7 @@ def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, 
             selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
             torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
             with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
-            progress=progress_enabled(quiet or as_json),
+            progress=progress_enabled(quiet or as_json), keys=keys, ca_roots=ca_roots,
         )
     if as_json:
         echo_json(report.to_dict())
