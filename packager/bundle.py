@@ -21,6 +21,7 @@ files with ``weights_only=False``, so a poisoned pickle would run code there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from .formats.manifest import (
 )
 from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
-from .fsutil import fsync_dir, make_dirs, remove_stale_temps, share_with_group, temp_path
+from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename
 from .snapshot import describe, resolve
@@ -372,6 +373,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
     """
     archive = _open_archive(path)
     temps: list[Path] = []
+    space = contextlib.ExitStack()
     try:
         if check is not None:
             check(Bundle(_path_of(path), archive))
@@ -400,7 +402,11 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
                 else:
                     action = "replaced"
             plan.append((member, dest, action))
-        # 2. one pass over the payload: hash everything, write what is new into temp files
+        # 2. one pass over the payload: hash everything, write what is new into temp files (refused at once when
+        # the file system cannot hold them beside what is there: the old copy of a replaced file goes last)
+        needed = sum(member.size for member, _dest, action in plan if action != "unchanged")
+        space.enter_context(reserve_space(hub / "checkpoints" / "new", needed + len(archive.manifest_bytes)
+                                          + sum(m.size for m in archive.signatures)))
         for _member, dest, action in plan:
             if action != "unchanged":
                 _makedirs(dest.parent)
@@ -475,6 +481,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
     finally:
         for tmp in temps:
             _unlink(tmp)
+        space.close()
         archive.source.close()
 
 

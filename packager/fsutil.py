@@ -18,9 +18,14 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import CacheError
 
 NAME_STEM_MAX = 127  # bytes of a file name kept in derived names (temp, part, lock): 255 is the usual limit
 
@@ -212,5 +217,77 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
     return atomic_write_text(dest, text, **kwargs)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "group_shared", "hash_file",
-           "make_dirs", "pid_alive", "remove_stale_temps", "share_with_group", "short_name", "temp_path"]
+
+def human_bytes(n: int | float | None) -> str:
+    """``83.7 MB``: decimal units, as du --si and the progress bars show them."""
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# -- disk space ------------------------------------------------------------------------------------
+
+class SpaceReservation:
+    """Bytes a running transfer (or install) will still write to one file system."""
+
+    def __init__(self, device: int, needed: int):
+        self.device = device
+        self.remaining = needed
+
+    def wrote(self, n: int) -> None:
+        self.remaining = max(0, self.remaining - n)
+
+
+_reservations: list[SpaceReservation] = []
+_reservations_mutex = threading.Lock()
+
+
+def _existing_dir(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a directory about to be created is on its file system)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+@contextmanager
+def reserve_space(part, needed: int | None):
+    """Reserve ``needed`` bytes beside ``part`` (a file about to be written) for the duration of the block,
+    or raise CacheError before anything is written.
+
+    Free space is compared with what this process's other reservations on the same file system have
+    yet to write, so N parallel transfers cannot each count the same free bytes. Yields the
+    :class:`SpaceReservation` (None when the size or the free space is unknown).
+    """
+    if not needed:
+        yield None
+        return
+    where = _existing_dir(Path(part).parent)
+    try:
+        free = shutil.disk_usage(where).free
+        device = os.stat(where).st_dev
+    except OSError:
+        yield None
+        return
+    with _reservations_mutex:
+        promised = sum(r.remaining for r in _reservations if r.device == device)
+        if free - promised < needed:
+            busy = f", {human_bytes(promised)} of them promised to transfers in progress" if promised else ""
+            raise CacheError(f"not enough disk space in {Path(part).parent}: need {human_bytes(needed)}, "
+                             f"{human_bytes(free)} free{busy}")
+        reservation = SpaceReservation(device, needed)
+        _reservations.append(reservation)
+    try:
+        yield reservation
+    finally:
+        with _reservations_mutex:
+            _reservations.remove(reservation)
+
+
+__all__ = ["SpaceReservation", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir",
+           "group_shared", "hash_file", "human_bytes", "make_dirs", "pid_alive", "remove_stale_temps", "reserve_space",
+           "share_with_group", "short_name", "temp_path"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -47,7 +48,7 @@ from typing import Callable, Sequence
 
 from . import bundle as bundles
 from . import cache, signing
-from .errors import BundleError, OCIError
+from .errors import BundleError, CacheError, OCIError
 from .formats.archive import BLOCK, RECORD, MemberFile, TarArchive, round_up, tar_header
 from .formats.image import (
     DEFAULT_PLATFORM,
@@ -69,7 +70,7 @@ from .formats.image import (
 )
 from .formats.manifest import MANIFEST_NAME, decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from .formats.volumes import FileSource, open_source
-from .fsutil import atomic_write_json, temp_path
+from .fsutil import atomic_write_json, reserve_space, temp_path
 from .home import hub_dir, tvpack_cache_dir
 from .transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, digest_of, parse_reference
 
@@ -749,6 +750,8 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         raise BundleError(f"cannot create {output.parent}: {exc.strerror or exc}") from None
     tmp = temp_path(output, ".tvpack-pull")
     total = bundle_size((p, image.size_of(p)) for p in image.order)
+    with reserve_space(tmp, total):  # refused before the first request when the disk cannot hold it
+        pass
     bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"pull {output.name}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -784,7 +787,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         os.replace(tmp, output)
     except OSError as exc:
         _unlink(tmp)
-        raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise _write_error(exc, output.parent) from None
     except BaseException:
         _unlink(tmp)
         raise
@@ -792,6 +795,12 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         if bar is not None:
             bar.close()
     return PullReport(where, image.reference.digest, output, image.info.manifest_id, total, weights)
+
+
+def _write_error(exc: OSError, where: Path) -> CacheError:
+    if exc.errno == errno.ENOSPC:
+        return CacheError(f"disk full while writing to {where} (nothing was kept)")
+    return CacheError(f"cannot write to {where}: {exc.strerror or exc}")
 
 
 def _unlink(path: Path) -> None:
@@ -861,11 +870,16 @@ def _fetching(image: RemoteImage, client: RegistryClient, staging: Path, hub: Pa
         except OSError as exc:
             raise BundleError(f"cannot create {staging}: {exc.strerror or exc}") from None
         blob = staging / f"{layer.digest.split(':')[1]}.tar"
-        staged.append(blob)
+        part = blob.with_name(blob.name + ".part")
+        staged.extend((blob, part))
         if blob.is_file():  # kept by an interrupted run: pull_blob checks a complete part before a request
-            os.replace(blob, blob.with_name(blob.name + ".part"))
-        client.pull_blob(image.reference.repository, layer.digest, blob, size=layer.size,
-                         on_bytes=bar.update if bar is not None else None)
+            os.replace(blob, part)
+        try:
+            client.pull_blob(image.reference.repository, layer.digest, blob, size=layer.size, part=part,
+                             on_bytes=bar.update if bar is not None else None)
+        except OSError as exc:  # writing the staged layer (reading the registry raises OCIError)
+            _unlink(part)
+            raise _write_error(exc, staging) from None
         source = FileSource(blob)
         owned.append(source)
         header_len = len(tar_header(path, size, 0))
@@ -885,12 +899,14 @@ def _fetching(image: RemoteImage, client: RegistryClient, staging: Path, hub: Pa
             source = FileSource(dest)  # already there: install_bundle finds it unchanged
         else:
             source = _LazyLayer(functools.partial(fetch, path, size, layer), lock)
+            to_fetch.append(layer.size)
         owned.append(source)
         return source, 0
 
+    to_fetch: list[int] = []
     keep = False
     try:
-        with ImageSource(where, _pieces(image, data_of)) as source:
+        with ImageSource(where, _pieces(image, data_of)) as source, reserve_space(staging / "layer", sum(to_fetch)):
             yield source
     except KeyboardInterrupt:
         keep = True

@@ -25,7 +25,7 @@ import torch
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 
 from packager import bundle as B
-from packager.errors import BundleError, OfflineError
+from packager.errors import BundleError, CacheError, OfflineError
 from packager.formats.archive import tar_header
 from packager.formats.manifest import encode_manifest, manifest_path_for
 
@@ -713,7 +713,18 @@ def test_bundle_and_install_fsync_every_file_before_its_rename(small_bundle, zoo
     assert out.is_file()
 
 
-def test_a_full_disk_during_install_leaves_nothing_for_load_model(small_bundle, tmpfs):
+def test_install_refuses_at_once_when_the_disk_cannot_hold_the_files(small_bundle, tmpfs):
+    disk = tmpfs("1m")
+    home = disk / "home"
+    proc = run_tvpack("install", small_bundle, "--torch-home", home)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not enough disk space in" in lines[0] and " free" in lines[0], proc.stderr
+    assert not any(p.is_file() for p in disk.rglob("*"))
+
+
+def test_a_disk_that_fills_during_install_leaves_nothing_for_load_model(small_bundle, tmpfs, monkeypatch):
+    """The free-space check is made once, up front; another writer can still fill the disk afterwards."""
     disk = tmpfs("64m")
     home = disk / "home"
 
@@ -727,14 +738,12 @@ def test_a_full_disk_during_install_leaves_nothing_for_load_model(small_bundle, 
     (home / "hub" / "tvpack" / "manifests").mkdir(parents=True)
     # room for the checkpoints (whole pages on tmpfs), one page short for the manifest staged after them
     free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    filler = free - (payload + manifest - 4096)
     with open(disk / "filler", "wb") as f:
-        f.truncate(0)
-        f.write(b"\0" * filler)
-    proc = run_tvpack("install", small_bundle, "--torch-home", home)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "No space left on device" in lines[0] and str(home) in lines[0], proc.stderr
+        f.write(b"\0" * (free - (payload + manifest - 4096)))
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=free))  # as before the filler
+    with pytest.raises(CacheError, match=f"cannot write the bundle manifest {home}.*No space left on device"):
+        B.install(small_bundle, torch_home=home)
     assert not any((home / "hub" / "checkpoints").iterdir())  # nothing placed, no temp left
     assert not any((home / "hub" / "tvpack" / "manifests").iterdir())
 

@@ -113,7 +113,7 @@ def test_a_file_name_near_255_bytes_is_fetched_resumed_and_pruned(mirror_server,
 # -- bytes transferred on resume -----------------------------------------------------------------
 
 def test_a_resumed_fetch_counts_only_the_bytes_it_received(mirror_server, tmp_path):
-    from packager.cli._common import human_bytes
+    from packager.fsutil import human_bytes
 
     home = tmp_path / "home"
     refs = synth_refs(mirror_server.root, count=2, size=3 * MB)

@@ -178,7 +178,7 @@ def test_inspect_and_verify_show_carried_and_expected(update, zoo, cli):
     lines = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("Zoo")}
     assert all(" at site " in lines[name] for name in HALF) and all(" carried " in lines[name] for name in OTHER)
     saved = sum((Path(zoo.zoo_dir()) / "models/tvpack-zoo" / file_of(zoo, n)).stat().st_size for n in HALF)
-    from packager.cli._common import human_bytes
+    from packager.fsutil import human_bytes
 
     assert "4 files carried" in result.output and f"4 expected at the site ({human_bytes(saved)} saved)" in result.output
     result = cli("verify", path)

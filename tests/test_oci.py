@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
 
 from packager import bundle as B
 from packager import oci, signing
-from packager.errors import BundleError, OCIError
+from packager.errors import BundleError, CacheError, OCIError
 from packager.formats import image as I
 from packager.formats.archive import tar_header
 from packager.transport.oci import OCI_MANIFEST, Policy, RegistryClient, digest_of
@@ -354,6 +355,31 @@ def test_a_blob_corrupted_in_the_registry_is_refused_on_pull_and_install(registr
     proc = run_tvpack("install", ref_of(registry), "--torch-home", home, "--plain-http")
     assert "do not match its digest" in one_error_line(proc)
     assert [f for f in files_under(home) if Path(f).suffix] == []  # no checkpoint, manifest or staged layer
+
+
+def test_pull_and_install_refuse_a_disk_too_small_before_fetching_a_blob(registry, made, tmpfs):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    disk = tmpfs("1m")
+    for args in (("pull", ref_of(registry), "-o", disk / "out" / "small.tvpack"),
+                 ("install", ref_of(registry), "--torch-home", disk / "home")):
+        line = one_error_line(run_tvpack(*args, "--plain-http"))
+        assert re.search(r"not enough disk space in \S+: need [\d.]+ MB, [\d.]+ [KM]B free", line), line
+    layers = {layer["digest"] for layer in image_manifest(registry)["layers"]
+              if layer["annotations"][I.A_PATH].startswith("hub/checkpoints/")}
+    assert layers and not layers & set(blob_gets(registry))  # the manifest layer was read, no checkpoint's
+    assert [f for f in files_under(disk) if (disk / f).is_file()] == []
+
+
+def test_a_disk_that_fills_during_an_oci_install_keeps_no_staged_layer(registry, made, tmpfs, monkeypatch):
+    """Layers are staged beside the cache, then copied into it: a disk that fills meanwhile (after the
+    up-front check) is reported as full, and neither a checkpoint nor a staged layer or its part is left."""
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    disk = tmpfs("2m")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 40))  # another writer
+    with pytest.raises(CacheError, match="disk full while writing|No space left on device"):
+        oci.install(ref_of(registry), torch_home=disk / "home", plain_http=True)
+    assert [f for f in files_under(disk) if (disk / f).is_file()] == []
 
 
 def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tmp_path):

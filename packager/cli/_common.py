@@ -55,17 +55,6 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Sequence[int] = ()) -> str:
     rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
+from ..fsutil import human_bytes
 from ._common import (
     all_option,
     echo_json,
-    human_bytes,
     json_option,
     lock_timeout_option,
     output_file_callback,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import echo_json, human_bytes, json_option, output_file_callback, torch_home_option
+from ..fsutil import human_bytes
+from ._common import echo_json, json_option, output_file_callback, torch_home_option
 from .app import main
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
+from ..fsutil import human_bytes
 from ._common import (
     echo_json,
-    human_bytes,
     json_option,
     lock_timeout_option,
     progress_enabled,

@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from ._common import echo_json, human_bytes, json_option, output_file_callback, progress_enabled
+from ..fsutil import human_bytes
+from ._common import echo_json, json_option, output_file_callback, progress_enabled
 from .app import main
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
+from ..fsutil import human_bytes
 from ..registry import FAMILIES
-from ._common import echo_json, human_bytes, json_option, registry_option, table, torch_home_option
+from ._common import echo_json, json_option, registry_option, table, torch_home_option
 from .app import main
 
 

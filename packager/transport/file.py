@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from ..fsutil import atomic_write_text, fsync_dir, hash_file, temp_path
+from ..fsutil import atomic_write_text, fsync_dir, hash_file, reserve_space, temp_path
 from .stream import (
     Pipeline,
     Result,
@@ -17,7 +17,6 @@ from .stream import (
     finish,
     open_part,
     prehash,
-    reserve_space,
     write_state,
 )
 

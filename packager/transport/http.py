@@ -24,6 +24,7 @@ import threading
 import time
 
 from ..errors import DownloadError, IntegrityError
+from ..fsutil import reserve_space
 from .stream import (
     Cancelled,
     Pipeline,
@@ -39,7 +40,6 @@ from .stream import (
     open_part,
     prehash,
     read_state,
-    reserve_space,
     write_state,
 )
 

@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlparse
 
 from ..errors import DownloadError, IntegrityError, MirrorError
+from ..fsutil import reserve_space
 from .stream import (
     Pipeline,
     Result,
@@ -36,7 +37,6 @@ from .stream import (
     open_part,
     prehash,
     read_state,
-    reserve_space,
     write_state,
 )
 

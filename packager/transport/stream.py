@@ -23,17 +23,15 @@ import json
 import os
 import queue
 import random
-import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from ..errors import CacheError, DownloadError, IntegrityError
-from ..fsutil import atomic_write_json, share_with_group
+from ..fsutil import SpaceReservation, atomic_write_json, share_with_group
 
 MiB = 1 << 20
 CHUNK_SIZE = 4 * MiB
@@ -270,54 +268,6 @@ class Watchdog:
         if self.reason == "deadline":
             check_deadline(self.url, self.policy, self.deadline)
         raise Retryable(self.reason)
-
-
-# -- disk space ------------------------------------------------------------------------------------
-
-class SpaceReservation:
-    """Bytes a running transfer will still write to one file system."""
-
-    def __init__(self, device: int, needed: int):
-        self.device = device
-        self.remaining = needed
-
-    def wrote(self, n: int) -> None:
-        self.remaining = max(0, self.remaining - n)
-
-
-_reservations: list[SpaceReservation] = []
-_reservations_mutex = threading.Lock()
-
-
-@contextmanager
-def reserve_space(part: Path, needed: int | None):
-    """Reserve ``needed`` bytes beside ``part`` for the duration of the block, or raise CacheError.
-
-    Free space is compared with what this process's other transfers to the same file system have
-    yet to write, so N parallel transfers cannot each count the same free bytes. Yields the
-    :class:`SpaceReservation` (None when the size or the free space is unknown).
-    """
-    if not needed:
-        yield None
-        return
-    try:
-        free = shutil.disk_usage(part.parent).free
-        device = os.stat(part.parent).st_dev
-    except OSError:
-        yield None
-        return
-    with _reservations_mutex:
-        promised = sum(r.remaining for r in _reservations if r.device == device)
-        if free - promised < needed:
-            busy = f", {promised} of them promised to transfers in progress" if promised else ""
-            raise CacheError(f"not enough disk space in {part.parent}: need {needed} bytes, {free} free{busy}")
-        reservation = SpaceReservation(device, needed)
-        _reservations.append(reservation)
-    try:
-        yield reservation
-    finally:
-        with _reservations_mutex:
-            _reservations.remove(reservation)
 
 
 # -- the transfer ----------------------------------------------------------------------------------
