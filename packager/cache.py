@@ -31,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat as stat_module
 import sys
@@ -1173,11 +1174,124 @@ def _stale_locks(hub: Path, remove: bool) -> list[Removal]:
 
 def _remove(path: Path) -> None:
     try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            return
         path.unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise CacheError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+
+# -- private staging directories (OCI installs) ----------------------------------------------------
+
+STAGING_DIR = "oci-layers"  # under <hub>/tvpack: one directory per run, for the layers of the image it installs
+_STAGING_NAME = re.compile(r"^(?P<key>[0-9a-f]{16,64})\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})$")
+
+
+def staging_root(hub: Path) -> Path:
+    return tvpack_dir(hub) / STAGING_DIR
+
+
+def _quiet_for(path: Path, now: float) -> float:
+    """Seconds since anything in directory ``path`` (or the directory itself) changed."""
+    try:
+        times = [path.stat().st_mtime]
+        with os.scandir(path) as entries:
+            times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
+    except OSError:
+        return 0.0
+    return now - max(times)
+
+
+@contextmanager
+def staging(hub: Path, key: str, *, notify: Callable[[str], None] | None = None):
+    """A directory only this run writes in, ``<hub>/tvpack/oci-layers/<key>.<pid>.<token>``, for work on ``key``
+    (an image digest's hex), with the key's lock held meanwhile: a second run on the same image waits (saying for
+    whom, ``--lock-timeout`` applies) and then finds the files the first one installed. The directory an
+    interrupted run left for ``key`` is adopted (renamed: one adopter wins), so its complete and partial layers
+    are continued. Correctness does not rest on the lock (each run writes only in its own directory); without
+    it, a directory is adopted only when its owner is gone and nothing in it changed for a minute. The caller
+    empties the directory, or keeps it after an interrupt."""
+    root = staging_root(hub)
+    try:
+        make_dirs(root)
+        make_dirs(locks_dir(hub))
+    except OSError as exc:
+        raise CacheError(f"cannot create {root}: {exc.strerror or exc}") from None
+    lock = _lock(hub, f"oci-{key}")
+    timeout = _resolve_lock_timeout(None)
+
+    def waiting(holder) -> None:
+        if notify is not None:
+            notify(f"waiting for image sha256:{key[:16]}...: {describe_holder(holder)}")
+
+    try:
+        held = lock.acquire(timeout=timeout if timeout is not None else LOCK_WAIT, on_wait=waiting)
+    except OSError as exc:
+        raise CacheError(f"cannot lock {lock.path}: {exc.strerror or exc}") from None
+    if not held and timeout is not None:
+        raise CacheError(f"gave up after {timeout:g}s waiting for the lock on image sha256:{key[:16]}...: "
+                         f"{describe_holder(lock.holder())} (--lock-timeout / TVPACK_LOCK_TIMEOUT)")
+    try:
+        mine = root / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        now = time.time()
+        for old in sorted(root.iterdir()):
+            match = _STAGING_NAME.match(old.name)
+            if match is None or match["key"] != key:
+                continue
+            pid = int(match["pid"])
+            if held:  # nobody else works on this image (where locks work): an earlier run of ours, or a dead one
+                free = pid == os.getpid() or not pid_alive(pid)
+            else:
+                free = not pid_alive(pid) and _quiet_for(old, now) > _DEAD_TEMP_AGE
+            if free:
+                try:
+                    os.rename(old, mine)
+                    break
+                except OSError:
+                    continue
+        else:
+            try:
+                mine.mkdir()
+            except OSError as exc:
+                raise CacheError(f"cannot create {mine}: {exc.strerror or exc}") from None
+        yield mine
+    finally:
+        if held:
+            lock.release()
+
+
+def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
+    """Staging directories of OCI installs nobody runs: the image's lock is free (taken into ``held``) and the
+    owner is gone, or nothing in them changed for ``min_age`` seconds."""
+    out: list[Removal] = []
+    root = staging_root(hub)
+    try:
+        names = sorted(os.listdir(root))
+        make_dirs(locks_dir(hub))
+    except OSError:
+        return out
+    now = time.time()
+    for name in names:
+        match = _STAGING_NAME.match(name)
+        path = root / name
+        if match is None or not path.is_dir() or path.is_symlink():
+            continue
+        quiet = _quiet_for(path, now)
+        if pid_alive(int(match["pid"])) and quiet <= min_age:
+            continue
+        lock = _lock(hub, f"oci-{match['key']}")
+        try:
+            if not lock.acquire(timeout=0):
+                continue  # an install of that image is running
+        except OSError:
+            continue
+        held.append(lock)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        out.append(Removal(path, size, "layers of an interrupted OCI install"))
+    return out
 
 
 def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.0) -> list[Removal]:
@@ -1190,7 +1304,7 @@ def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.
     hub = _hub_dir(torch_home)
     held: list[FileLock] = []
     try:
-        plan_ = _prunable(hub, min_age, held)
+        plan_ = _prunable(hub, min_age, held) + _abandoned_staging(hub, min_age, held)
         if not dry_run:
             gone = [name for name in _load_index(hub) if not (hub / "checkpoints" / name).exists()]
             if gone:  # index entries of files deleted by hand
@@ -1231,7 +1345,7 @@ __all__ = [
     "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult", "lock_timeout",
     "file_sha256", "record_verified", "index_entry", "hash_file",
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
-    "prune_cache", "remove_from_cache", "Removal",
+    "prune_cache", "remove_from_cache", "Removal", "staging", "staging_root", "STAGING_DIR",
 ]
 
 

@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,6 @@ from .home import hub_dir, tvpack_cache_dir
 from .transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, digest_of, parse_reference
 
 CHUNK = 8 << 20  # bytes per read while hashing a layer
-STAGING_DIR = "tvpack/oci-layers"  # under the hub dir: layers fetched for an install, removed after it
 BlobCallback = Callable[["BlobResult"], None]
 
 
@@ -853,11 +853,22 @@ class _LazyLayer:
 
 
 @contextlib.contextmanager
-def _fetching(image: RemoteImage, client: RegistryClient, staging: Path, hub: Path | None, progress: bool):
+def _fetching(image: RemoteImage, client: RegistryClient, hub: Path | None, progress: bool, *,
+              staging_hub: Path | None = None):
     """An :class:`ImageSource` over ``image``: a checkpoint already under ``hub`` with the right sha256 is read
-    where it is; any other layer is fetched into ``staging`` when first read (digest-checked, resumable),
-    its tar checked around the data. Staged layers are removed at the end (kept after an interrupt, for the
-    next run to take as they are)."""
+    where it is; any other layer is fetched when first read (digest-checked, resumable), its tar checked around
+    the data, into this run's private staging directory under ``staging_hub`` (default ``hub``; see
+    :func:`packager.cache.staging`). Staged layers are removed at the end (kept after an interrupt, for the
+    next run on the image to continue)."""
+    staging_hub = staging_hub if staging_hub is not None else hub
+    with cache.staging(staging_hub, image.reference.digest.split(":")[1],
+                       notify=lambda message: print(f"tvpack: {message}", file=sys.stderr, flush=True)) as staging:
+        with _fetching_into(image, client, staging, hub, progress) as source:
+            yield source
+
+
+@contextlib.contextmanager
+def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hub: Path | None, progress: bool):
     owned: list = []
     staged: list[Path] = []
     lock = threading.Lock()
@@ -865,10 +876,6 @@ def _fetching(image: RemoteImage, client: RegistryClient, staging: Path, hub: Pa
     where = str(image.reference)
 
     def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
-        try:
-            staging.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BundleError(f"cannot create {staging}: {exc.strerror or exc}") from None
         blob = staging / f"{layer.digest.split(':')[1]}.tar"
         part = blob.with_name(blob.name + ".part")
         staged.extend((blob, part))
@@ -919,7 +926,7 @@ def _fetching(image: RemoteImage, client: RegistryClient, staging: Path, hub: Pa
         if not keep:
             for blob in staged:
                 _unlink(blob)
-            _rmdir_quietly(staging)
+            _rmdir_quietly(staging)  # empty unless an adopted run left layers of no use now: prune takes those
 
 
 def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_http: bool = False,
@@ -934,7 +941,7 @@ def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_htt
     client = _client(ref, client, plain_http)
     image = read_image(ref, client=client)
     hub = hub_dir(torch_home)
-    with _fetching(image, client, hub / STAGING_DIR, hub, progress) as source:
+    with _fetching(image, client, hub, progress) as source:
         return signing.install_signed(source, policy if policy is not None else signing.NO_POLICY,
                                       torch_home=torch_home, force=force, progress=progress)
 
@@ -947,8 +954,7 @@ def verify(ref, *, policy=None, plain_http: bool = False, progress: bool = False
     ref = _reference(ref)
     client = _client(ref, client, plain_http)
     image = read_image(ref, client=client)
-    staging = tvpack_cache_dir() / "oci" / f"verify-{image.reference.digest.split(':')[1][:16]}"
-    with _fetching(image, client, staging, None, progress) as source:
+    with _fetching(image, client, None, progress, staging_hub=tvpack_cache_dir() / "oci-verify") as source:
         return signing.verify_signed(source, policy if policy is not None else signing.NO_POLICY, progress=progress)
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
 
 from packager import bundle as B
-from packager import oci, signing
+from packager import cache, oci, signing
 from packager.errors import BundleError, CacheError, OCIError
 from packager.formats import image as I
 from packager.formats.archive import tar_header
@@ -104,6 +104,11 @@ def image_manifest(reg, repo="models/small", tag="v1") -> dict:
 
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def left_behind(root: Path) -> list[str]:
+    """Files under ``root`` but lock files (``cache prune`` removes those nobody holds)."""
+    return [f for f in files_under(root) if (root / f).is_file() and "/tvpack/locks/" not in f"/{f}"]
 
 
 # -- the layout, pure ---------------------------------------------------------------------------------
@@ -290,7 +295,7 @@ def test_install_into_a_fresh_torch_home_then_vanilla_torchvision_offline(regist
             assert (home / "hub/checkpoints" / entry.filename).read_bytes() == opened.open_checkpoint(entry.name).read()
         assert files_under(home / "hub/checkpoints") == sorted(e.filename for e in opened.entries)
         assert files_under(home / "hub/tvpack/manifests") == [f"{opened.manifest_id}.json"]
-    assert not (home / oci.STAGING_DIR).exists()
+    assert list(cache.staging_root(home / "hub").iterdir()) == []
     sums = load_offline(home)
     assert set(sums) == set(SMALL_WEIGHTS.values())
 
@@ -307,7 +312,7 @@ def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path
     assert sorted((p.path.name, p.status) for p in report.files) == sorted(
         [(kept, "unchanged"), (manifest["layers"][1]["annotations"]["org.opencontainers.image.title"], "installed")])
     assert blob_gets(registry)[gets:] == [manifest["layers"][2]["digest"], manifest["layers"][1]["digest"]]
-    assert not (home / oci.STAGING_DIR).exists()
+    assert list(cache.staging_root(home / "hub").iterdir()) == []
 
     # something else in the way: refused before its layer is fetched (replaced with --force); a file its own
     # name proves damaged is repaired, from its layer
@@ -324,6 +329,73 @@ def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path
     report = oci.install(ref_of(registry), torch_home=other, plain_http=True).installed
     assert {p.path.name: p.status for p in report.files}[kept] == "repaired"
     assert (other / "hub/checkpoints" / kept).read_bytes() == (made["home"] / "hub/checkpoints" / kept).read_bytes()
+
+
+def test_concurrent_installs_of_one_image_into_one_cache_all_succeed(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    home = tmp_path / "shared-home"
+    procs = [subprocess.Popen([sys.executable, "-m", "packager", "install", ref_of(registry), "--torch-home", home,
+                               "--plain-http", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT) for _ in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+    with B.open_bundle(made["small"]) as opened:
+        for entry in opened.entries:
+            assert (home / "hub/checkpoints" / entry.filename).read_bytes() == opened.open_checkpoint(entry.name).read()
+    assert list(cache.staging_root(home / "hub").iterdir()) == []
+    # the lock let one run fetch; the others waited and found the files in place
+    checkpoint_layers = [layer["digest"] for layer in image_manifest(registry)["layers"]
+                         if layer["annotations"][I.A_PATH].startswith("hub/checkpoints/")]
+    gets = blob_gets(registry)
+    assert all(gets.count(digest) == 1 for digest in checkpoint_layers), gets
+
+
+def test_an_interrupted_install_continues_with_the_layers_it_staged(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    home = tmp_path / "home"
+
+    class StopsAfterOneLayer(RegistryClient):
+        pulled: list[str] = []
+
+        def pull_blob(self, repository, digest, dest, **kwargs):
+            if self.pulled:
+                raise KeyboardInterrupt
+            self.pulled.append(digest)
+            return super().pull_blob(repository, digest, dest, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        oci.install(ref_of(registry), torch_home=home, client=StopsAfterOneLayer(registry.host, plain_http=True))
+    (kept,) = cache.staging_root(home / "hub").iterdir()  # this run's directory, kept for the next one
+    assert [p.name for p in kept.iterdir()] == [StopsAfterOneLayer.pulled[0].split(":")[1] + ".tar"]
+    assert not any((home / "hub/checkpoints").iterdir())  # nothing installed
+    gets = len(blob_gets(registry))
+    oci.install(ref_of(registry), torch_home=home, plain_http=True)
+    assert StopsAfterOneLayer.pulled[0] not in blob_gets(registry)[gets:]  # taken from the kept directory
+    assert list(cache.staging_root(home / "hub").iterdir()) == []
+    assert len(list((home / "hub/checkpoints").iterdir())) == len(SMALL_WEIGHTS)
+
+
+def test_prune_removes_staging_left_by_dead_runs_only(registry, made, tmp_path):
+    home = tmp_path / "home"
+    root = cache.staging_root(home / "hub")
+    root.mkdir(parents=True)
+    dead = root / f"{'ab' * 32}.{2 ** 22 - 7}.0badc0de"  # a pid above pid_max: never alive
+    live = root / f"{'cd' * 32}.{os.getpid()}.0badc0de"
+    for path in (dead, live):
+        path.mkdir()
+        (path / "layer.tar.part").write_bytes(b"x" * 1000)
+    removed = cache.prune_cache(torch_home=home)
+    assert [(r.path, r.size) for r in removed if r.path.parent == root] == [(dead, 1000)]
+    assert not dead.exists() and live.exists()
+    # an install of that image holding its lock keeps even a dead-looking directory
+    dead.mkdir()
+    with cache.staging(home / "hub", "ab" * 32) as adopted:
+        assert adopted.name.startswith(f"{'ab' * 32}.{os.getpid()}.") and not dead.exists()  # adopted
+        orphan = root / f"{'ab' * 32}.{2 ** 22 - 7}.feedf00d"
+        orphan.mkdir()
+        assert [r for r in cache.prune_cache(torch_home=home) if r.path.parent == root] == []
+    assert orphan.exists()
 
 
 def test_inspect_reads_only_the_manifest_layer(registry, made):
@@ -354,7 +426,7 @@ def test_a_blob_corrupted_in_the_registry_is_refused_on_pull_and_install(registr
     home = tmp_path / "home"
     proc = run_tvpack("install", ref_of(registry), "--torch-home", home, "--plain-http")
     assert "do not match its digest" in one_error_line(proc)
-    assert [f for f in files_under(home) if Path(f).suffix] == []  # no checkpoint, manifest or staged layer
+    assert left_behind(home) == []  # no checkpoint, manifest or staged layer
 
 
 def test_pull_and_install_refuse_a_disk_too_small_before_fetching_a_blob(registry, made, tmpfs):
@@ -367,7 +439,7 @@ def test_pull_and_install_refuse_a_disk_too_small_before_fetching_a_blob(registr
     layers = {layer["digest"] for layer in image_manifest(registry)["layers"]
               if layer["annotations"][I.A_PATH].startswith("hub/checkpoints/")}
     assert layers and not layers & set(blob_gets(registry))  # the manifest layer was read, no checkpoint's
-    assert [f for f in files_under(disk) if (disk / f).is_file()] == []
+    assert left_behind(disk) == []
 
 
 def test_a_disk_that_fills_during_an_oci_install_keeps_no_staged_layer(registry, made, tmpfs, monkeypatch):
@@ -379,7 +451,7 @@ def test_a_disk_that_fills_during_an_oci_install_keeps_no_staged_layer(registry,
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 40))  # another writer
     with pytest.raises(CacheError, match="disk full while writing|No space left on device"):
         oci.install(ref_of(registry), torch_home=disk / "home", plain_http=True)
-    assert [f for f in files_under(disk) if (disk / f).is_file()] == []
+    assert left_behind(disk) == []
 
 
 def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tmp_path):
