@@ -416,6 +416,14 @@ def test_paths_and_inputs():
         sigfmt.statement([Resource(sigfmt.signature_path(MANIFEST_ID), "0" * 64, 1)])
     with pytest.raises(SignatureError, match="not a PEM public key or CA certificate"):
         Trust.from_pem(b"hello")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    for load in (Trust.from_pem, sigfmt.load_public_key):
+        with pytest.raises(SignatureError, match=r"this is a private key: give its public half \(openssl pkey"):
+            load(private)
 
 
 # ------------------------------------------------------------------------------------------- offline, import

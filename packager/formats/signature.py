@@ -154,6 +154,8 @@ class Trust:
             if b"-----BEGIN CERTIFICATE-----" in pem:
                 roots.extend(load_ca_roots(pem))
                 found = True
+            if not found and b"PRIVATE KEY-----" in pem:
+                load_public_key(pem)  # says what to do with a private key
             if not found:
                 raise SignatureError("not a PEM public key or CA certificate (expected BEGIN PUBLIC KEY or CERTIFICATE)")
         return cls(tuple(keys), tuple(roots))
@@ -185,6 +187,9 @@ def load_public_key(pem: bytes) -> PublicKey:
     """A PEM ``PUBLIC KEY`` (as ``openssl ec -pubout`` writes it) on P-256, P-384 or P-521."""
     from cryptography.hazmat.primitives import serialization
 
+    if b"PRIVATE KEY-----" in pem:
+        raise SignatureError("this is a private key: give its public half (openssl pkey -in KEY -pubout -out KEY.pub); "
+                             "the private key stays on the signing side")
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
