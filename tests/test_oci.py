@@ -535,6 +535,9 @@ def test_htpasswd_registry_login_then_push_pull_install(auth_registry, made, tmp
     assert os.environ["REGISTRY_AUTH_FILE"] in line and f"tvpack login {auth_registry.host}" in line
 
     auth_file = Path(os.environ["REGISTRY_AUTH_FILE"])
+    for args, what in ((("-u", "alice"), "pipe it in with --password-stdin"), ((), "give -u USER")):
+        no_tty = run_tvpack("login", auth_registry.host, *args, "--plain-http", stdin=subprocess.DEVNULL)
+        assert no_tty.returncode == 2 and what in no_tty.stderr, no_tty.stderr  # not a prompt that aborts
     bad = run_tvpack("login", auth_registry.host, "-u", "alice", "--password-stdin", "--plain-http", input="wrong\n")
     assert "refused the credentials" in one_error_line(bad) and not auth_file.exists()
     good = run_tvpack("login", auth_registry.host, "-u", "alice", "--password-stdin", "--plain-http",

@@ -115,9 +115,13 @@ def login_cmd(host, username, password_stdin, plain_http):
     if "/" in host or host.startswith("oci:"):
         raise UsageError(f"{host}: give the registry host (HOST[:PORT]), not a reference")
     if username is None:
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask for the user name: give -u USER")
         username = click.prompt("Username")
     if password_stdin:
         password = sys.stdin.read().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        raise UsageError("no terminal to ask for the password: pipe it in with --password-stdin")
     else:
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
