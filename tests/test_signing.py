@@ -370,7 +370,7 @@ def test_a_broken_policy_fails_closed(bundles, keys, tmp_path, cli, monkeypatch)
     monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(tmp_path / "missing.pub"))
     assert "cannot read trusted key (TVPACK_TRUSTED_KEYS)" in one_error_line(cli("verify", bundles["small"]))
     monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(keys / "p256.key"))  # a private key where a public one belongs
-    assert "not a PEM public key or CA certificate" in one_error_line(cli("verify", bundles["small"]))
+    assert "this is a private key: give its public half" in one_error_line(cli("verify", bundles["small"]))
 
 
 def test_refuses_a_signature_by_another_key(bundles, keys, tmp_path, cli):
