@@ -22,7 +22,8 @@ The image layout is :mod:`packager.formats.image`; the protocol is :mod:`package
 * Install goes through :func:`packager.bundle.install_bundle`, the path bundle files take, over an
   :class:`ImageSource`: the bundle's bytes composed from the manifest layer, the checkpoints the cache
   already holds with the right sha256 (never fetched), and the other layers, fetched when install_bundle
-  first reads them (into ``<hub>/tvpack/oci-layers/``, digest-checked, resumable, removed afterwards).
+  first reads them (into this run's own ``<hub>/tvpack/oci-layers/<image>.<pid>.<token>/``, under the image's
+  lock, digest-checked, removed afterwards; an interrupted run's directory is adopted by the next).
   Every check and decision a bundle file gets (the signature checks of :mod:`packager.signing`, sha256
   against the manifest, the weights-only pickle check, conflicts, all-or-nothing placement, the manifest
   last) applies to an image unchanged, through :func:`packager.signing.install_signed`; ``verify`` is
@@ -936,7 +937,8 @@ def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_htt
     then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
     layers: a checkpoint the cache already holds with the right sha256 is not fetched; any other layer is
     fetched when install_bundle first reads it (after the signature checks; a conflict it refuses costs no
-    transfer), into ``<hub>/tvpack/oci-layers/``."""
+    transfer), into this run's staging directory (:func:`packager.cache.staging`); a second install of the same
+    image waits for the first and then finds its files in place."""
     ref = _reference(ref)
     client = _client(ref, client, plain_http)
     image = read_image(ref, client=client)
