@@ -553,6 +553,19 @@ def test_htpasswd_registry_login_then_push_pull_install(auth_registry, made, tmp
     assert proc.returncode == 0 and json.loads(proc.stdout)["bundle"] == ref, proc.stderr
 
 
+def test_push_and_pull_through_nginx_with_its_default_body_limit(registry, made, tmp_path):
+    from packager.testing.servers import Nginx
+
+    with need_server(Nginx, tmp_path / "root", tmp_path / "nginx", proxy_to=f"http://{registry.host}") as proxy:
+        ref = f"oci://127.0.0.1:{proxy.port}/models/small:v1"  # nginx's default client_max_body_size: 1 MB
+        proc = run_tvpack("push", made["small"], ref, "--plain-http")
+        assert proc.returncode == 0, proc.stderr
+        assert 413 in [status for _m, _p, status, _s in proxy.requests()]  # it did have to adapt
+        out = tmp_path / "pulled.tvpack"
+        assert run_tvpack("pull", ref, "-o", out, "--plain-http").returncode == 0
+        assert out.read_bytes() == made["small"].read_bytes()
+
+
 # -- independent consumers ------------------------------------------------------------------------------
 def test_skopeo_copy_and_umoci_unpack_give_a_torch_home_vanilla_torchvision_loads_offline(registry, made, tmp_path):
     skopeo, umoci = need_binary("skopeo"), need_binary("umoci")

@@ -500,3 +500,32 @@ def test_redirected_blob_get_drops_auth_retries_5xx_and_resumes_after_reset(tmp_
             assert len(bucket.requests()) == 4  # a 4xx is not retried
         finally:
             front.close()
+
+
+# -- a registry behind nginx with its default body limit (1 MB), as Harbor's docs warn -------------------
+
+def test_push_through_a_proxy_with_a_body_limit_goes_up_in_smaller_chunks(registry, tmp_path):
+    from packager.testing.servers import Nginx
+
+    with need_server(Nginx, tmp_path / "root", tmp_path / "nginx", proxy_to=f"http://{registry.host}",
+                     max_body="1m") as proxy:
+        client = RegistryClient(f"127.0.0.1:{proxy.port}", plain_http=True)
+        first, second = blob(3_000_000, seed=7), blob(3_000_000, seed=8)
+        assert client.push_blob("p/q", first, size=len(first), digest=digest_of(first)) == digest_of(first)
+        log = [(method, status) for method, path, status, _ in proxy.requests() if "/blobs/uploads/" in path]
+        # the monolithic PUT and the first 1.5 MB chunk are refused; 750 kB chunks go through
+        assert log[:3] == [("POST", 202), ("PUT", 413), ("PATCH", 413)]
+        assert log[3:] == [("PATCH", 202)] * 4 + [("PUT", 201)]
+        seen = len(proxy.requests())
+        client.push_blob("p/q", second, size=len(second), digest=digest_of(second))  # remembers the limit
+        assert 413 not in [status for _m, _p, status, _s in proxy.requests()[seen:]]
+        for data in (first, second):
+            client.pull_blob("p/q", digest_of(data), tmp_path / "out", size=len(data))
+            assert (tmp_path / "out").read_bytes() == data
+
+    with need_server(Nginx, tmp_path / "root", tmp_path / "nginx2", proxy_to=f"http://{registry.host}",
+                     max_body="100k") as proxy:
+        client = RegistryClient(f"127.0.0.1:{proxy.port}", plain_http=True)
+        with pytest.raises(OCIError, match=r"a proxy in front of it, refuses request bodies of \d+ bytes "
+                                           r"\(HTTP 413\): raise its limit \(nginx: client_max_body_size 0\)"):
+            client.push_blob("p/q", first, size=len(first), digest=digest_of(first))

@@ -144,8 +144,13 @@ class Nginx(ChildServer):
     stop_signal = signal.SIGQUIT  # graceful: nginx finishes its log lines
 
 
-    def __init__(self, root, workdir, *, binary: str | None = None):
+    def __init__(self, root, workdir, *, binary: str | None = None, proxy_to: str | None = None,
+                 max_body: str | None = None):
+        """``proxy_to``: a reverse proxy to that url (as in front of a registry) instead of serving ``root``;
+        ``max_body``: nginx's ``client_max_body_size`` (its default is 1m), e.g. ``"1m"`` or ``"0"`` (no limit)."""
         self.binary = binary or find_binary("nginx")
+        self.proxy_to = proxy_to
+        self.max_body = max_body
         self.root = Path(root).resolve()
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -179,13 +184,20 @@ http {{
     scgi_temp_path {w}/scgi_temp;
     sendfile on;
     tcp_nopush on;
+    {f"client_max_body_size {self.max_body};" if self.max_body is not None else ""}
     server {{
         listen 127.0.0.1:{self.port};
         root {self.root};
-        location / {{ autoindex on; }}
+        location / {{ {self._location()} }}
     }}
 }}
 """
+
+    def _location(self) -> str:
+        if self.proxy_to is None:
+            return "autoindex on;"
+        return (f"proxy_pass {self.proxy_to}; proxy_set_header Host $http_host; proxy_request_buffering off; "
+                "proxy_buffering off; proxy_http_version 1.1;")
 
     def start(self) -> "Nginx":
         if self.proc is not None:

@@ -460,6 +460,7 @@ class RegistryClient:
         self._credentials = credentials if isinstance(credentials, Credentials) else None
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._basic = False  # the registry asked for basic auth: send it with every request
+        self._max_body: int | None = None  # a request body this large was refused (HTTP 413): stay below it
 
     # -- requests with authentication, retries and one-line errors --
 
@@ -704,7 +705,7 @@ class RegistryClient:
         start.close()
         location = self._location(start, what)
         min_chunk = int(start.headers.get("OCI-Chunk-Min-Length") or 0)
-        chunk_size = max(chunk_size, min_chunk)
+        chunk_size = max(min(chunk_size, self._max_body or chunk_size), min_chunk)
         octets = {"Content-Type": "application/octet-stream"}
         try:
             with open_source() as f:
@@ -714,9 +715,16 @@ class RegistryClient:
                         progress.rewind()
                         return _HashingReader(f, size, None, progress)
                     response = self._request("PUT", self._with_digest(location, digest), what=what,
-                                             repository=repository, push=True, ok=(201,), headers=octets, body=body)
+                                             repository=repository, push=True, ok=(201, 413), headers=octets,
+                                             body=body)
                     response.close()
-                    return self._check_pushed(response, digest, what)
+                    if response.status_code != 413:
+                        return self._check_pushed(response, digest, what)
+                    # refused by the registry or a proxy before it (nginx's default limit is 1 MB): the
+                    # session never saw the bytes, so they go up again in smaller chunks
+                    chunk_size = self._smaller_body(size, min_chunk, what)
+                    f.seek(0)
+                    progress.rewind()
                 hasher = hashlib.sha256()
                 offset = 0
                 scope = f"repository:{repository}:pull,push"
@@ -742,6 +750,12 @@ class RegistryClient:
                         continue
                     # other failures restart the whole blob: how much of a half-sent PATCH the
                     # registry kept is not something every registry reports reliably
+                    if response.status_code == 413:  # too large for the registry or a proxy: smaller chunks
+                        chunk_size = self._smaller_body(n, min_chunk, what)
+                        hasher = before
+                        progress(sent_before - progress.sent)
+                        f.seek(offset)
+                        continue
                     if response.status_code in (408, 429) or response.status_code >= 500:
                         raise _Retry(f"HTTP {response.status_code} during a chunk upload")
                     if response.status_code != 202:
@@ -763,6 +777,18 @@ class RegistryClient:
                                  push=True, ok=(201,), headers={"Content-Length": "0"})
         response.close()
         return self._check_pushed(response, computed, what)
+
+    _MIN_BODY = 256 * 1024  # smaller chunks than this are not worth trying
+
+    def _smaller_body(self, refused: int, min_chunk: int, what: str) -> int:
+        """The chunk size to try after a body of ``refused`` bytes got HTTP 413 (remembered for later blobs)."""
+        smaller = refused // 2
+        if smaller < max(self._MIN_BODY, min_chunk):
+            limit = f"; the registry wants chunks of at least {min_chunk} bytes" if min_chunk > smaller else ""
+            raise OCIError(f"{what}: the registry, or a proxy in front of it, refuses request bodies of "
+                           f"{refused} bytes (HTTP 413){limit}: raise its limit (nginx: client_max_body_size 0)")
+        self._max_body = smaller
+        return smaller
 
     def _location(self, response, what: str) -> str:
         location = response.headers.get("Location")
