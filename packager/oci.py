@@ -72,7 +72,7 @@ from .formats.image import (
 )
 from .formats.manifest import MANIFEST_NAME, decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from .formats.volumes import FileSource, open_source
-from .fsutil import atomic_write_json, reserve_space, temp_path
+from .fsutil import atomic_write_json, human_bytes, pid_alive, reserve_space, short_name, temp_path
 from .home import hub_dir, tvpack_cache_dir
 from .transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, digest_of, parse_reference
 
@@ -739,7 +739,11 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
          client: RegistryClient | None = None) -> PullReport:
     """Write the bundle an image holds to ``output`` (a temp file beside it, renamed when complete and
     checked): byte for byte the bundle that was pushed. Every layer is checked as it streams in (its
-    digest, its tar, the checkpoint's sha256 against the bundle manifest); nothing is left on failure."""
+    digest, its tar, the checkpoint's sha256 against the bundle manifest); nothing is left on failure.
+
+    An interrupted pull (Ctrl-C, SIGTERM) keeps its temp file; the next pull of the same image to the same
+    ``output`` takes it over and fetches only the layers whose checkpoint is not already there in full
+    (each one re-hashed and compared with the bundle manifest before it counts)."""
     ref = _reference(ref)
     client = _client(ref, client, plain_http)
     image = read_image(ref, client=client)
@@ -749,13 +753,16 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BundleError(f"cannot create {output.parent}: {exc.strerror or exc}") from None
-    tmp = temp_path(output, ".tvpack-pull")
+    suffix = f".{image.reference.digest.split(':')[1][:16]}{PULL_SUFFIX}"
+    tmp = _adopt_pull(output, suffix)
+    adopted = tmp is not None
+    tmp = tmp if adopted else temp_path(output, suffix)
     total = bundle_size((p, image.size_of(p)) for p in image.order)
-    with reserve_space(tmp, total):  # refused before the first request when the disk cannot hold it
+    with reserve_space(tmp, total - (_size_of(tmp) if adopted else 0)):  # refused before the first request
         pass
     bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"pull {output.name}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if adopted else os.O_EXCL), 0o644)
         try:
             offset = 0
             for path in image.order:
@@ -763,6 +770,9 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                 if path in image.inline:
                     data = image.inline[path]
                     _write_at(fd, tar_header(path, size, image.mtime) + data + bytes(-size % BLOCK), offset)
+                elif adopted and _holds_member(fd, offset, path, size, image):
+                    if bar is not None:
+                        bar.update(image.layers[path].size)
                 else:
                     layer = image.layers[path]
                     writer = _LayerWriter(fd, offset, path, size, where)
@@ -777,6 +787,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                                        f"{layer.sha256}")
                 offset += member_span(path, size)
             _write_at(fd, bytes(total - offset), offset)
+            os.ftruncate(fd, total)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -789,6 +800,11 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
     except OSError as exc:
         _unlink(tmp)
         raise _write_error(exc, output.parent) from None
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what arrived is kept for the next pull of this image
+        if _size_of(tmp):
+            print(f"tvpack: kept {human_bytes(_size_of(tmp))} in {tmp}: pulling {where} to {output} again "
+                  "continues from there", file=sys.stderr, flush=True)
+        raise
     except BaseException:
         _unlink(tmp)
         raise
@@ -796,6 +812,63 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         if bar is not None:
             bar.close()
     return PullReport(where, image.reference.digest, output, image.info.manifest_id, total, weights)
+
+
+PULL_SUFFIX = ".tvpack-pull"
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _adopt_pull(output: Path, suffix: str) -> Path | None:
+    """The temp file of an interrupted pull of the same image to ``output``, renamed to this process's own
+    temp name (one adopter wins); temp files of other images' interrupted pulls to ``output`` are removed.
+    Only a file whose owner is gone (or is this process) is taken: pulls write the same bytes at the same
+    offsets, so even a mistaken take-over could not mix two bundles."""
+    prefix = f".{short_name(output.name)}."
+    try:
+        names = sorted(os.listdir(output.parent))
+    except OSError:
+        return None
+    found = None
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(PULL_SUFFIX)):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))):
+            continue
+        old = output.parent / name
+        if not name.endswith(suffix):
+            _unlink(old)  # another image's: of no use to this pull
+        elif found is None:
+            mine = temp_path(output, suffix)
+            try:
+                os.rename(old, mine)
+                found = mine
+            except OSError:
+                continue
+    return found
+
+
+def _holds_member(fd: int, offset: int, path: str, size: int, image: RemoteImage) -> bool:
+    """Whether an adopted temp file already holds this checkpoint's member in full: the exact header, and data
+    whose sha256 is the one the bundle manifest states (its padding is zeros: written so, or a hole)."""
+    header = tar_header(path, size, image.mtime)
+    if os.pread(fd, len(header), offset) != header:
+        return False
+    hasher = hashlib.sha256()
+    pos, end = offset + len(header), offset + len(header) + size
+    while pos < end:
+        chunk = os.pread(fd, min(8 << 20, end - pos), pos)
+        if not chunk:
+            return False
+        hasher.update(chunk)
+        pos += len(chunk)
+    return hasher.hexdigest() == image.layers[path].sha256
 
 
 def _write_error(exc: OSError, where: Path) -> CacheError:

@@ -409,6 +409,50 @@ def test_inspect_reads_only_the_manifest_layer(registry, made):
 
 
 # -- refusals -------------------------------------------------------------------------------------------
+def test_an_interrupted_pull_is_continued_by_the_next(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    out = tmp_path / "out" / "small.tvpack"
+    checkpoints = {layer["digest"] for layer in image_manifest(registry)["layers"]
+                   if layer["annotations"][I.A_PATH].startswith("hub/checkpoints/")}
+
+    class StopsAfterOneLayer(RegistryClient):
+        streamed: list[str] = []
+
+        def stream_blob(self, repository, digest, sink, **kwargs):
+            if digest in checkpoints:
+                if self.streamed:
+                    raise KeyboardInterrupt
+                self.streamed.append(digest)
+            return super().stream_blob(repository, digest, sink, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        oci.pull(ref_of(registry), out, client=StopsAfterOneLayer(registry.host, plain_http=True))
+    (kept,) = out.parent.iterdir()
+    assert kept.name.startswith(".small.tvpack.") and kept.name.endswith(".tvpack-pull") and not out.exists()
+    gets = len(blob_gets(registry))
+    oci.pull(ref_of(registry), out, plain_http=True)
+    assert out.read_bytes() == made["small"].read_bytes() and list(out.parent.iterdir()) == [out]
+    fetched = blob_gets(registry)[gets:]
+    assert StopsAfterOneLayer.streamed[0] not in fetched and len(fetched) == 2  # the manifest layer, the other
+
+    # a kept file whose checkpoint bytes were damaged meanwhile: that layer is fetched again
+    out.unlink()
+    StopsAfterOneLayer.streamed.clear()
+    with pytest.raises(KeyboardInterrupt):
+        oci.pull(ref_of(registry), out, client=StopsAfterOneLayer(registry.host, plain_http=True))
+    (kept,) = out.parent.iterdir()
+    at = kept.stat().st_size - 2000  # inside the checkpoint written last (its padding is under 512 bytes)
+    with open(kept, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    gets = len(blob_gets(registry))
+    oci.pull(ref_of(registry), out, plain_http=True)
+    assert out.read_bytes() == made["small"].read_bytes()
+    assert StopsAfterOneLayer.streamed[0] in blob_gets(registry)[gets:]
+
+
 def test_a_blob_corrupted_in_the_registry_is_refused_on_pull_and_install(registry, made, tmp_path):
     oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
     layer = image_manifest(registry)["layers"][0]
