@@ -550,6 +550,8 @@ def test_signatures_travel_in_the_image_and_are_checked_from_the_registry(regist
     assert "signatures: 2" in shown.stdout, shown.stderr
     verified = run_tvpack("verify", ref, "--key", bob_pub, "--plain-http")
     assert verified.returncode == 0 and "signed by" in verified.stdout, verified.stderr
+    staged = cache.staging_root(Path(os.environ["XDG_CACHE_HOME"]) / "tvpack" / "oci-verify")
+    assert list(staged.iterdir()) == []  # the layers verify fetched are gone again
 
     # an untrusted signer is refused before any checkpoint layer is fetched; nothing is written
     layers = image_manifest(registry, "models/signed")["layers"]
