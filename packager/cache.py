@@ -1274,6 +1274,7 @@ def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[
     except OSError:
         return out
     now = time.time()
+    taken: set[str] = set()  # images whose lock we took (one lock serves all their directories)
     for name in names:
         match = _STAGING_NAME.match(name)
         path = root / name
@@ -1282,13 +1283,15 @@ def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[
         quiet = _quiet_for(path, now)
         if pid_alive(int(match["pid"])) and quiet <= min_age:
             continue
-        lock = _lock(hub, f"oci-{match['key']}")
-        try:
-            if not lock.acquire(timeout=0):
-                continue  # an install of that image is running
-        except OSError:
-            continue
-        held.append(lock)
+        if match["key"] not in taken:
+            lock = _lock(hub, f"oci-{match['key']}")
+            try:
+                if not lock.acquire(timeout=0):
+                    continue  # an install of that image is running
+            except OSError:
+                continue
+            held.append(lock)
+            taken.add(match["key"])
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         out.append(Removal(path, size, "layers of an interrupted OCI install"))
     return out

@@ -804,6 +804,8 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         if _size_of(tmp):
             print(f"tvpack: kept {human_bytes(_size_of(tmp))} in {tmp}: pulling {where} to {output} again "
                   "continues from there", file=sys.stderr, flush=True)
+        else:
+            _unlink(tmp)
         raise
     except BaseException:
         _unlink(tmp)

@@ -381,13 +381,14 @@ def test_prune_removes_staging_left_by_dead_runs_only(registry, made, tmp_path):
     root = cache.staging_root(home / "hub")
     root.mkdir(parents=True)
     dead = root / f"{'ab' * 32}.{2 ** 22 - 7}.0badc0de"  # a pid above pid_max: never alive
+    dead_too = root / f"{'ab' * 32}.{2 ** 22 - 8}.0badc0de"  # two interrupted runs on one image
     live = root / f"{'cd' * 32}.{os.getpid()}.0badc0de"
-    for path in (dead, live):
+    for path in (dead, dead_too, live):
         path.mkdir()
         (path / "layer.tar.part").write_bytes(b"x" * 1000)
     removed = cache.prune_cache(torch_home=home)
-    assert [(r.path, r.size) for r in removed if r.path.parent == root] == [(dead, 1000)]
-    assert not dead.exists() and live.exists()
+    assert sorted((r.path, r.size) for r in removed if r.path.parent == root) == [(dead_too, 1000), (dead, 1000)]
+    assert not dead.exists() and not dead_too.exists() and live.exists()
     # an install of that image holding its lock keeps even a dead-looking directory
     dead.mkdir()
     with cache.staging(home / "hub", "ab" * 32) as adopted:
