@@ -122,6 +122,24 @@ def rm(path: Path) -> None:
         path.unlink()
 
 
+def data_arguments(description: str, *, size_gb: float = 1.3, files: int = 4) -> argparse.ArgumentParser:
+    """The options of every benchmark over synthetic checkpoints: --size-gb, --files, --repeat, --keep
+    (add more before ``parse_args``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size-gb", type=float, default=size_gb)
+    parser.add_argument("--files", type=int, default=files)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--keep", action="store_true")
+    return parser
+
+
+def checkpoints_for(work: Path, args) -> list[str]:
+    """:func:`make_checkpoints` of ``args.size_gb`` in ``args.files`` files, its registry module importable."""
+    selectors = make_checkpoints(work, int(args.size_gb * (1 << 30)), args.files)
+    sys.path.insert(0, str(work))
+    return selectors
+
+
 def in_scratch(prefix: str, run, args) -> int:
     """``run(work, args)`` in a fresh temporary directory, removed afterwards unless ``args.keep``."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
@@ -145,21 +163,14 @@ def interleaved(repeat: int, *contenders) -> list[float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.5)
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
+    args = data_arguments(__doc__.splitlines()[0], size_gb=1.5).parse_args()
 
     return in_scratch("tvpack-bench-bundle-", run, args)
 
 
 def run(work: Path, args) -> int:
-    total = int(args.size_gb * (1 << 30))
     t0 = time.perf_counter()
-    selectors = make_checkpoints(work, total, args.files)
-    sys.path.insert(0, str(work))
+    selectors = checkpoints_for(work, args)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(work)]), "TVPACK_DEBUG": "1"}
     home = work / "home"
     ckpt = home / "hub" / "checkpoints"

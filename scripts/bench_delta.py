@@ -20,7 +20,6 @@ The temporary files are removed at the end (unless --keep).
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -31,26 +30,21 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_bundle import REGISTRY, in_scratch, interleaved, make_checkpoints, rm, timed  # noqa: E402
+from bench_bundle import REGISTRY, checkpoints_for, data_arguments, in_scratch, interleaved, rm, timed  # noqa: E402
 
 MiB = 1 << 20
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.3)
-    parser.add_argument("--files", type=int, default=10)
+    parser = data_arguments(__doc__.splitlines()[0], files=10)
     parser.add_argument("--parts", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     return in_scratch("tvpack-bench-delta-", run, args)
 
 
 def run(work: Path, args) -> int:
     t0 = time.perf_counter()
-    selectors = make_checkpoints(work, int(args.size_gb * (1 << 30)), args.files)
-    sys.path.insert(0, str(work))
+    selectors = checkpoints_for(work, args)
     home = work / "home"
     ckpt = home / "hub" / "checkpoints"
 

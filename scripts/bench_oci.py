@@ -16,7 +16,6 @@ each run, contenders taking turns, best of --repeat:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -29,18 +28,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_bundle import REGISTRY, in_scratch, make_checkpoints, rm, run_child  # noqa: E402
+from bench_bundle import REGISTRY, checkpoints_for, data_arguments, in_scratch, rm, run_child  # noqa: E402
 
 MiB = 1 << 20
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.3)
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
+    args = data_arguments(__doc__.splitlines()[0]).parse_args()
     for tool in ("docker-registry", "skopeo"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed (apt-get install docker-registry skopeo)")
@@ -53,8 +47,7 @@ def run(work: Path, args) -> int:
     from packager.testing.registry import DistributionRegistry
 
     t0 = time.perf_counter()
-    selectors = make_checkpoints(work, int(args.size_gb * (1 << 30)), args.files)
-    sys.path.insert(0, str(work))
+    selectors = checkpoints_for(work, args)
     the_bundle = bundle(selectors, work / "bench.tvpack", registry=[REGISTRY], torch_home=work / "home", fetch=False)
     size = the_bundle.stat().st_size
     print(f"bundle of {args.files} checkpoints, {size / MiB:,.0f} MiB (made in {time.perf_counter() - t0:.0f} s)")

@@ -16,7 +16,6 @@ Timings are printed, never asserted. The temporary files are removed at the end 
 """
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_bundle import in_scratch  # noqa: E402
+from bench_bundle import checkpoints_for, data_arguments, in_scratch  # noqa: E402
 
 MiB = 1 << 20
 
@@ -59,23 +58,17 @@ def write_key(work: Path) -> tuple[Path, Path]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.3)
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
+    args = data_arguments(__doc__.splitlines()[0]).parse_args()
     return in_scratch("tvpack-bench-sign-", run, args)
 
 
 def run(work: Path, args) -> int:
     import os
 
-    from bench_bundle import REGISTRY, make_checkpoints, sync
+    from bench_bundle import REGISTRY, sync
 
     t0 = time.perf_counter()
-    selectors = make_checkpoints(work, int(args.size_gb * (1 << 30)), args.files)
-    sys.path.insert(0, str(work))
+    selectors = checkpoints_for(work, args)
     home = work / "home"
 
     from packager import cache, signing
