@@ -106,6 +106,37 @@ def need_server(factory, *args, **kwargs):
 
 
 @pytest.fixture
+def no_creds(tmp_path, monkeypatch) -> Path:
+    """No credential file of the real user is read: HOME (returned) and the containers auth file in tmp,
+    DOCKER_CONFIG, XDG_RUNTIME_DIR and the CA-bundle variables unset."""
+    home = tmp_path / "user-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
+    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def registry(tmp_path, no_creds):
+    """The CNCF distribution registry on loopback, anonymous (packager.testing.registry)."""
+    from packager.testing.registry import DistributionRegistry
+
+    with need_server(DistributionRegistry, tmp_path) as reg:
+        yield reg
+
+
+@pytest.fixture
+def auth_registry(tmp_path, no_creds):
+    """The same with htpasswd auth: user alice, password s3cret."""
+    from packager.testing.registry import DistributionRegistry
+
+    with need_server(DistributionRegistry, tmp_path, users={"alice": "s3cret"}) as reg:
+        yield reg
+
+
+@pytest.fixture
 def mirror_server(tmp_path):
     """A loopback HTTP mirror (packager.testing.server) over an empty ``tmp_path/"mirror"``: put files
     under ``server.root``; ``server.add_fault(...)``, ``server.transfers(path)`` for the log."""

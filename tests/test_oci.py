@@ -47,35 +47,14 @@ def made(zoo_root, tmp_path_factory) -> dict:
     return out
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch, zoo_root):
-    """No credentials or digest cache of the real user: HOME, auth files and XDG_CACHE_HOME in tmp
-    (the zoo, found through HOME, is pinned with TVPACK_ZOO_DIR first)."""
-    home = tmp_path / "user-home"
-    home.mkdir()
+@pytest.fixture(autouse=True)
+def isolated(no_creds, tmp_path, monkeypatch, zoo_root):
+    """Besides no credentials of the real user (``no_creds``), no digest cache of theirs: XDG_CACHE_HOME in
+    tmp (the zoo, found through HOME, is pinned with TVPACK_ZOO_DIR first) and no SOURCE_DATE_EPOCH."""
     monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SOURCE_DATE_EPOCH"):
-        monkeypatch.delenv(name, raising=False)
-    return home
-
-
-@pytest.fixture
-def registry(tmp_path, isolated):
-    from packager.testing.registry import DistributionRegistry
-
-    with need_server(DistributionRegistry, tmp_path) as reg:
-        yield reg
-
-
-@pytest.fixture
-def auth_registry(tmp_path, isolated):
-    from packager.testing.registry import DistributionRegistry
-
-    with need_server(DistributionRegistry, tmp_path, users={"alice": "s3cret"}) as reg:
-        yield reg
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    return no_creds
 
 
 def ref_of(reg, repo: str = "models/small", tag: str = "v1") -> str:

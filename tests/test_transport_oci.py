@@ -29,27 +29,6 @@ FAST = Policy(retries=2, backoff=0.01, max_backoff=0.02, connect_timeout=3, read
 
 
 @pytest.fixture
-def no_creds(tmp_path, monkeypatch):
-    """No credential file of the real user is read: HOME, auth file and docker config all in tmp."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
-    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
-    return home
-
-
-@pytest.fixture
-def registry(tmp_path, no_creds):
-    from packager.testing.registry import DistributionRegistry
-
-    with need_server(DistributionRegistry, tmp_path) as reg:
-        yield reg
-
-
-@pytest.fixture
 def client(registry):
     return RegistryClient(registry.host, plain_http=True, policy=FAST)
 
@@ -270,14 +249,6 @@ def free_port() -> int:
 
 
 # -- authentication ----------------------------------------------------------------------------------
-
-@pytest.fixture
-def auth_registry(tmp_path, no_creds):
-    from packager.testing.registry import DistributionRegistry
-
-    with need_server(DistributionRegistry, tmp_path, users={"alice": "s3cret"}) as reg:
-        yield reg
-
 
 def test_basic_auth_with_docker_config_in_home(auth_registry, no_creds):
     docker = no_creds / ".docker" / "config.json"
