@@ -27,6 +27,7 @@ from ..errors import BundleError
 from ..registry import WeightsRef, hash_prefix_from_filename
 from ..spec import summarize
 from .archive import check_path, path_problem
+from .release import release_of
 
 FORMAT = "tvpack-bundle"
 FORMAT_VERSION = 1
@@ -167,6 +168,7 @@ def parse_manifest(data: dict, where: str = "") -> tuple[list[BundleEntry], dict
     weights = data.get("weights")
     if not isinstance(weights, list):
         raise BundleError("manifest: 'weights' is not a list")
+    release_of(data)  # a malformed release is refused here; readers take it with release_of
     created_by = data.get("created_by")
     created_by = dict(created_by) if isinstance(created_by, dict) else {}
     expected: dict[str, tuple[int, str]] = {}
