@@ -818,11 +818,11 @@ def _signed_only(src: Source, name: str, registry, trusted_keys, require_signed)
     from . import signing
 
     hub = src.hub if isinstance(src, InstalledSource) else None
-    policy = signing.loader_policy(trusted_keys, require_signed, hub=hub)
-    if not policy:
+    trust = signing.loader_policy(trusted_keys, require_signed, hub=hub)
+    if not trust:
         return src
     entry, _ = src.find(name, registry=registry)
-    covered, why = signing.covered_entries(src.entries.values(), policy, hub=hub,
+    covered, why = signing.covered_entries(src.entries.values(), trust, hub=hub,
                                            bundle_path=src.path if isinstance(src, BundleSource) else None)
     if entry.name not in covered:
         raise SignatureError(f"refusing {entry.name} from {src.describe()}: {why[entry.name]}")

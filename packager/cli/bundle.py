@@ -176,9 +176,9 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     from .oci import verify_registry_image
 
     try:
-        policy, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
-        signed = verify_registry_image(file, policy, plain_http=plain_http, progress=progress) if is_oci(file) \
-            else verify_signed(file, policy, progress=progress)
+        trust, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+        signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
+            else verify_signed(file, trust, progress=progress)
         report = signed.contents
     except TvpackError as exc:
         if not as_json:
@@ -225,10 +225,10 @@ def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet, plain_h
     from ..signing import install_signed, trust_policy
     from .oci import install_from_registry
 
-    policy = trust_policy(keys, ca_roots, torch_home=torch_home)
+    trust = trust_policy(keys, ca_roots, torch_home=torch_home)
     options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json)}
-    signed = install_from_registry(file, policy, plain_http=plain_http, **options) if is_oci(file) \
-        else install_signed(file, policy, **options)
+    signed = install_from_registry(file, trust, plain_http=plain_http, **options) if is_oci(file) \
+        else install_signed(file, trust, **options)
     report = signed.installed
     if as_json:
         echo_json({**signed.to_dict(), "bundle": file} if is_oci(file) else signed.to_dict())
