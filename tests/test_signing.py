@@ -373,6 +373,28 @@ def test_a_broken_policy_fails_closed(bundles, keys, tmp_path, cli, monkeypatch)
     assert "this is a private key: give its public half" in one_error_line(cli("verify", bundles["small"]))
 
 
+@pytest.mark.parametrize("value", ["", " , ", ","])
+def test_a_trusted_keys_variable_naming_no_file_is_an_error_not_no_policy(bundles, tmp_path, cli, monkeypatch, value):
+    """Set but blank is a slip (a template or quoting that lost the value), never "trust nothing, require nothing":
+    install, verify and the loader refuse with one line naming the variable; nothing is installed."""
+    from packager.errors import UsageError
+    from packager.loader import load_weights
+
+    monkeypatch.setenv("TVPACK_TRUSTED_KEYS", value)
+    home = tmp_path / "home"
+    for args in (("install", bundles["small"], "--torch-home", home), ("verify", bundles["small"])):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"tvpack: error: TVPACK_TRUSTED_KEYS is set but names no key file ({value!r}) (give comma-separated PEM "
+            "files, or unset it for no trust policy)"]
+    assert tree(home) == []
+    with pytest.raises(UsageError, match="TVPACK_TRUSTED_KEYS is set but names no key file"):
+        load_weights(bundles["small"], SHUFFLE, registry=[ZOO_REGISTRY])
+    monkeypatch.delenv("TVPACK_TRUSTED_KEYS")  # unset: no policy, as documented
+    assert cli("install", bundles["small"], "--torch-home", home).exit_code == 0
+
+
 def test_refuses_a_signature_by_another_key(bundles, keys, tmp_path, cli):
     path = signed(bundles, tmp_path, keys / "p256.key")
     refused_everywhere(cli, path, tmp_path / "home", ["--key", keys / "other.pub"],
@@ -578,6 +600,63 @@ def test_loader_refuses_checkpoints_no_trusted_signature_covers(bundles, keys, t
         sig.write_bytes(b"{}")
     with pytest.raises(SignatureError, match="refusing"):
         load_weights(home, SHUFFLE, registry=[ZOO_REGISTRY])
+
+
+def _signed_home(bundles, keys, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A TORCH_HOME with a signed bundle installed under a configured policy; (home, the shufflenet checkpoint)."""
+    home = tmp_path / "home"
+    signing.install_signed(signed(bundles, tmp_path, keys / "p256.key"), signing.trust_policy([keys / "p256.pub"]),
+                           torch_home=home)
+    monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(keys / "p256.pub"))
+    with B.open_bundle(bundles["small"]) as opened:
+        filename = next(e.filename for e in opened.entries if e.name == SHUFFLE)
+    return home, home / "hub/checkpoints" / filename
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["hashed-now", "from-the-index"])
+def test_the_loaded_bytes_are_the_verified_bytes_when_the_file_is_swapped(bundles, keys, tmp_path, monkeypatch,
+                                                                         indexed):
+    """A file renamed over the checkpoint after it was hashed (or matched to the index) and before it is loaded is
+    not what loads: the loader loads the descriptor it hashed, never the path again."""
+    import torch
+
+    from packager import cache, loader
+
+    home, ckpt = _signed_home(bundles, keys, tmp_path, monkeypatch)
+    genuine = torch.load(ckpt, weights_only=True)
+    evil = tmp_path / "evil.pth"
+    torch.save({k: torch.full_like(v, 7) if v.is_floating_point() else v for k, v in genuine.items()}, evil)
+    if indexed:
+        cache.file_sha256(ckpt)  # the index now vouches for this inode: no hashing on the load
+    real = loader._torch_load
+
+    def swapped_then_loaded(f, *args, **kwargs):  # between the hash and the load: rename a file over it
+        os.replace(evil, ckpt)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_torch_load", swapped_then_loaded)
+    model, _ = loader.load_model(home, SHUFFLE, registry=[ZOO_REGISTRY], require_signed=True)
+    assert not evil.exists()  # the swap happened
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in genuine.items()), "loaded other bytes than the signed ones"
+
+
+def test_a_checkpoint_written_to_while_it_is_loaded_is_refused(bundles, keys, tmp_path, monkeypatch):
+    from packager import loader
+    from packager.errors import IntegrityError
+
+    home, ckpt = _signed_home(bundles, keys, tmp_path, monkeypatch)
+    real = loader._torch_load
+
+    def edited_then_loaded(f, *args, **kwargs):  # between the hash and the load: edit the same inode in place
+        with open(ckpt, "r+b") as out:
+            out.seek(ckpt.stat().st_size - 1)
+            out.write(b"\0")
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_torch_load", edited_then_loaded)
+    with pytest.raises(IntegrityError, match="a file written to while it was loaded"):
+        loader.load_weights(home, SHUFFLE, registry=[ZOO_REGISTRY], require_signed=True).get_state_dict()
 
 
 def test_predict_checks_signatures_as_the_loader_does(bundles, keys, tmp_path, cli, monkeypatch):
