@@ -497,6 +497,14 @@ def test_refuses_an_expired_certificate(bundles, keys, tmp_path, cli):
                        r"certificate CN=Old Signer expired on \d{4}-\d\d-\d\d")
 
 
+def test_refuses_a_ca_certificate_as_the_signer(bundles, keys, tmp_path, cli):
+    """A CA:TRUE certificate that chains to the trusted root and carries code-signing usages is still no signer."""
+    path = signed(bundles, tmp_path, keys / "ca_leaf.key", chain=[keys / "ca_leaf.pem", keys / "inter.pem"])
+    refused_everywhere(cli, path, tmp_path / "home", ["--ca-root", keys / "root.pem"],
+                       r"certificate CN=Signer Who Is A CA is a CA certificate \(basicConstraints CA:TRUE\): a "
+                       "signature must be made with an end-entity")
+
+
 def test_refuses_a_certificate_from_an_untrusted_ca(bundles, keys, tmp_path, cli):
     path = signed(bundles, tmp_path, keys / "evil_leaf.key", chain=[keys / "evil_leaf.pem"])
     refused_everywhere(cli, path, tmp_path / "home", ["--ca-root", keys / "root.pem"],
