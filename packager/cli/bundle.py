@@ -171,20 +171,13 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     at least one signature must also be valid for them and cover exactly the bundle's files; the
     signer is named. Signatures are checked first, from the manifest's hashes: no second read.
     FILE may be oci://HOST/REPO[:TAG]: its layers are fetched into a temporary directory and checked alike."""
-    from ..errors import TvpackError
     from ..signing import trust_policy, verify_signed
     from .oci import verify_registry_image
 
-    try:
-        trust, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
-        signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
-            else verify_signed(file, trust, progress=progress)
-        report = signed.contents
-    except TvpackError as exc:
-        if not as_json:
-            raise
-        echo_json({"ok": False, "path": str(file), "error": exc.format()})
-        click.get_current_context().exit(exc.exit_code)
+    trust, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+    signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
+        else verify_signed(file, trust, progress=progress)
+    report = signed.contents
     if as_json:
         echo_json(signed.to_dict())
         return
