@@ -334,7 +334,8 @@ class BundleSource(Source):
             except LoadError as exc:
                 failure = exc
             got, n = hashing.result()
-            verdict = source.diagnose() if (n, got) != (entry.size, entry.sha256) else None
+            span = (member.offset, member.offset + member.size)
+            verdict = source.diagnose([span]) if (n, got) != (entry.size, entry.sha256) else None
         if verdict:  # a split bundle with a badly copied part: name the part
             raise VolumeError(verdict)
         if n != entry.size:
