@@ -163,3 +163,21 @@ def test_with_json_a_failure_is_json_in_a_real_process(tvpack, tmp_path):
     assert json.loads(proc.stdout)["error"] == {"type": "BundleError", "message": f"no such bundle: {tmp_path}/nope.tar",
                                                 "exit_code": 1}
     assert proc.stderr == f"tvpack: error: no such bundle: {tmp_path}/nope.tar\n"
+
+
+def test_a_file_given_where_selectors_belong_is_named_as_such(cli, tvpack, tmp_path, monkeypatch):
+    """`tvpack bundle s.tar -o x.tar`: not "unknown weights enum 's'" but what was given and where files go."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.tar").write_bytes(b"a bundle, say")
+    words = "tvpack: error: 's.tar' is a file, given where selectors belong: selectors name weights"
+    for args in (["bundle", "s.tar", "-o", "x.tar"], ["fetch", "s.tar", "--dry-run"], ["lock", "s.tar", "-o", "l"]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(words) and "a lockfile goes after --lock" in line, line
+    assert not (tmp_path / "x.tar").exists()
+    proc = tvpack("bundle", "s.tar", "-o", "x.tar", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(words)
+    assert cli("fetch", "resnet50", "--dry-run").exit_code == 0  # a selector that is no file is unaffected
+    (tmp_path / "resnet50").write_text("")  # nor one that happens to name a file too: it resolves first
+    assert cli("fetch", "resnet50", "--dry-run").exit_code == 0
