@@ -442,6 +442,20 @@ def test_bundle_split_parts_sha256sum_and_cat(connected, small_full, tmp_path, c
         assert (again / p.name).read_bytes() == p.read_bytes()
 
 
+def test_the_split_hint_is_a_command_that_runs_where_paths_have_spaces(small_full, tmp_path, cli):
+    """The printed `cd DIR && sha256sum -c NAME.sha256` is quoted for the shell: pasted, it checks the copy."""
+    need_binary("sha256sum")
+    media = tmp_path / "USB stick (1)"
+    media.mkdir()
+    shutil.copy(small_full, media / "my bundle.tar")
+    result = cli("split", media / "my bundle.tar", "--size", "1M")
+    assert result.exit_code == 0, result.output
+    hint = result.output.strip().splitlines()[-1].split("check a copy with: ", 1)[1]
+    check = subprocess.run(["sh", "-c", hint], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, (hint, check.stderr)
+    assert check.stdout.count(": OK") == len(list(media.glob("my bundle.tar.0*"))) > 1
+
+
 def test_split_refusals(small_full, tmp_path, cli):
     media = tmp_path / "m"
     media.mkdir()
