@@ -395,6 +395,19 @@ def test_a_trusted_keys_variable_naming_no_file_is_an_error_not_no_policy(bundle
     assert cli("install", bundles["small"], "--torch-home", home).exit_code == 0
 
 
+def test_verify_says_when_one_of_two_signatures_is_not_valid(bundles, keys, tmp_path, cli):
+    """Text output names the bad one as the --json does; one valid signature is enough for the verdict."""
+    path = signed(bundles, tmp_path, keys / "p256.key")
+    signing.sign_bundle(path, signing.Signer.load(keys / "other.key"), label="other")
+    result = cli("verify", path, "--key", keys / "p256.pub")
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert re.search(r"; signed by key SHA256:[0-9a-f]{64}; 1 of 2 signatures not valid: [0-9a-f]{16}\.other\.sig: "
+                     r"signed by key SHA256:[0-9a-f]{64}, which is not a trusted key$", line), line
+    as_json = json.loads(cli("verify", path, "--key", keys / "p256.pub", "--json").stdout)
+    assert [s["valid"] for s in as_json["signatures"]["signatures"]] == [True, False]
+
+
 def test_refuses_a_signature_by_another_key(bundles, keys, tmp_path, cli):
     path = signed(bundles, tmp_path, keys / "p256.key")
     refused_everywhere(cli, path, tmp_path / "home", ["--key", keys / "other.pub"],

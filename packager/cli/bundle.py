@@ -187,11 +187,17 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
 
 
 def _signed_summary(report) -> str:
-    if report.valid:
-        return "signed by " + ", ".join(report.signers)
+    """Who signed, and every signature that is not valid (one of two can be bad while the other passes)."""
     if not report.checks:
         return "unsigned"
-    return f"{len(report.checks)} signature(s) not checked (give --key PUB or --ca-root PEM)"
+    if not report.checked:
+        return f"{len(report.checks)} signature(s) not checked (give --key PUB or --ca-root PEM)"
+    said = ["signed by " + ", ".join(report.signers)] if report.valid else []
+    invalid = [c for c in report.checks if c.verified is None]
+    if invalid:
+        said.append(f"{len(invalid)} of {len(report.checks)} signatures not valid: "
+                    + "; ".join(f"{c.name}: {c.problem}" for c in invalid))
+    return "; ".join(said)
 
 
 @main.command("install")
