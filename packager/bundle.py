@@ -291,6 +291,15 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
+def _refuse_mismatches(archive, hashed) -> None:
+    """``hashed``: (member, sha256 read) pairs. Refuse, in one line, when any differs from the manifest; the spans
+    of those members let a split bundle name the part to blame."""
+    bad = [m for m, sha in hashed if sha != archive.expected[m.path][1]]
+    if bad:
+        archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or altered)",
+                     spans=[(m.offset, m.offset + m.size) for m in bad])
+
+
 def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
     """Every structural check, every sha256 and the weights-only pickle check of each checkpoint.
 
@@ -309,10 +318,7 @@ def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
         finally:
             if bar is not None:
                 bar.close()
-        bad = [m for m, sha in zip(archive.payload, digests) if sha != archive.expected[m.path][1]]
-        if bad:
-            archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or "
-                         "altered)", spans=[(m.offset, m.offset + m.size) for m in bad])
+        _refuse_mismatches(archive, zip(archive.payload, digests))
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
@@ -433,10 +439,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
             if bar is not None:
                 bar.close()
         staged = [(member, dest, action, tmp) for (member, dest, action), (tmp, _sha) in zip(plan, outcomes)]
-        bad = [member for (member, _d, _a), (_t, sha) in zip(plan, outcomes) if sha != archive.expected[member.path][1]]
-        if bad:
-            archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or "
-                         "altered)", spans=[(m.offset, m.offset + m.size) for m in bad])
+        _refuse_mismatches(archive, ((member, sha) for (member, _d, _a), (_t, sha) in zip(plan, outcomes)))
         # 3. every checkpoint must load weights-only before anything gets its final name
         for member, _dest, _action, tmp in staged:
             if is_checkpoint_path(member.path):
