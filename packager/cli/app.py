@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ import click
 
 from .. import __version__, env
 from ..errors import TvpackError
+from ._common import echo_json
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,8 +70,7 @@ class TvpackGroup(click.Group):
 def _echo_json_error(kind: str, message: str, exit_code: int) -> None:
     """With ``--json``, a failure is JSON on stdout too (the one line still goes to stderr), for every command
     alike: ``{"ok": false, "error": {"type": ..., "message": ..., "exit_code": ...}}``."""
-    error = {"type": kind, "message": message, "exit_code": exit_code}
-    click.echo(json.dumps({"ok": False, "error": error}, indent=2))
+    echo_json({"ok": False, "error": {"type": kind, "message": message, "exit_code": exit_code}})
 
 
 def _echo_err(line: str) -> None:
