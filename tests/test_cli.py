@@ -157,6 +157,19 @@ def test_with_json_a_failure_is_json_on_stdout_and_one_line_on_stderr(command, c
         assert result.stderr.strip().splitlines()[-1] == f"Error: {message}"
 
 
+def test_with_json_a_report_of_failures_is_the_one_document(cli, torch_home):
+    """A command whose report already says what failed (cache verify) prints that, not a second document."""
+    ckpt = torch_home / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "tampered-0123abcd.pth").write_bytes(b"not what its name says")
+    result = cli("cache", "verify", "--json")
+    assert result.exit_code == 1, result.output
+    (report,) = json.loads(result.stdout)  # one document: the report
+    assert report["ok"] is False
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tvpack: error: 1 of 1 cached files failed verification")
+
+
 def test_with_json_a_failure_is_json_in_a_real_process(tvpack, tmp_path):
     proc = tvpack("inspect", tmp_path / "nope.tar", "--json")
     assert proc.returncode == 1

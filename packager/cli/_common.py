@@ -51,8 +51,15 @@ lock_timeout_option = click.option(
 selectors_argument = click.argument("selectors", nargs=-1, metavar="[SELECTOR...]")  # optional: --all, --lock, --from-bundle
 
 
+JSON_WRITTEN = "tvpack.json_written"  # in click's context meta, shared by the group and its commands
+
+
 def echo_json(data) -> None:
+    """The command's one JSON document on stdout (remembered: a failure after it adds no second document)."""
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[JSON_WRITTEN] = True
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Sequence[int] = ()) -> str:

@@ -11,7 +11,7 @@ import click
 
 from .. import __version__, env
 from ..errors import TvpackError
-from ._common import echo_json
+from ._common import JSON_WRITTEN, echo_json
 
 
 class Terminated(KeyboardInterrupt):
@@ -44,7 +44,7 @@ class TvpackGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except click.ClickException as exc:  # click shows these itself (usage, exit 2)
-            if as_json:
+            if as_json and not ctx.meta.get(JSON_WRITTEN):
                 _echo_json_error(type(exc).__name__, exc.format_message(), exc.exit_code)
             raise
         except KeyboardInterrupt as exc:
@@ -58,7 +58,7 @@ class TvpackGroup(click.Group):
             if env.debug():
                 raise
             code = getattr(exc, "exit_code", 1) if isinstance(exc, TvpackError) else 1
-            if as_json:
+            if as_json and not ctx.meta.get(JSON_WRITTEN):  # a report that says what failed is already out
                 _echo_json_error(type(exc).__name__, _one_line(exc), code)
             click.echo(f"tvpack: error: {_one_line(exc)}", err=True)
             ctx.exit(code)
@@ -69,7 +69,8 @@ class TvpackGroup(click.Group):
 
 def _echo_json_error(kind: str, message: str, exit_code: int) -> None:
     """With ``--json``, a failure is JSON on stdout too (the one line still goes to stderr), for every command
-    alike: ``{"ok": false, "error": {"type": ..., "message": ..., "exit_code": ...}}``."""
+    alike: ``{"ok": false, "error": {"type": ..., "message": ..., "exit_code": ...}}``; unless the command already
+    printed its document (``cache verify``'s report, with what failed in it): stdout holds one document."""
     echo_json({"ok": False, "error": {"type": kind, "message": message, "exit_code": exit_code}})
 
 
