@@ -24,9 +24,11 @@ Importing this module never imports torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +36,10 @@ from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
-from ...errors import OCIError
+from ... import env
+from ...errors import OCIError, OfflineError
+from ..bodies import Pace, TooSlow, read_capped
+from ..stream import Cancel
 from .auth import Auth, Credentials, save_login
 from .reference import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, MiB, _check_digest, digest_of, is_loopback
 
@@ -55,14 +60,27 @@ def login(host: str, username: str, password: str, *, plain_http: bool = False, 
 
 @dataclass(frozen=True)
 class Policy:
-    """Timeouts (seconds), retries of transient failures (5xx, 408, 429, resets, timeouts; never
-    another 4xx) with exponential backoff, and upload sizes."""
+    """How hard the client tries (seconds, counts), HTTP fetch's model (:class:`..stream.Policy`).
+
+    Retries of transient failures (5xx, 408, 429, resets, timeouts; never another 4xx) with
+    exponential backoff, each announced by a notice; a server that does not answer within
+    ``read_timeout`` (or sends a body slower than ``speed_limit`` bytes/s over ``speed_time``) is
+    retried ``stall_retries`` times only: one that stalls twice will not heal by waiting longer.
+    ``max_time``: seconds for everything one client does (None: no limit). ``commit_timeout``: how
+    long a registry may take to answer an upload's last request (it may copy the blob in storage).
+    """
 
     connect_timeout: float = 10.0
-    read_timeout: float = 120.0
+    read_timeout: float = 30.0
     retries: int = 4
+    stall_retries: int = 1
     backoff: float = 0.5
     max_backoff: float = 20.0
+    speed_limit: float = 1024.0
+    speed_time: float = 30.0
+    max_time: float | None = None
+    commit_timeout: float = 300.0
+    max_redirects: int = 10
     chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
     read_size: int = 1 * MiB  # bytes per read while streaming
 
@@ -77,19 +95,46 @@ class Manifest(NamedTuple):
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str):
+    """A failure another attempt may heal; ``stalled``: the server did not answer, or too slowly."""
+
+    def __init__(self, reason: str, *, stalled: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.stalled = stalled
 
-def _registry_errors(response) -> tuple[set[str], str]:
+
+# caps on what is parsed whole (containerd's limits for manifests; tokens and errors are small JSON)
+TOKEN_CAP = 64 * 1024
+ERROR_CAP = 64 * 1024
+TAGS_CAP = 4 * MiB
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``: what credentials are scoped to."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _netloc(url: str) -> str:
+    return urlsplit(url).netloc or url
+
+
+def _stderr_notice(message: str) -> None:
+    print(f"tvpack: {message}", file=sys.stderr, flush=True)
+
+def _registry_errors(data: bytes) -> tuple[set[str], str]:
     """The error codes and first message of a distribution error body (``{"errors": [...]}``)."""
     try:
-        errors = response.json().get("errors") or []
-    except (ValueError, AttributeError):
+        errors = json.loads(data).get("errors") or []
+    except (ValueError, AttributeError, RecursionError):
+        return set(), ""
+    if not isinstance(errors, list):
         return set(), ""
     codes = {str(e.get("code", "")) for e in errors if isinstance(e, dict)}
     messages = [str(e.get("message", "")) for e in errors if isinstance(e, dict) and e.get("message")]
-    return codes, messages[0] if messages else ""
+    return codes, messages[0][:300] if messages else ""
 
 
 class _HashingReader:
@@ -190,13 +235,44 @@ def _opener(source) -> Callable[[], BinaryIO]:
     return lambda: open(source, "rb")
 
 
+class _Attempts:
+    """The attempts of one operation: counts them, announces each retry (a notice naming what is
+    waited for), waits between them (ended early by the client's :class:`Cancel`), and gives up in
+    one line when the retries, the stall retries or the client's ``max_time`` run out."""
+
+    def __init__(self, client: "RegistryClient", what: str):
+        self.client, self.what = client, what
+        self.count = 0
+        self.stalls = 0
+
+    def wait(self, exc: _Retry) -> None:
+        client, policy = self.client, self.client.policy
+        self.count += 1
+        self.stalls += exc.stalled
+        if self.count > policy.retries or self.stalls > policy.stall_retries:
+            raise OCIError(f"{self.what}: {exc.reason} (gave up after {self.count} attempts)") from None
+        delay = policy.delay(self.count)
+        if client.deadline is not None and time.monotonic() + delay >= client.deadline:
+            raise OCIError(f"{self.what}: {exc.reason}; gave up: not done within {policy.max_time:g} s "
+                           "(--max-time)") from None
+        client.notify(f"{self.what}: {exc.reason}; retrying")
+        client.cancel.sleep(delay)
+
+
 class RegistryClient:
-    """The distribution API of one registry host. Repositories are passed per call."""
+    """The distribution API of one registry host. Repositories are passed per call.
+
+    Every request goes through :meth:`_send`: the one place that refuses the network when offline,
+    scopes ``Authorization`` to the host it belongs to, follows redirects (http(s) only, at most
+    ``policy.max_redirects``) and bounds each wait by the policy's timeouts and deadline."""
 
     def __init__(self, host: str, *, plain_http: bool = False, credentials: Credentials | None | bool = True,
-                 policy: Policy | None = None, session=None):
+                 policy: Policy | None = None, session=None, offline: bool | None = None,
+                 notify: Callable[[str], None] | None = None, cancel: Cancel | None = None):
         """``credentials``: ``True`` looks them up (:func:`find_credentials`) when a registry asks;
-        ``None``/``False`` stays anonymous; a :class:`Credentials` is used as given."""
+        ``None``/``False`` stays anonymous; a :class:`Credentials` is used as given. ``offline``
+        (None: ``TVPACK_OFFLINE``) refuses every request with :class:`OfflineError`. ``notify``
+        receives the notices of retries (default: stderr); ``cancel`` ends retry waits early."""
         import requests
 
         self.host = host
@@ -205,19 +281,99 @@ class RegistryClient:
         self.base = f"{'http' if plain_http else 'https'}://{host}"
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        self.auth = Auth(host, credentials)
+        self.auth = Auth(host, credentials, plain_http=plain_http)
+        self.offline = env.offline() if offline is None else offline
+        self.notify = notify or _stderr_notice
+        self.cancel = cancel or Cancel()
+        self.deadline = None if self.policy.max_time is None else time.monotonic() + self.policy.max_time
         self._max_body: int | None = None  # a request body this large was refused (HTTP 413): stay below it
 
-    # -- requests with authentication, retries and one-line errors --
+    # -- sending: offline, credentials scoped to their host, redirects, timeouts --
+
+    def _timeouts(self, what: str, read: float | None = None) -> tuple[float, float]:
+        connect, read = self.policy.connect_timeout, read or self.policy.read_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise OCIError(f"{what}: not done within {self.policy.max_time:g} s (--max-time)")
+            connect, read = min(connect, left), min(read, left)
+        return connect, read
+
+    def _pace(self) -> Pace:
+        return Pace(self.policy.speed_limit, self.policy.speed_time, self.deadline)
+
+    def _send(self, method: str, url: str, *, what: str, auth: dict[str, str], auth_url: str | None = None,
+              body=None, headers: dict | None = None, params=None, read_timeout: float | None = None):
+        """One request, its redirects followed here: ``auth`` goes only to the origin of ``auth_url``
+        (default: the registry), never to another host or over a downgrade to http. Always streamed:
+        a body is read by the caller, with a cap. Raises OfflineError, OCIError (one line) or _Retry."""
+        import requests
+
+        if self.offline:
+            raise OfflineError(f"{what}: offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to "
+                               f"{_netloc(url)}")
+        owner = _origin(auth_url or self.base)
+        for _hop in range(self.policy.max_redirects + 1):
+            try:
+                response = self.session.request(
+                    method, url, data=body() if body else None, params=params, stream=True, allow_redirects=False,
+                    headers={**(headers or {}), **(auth if _origin(url) == owner else {})},
+                    timeout=self._timeouts(what, read_timeout))
+            except requests.exceptions.SSLError as exc:
+                raise self._connection_error(exc, what, url) from None
+            except requests.exceptions.Timeout as exc:
+                wait = self.policy.connect_timeout if isinstance(exc, requests.exceptions.ConnectTimeout) \
+                    else read_timeout or self.policy.read_timeout
+                raise _Retry(f"no answer from {_netloc(url)} for {wait:g} s", stalled=True) from None
+            except requests.exceptions.ConnectionError as exc:
+                error = self._connection_error(exc, what, url)
+                if "connection refused" in error.message or "cannot resolve" in error.message:
+                    raise error from None
+                raise _Retry(error.message[len(what) + 2:]) from None
+            except (requests.exceptions.RequestException, ValueError) as exc:
+                raise OCIError(f"{what}: cannot send a request to {url!r} ({type(exc).__name__})") from None
+            if response.status_code not in REDIRECTS or "Location" not in response.headers:
+                return response
+            response.close()
+            url = self._redirect(url, response, what)
+            params = None
+            if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
+                method, body = "GET", None
+        raise OCIError(f"{what}: {_netloc(url)} redirects in a loop (more than {self.policy.max_redirects} "
+                       f"redirects, the last to {url})")
+
+    @staticmethod
+    def _redirect(url: str, response, what: str) -> str:
+        """Where a redirect points: an absolute http(s) url, or a one-line OCIError naming the Location."""
+        location = response.headers["Location"]
+        where = f"{_netloc(url)} answered HTTP {response.status_code} with"
+        try:
+            target = urljoin(url, location)
+            parts = urlsplit(target)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise OCIError(f"{what}: {where} a malformed Location {location[:200]!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            scheme = f"a {parts.scheme}:// " if parts.scheme else "a malformed "
+            raise OCIError(f"{what}: {where} {scheme}Location {location[:200]!r}; only http(s) redirects "
+                           "are followed") from None
+        return target
 
     def _token_get(self, what: str):
-        """How :class:`Auth` fetches a token: a GET with our session and timeouts, failures worded."""
-        def get(url: str, params: list, headers: dict):
+        """How :class:`Auth` fetches a token: a GET with our timeouts and redirect rules; ``auth`` goes
+        to the realm's own origin only. Returns the status and the body, read with a cap."""
+        import requests
+        import urllib3
+
+        def get(url: str, params: list, auth: dict[str, str]) -> tuple[int, bytes]:
+            reply = self._send("GET", url, what=what, auth=auth, auth_url=url, params=params)
             try:
-                return self.session.get(url, params=params, headers=headers,
-                                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-            except Exception as exc:  # noqa: BLE001 - worded below, one line
-                raise self._connection_error(exc, what, url) from None
+                return reply.status_code, read_capped(reply, TOKEN_CAP, "token response", error=OCIError,
+                                                      pace=self._pace())
+            except TooSlow as exc:
+                raise _Retry(exc.reason, stalled=True) from None
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _Retry(f"the token server {_netloc(url)} broke off ({type(exc).__name__})") from None
         return get
 
     def _authenticate(self, response, scope: str, repository: str | None, what: str) -> None:
@@ -248,10 +404,17 @@ class RegistryClient:
         return OCIError(f"{what}: connection to {target} failed ({type(exc).__name__})")
 
     def _fail(self, response, what: str) -> OCIError:
-        codes, message = _registry_errors(response)
+        try:
+            data = read_capped(response, ERROR_CAP, f"HTTP {response.status_code} error body", error=OCIError,
+                               pace=self._pace())
+        except OCIError as exc:
+            return OCIError(f"{what}: {exc.message}")
+        except Exception:  # noqa: BLE001 - an error body that breaks off still leaves the status to report
+            data = b""
+        codes, message = _registry_errors(data)
         status = response.status_code
         detail = f": {message}" if message else ""
-        if status == 400 and self.plain_http and "HTTPS server" in (response.text or ""):
+        if status == 400 and self.plain_http and b"HTTPS server" in data:
             return OCIError(f"{what}: the registry speaks HTTPS; drop --plain-http")
         if codes & {"NAME_UNKNOWN"}:
             return OCIError(f"{what}: repository not found{detail}")
@@ -271,32 +434,21 @@ class RegistryClient:
         return OCIError(f"{what}: HTTP {status} {response.reason or ''}".rstrip() + detail)
 
     def _request(self, method: str, url: str, *, what: str, repository: str | None = None, push: bool = False,
-                 ok: tuple[int, ...] = (200,), body=None, headers: dict | None = None, stream: bool = False,
-                 params=None, allow_redirects: bool = True):
+                 ok: tuple[int, ...] = (200,), body=None, headers: dict | None = None, stream: bool = True,
+                 params=None, read_timeout: float | None = None):
         """One API call: authenticated (answering at most one challenge per scope), retried on
-        transient failures; returns the response when its status is in ``ok``. ``body`` is a
-        callable making a fresh request body per attempt (a stream cannot be sent twice)."""
-        import requests
-
+        transient failures; returns the response (streamed: read its body with a cap, or close it)
+        when its status is in ``ok``. ``body`` is a callable making a fresh request body per attempt
+        (a stream cannot be sent twice)."""
         url = url if url.startswith(("http://", "https://")) else self.base + url
         # no scope for /v2/ itself: a token server may refuse one we have no business asking for
         scope = f"repository:{repository}:{'pull,push' if push else 'pull'}" if repository else ""
-        attempt = 0
+        attempts = _Attempts(self, what)
         challenged = False
         while True:
             try:
-                try:
-                    response = self.session.request(
-                        method, url, data=body() if body else None, params=params, stream=stream,
-                        headers={**(headers or {}), **self.auth.header(scope)}, allow_redirects=allow_redirects,
-                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-                except requests.exceptions.SSLError as exc:
-                    raise self._connection_error(exc, what) from None
-                except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                    text = str(exc)
-                    if "Connection refused" in text or "Failed to resolve" in text:
-                        raise self._connection_error(exc, what) from None
-                    raise _Retry(self._connection_error(exc, what).message) from None
+                response = self._send(method, url, what=what, auth=self.auth.header(scope), body=body,
+                                      headers=headers, params=params, read_timeout=read_timeout)
                 if response.status_code == 401 and not challenged:
                     response.close()
                     challenged = True
@@ -312,10 +464,29 @@ class RegistryClient:
                     raise _Retry(f"HTTP {response.status_code}")
                 raise self._fail(response, what)
             except _Retry as exc:
-                attempt += 1
-                if attempt > self.policy.retries:
-                    raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
-                time.sleep(self.policy.delay(attempt))
+                attempts.wait(exc)
+
+    def _read(self, url: str, cap: int, kind: str, *, what: str, repository: str | None = None,
+              headers: dict | None = None):
+        """GET a body that is parsed whole: ``(response, at most cap bytes)``, read at the policy's
+        pace; a body that breaks off or trickles is fetched again (one line when it gives up)."""
+        import requests
+        import urllib3
+
+        attempts = _Attempts(self, what)
+        while True:
+            response = self._request("GET", url, what=what, repository=repository, headers=headers)
+            try:
+                return response, read_capped(response, cap, kind, error=OCIError, pace=self._pace())
+            except OCIError as exc:
+                raise OCIError(f"{what}: {exc.message}") from None
+            except TooSlow as exc:
+                attempts.wait(_Retry(exc.reason, stalled=True))
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                stalled = "timed out" in str(exc).lower()
+                reason = f"no answer from {_netloc(url)} for {self.policy.read_timeout:g} s" if stalled \
+                    else f"{_netloc(url)} broke off the {kind} ({type(exc).__name__})"
+                attempts.wait(_Retry(reason, stalled=stalled))
 
     def _url(self, repository: str, kind: str, reference: str = "") -> str:
         return f"/v2/{repository}/{kind}/{quote(reference, safe=':')}" if reference else f"/v2/{repository}/{kind}/"
@@ -383,17 +554,14 @@ class RegistryClient:
         chunk_size = chunk_size or self.policy.chunk_size
         open_source = _opener(source)
         what = f"oci://{self.host}/{repository}" + (f"@{digest}" if digest else " (blob upload)")
-        attempt = 0
+        attempts = _Attempts(self, what)
         progress = _Progress(on_bytes)
         while True:
             try:
                 return self._upload(repository, open_source, size, digest, progress, chunk_size, what)
             except _Retry as exc:
                 progress.rewind()  # the bar goes back: these bytes will be sent again
-                attempt += 1
-                if attempt > self.policy.retries:
-                    raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
-                time.sleep(self.policy.delay(attempt))
+                attempts.wait(exc)
 
     def _upload(self, repository, open_source, size, digest, progress: "_Progress", chunk_size, what) -> str:
         import requests
@@ -414,7 +582,7 @@ class RegistryClient:
                         return _HashingReader(f, size, None, progress)
                     response = self._request("PUT", self._with_digest(location, digest), what=what,
                                              repository=repository, push=True, ok=(201, 413), headers=octets,
-                                             body=body)
+                                             body=body, read_timeout=self.policy.commit_timeout)
                     response.close()
                     if response.status_code != 413:
                         return self._check_pushed(response, digest, what)
@@ -431,11 +599,12 @@ class RegistryClient:
                     n = min(chunk_size, size - offset)
                     headers = {**octets, "Content-Range": f"{offset}-{offset + n - 1}"}
                     before, sent_before = hasher.copy(), progress.sent
-                    response = self.session.request(
-                        "PATCH", location, data=_HashingReader(f, n, hasher, progress),
-                        headers={**headers, **self.auth.header(scope)},
-                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-                    response.close()
+                    chunk = _HashingReader(f, n, hasher, progress)
+                    response = self._send("PATCH", location, what=what, auth=self.auth.header(scope),
+                                          body=lambda: chunk, headers=headers,
+                                          read_timeout=self.policy.commit_timeout)
+                    if response.status_code in (202, 401, 413):
+                        response.close()
                     if response.status_code == 401 and not reauthenticated and f.seekable():
                         # a token expired during a long upload: the registry refused this chunk
                         # before storing any of it, so it can be sent again under a fresh token
@@ -455,6 +624,7 @@ class RegistryClient:
                         f.seek(offset)
                         continue
                     if response.status_code in (408, 429) or response.status_code >= 500:
+                        response.close()
                         raise _Retry(f"HTTP {response.status_code} during a chunk upload")
                     if response.status_code != 202:
                         raise self._fail(response, what)
@@ -472,7 +642,8 @@ class RegistryClient:
         except OSError as exc:
             raise OCIError(f"{what}: cannot read the blob source: {exc.strerror or exc}") from None
         response = self._request("PUT", self._with_digest(location, computed), what=what, repository=repository,
-                                 push=True, ok=(201,), headers={"Content-Length": "0"})
+                                 push=True, ok=(201,), headers={"Content-Length": "0"},
+                                 read_timeout=self.policy.commit_timeout)
         response.close()
         return self._check_pushed(response, computed, what)
 
@@ -702,14 +873,8 @@ class RegistryClient:
         asked for (``reference`` ``sha256:...``) or announced (``Docker-Content-Digest``)."""
         at = "@" if reference.startswith("sha256:") else ":"
         what = f"oci://{self.host}/{repository}{at}{reference}"
-        response = self._request("GET", self._url(repository, "manifests", reference), what=what,
-                                 repository=repository, headers={"Accept": ", ".join(accept)}, stream=True)
-        with response:
-            if int(response.headers.get("Content-Length") or 0) > max_size:
-                raise OCIError(f"{what}: manifest larger than {max_size} bytes refused")
-            data = response.raw.read(max_size + 1, decode_content=True)
-        if len(data) > max_size:
-            raise OCIError(f"{what}: manifest larger than {max_size} bytes refused")
+        response, data = self._read(self._url(repository, "manifests", reference), max_size, "manifest", what=what,
+                                    repository=repository, headers={"Accept": ", ".join(accept)})
         digest = digest_of(data)
         expected = reference if reference.startswith("sha256:") else response.headers.get("Docker-Content-Digest")
         if expected and expected != digest:
