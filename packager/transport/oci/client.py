@@ -121,6 +121,13 @@ def _netloc(url: str) -> str:
     return urlsplit(url).netloc or url
 
 
+def _take_location(response, **_kwargs):
+    """A response hook: a redirect's Location moves to ``response.location`` before requests reads it
+    (it would raise ValueError on a malformed one even with allow_redirects=False); we follow it."""
+    response.location = response.headers.pop("Location", None) if response.status_code in REDIRECTS else None
+    return response
+
+
 def _stderr_notice(message: str) -> None:
     print(f"tvpack: {message}", file=sys.stderr, flush=True)
 
@@ -314,17 +321,18 @@ class RegistryClient:
                                f"{_netloc(url)}")
         owner = _origin(auth_url or self.base)
         for _hop in range(self.policy.max_redirects + 1):
+            timeouts = self._timeouts(what, read_timeout)
             try:
                 response = self.session.request(
                     method, url, data=body() if body else None, params=params, stream=True, allow_redirects=False,
-                    headers={**(headers or {}), **(auth if _origin(url) == owner else {})},
-                    timeout=self._timeouts(what, read_timeout))
+                    headers={**(headers or {}), **(auth if _origin(url) == owner else {})}, timeout=timeouts,
+                    hooks={"response": _take_location})
             except requests.exceptions.SSLError as exc:
                 raise self._connection_error(exc, what, url) from None
             except requests.exceptions.Timeout as exc:
-                wait = self.policy.connect_timeout if isinstance(exc, requests.exceptions.ConnectTimeout) \
-                    else read_timeout or self.policy.read_timeout
-                raise _Retry(f"no answer from {_netloc(url)} for {wait:g} s", stalled=True) from None
+                connect, read = timeouts
+                wait = connect if isinstance(exc, requests.exceptions.ConnectTimeout) else read
+                raise _Retry(f"no answer from {_netloc(url)} for {wait:.3g} s", stalled=True) from None
             except requests.exceptions.ConnectionError as exc:
                 error = self._connection_error(exc, what, url)
                 if "connection refused" in error.message or "cannot resolve" in error.message:
@@ -332,7 +340,7 @@ class RegistryClient:
                 raise _Retry(error.message[len(what) + 2:]) from None
             except (requests.exceptions.RequestException, ValueError) as exc:
                 raise OCIError(f"{what}: cannot send a request to {url!r} ({type(exc).__name__})") from None
-            if response.status_code not in REDIRECTS or "Location" not in response.headers:
+            if response.status_code not in REDIRECTS or response.location is None:
                 return response
             response.close()
             url = self._redirect(url, response, what)
@@ -345,7 +353,7 @@ class RegistryClient:
     @staticmethod
     def _redirect(url: str, response, what: str) -> str:
         """Where a redirect points: an absolute http(s) url, or a one-line OCIError naming the Location."""
-        location = response.headers["Location"]
+        location = response.location
         where = f"{_netloc(url)} answered HTTP {response.status_code} with"
         try:
             target = urljoin(url, location)
@@ -370,6 +378,8 @@ class RegistryClient:
             try:
                 return reply.status_code, read_capped(reply, TOKEN_CAP, "token response", error=OCIError,
                                                       pace=self._pace())
+            except OCIError as exc:
+                raise OCIError(f"{what}: {exc.message}") from None
             except TooSlow as exc:
                 raise _Retry(exc.reason, stalled=True) from None
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -663,7 +673,8 @@ class RegistryClient:
         location = response.headers.get("Location")
         if not location:
             raise OCIError(f"{what}: the registry opened an upload session without a Location")
-        return urljoin(self.base + "/", location)  # registries may answer with a path only
+        # registries may answer with a path only: relative to the url that answered (RFC 9110)
+        return urljoin(getattr(response, "url", None) or self.base + "/", location)
 
     @staticmethod
     def _with_digest(location: str, digest: str) -> str:
