@@ -48,12 +48,13 @@ USER_AGENT = "tvpack"
 ProgressFn = Callable[[int], None]  # called with the number of new bytes
 
 
-def login(host: str, username: str, password: str, *, plain_http: bool = False, policy: "Policy | None" = None) -> Path:
+def login(host: str, username: str, password: str, *, plain_http: bool = False, policy: "Policy | None" = None,
+          offline: bool | None = None) -> Path:
     """Check ``username``/``password`` against the registry at ``host`` (``GET /v2/`` through its
     challenge), then store them in the containers auth file (mode 0600, written atomically, other
     entries kept). Returns the file written."""
     creds = Credentials(username, password, "the password given to login")
-    client = RegistryClient(host, plain_http=plain_http, credentials=creds, policy=policy)
+    client = RegistryClient(host, plain_http=plain_http, credentials=creds, policy=policy, offline=offline)
     client.ping()
     return save_login(host, username, password)
 
