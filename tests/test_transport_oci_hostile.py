@@ -225,3 +225,40 @@ def test_the_fixture_stops_by_itself():
         requests.get(server.url + "/v2/", timeout=30)
     server._thread.join(10)
     assert not server._thread.is_alive()
+
+
+# -- through the real CLI -------------------------------------------------------------------------------------
+
+def one_error_line(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tvpack: error: ")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "this is a bug" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def test_cli_announces_a_silent_registry_then_gives_up_in_one_line(reg, no_creds, tmp_path):
+    from conftest import run_tvpack
+
+    reg.route("GET", "/v2/r/manifests/v1", silent())
+    proc = run_tvpack("pull", f"oci://{reg.host}/r:v1", "-o", tmp_path / "out.tvpack", "--plain-http",
+                      "--read-timeout", "0.5", timeout=60)
+    line = one_error_line(proc)
+    assert f"tvpack: oci://{reg.host}/r:v1: no answer from {reg.host} for 0.5 s; retrying" in proc.stderr
+    assert line.endswith(f"no answer from {reg.host} for 0.5 s (gave up after 2 attempts)")
+    assert not (tmp_path / "out.tvpack").exists()
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda reg: reg.route("GET", "/v2/r/manifests/v1", redirect("file:///etc/passwd")),
+     "with a file:// Location 'file:///etc/passwd'; only http(s) redirects are followed"),
+    (lambda reg: reg.route("GET", "/v2/r/manifests/v1", redirect("/v2/r/manifests/v1", 301)), "redirects in a loop"),
+    (lambda reg: setattr(reg, "challenge", f'Bearer realm="{reg.url}/token"') or setattr(reg, "token_body",
+                                                                                           {"token": 12345}),
+     "gave a malformed token (int '12345'); the token server is at fault, not the credentials"),
+])
+def test_cli_names_the_cause_of_odd_redirects_and_tokens(reg, no_creds, setup, expected):
+    from conftest import run_tvpack
+
+    setup(reg)
+    line = one_error_line(run_tvpack("inspect", f"oci://{reg.host}/r:v1", "--plain-http", timeout=60))
+    assert expected in line, line
