@@ -86,7 +86,7 @@ def capped_join(chunks: Iterable[bytes], cap: int, what: str, where: str, *,
     """``b"".join(chunks)`` of at most ``cap`` bytes (an S3 object, a file): more raises ``error``."""
     data = read_chunks(chunks, cap, None, where)
     if len(data) > cap:
-        raise error(f"{where}: a {what} larger than {_human(cap)} (starting {_sample(data)}); refused")
+        raise error(f"{where}: {what} larger than {_human(cap)} (starting {_sample(data)}); refused")
     return data
 
 
