@@ -24,11 +24,9 @@ Importing this module never imports torch.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import random
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +40,19 @@ from ..bodies import Pace, TooSlow, read_capped
 from ..stream import Cancel
 from .auth import Auth, Credentials, save_login
 from .reference import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, MiB, _check_digest, digest_of, is_loopback
+from .session import (
+    ERROR_CAP,
+    REDIRECTS,
+    TOKEN_CAP,
+    Attempts,
+    Retry,
+    netloc,
+    origin,
+    redirect_target,
+    registry_errors,
+    stderr_notice,
+    take_location,
+)
 
 USER_AGENT = "tvpack"
 
@@ -89,60 +100,13 @@ class Policy:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
 
 
+_Retry = Retry  # the name the blob code raises
+
+
 class Manifest(NamedTuple):
     data: bytes
     media_type: str
     digest: str
-
-
-class _Retry(Exception):
-    """A failure another attempt may heal; ``stalled``: the server did not answer, or too slowly."""
-
-    def __init__(self, reason: str, *, stalled: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.stalled = stalled
-
-
-# caps on what is parsed whole (containerd's limits for manifests; tokens and errors are small JSON)
-TOKEN_CAP = 64 * 1024
-ERROR_CAP = 64 * 1024
-TAGS_CAP = 4 * MiB
-REDIRECTS = (301, 302, 303, 307, 308)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) of ``url``: what credentials are scoped to."""
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def _netloc(url: str) -> str:
-    return urlsplit(url).netloc or url
-
-
-def _take_location(response, **_kwargs):
-    """A response hook: a redirect's Location moves to ``response.location`` before requests reads it
-    (it would raise ValueError on a malformed one even with allow_redirects=False); we follow it."""
-    response.location = response.headers.pop("Location", None) if response.status_code in REDIRECTS else None
-    return response
-
-
-def _stderr_notice(message: str) -> None:
-    print(f"tvpack: {message}", file=sys.stderr, flush=True)
-
-def _registry_errors(data: bytes) -> tuple[set[str], str]:
-    """The error codes and first message of a distribution error body (``{"errors": [...]}``)."""
-    try:
-        errors = json.loads(data).get("errors") or []
-    except (ValueError, AttributeError, RecursionError):
-        return set(), ""
-    if not isinstance(errors, list):
-        return set(), ""
-    codes = {str(e.get("code", "")) for e in errors if isinstance(e, dict)}
-    messages = [str(e.get("message", "")) for e in errors if isinstance(e, dict) and e.get("message")]
-    return codes, messages[0][:300] if messages else ""
 
 
 class _HashingReader:
@@ -243,30 +207,6 @@ def _opener(source) -> Callable[[], BinaryIO]:
     return lambda: open(source, "rb")
 
 
-class _Attempts:
-    """The attempts of one operation: counts them, announces each retry (a notice naming what is
-    waited for), waits between them (ended early by the client's :class:`Cancel`), and gives up in
-    one line when the retries, the stall retries or the client's ``max_time`` run out."""
-
-    def __init__(self, client: "RegistryClient", what: str):
-        self.client, self.what = client, what
-        self.count = 0
-        self.stalls = 0
-
-    def wait(self, exc: _Retry) -> None:
-        client, policy = self.client, self.client.policy
-        self.count += 1
-        self.stalls += exc.stalled
-        if self.count > policy.retries or self.stalls > policy.stall_retries:
-            raise OCIError(f"{self.what}: {exc.reason} (gave up after {self.count} attempts)") from None
-        delay = policy.delay(self.count)
-        if client.deadline is not None and time.monotonic() + delay >= client.deadline:
-            raise OCIError(f"{self.what}: {exc.reason}; gave up: not done within {policy.max_time:g} s "
-                           "(--max-time)") from None
-        client.notify(f"{self.what}: {exc.reason}; retrying")
-        client.cancel.sleep(delay)
-
-
 class RegistryClient:
     """The distribution API of one registry host. Repositories are passed per call.
 
@@ -291,7 +231,7 @@ class RegistryClient:
         self.session.headers["User-Agent"] = USER_AGENT
         self.auth = Auth(host, credentials, plain_http=plain_http)
         self.offline = env.offline() if offline is None else offline
-        self.notify = notify or _stderr_notice
+        self.notify = notify or stderr_notice
         self.cancel = cancel or Cancel()
         self.deadline = None if self.policy.max_time is None else time.monotonic() + self.policy.max_time
         self._max_body: int | None = None  # a request body this large was refused (HTTP 413): stay below it
@@ -319,21 +259,21 @@ class RegistryClient:
 
         if self.offline:
             raise OfflineError(f"{what}: offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to "
-                               f"{_netloc(url)}")
-        owner = _origin(auth_url or self.base)
+                               f"{netloc(url)}")
+        owner = origin(auth_url or self.base)
         for _hop in range(self.policy.max_redirects + 1):
             timeouts = self._timeouts(what, read_timeout)
             try:
                 response = self.session.request(
                     method, url, data=body() if body else None, params=params, stream=True, allow_redirects=False,
-                    headers={**(headers or {}), **(auth if _origin(url) == owner else {})}, timeout=timeouts,
-                    hooks={"response": _take_location})
+                    headers={**(headers or {}), **(auth if origin(url) == owner else {})}, timeout=timeouts,
+                    hooks={"response": take_location})
             except requests.exceptions.SSLError as exc:
                 raise self._connection_error(exc, what, url) from None
             except requests.exceptions.Timeout as exc:
                 connect, read = timeouts
                 wait = connect if isinstance(exc, requests.exceptions.ConnectTimeout) else read
-                raise _Retry(f"no answer from {_netloc(url)} for {wait:.3g} s", stalled=True) from None
+                raise _Retry(f"no answer from {netloc(url)} for {wait:.3g} s", stalled=True) from None
             except requests.exceptions.ConnectionError as exc:
                 error = self._connection_error(exc, what, url)
                 if "connection refused" in error.message or "cannot resolve" in error.message:
@@ -344,29 +284,12 @@ class RegistryClient:
             if response.status_code not in REDIRECTS or response.location is None:
                 return response
             response.close()
-            url = self._redirect(url, response, what)
+            url = redirect_target(url, response, what)
             params = None
             if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
                 method, body = "GET", None
-        raise OCIError(f"{what}: {_netloc(url)} redirects in a loop (more than {self.policy.max_redirects} "
+        raise OCIError(f"{what}: {netloc(url)} redirects in a loop (more than {self.policy.max_redirects} "
                        f"redirects, the last to {url})")
-
-    @staticmethod
-    def _redirect(url: str, response, what: str) -> str:
-        """Where a redirect points: an absolute http(s) url, or a one-line OCIError naming the Location."""
-        location = response.location
-        where = f"{_netloc(url)} answered HTTP {response.status_code} with"
-        try:
-            target = urljoin(url, location)
-            parts = urlsplit(target)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            raise OCIError(f"{what}: {where} a malformed Location {location[:200]!r}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            scheme = f"a {parts.scheme}:// " if parts.scheme else "a malformed "
-            raise OCIError(f"{what}: {where} {scheme}Location {location[:200]!r}; only http(s) redirects "
-                           "are followed") from None
-        return target
 
     def _token_get(self, what: str):
         """How :class:`Auth` fetches a token: a GET with our timeouts and redirect rules; ``auth`` goes
@@ -384,7 +307,7 @@ class RegistryClient:
             except TooSlow as exc:
                 raise _Retry(exc.reason, stalled=True) from None
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise _Retry(f"the token server {_netloc(url)} broke off ({type(exc).__name__})") from None
+                raise _Retry(f"the token server {netloc(url)} broke off ({type(exc).__name__})") from None
         return get
 
     def _authenticate(self, response, scope: str, repository: str | None, what: str) -> None:
@@ -422,7 +345,7 @@ class RegistryClient:
             return OCIError(f"{what}: {exc.message}")
         except Exception:  # noqa: BLE001 - an error body that breaks off still leaves the status to report
             data = b""
-        codes, message = _registry_errors(data)
+        codes, message = registry_errors(data)
         status = response.status_code
         detail = f": {message}" if message else ""
         if status == 400 and self.plain_http and b"HTTPS server" in data:
@@ -454,7 +377,7 @@ class RegistryClient:
         url = url if url.startswith(("http://", "https://")) else self.base + url
         # no scope for /v2/ itself: a token server may refuse one we have no business asking for
         scope = f"repository:{repository}:{'pull,push' if push else 'pull'}" if repository else ""
-        attempts = _Attempts(self, what)
+        attempts = Attempts(self, what)
         challenged = False
         while True:
             try:
@@ -484,7 +407,7 @@ class RegistryClient:
         import requests
         import urllib3
 
-        attempts = _Attempts(self, what)
+        attempts = Attempts(self, what)
         while True:
             response = self._request("GET", url, what=what, repository=repository, headers=headers)
             try:
@@ -495,8 +418,8 @@ class RegistryClient:
                 attempts.wait(_Retry(exc.reason, stalled=True))
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 stalled = "timed out" in str(exc).lower()
-                reason = f"no answer from {_netloc(url)} for {self.policy.read_timeout:g} s" if stalled \
-                    else f"{_netloc(url)} broke off the {kind} ({type(exc).__name__})"
+                reason = f"no answer from {netloc(url)} for {self.policy.read_timeout:g} s" if stalled \
+                    else f"{netloc(url)} broke off the {kind} ({type(exc).__name__})"
                 attempts.wait(_Retry(reason, stalled=stalled))
 
     def _url(self, repository: str, kind: str, reference: str = "") -> str:
@@ -565,7 +488,7 @@ class RegistryClient:
         chunk_size = chunk_size or self.policy.chunk_size
         open_source = _opener(source)
         what = f"oci://{self.host}/{repository}" + (f"@{digest}" if digest else " (blob upload)")
-        attempts = _Attempts(self, what)
+        attempts = Attempts(self, what)
         progress = _Progress(on_bytes)
         while True:
             try:
@@ -602,54 +525,15 @@ class RegistryClient:
                     chunk_size = self._smaller_body(size, min_chunk, what)
                     f.seek(0)
                     progress.rewind()
-                hasher = hashlib.sha256()
-                offset = 0
-                scope = f"repository:{repository}:pull,push"
-                reauthenticated = False
-                while offset < size:
-                    n = min(chunk_size, size - offset)
-                    headers = {**octets, "Content-Range": f"{offset}-{offset + n - 1}"}
-                    before, sent_before = hasher.copy(), progress.sent
-                    chunk = _HashingReader(f, n, hasher, progress)
-                    response = self._send("PATCH", location, what=what, auth=self.auth.header(scope),
-                                          body=lambda: chunk, headers=headers,
-                                          read_timeout=self.policy.commit_timeout)
-                    if response.status_code in (202, 401, 413):
-                        response.close()
-                    if response.status_code == 401 and not reauthenticated and f.seekable():
-                        # a token expired during a long upload: the registry refused this chunk
-                        # before storing any of it, so it can be sent again under a fresh token
-                        reauthenticated = True
-                        self.auth.tokens.pop(scope, None)
-                        self._authenticate(response, scope, repository, what)
-                        hasher = before
-                        progress(sent_before - progress.sent)
-                        f.seek(offset)
-                        continue
-                    # other failures restart the whole blob: how much of a half-sent PATCH the
-                    # registry kept is not something every registry reports reliably
-                    if response.status_code == 413:  # too large for the registry or a proxy: smaller chunks
-                        chunk_size = self._smaller_body(n, min_chunk, what)
-                        hasher = before
-                        progress(sent_before - progress.sent)
-                        f.seek(offset)
-                        continue
-                    if response.status_code in (408, 429) or response.status_code >= 500:
-                        response.close()
-                        raise _Retry(f"HTTP {response.status_code} during a chunk upload")
-                    if response.status_code != 202:
-                        raise self._fail(response, what)
-                    location = self._location(response, what)
-                    offset += n
-                    reauthenticated = False
-                computed = "sha256:" + hasher.hexdigest()
+                location, computed = self._patch_chunks(f, location, size, chunk_size, min_chunk, repository,
+                                                        progress, what)
                 if digest is not None and computed != digest:
                     raise OCIError(f"{what}: the source's bytes do not match the digest: expected {digest}, "
                                    f"got {computed}")
         except requests.exceptions.SSLError as exc:
             raise self._connection_error(exc, what) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise _Retry(self._connection_error(exc, what).message) from None
+            raise _Retry(self._connection_error(exc, what).message[len(what) + 2:]) from None
         except OSError as exc:
             raise OCIError(f"{what}: cannot read the blob source: {exc.strerror or exc}") from None
         response = self._request("PUT", self._with_digest(location, computed), what=what, repository=repository,
@@ -657,6 +541,53 @@ class RegistryClient:
                                  read_timeout=self.policy.commit_timeout)
         response.close()
         return self._check_pushed(response, computed, what)
+
+    def _patch_chunks(self, f, location: str, size: int, chunk_size: int, min_chunk: int, repository: str,
+                      progress: "_Progress", what: str) -> tuple[str, str]:
+        """PATCH ``size`` bytes of ``f`` in chunks to an upload session; returns the session's last
+        location and the digest of the bytes sent. A chunk refused for an expired token or as too large
+        is sent again (under a fresh token, in smaller chunks); other failures restart the blob."""
+        hasher = hashlib.sha256()
+        offset = 0
+        scope = f"repository:{repository}:pull,push"
+        reauthenticated = False
+        while offset < size:
+            n = min(chunk_size, size - offset)
+            headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{offset + n - 1}"}
+            before, sent_before = hasher.copy(), progress.sent
+            chunk = _HashingReader(f, n, hasher, progress)
+            response = self._send("PATCH", location, what=what, auth=self.auth.header(scope),
+                                  body=lambda chunk=chunk: chunk, headers=headers,
+                                  read_timeout=self.policy.commit_timeout)
+            if response.status_code in (202, 401, 413):
+                response.close()
+            if response.status_code == 401 and not reauthenticated and f.seekable():
+                # a token expired during a long upload: the registry refused this chunk
+                # before storing any of it, so it can be sent again under a fresh token
+                reauthenticated = True
+                self.auth.tokens.pop(scope, None)
+                self._authenticate(response, scope, repository, what)
+                hasher = before
+                progress(sent_before - progress.sent)
+                f.seek(offset)
+                continue
+            # other failures restart the whole blob: how much of a half-sent PATCH the
+            # registry kept is not something every registry reports reliably
+            if response.status_code == 413:  # too large for the registry or a proxy: smaller chunks
+                chunk_size = self._smaller_body(n, min_chunk, what)
+                hasher = before
+                progress(sent_before - progress.sent)
+                f.seek(offset)
+                continue
+            if response.status_code in (408, 429) or response.status_code >= 500:
+                response.close()
+                raise _Retry(f"HTTP {response.status_code} during a chunk upload")
+            if response.status_code != 202:
+                raise self._fail(response, what)
+            location = self._location(response, what)
+            offset += n
+            reauthenticated = False
+        return location, "sha256:" + hasher.hexdigest()
 
     _MIN_BODY = 256 * 1024  # smaller chunks than this are not worth trying
 
