@@ -262,3 +262,16 @@ def test_cli_names_the_cause_of_odd_redirects_and_tokens(reg, no_creds, setup, e
     setup(reg)
     line = one_error_line(run_tvpack("inspect", f"oci://{reg.host}/r:v1", "--plain-http", timeout=60))
     assert expected in line, line
+
+
+def test_tags_are_listed_page_by_page_and_an_endless_list_is_capped(reg, no_creds):
+    reg.route("GET", "/v2/r/tags/list", lambda h: reply(200, {"name": "r", "tags": ["b", "c"]})(h)
+              if "last=a" in h.path else reply(200, {"name": "r", "tags": ["a"]},
+                                              headers={"Link": '</v2/r/tags/list?last=a>; rel="next"'})(h))
+    assert client_of(reg).tags("r") == ["a", "b", "c"]
+    reg.route("GET", "/v2/r/tags/list", endless(prefix=b'{"name": "r", "tags": ["'))
+    with pytest.raises(OCIError, match=rf"{reg.host} sent a tag list larger than 4 MiB"):
+        client_of(reg).tags("r")
+    reg.route("GET", "/v2/r/tags/list", reply(200, {"name": "r", "tags": [1]}))
+    with pytest.raises(OCIError, match="sent a tag list that is not distribution's"):
+        client_of(reg).tags("r")

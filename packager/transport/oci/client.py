@@ -24,6 +24,7 @@ Importing this module never imports torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import random
@@ -43,6 +44,7 @@ from .reference import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, MiB, _check_dige
 from .session import (
     ERROR_CAP,
     REDIRECTS,
+    TAGS_CAP,
     TOKEN_CAP,
     Attempts,
     Retry,
@@ -825,6 +827,30 @@ class RegistryClient:
                            f"got {digest}")
         media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         return Manifest(data, media_type, digest)
+
+    def tags(self, repository: str, *, max_pages: int = 100) -> list[str]:
+        """The tags of ``repository`` (``GET /v2/<repository>/tags/list``, following ``Link`` pages), each
+        page read with a cap; a registry that answers something else is one line naming it."""
+        what = f"oci://{self.host}/{repository} (tags)"
+        url, found = self._url(repository, "tags", "list"), []
+        for _page in range(max_pages):
+            response, data = self._read(url, TAGS_CAP, "tag list", what=what, repository=repository)
+            try:
+                page = json.loads(data)
+                tags = page.get("tags") or []
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise ValueError("tags is not a list of strings")
+            except (ValueError, AttributeError, RecursionError) as exc:
+                raise OCIError(f"{what}: {netloc(response.url or self.base)} sent a tag list that is not "
+                               f"distribution's {{\"name\", \"tags\": [...]}} ({exc})") from None
+            found += tags
+            link = response.links.get("next", {}).get("url")
+            if not link:
+                return found
+            url = urljoin(response.url or self.base + "/", link)
+            if origin(url) != origin(self.base):
+                raise OCIError(f"{what}: the registry pages its tag list to another host ({netloc(url)})")
+        raise OCIError(f"{what}: the registry's tag list goes on for more than {max_pages} pages")
 
     def manifest_digest(self, repository: str, reference: str,
                         accept: tuple[str, ...] | list[str] = MANIFEST_MEDIA_TYPES) -> str | None:
