@@ -48,12 +48,14 @@ from .session import (
     TOKEN_CAP,
     Attempts,
     Retry,
+    Sockets,
     netloc,
     origin,
     redirect_target,
     registry_errors,
     stderr_notice,
     take_location,
+    watched_adapter,
 )
 
 USER_AGENT = "tvpack"
@@ -231,6 +233,10 @@ class RegistryClient:
         self.base = f"{'http' if plain_http else 'https'}://{host}"
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
+        self._sockets = Sockets()
+        adapter = watched_adapter(self._sockets)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.auth = Auth(host, credentials, plain_http=plain_http)
         self.offline = env.offline() if offline is None else offline
         self.notify = notify or stderr_notice
@@ -249,6 +255,15 @@ class RegistryClient:
             connect, read = min(connect, left), min(read, left)
         return connect, read
 
+    def _answer_limit(self, timeouts: tuple[float, float], body) -> float | None:
+        """Seconds a whole answer's status line and headers may take: connect + read timeout for a
+        request without a body (an upload's body may take long to send: only the deadline bounds it)."""
+        limit = None if body else timeouts[0] + timeouts[1]
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            limit = left if limit is None else min(limit, left)
+        return limit
+
     def _pace(self) -> Pace:
         return Pace(self.policy.speed_limit, self.policy.speed_time, self.deadline)
 
@@ -266,10 +281,11 @@ class RegistryClient:
         for _hop in range(self.policy.max_redirects + 1):
             timeouts = self._timeouts(what, read_timeout)
             try:
-                response = self.session.request(
-                    method, url, data=body() if body else None, params=params, stream=True, allow_redirects=False,
-                    headers={**(headers or {}), **(auth if origin(url) == owner else {})}, timeout=timeouts,
-                    hooks={"response": take_location})
+                with self._sockets.watch(self._answer_limit(timeouts, body)):
+                    response = self.session.request(
+                        method, url, data=body() if body else None, params=params, stream=True,
+                        allow_redirects=False, headers={**(headers or {}), **(auth if origin(url) == owner else {})},
+                        timeout=timeouts, hooks={"response": take_location})
             except requests.exceptions.SSLError as exc:
                 raise self._connection_error(exc, what, url) from None
             except requests.exceptions.Timeout as exc:
@@ -277,6 +293,9 @@ class RegistryClient:
                 wait = connect if isinstance(exc, requests.exceptions.ConnectTimeout) else read
                 raise _Retry(f"no answer from {netloc(url)} for {wait:.3g} s", stalled=True) from None
             except requests.exceptions.ConnectionError as exc:
+                if self._sockets.fired:  # the watchdog: the answer's headers did not come in time
+                    limit = self._answer_limit(timeouts, body)
+                    raise _Retry(f"no answer from {netloc(url)} for {limit:.3g} s", stalled=True) from None
                 error = self._connection_error(exc, what, url)
                 if "connection refused" in error.message or "cannot resolve" in error.message:
                     raise error from None
