@@ -87,6 +87,7 @@ class Source(Protocol):
     """Something whose bytes can be opened from an offset: an http(s) url, an S3 object, a file, a blob."""
 
     url: str  # for messages
+    # content_addressed: bool  (optional, default False) its name is its validator: no state beside the part
 
     def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
         """The object from byte ``offset`` (``timeout``: seconds to connect, to wait for an answer).
@@ -209,7 +210,8 @@ def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, c
         need = (body.total - offset) if body.total is not None else None
         with reserve_space(part, need) as reservation:
             try:
-                write_state(part, {"url": source.url, "validator": body.validator, "total": body.total})
+                if not getattr(source, "content_addressed", False):  # else its name is its validator
+                    write_state(part, {"url": source.url, "validator": body.validator, "total": body.total})
                 f = open_part(part, "ab" if offset else "wb")
             except OSError as exc:
                 raise disk_error(exc, part, need) from exc

@@ -88,7 +88,8 @@ class HttpSource:
 
     def __init__(self, url: str, session=None, *, headers: dict | None = None, max_redirects: int = 10,
                  if_range: bool = True):
-        self.url = url
+        self.url = url  # for messages
+        self.location = url  # what is fetched
         self.session = session or default_session()
         self.headers = headers or {}
         self.max_redirects = max_redirects
@@ -116,14 +117,18 @@ class HttpSource:
 
         self.session.max_redirects = self.max_redirects
         try:
-            return self.session.get(self.url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
+            return self.session.get(self.location, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
         except requests.exceptions.ReadTimeout:
-            raise Retryable(f"no answer from {urlsplit(self.url).netloc} for {timeout[1]:g}s") from None
+            raise Retryable(f"no answer from {urlsplit(self.location).netloc} for {timeout[1]:g}s") from None
         except _transient() as exc:
-            fatal = _fatal(self.url, exc)
+            fatal = self.fatal(exc)
             if fatal is not None:
                 raise fatal from None
             raise Retryable(_describe(exc)) from None
+
+    def fatal(self, exc: BaseException) -> Exception | None:
+        """The error for a failed request that no retry heals (certificate, redirect loop, dead proxy), else None."""
+        return _fatal(self.url, exc)
 
     def refuse(self, response) -> Exception:
         """The error for a status that no retry heals (a 4xx but 408 and 429)."""
