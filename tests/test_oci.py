@@ -508,6 +508,88 @@ def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tm
     assert "tag or manifest not found" in missing
 
 
+# -- blob GETs that stall: deadlines, notices, Ctrl-C ------------------------------------------------
+class StallingFront:
+    """A registry front on loopback: every request is redirected to the real registry at ``target``,
+    except GETs of blob ``stall``, which it accepts and never answers. ``stalled`` is set when one arrives."""
+
+    def __init__(self, target: str, stall: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.stalled = threading.Event()
+        self._release = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(307)
+                self.send_header("Location", f"http://{target}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                if self.path.endswith(f"/blobs/{stall}"):
+                    owner.stalled.set()
+                    owner._release.wait()  # the connection stays open, silent
+                    return
+                self.do_HEAD()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def checkpoint_layer(reg) -> dict:
+    return max(image_manifest(reg)["layers"], key=lambda layer: layer["size"])
+
+
+def test_a_registry_that_never_answers_a_blob_get_says_so_and_gives_up_at_the_deadline(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
+        proc = run_tvpack("pull", ref_of(front), "-o", tmp_path / "out" / "x.tvpack", "--plain-http",
+                          "--speed-time", "1", "--max-time", "4", timeout=120)
+        assert front.stalled.is_set()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert any(f"no answer from {front.host} for 1s; retrying in" in line for line in lines[:-1]), proc.stderr
+    assert lines[-1].startswith("tvpack: error: ") and "not complete within 4s" in lines[-1], proc.stderr
+    assert files_under(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("command", ["pull", "install"])
+def test_ctrl_c_stops_a_stalled_oci_blob_get_at_once(registry, made, tmp_path, command):
+    import signal
+
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    where = ["-o", str(tmp_path / "x")] if command == "pull" else ["--torch-home", str(tmp_path / "home")]
+    with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
+        proc = subprocess.Popen([sys.executable, "-m", "packager", command, ref_of(front), *where,
+                                 "--plain-http"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert front.stalled.wait(60), "the blob GET never arrived"
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=15)  # the default read timeout alone would be 30 s
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "tvpack: interrupted", stderr
+
+
 # -- signatures ---------------------------------------------------------------------------------------
 def ec_key(openssl: str, directory: Path, name: str) -> tuple[Path, Path]:
     key, pub = directory / f"{name}.key", directory / f"{name}.pub"

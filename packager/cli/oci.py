@@ -23,6 +23,30 @@ platform_option = click.option(
          "matching nodes); the layers are data and the same for every platform.")
 
 
+def blob_options(func):
+    """--speed-limit/--speed-time/--max-time for blob GETs, the model (and defaults) of ``fetch``."""
+    options = [
+        click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
+                     metavar="BYTES", help="A layer receiving fewer than BYTES per second for --speed-time seconds "
+                                           "(or no answer for that long) is retried (0: never)."),
+        click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                     metavar="SECONDS", help="The window --speed-limit is measured over."),
+        click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="Give up on a layer after SECONDS, retries included (default: no limit)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def registry_client(reference: str, plain_http: bool, speed_limit: float, speed_time: float,
+                    max_time: float | None):
+    from ..transport.oci import Policy, RegistryClient, parse_reference
+
+    policy = Policy(speed_limit=speed_limit, speed_time=speed_time, max_time=max_time)
+    return RegistryClient(parse_reference(reference).host, plain_http=plain_http, policy=policy)
+
+
 def is_oci(text) -> bool:
     return isinstance(text, str) and text.startswith("oci://")
 
@@ -76,9 +100,10 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, 
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               callback=output_file_callback, help="The bundle to write (replaced atomically).")
 @plain_http_option
+@blob_options
 @json_option
 @quiet_option
-def pull_cmd(reference, output, plain_http, as_json, quiet):
+def pull_cmd(reference, output, plain_http, speed_limit, speed_time, max_time, as_json, quiet):
     """Pull an image pushed by tvpack back into a bundle file, byte for byte the bundle pushed.
 
     Every layer's digest, its tar and each checkpoint's sha256 are checked as they stream in;
@@ -87,7 +112,9 @@ def pull_cmd(reference, output, plain_http, as_json, quiet):
     from ..oci import pull
 
     _check_reference(reference)
-    report = pull(reference, output, plain_http=plain_http, progress=progress_enabled(quiet or as_json))
+    client = registry_client(reference, plain_http, speed_limit, speed_time, max_time)
+    report = pull(reference, output, plain_http=plain_http, progress=progress_enabled(quiet or as_json),
+                  client=client)
     if as_json:
         echo_json(report.to_dict())
         return
