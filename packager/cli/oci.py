@@ -32,13 +32,14 @@ registry_options_list = [
     click.option("--retries", type=click.IntRange(0, 100), default=4, show_default=True,
                  help="Further attempts on connection errors, 429 and 5xx."),
     click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
-                 metavar="BYTES", help="A manifest, token or error body arriving slower than BYTES per second "
-                                       "for --speed-time seconds is retried (once; 0: never)."),
+                 metavar="BYTES", help="A layer, manifest, token or error body arriving slower than BYTES per "
+                                       "second for --speed-time seconds (or no answer for that long) is retried "
+                                       "(0: never)."),
     click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
                  metavar="SECONDS", help="The window --speed-limit is measured over."),
     click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-                 help="Give up when the registry's requests take longer than SECONDS in all "
-                      "(default: no limit)."),
+                 help="Give up when the registry's requests (the layers apart: each gets SECONDS of its own) "
+                      "take longer than SECONDS in all (default: no limit)."),
 ]
 
 

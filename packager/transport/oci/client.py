@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import queue
 import random
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +79,10 @@ class Policy:
     exponential backoff, each announced by a notice; a server that does not answer within
     ``read_timeout`` (or sends a body slower than ``speed_limit`` bytes/s over ``speed_time``) is
     retried ``stall_retries`` times only: one that stalls twice will not heal by waiting longer.
-    ``max_time``: seconds for everything one client does (None: no limit). ``commit_timeout``: how
-    long a registry may take to answer an upload's last request (it may copy the blob in storage).
+    ``max_time``: seconds for everything one client does (None: no limit); blob GETs (:mod:`.blobs`, the
+    transfer engine) apply ``speed_limit``/``speed_time`` and ``max_time`` to each blob, retries included.
+    ``commit_timeout``: how long a registry may take to answer an upload's last request (it may copy
+    the blob in storage).
     """
 
     connect_timeout: float = 10.0
@@ -137,49 +136,6 @@ class _HashingReader:
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         return data
-
-
-class _HashAndWrite:
-    """Hash and write received chunks on a worker thread, in order, while the caller receives the
-    next one (hashlib and file writes release the GIL: a pull then costs about what the network
-    does, not network + hash + write). ``close`` waits for the queue to drain and re-raises the
-    worker's error."""
-
-    def __init__(self, hasher, f, depth: int = 4):
-        self.hasher, self.f = hasher, f
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._work, name="tvpack-oci-sink", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (data := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.hasher.update(data)
-                    self.f.write(data)
-                except BaseException as exc:  # noqa: BLE001 - re-raised by close() in the caller's thread
-                    self.error = exc
-
-    def put(self, data: bytes) -> None:
-        if self.error is not None:
-            self.close()
-        self._queue.put(data)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-class _WriteTo:
-    """A ``write(data)`` callable dressed as the file :class:`_HashAndWrite` writes to."""
-
-    def __init__(self, write: Callable[[bytes], object]):
-        self.write = write
 
 
 class _Progress:
@@ -641,180 +597,18 @@ class RegistryClient:
         return digest
 
     def pull_blob(self, repository: str, digest: str, dest, *, size: int | None = None, part=None,
-                  on_bytes: ProgressFn | None = None) -> int:
-        """Stream blob ``digest`` into ``part`` (default ``<dest>.part``), sha256-checked as it
-        arrives, then rename it to ``dest``; returns the size. A part left by an interrupted pull
-        is continued with ``Range``. Bytes that do not match the digest (or ``size``) are refused:
-        the part is removed and ``dest`` never appears. After retries run out the part is kept for
-        a later call to resume. ``on_bytes`` is first called with the bytes already in the part."""
-        _check_digest(digest)
-        dest = Path(dest)
-        part = Path(part) if part is not None else dest.with_name(dest.name + ".part")
-        what = f"oci://{self.host}/{repository}@{digest}"
-        if size is not None and self._part_size(part) == size and "sha256:" + self._hash_file(part).hexdigest() == digest:
-            os.replace(part, dest)  # finished earlier but not renamed (interrupted right at the end)
-            if on_bytes is not None:
-                on_bytes(size)
-            return size
-        attempt = 0
-        reported = 0  # bytes announced to on_bytes so far
-        while True:
-            hasher, have = self._prehash(part, size)
-            if on_bytes is not None and have != reported:
-                on_bytes(have - reported)
-            reported = have
+                  on_bytes: ProgressFn | None = None, cancel=None) -> int:
+        """:func:`.blobs.pull_blob`: the blob into ``<dest>.part``, digest-checked, resumed, renamed."""
+        from .blobs import pull_blob
 
-            def progress(n: int) -> None:
-                nonlocal reported
-                reported += n
-                if on_bytes is not None:
-                    on_bytes(n)
-            try:
-                hasher = self._pull_attempt(repository, digest, part, hasher, have, size, what, progress)
-                break
-            except _Retry as exc:
-                attempt += 1
-                if attempt > self.policy.retries:
-                    raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts; "
-                                   f"{self._part_size(part)} bytes kept in {part} to resume)") from None
-                time.sleep(self.policy.delay(attempt))
-        total = self._part_size(part)
-        computed = "sha256:" + hasher.hexdigest()
-        if computed != digest or (size is not None and total != size):
-            _unlink(part)
-            expected = f"{digest}" + (f" ({size} bytes)" if size is not None else "")
-            raise OCIError(f"{what}: blob refused: its bytes do not match its digest: expected {expected}, "
-                           f"got {computed} ({total} bytes)")
-        os.replace(part, dest)
-        return total
-
-    @staticmethod
-    def _part_size(part: Path) -> int:
-        try:
-            return part.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def _hash_file(self, path: Path):
-        hasher = hashlib.sha256()
-        with open(path, "rb") as f:
-            while data := f.read(self.policy.read_size):
-                hasher.update(data)
-        return hasher
-
-    def _prehash(self, part: Path, size: int | None):
-        """A hasher over the bytes already in ``part`` and their count (0 and no part when it
-        cannot be continued: missing, or already as long as the whole blob can be)."""
-        have = self._part_size(part)
-        if have and size is not None and have >= size:
-            have = 0
-        if not have:
-            _unlink(part)
-            return hashlib.sha256(), 0
-        return self._hash_file(part), have
-
-    def _pull_attempt(self, repository, digest, part: Path, hasher, have: int, size, what, on_bytes):
-        """Append the rest of the blob to ``part``; returns the hasher over the whole part. Raises
-        _Retry for transient failures (the part then holds exactly the bytes hashed)."""
-        import requests
-
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        # requests drops Authorization when a redirect leaves the host (blob stores behind S3 urls)
-        response = self._request("GET", self._url(repository, "blobs", digest), what=what, repository=repository,
-                                 ok=(200, 206, 416), headers={**headers, "Accept-Encoding": "identity"}, stream=True)
-        with response:
-            if response.status_code == 416:  # the part is not a prefix of this blob
-                _unlink(part)
-                raise _Retry("the registry refused the resume range")
-            if have and response.status_code == 200:  # the range was ignored: start over
-                if on_bytes is not None:
-                    on_bytes(-have)
-                hasher, have = hashlib.sha256(), 0
-                _unlink(part)
-            limit = None if size is None else size - have
-            received = 0
-            try:
-                with open(part, "ab") as f:
-                    sink = _HashAndWrite(hasher, f)
-                    try:
-                        for data in response.iter_content(self.policy.read_size):
-                            received += len(data)
-                            if limit is not None and received > limit:
-                                raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
-                            sink.put(data)
-                            if on_bytes is not None:
-                                on_bytes(len(data))
-                    finally:
-                        sink.close()  # after any error too: the part then holds exactly the bytes hashed
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OCIError:
-                _unlink(part)
-                raise
-            except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as exc:
-                raise _Retry(f"transfer interrupted ({type(exc).__name__})") from None
-            except OSError as exc:
-                raise OCIError(f"{what}: cannot write {part}: {exc.strerror or exc}") from None
-        return hasher
+        return pull_blob(self, repository, digest, dest, size=size, part=part, on_bytes=on_bytes, cancel=cancel)
 
     def stream_blob(self, repository: str, digest: str, write: Callable[[bytes], object], *, size: int,
-                    on_bytes: ProgressFn | None = None) -> None:
-        """Stream blob ``digest`` of ``size`` bytes to ``write``, called with each chunk in order on a
-        worker thread (hashing and writing overlap the next chunk's arrival). Returns when all bytes
-        matched the digest; otherwise raises :class:`OCIError`, and whatever ``write`` received must be
-        discarded by the caller. An interrupted transfer continues with ``Range`` from the bytes
-        received (skipping them when the registry ignores the range); nothing is kept across calls:
-        for that, :meth:`pull_blob` and its part file. An error raised by ``write`` is re-raised."""
-        _check_digest(digest)
-        what = f"oci://{self.host}/{repository}@{digest}"
-        hasher = hashlib.sha256()
-        sink = _HashAndWrite(hasher, _WriteTo(write))
-        received, attempt = 0, 0
-        try:
-            while True:
-                try:
-                    received = self._stream_attempt(repository, digest, sink, received, size, what, on_bytes)
-                    break
-                except _Retry as exc:
-                    attempt += 1
-                    if attempt > self.policy.retries:
-                        raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
-                    time.sleep(self.policy.delay(attempt))
-        finally:
-            sink.close()
-        computed = "sha256:" + hasher.hexdigest()
-        if computed != digest or received != size:
-            raise OCIError(f"{what}: blob refused: its bytes do not match its digest: expected {digest} ({size} bytes),"
-                           f" got {computed} ({received} bytes)")
+                    on_bytes: ProgressFn | None = None, cancel=None) -> None:
+        """:func:`.blobs.stream_blob`: the blob into ``write``, digest-checked, resumed within the call."""
+        from .blobs import stream_blob
 
-    def _stream_attempt(self, repository, digest, sink: "_HashAndWrite", received: int, size: int, what, on_bytes) -> int:
-        """Feed the rest of the blob (from byte ``received``) to ``sink``; returns the bytes fed in all.
-        Raises _Retry for transient failures (``received`` then counts exactly what was fed)."""
-        import requests
-
-        headers = {"Range": f"bytes={received}-"} if received else {}
-        response = self._request("GET", self._url(repository, "blobs", digest), what=what, repository=repository,
-                                 ok=(200, 206), headers={**headers, "Accept-Encoding": "identity"}, stream=True)
-        with response:
-            skip = received if received and response.status_code == 200 else 0  # the range was ignored
-            try:
-                for data in response.iter_content(self.policy.read_size):
-                    if skip:
-                        if len(data) <= skip:
-                            skip -= len(data)
-                            continue
-                        data, skip = data[skip:], 0
-                    if received + len(data) > size:
-                        raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
-                    sink.put(data)
-                    received += len(data)
-                    if on_bytes is not None:
-                        on_bytes(len(data))
-            except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as exc:
-                raise _Retry(f"transfer interrupted ({type(exc).__name__})") from None
-            if received < size:
-                raise _Retry(f"the registry ended the blob after {received} of {size} bytes")
-        return received
+        stream_blob(self, repository, digest, write, size=size, on_bytes=on_bytes, cancel=cancel)
 
     # -- manifests --
 
@@ -881,10 +675,3 @@ class RegistryClient:
         if response.status_code == 404:
             return None
         return response.headers.get("Docker-Content-Digest") or (reference if reference.startswith("sha256:") else None)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
