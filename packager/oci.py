@@ -74,6 +74,7 @@ from .formats.manifest import MANIFEST_NAME, decode_manifest, is_checkpoint_path
 from .formats.volumes import FileSource, open_source
 from .fsutil import atomic_write_json, human_bytes, pid_alive, reserve_space, short_name, temp_path
 from .home import hub_dir, tvpack_cache_dir
+from .transport.stream import Cancel, cancelled_by_interrupt
 from .transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, digest_of, parse_reference
 
 CHUNK = 8 << 20  # bytes per read while hashing a layer
@@ -950,6 +951,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
     lock = threading.Lock()
     bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
     where = str(image.reference)
+    cancel = Cancel()  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
 
     def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
         blob = staging / f"{layer.digest.split(':')[1]}.tar"
@@ -959,7 +961,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
             os.replace(blob, part)
         try:
             client.pull_blob(image.reference.repository, layer.digest, blob, size=layer.size, part=part,
-                             on_bytes=bar.update if bar is not None else None)
+                             on_bytes=bar.update if bar is not None else None, cancel=cancel)
         except OSError as exc:  # writing the staged layer (reading the registry raises OCIError)
             _unlink(part)
             raise _write_error(exc, staging) from None
@@ -989,7 +991,8 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
     to_fetch: list[int] = []
     keep = False
     try:
-        with ImageSource(where, _pieces(image, data_of)) as source, reserve_space(staging / "layer", sum(to_fetch)):
+        with cancelled_by_interrupt(cancel), ImageSource(where, _pieces(image, data_of)) as source, \
+                reserve_space(staging / "layer", sum(to_fetch)):
             yield source
     except KeyboardInterrupt:
         keep = True
