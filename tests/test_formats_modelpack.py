@@ -153,7 +153,7 @@ def _meta(d, i, **changes):
     (lambda d: _layer(d, 0).update(digest="sha256:" + "0" * 64), "contradicts its file name"),
     (lambda d: _layer(d, 0)["annotations"].update({M.A_FILEPATH: "hub/checkpoints/../../etc/passwd"}), "no valid"),
     (lambda d: _layer(d, 0)["annotations"].update({M.A_FILEPATH: "hub/tvpack/x.pth"}), "not under hub/checkpoints"),
-    (lambda d: _layer(d, 3)["annotations"].update({M.A_FILEPATH: "hub/notes.txt"}), "not a tvpack member"),
+    (lambda d: _layer(d, 3)["annotations"].update({M.A_FILEPATH: "hub/notes/x.txt"}), "not a tvpack member"),
     (lambda d: _layer(d, 0)["annotations"].pop(M.A_FILE_METADATA), "no org.cncf.model.file.metadata"),
     (lambda d: _meta(d, 0, size=1), "file metadata"),
     (lambda d: _meta(d, 0, mode=0o4755), "file metadata"),
