@@ -20,6 +20,7 @@ from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
 from packager import bundle as B
 from packager import cache, oci, signing
 from packager.errors import BundleError, CacheError, OCIError
+from packager.fsutil import human_bytes
 from packager.formats import image as I
 from packager.formats.archive import tar_header
 from packager.transport.oci import OCI_MANIFEST, Policy, RegistryClient, digest_of
@@ -468,13 +469,19 @@ def test_pull_and_install_refuse_a_disk_too_small_before_fetching_a_blob(registr
 
 def test_a_disk_that_fills_during_an_oci_install_keeps_no_staged_layer(registry, made, tmpfs, monkeypatch):
     """Layers are staged beside the cache, then copied into it: a disk that fills meanwhile (after the
-    up-front check) is reported as full, and neither a checkpoint nor a staged layer or its part is left."""
+    up-front check) is reported as full, and neither a checkpoint nor a staged layer or its part is left.
+    The disk is smaller than the largest layer, so it is always the staging of that layer that fills it:
+    one CacheError naming the staging directory and the bytes the layer needed."""
     oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
-    disk = tmpfs("2m")
+    layers = sorted(layer["size"] for layer in image_manifest(registry)["layers"])
+    assert 2 * layers[-2] < layers[-1] - 256 * 1024, layers  # the smaller layers fit, staged and installed
+    disk = tmpfs(f"{(layers[-1] - 128 * 1024) // 1024}k")
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 40))  # another writer
-    with pytest.raises(CacheError, match="disk full while writing|No space left on device"):
+    with pytest.raises(CacheError) as err:
         oci.install(ref_of(registry), torch_home=disk / "home", plain_http=True)
+    assert re.fullmatch(rf"disk full while writing {re.escape(str(disk))}/home/\S+/oci-layers/\S+ "
+                        rf"\(needs {re.escape(human_bytes(layers[-1]))}\)", err.value.message), err.value.message
     assert left_behind(disk) == []
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from ..errors import CacheError, DownloadError, IntegrityError
-from ..fsutil import SpaceReservation, atomic_write_json, share_with_group
+from ..fsutil import SpaceReservation, atomic_write_json, human_bytes, share_with_group
 
 MiB = 1 << 20
 CHUNK_SIZE = 4 * MiB
@@ -398,7 +398,7 @@ class Pipeline:
     def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4, *,
                  cancel: Cancel | None = None, reservation: SpaceReservation | None = None):
         self.f = f
-        self._behind = _WriteBehind(f)
+        self._behind = _WriteBehind(f) if hasattr(f, "fileno") else None  # a file, not a caller's write
         self.verifier = verifier
         self.on_bytes = on_bytes
         self.cancel = cancel
@@ -424,7 +424,8 @@ class Pipeline:
 
     def _write(self, view) -> None:
         self.f.write(view)
-        self._behind.wrote(len(view))
+        if self._behind is not None:
+            self._behind.wrote(len(view))
         if self.reservation is not None:
             self.reservation.wrote(len(view))
         if self.on_bytes is not None:
@@ -481,28 +482,6 @@ class Pipeline:
             raise error
 
 
-def chunks_filler(chunks):
-    """``fill(buffer) -> n`` over an iterator of byte strings (an S3 body)."""
-    pending = memoryview(b"")
-
-    def fill(buf: bytearray) -> int:
-        nonlocal pending
-        n = 0
-        while n < len(buf):
-            if not len(pending):
-                data = next(chunks, b"")
-                if not data:
-                    break
-                pending = memoryview(data)
-            k = min(len(pending), len(buf) - n)
-            buf[n:n + k] = pending[:k]
-            pending = pending[k:]
-            n += k
-        return n
-
-    return fill
-
-
 def finish(part: Path, f, verifier: Verifier) -> str:
     f.flush()
     os.fsync(f.fileno())
@@ -513,11 +492,18 @@ def finish(part: Path, f, verifier: Verifier) -> str:
         raise
 
 
-def disk_error(exc: OSError, part: Path) -> CacheError:
-    if exc.errno == errno.ENOSPC:
+def disk_error(exc: OSError, part: Path, needed: int | None = None) -> CacheError:
+    """The one error for a write that failed: CacheError naming the directory (and, when the disk
+    is full, the bytes the transfer needed)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         discard_part(part)  # free the space again
-        return CacheError(f"disk full while writing {part.parent}")
+        return disk_full(part.parent, needed)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CacheError(f"cannot write to {part.parent}: {exc.strerror}")
     return CacheError(f"cannot write {part}: {exc.strerror or exc}")
+
+
+def disk_full(directory: Path, needed: int | None = None) -> CacheError:
+    need = f" (needs {human_bytes(needed)})" if needed else ""
+    return CacheError(f"disk full while writing {directory}{need}")
 

@@ -9,11 +9,8 @@
     client.pull_blob(ref.repository, digest, dest, size=size)          # sha256 checked while streaming, resumable
     client.stream_blob(ref.repository, digest, out.write, size=size)   # the same, into a caller's sink
 
-Authentication is what docker, podman, skopeo and oras do: anonymous first; on a ``401`` the
-``WWW-Authenticate`` challenge decides between HTTP basic and a bearer token fetched from the challenge's
-realm (with basic credentials when there are any). Credentials come from the containers auth file and
-the docker config (:func:`find_credentials`); :func:`login` checks a password against the registry
-and stores it where podman and skopeo look first.
+Authentication is :mod:`.auth`; :func:`login` checks a password against the registry and stores it
+where podman and skopeo look first.
 
 Why our own code on ``requests`` rather than oras-py: oras-py reads a monolithic blob into memory,
 cannot compute a digest while uploading, ignores ``OCI-Chunk-Min-Length``, neither verifies nor
@@ -26,246 +23,21 @@ Importing this module never imports torch.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import ipaddress
-import json
-import os
-import queue
 import random
-import re
-import shutil
-import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
-from .. import env
-from ..errors import OCIError, UsageError
-from ..fsutil import atomic_write_json
+from ...errors import OCIError
+from .auth import Auth, Credentials, save_login
+from .reference import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, MiB, _check_digest, digest_of, is_loopback
 
-__all__ = [
-    "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "MANIFEST_MEDIA_TYPES", "OCI_INDEX", "OCI_MANIFEST", "Credentials",
-    "Manifest", "Policy", "Reference", "RegistryClient", "auth_file_for_login", "credential_files", "digest_of",
-    "find_credentials", "is_loopback", "login", "parse_reference",
-]
-
-MiB = 1 << 20
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
-MAX_MANIFEST_SIZE = 4 * MiB  # what distribution itself accepts; a larger "manifest" is hostile
 USER_AGENT = "tvpack"
 
 ProgressFn = Callable[[int], None]  # called with the number of new bytes
-
-
-# -- references -------------------------------------------------------------------------------------
-
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?")
-
-
-@dataclass(frozen=True)
-class Reference:
-    """``oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]``. ``tag`` is ``latest`` when neither is
-    given; with a digest, the digest is what is fetched (a tag beside it is only a label)."""
-
-    host: str  # "registry.example.com", "127.0.0.1:5000", "[::1]:5000"
-    repository: str  # "a/b/c"
-    tag: str | None = "latest"
-    digest: str | None = None
-
-    @property
-    def reference(self) -> str:
-        """What goes after ``/manifests/``: the digest if there is one, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def with_digest(self, digest: str) -> "Reference":
-        return Reference(self.host, self.repository, self.tag, digest)
-
-    def __str__(self) -> str:
-        text = f"oci://{self.host}/{self.repository}"
-        if self.tag and not (self.digest and self.tag == "latest"):
-            text += f":{self.tag}"
-        return text + (f"@{self.digest}" if self.digest else "")
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse ``oci://HOST[:PORT]/REPO[:TAG][@sha256:HEX]``; a malformed one is a :class:`UsageError`."""
-    if not text.startswith("oci://"):
-        raise UsageError(f"{text}: not an OCI reference (expected oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST])")
-    rest = text[len("oci://"):]
-    host, _, path = rest.partition("/")
-    if not _HOST.fullmatch(host) or not path:
-        raise UsageError(f"{text}: expected oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]")
-    digest = None
-    if "@" in path:
-        path, _, digest = path.partition("@")
-        if not _DIGEST.fullmatch(digest):
-            raise UsageError(f"{text}: a digest is sha256: and 64 lowercase hex digits")
-    tag = None
-    name, colon, maybe_tag = path.rpartition(":")
-    if colon:
-        path, tag = name, maybe_tag
-        if not _TAG.fullmatch(tag):
-            raise UsageError(f"{text}: {tag!r} is not a valid tag")
-    if not _REPOSITORY.fullmatch(path):
-        raise UsageError(f"{text}: {path!r} is not a valid repository name (lowercase, '/'-separated)")
-    return Reference(host, path, tag if tag or digest else "latest", digest)
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _check_digest(digest: str) -> str:
-    if not _DIGEST.fullmatch(digest or ""):
-        raise OCIError(f"unsupported or malformed digest {digest!r} (tvpack handles sha256:<64 hex>)")
-    return digest
-
-
-def is_loopback(host: str) -> bool:
-    name = _split_host(host)[0]
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def _split_host(host: str) -> tuple[str, str | None]:
-    if host.startswith("["):
-        name, _, rest = host[1:].partition("]")
-        return name, rest[1:] or None if rest.startswith(":") else None
-    name, _, port = host.partition(":")
-    return name, port or None
-
-
-# -- credentials ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and password (or token) for one registry, and the file they came from."""
-
-    username: str
-    password: str = field(repr=False)
-    source: str = ""
-
-    def basic(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-
-
-def _home() -> Path:
-    return Path(env.home_dir() or Path.home())
-
-
-def auth_file_for_login() -> Path:
-    """Where :func:`login` writes: ``REGISTRY_AUTH_FILE``, else ``$XDG_RUNTIME_DIR/containers/auth.json``,
-    else ``/run/containers/<uid>/auth.json`` (podman's and skopeo's choice, in that order)."""
-    if env.registry_auth_file():
-        return Path(env.registry_auth_file())
-    if env.xdg_runtime_dir():
-        return Path(env.xdg_runtime_dir()) / "containers" / "auth.json"
-    return Path(f"/run/containers/{os.getuid()}/auth.json")
-
-
-def credential_files() -> list[Path]:
-    """Every file searched for credentials, first match wins: the containers auth file (as
-    :func:`auth_file_for_login`), ``~/.config/containers/auth.json``, then the docker config
-    (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``)."""
-    files = [auth_file_for_login(), _home() / ".config" / "containers" / "auth.json"]
-    docker_dir = Path(env.docker_config_dir()) if env.docker_config_dir() else _home() / ".docker"
-    files.append(docker_dir / "config.json")
-    unique: list[Path] = []
-    for path in files:
-        if path not in unique:
-            unique.append(path)
-    return unique
-
-
-def _key_host(key: str) -> str:
-    """``https://host:5000/v1/`` -> ``host:5000``: docker writes keys in several shapes."""
-    for prefix in ("https://", "http://"):
-        if key.startswith(prefix):
-            return key[len(prefix):].split("/", 1)[0]
-    return key
-
-
-_DOCKER_HUB = {"docker.io", "index.docker.io", "registry-1.docker.io"}
-
-
-def _matches(key: str, host: str, repository: str | None) -> int:
-    """How specifically an ``auths`` key names ``host`` (and ``repository``): 0 is no match; a key
-    ``host/namespace`` (containers auth files) beats a bare ``host``."""
-    if key.startswith(("https://", "http://")):
-        key = _key_host(key)
-    name, _, path = key.partition("/")
-    hosts = _DOCKER_HUB if host in _DOCKER_HUB else {host}
-    if name not in hosts:
-        return 0
-    if not path:
-        return 1
-    if repository and (repository == path or repository.startswith(path + "/")):
-        return 1 + len(path)
-    return 0
-
-
-def _from_helper(helper: str, host: str, source: Path) -> Credentials | None:
-    """``docker-credential-<helper> get`` (credsStore / credHelpers), when the helper is installed."""
-    binary = shutil.which(f"docker-credential-{helper}")
-    if binary is None:
-        return None
-    try:
-        proc = subprocess.run([binary, "get"], input=host.encode(), capture_output=True, timeout=30, check=True)
-        data = json.loads(proc.stdout)
-        return Credentials(data["Username"], data["Secret"], f"{source} (credential helper {helper})")
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _decode_auth(entry: dict, source: Path) -> Credentials | None:
-    auth = entry.get("auth") if isinstance(entry, dict) else None
-    if not auth:
-        return None
-    try:
-        user, sep, password = base64.b64decode(auth).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
-        raise OCIError(f"{source}: malformed 'auth' entry (expected base64 of user:password)") from None
-    return Credentials(user, password, str(source)) if sep else None
-
-
-def find_credentials(host: str, repository: str | None = None, files: list[Path] | None = None) -> Credentials | None:
-    """The first credentials for ``host`` (``host:port`` as written in the reference) in
-    :func:`credential_files`: ``auths`` entries (base64 ``user:password``), then ``credHelpers`` and
-    ``credsStore`` of the same file. A malformed file is an :class:`OCIError` naming it."""
-    for path in files if files is not None else credential_files():
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as exc:
-            raise OCIError(f"cannot read credentials from {path}: {exc}") from None
-        if not isinstance(config, dict):
-            continue
-        auths = config.get("auths") if isinstance(config.get("auths"), dict) else {}
-        ranked = sorted(((_matches(key, host, repository), key) for key in auths), reverse=True)
-        for rank, key in ranked:
-            if rank and (creds := _decode_auth(auths[key], path)):
-                return creds
-        helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
-        if helper and (creds := _from_helper(helper, host, path)):
-            return creds
-    return None
 
 
 def login(host: str, username: str, password: str, *, plain_http: bool = False, policy: "Policy | None" = None) -> Path:
@@ -275,26 +47,8 @@ def login(host: str, username: str, password: str, *, plain_http: bool = False, 
     creds = Credentials(username, password, "the password given to login")
     client = RegistryClient(host, plain_http=plain_http, credentials=creds, policy=policy)
     client.ping()
-    path = auth_file_for_login()
-    try:
-        config = json.loads(path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except FileNotFoundError:
-        config = {}
-    except (OSError, ValueError) as exc:
-        raise OCIError(f"cannot update {path}: {exc}") from None
-    auths = config.setdefault("auths", {})
-    auths[host] = {"auth": base64.b64encode(f"{username}:{password}".encode()).decode()}
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write_json(path, config, indent=1, newline=True, mode=0o600)
-    except OSError as exc:
-        raise OCIError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+    return save_login(host, username, password)
 
-
-# -- the client -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Policy:
@@ -308,6 +62,11 @@ class Policy:
     max_backoff: float = 20.0
     chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
     read_size: int = 1 * MiB  # bytes per read while streaming
+    # blob GETs (:mod:`.blobs`, the transfer engine): fewer than speed_limit bytes/s over speed_time
+    # seconds (or no answer for speed_time seconds) is retried; max_time bounds one blob, retries included
+    speed_limit: float = 1024.0
+    speed_time: float = 30.0
+    max_time: float | None = None
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
@@ -323,14 +82,6 @@ class _Retry(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def _challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="https://a/token",service="reg",scope="repository:x:pull"`` -> scheme, params."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {key.lower(): value for key, value in re.findall(r'([A-Za-z_]+)="([^"]*)"', rest)}
-    return scheme.lower(), params
-
 
 def _registry_errors(response) -> tuple[set[str], str]:
     """The error codes and first message of a distribution error body (``{"errors": [...]}``)."""
@@ -367,49 +118,6 @@ class _HashingReader:
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         return data
-
-
-class _HashAndWrite:
-    """Hash and write received chunks on a worker thread, in order, while the caller receives the
-    next one (hashlib and file writes release the GIL: a pull then costs about what the network
-    does, not network + hash + write). ``close`` waits for the queue to drain and re-raises the
-    worker's error."""
-
-    def __init__(self, hasher, f, depth: int = 4):
-        self.hasher, self.f = hasher, f
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._work, name="tvpack-oci-sink", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (data := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.hasher.update(data)
-                    self.f.write(data)
-                except BaseException as exc:  # noqa: BLE001 - re-raised by close() in the caller's thread
-                    self.error = exc
-
-    def put(self, data: bytes) -> None:
-        if self.error is not None:
-            self.close()
-        self._queue.put(data)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-class _WriteTo:
-    """A ``write(data)`` callable dressed as the file :class:`_HashAndWrite` writes to."""
-
-    def __init__(self, write: Callable[[bytes], object]):
-        self.write = write
 
 
 class _Progress:
@@ -456,70 +164,23 @@ class RegistryClient:
         self.base = f"{'http' if plain_http else 'https'}://{host}"
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        self._lookup = credentials is True
-        self._credentials = credentials if isinstance(credentials, Credentials) else None
-        self._tokens: dict[str, str] = {}  # scope -> bearer token
-        self._basic = False  # the registry asked for basic auth: send it with every request
+        self.auth = Auth(host, credentials)
         self._max_body: int | None = None  # a request body this large was refused (HTTP 413): stay below it
 
     # -- requests with authentication, retries and one-line errors --
 
-    def _creds(self, repository: str | None) -> Credentials | None:
-        if self._credentials is None and self._lookup:
-            self._credentials = find_credentials(self.host, repository)
-            self._lookup = False
-        return self._credentials
-
-    def _auth_header(self, scope: str) -> dict[str, str]:
-        # a token that may push to a repository may also pull from it
-        for held in (scope, scope + ",push" if scope.endswith(":pull") else scope):
-            if held in self._tokens:
-                return {"Authorization": f"Bearer {self._tokens[held]}"}
-        if self._basic and self._credentials is not None:
-            return {"Authorization": self._credentials.basic()}
-        return {}
+    def _token_get(self, what: str):
+        """How :class:`Auth` fetches a token: a GET with our session and timeouts, failures worded."""
+        def get(url: str, params: list, headers: dict):
+            try:
+                return self.session.get(url, params=params, headers=headers,
+                                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
+            except Exception as exc:  # noqa: BLE001 - worded below, one line
+                raise self._connection_error(exc, what, url) from None
+        return get
 
     def _authenticate(self, response, scope: str, repository: str | None, what: str) -> None:
-        """Answer a 401's challenge (basic, or a bearer token from the realm); raise when we cannot."""
-        scheme, params = _challenge(response.headers.get("WWW-Authenticate", ""))
-        creds = self._creds(repository)
-        if scheme == "basic":
-            if creds is None:
-                raise self._unauthorized(what, None)
-            self._basic = True
-            return
-        if scheme != "bearer" or not params.get("realm"):
-            raise self._unauthorized(what, creds)
-        query = [("service", params["service"])] if params.get("service") else []
-        # the challenge's scopes plus ours: the token is cached under ours, so it must grant it
-        scopes = (params.get("scope") or "").split()
-        query += [("scope", s) for s in scopes + ([scope] if scope and scope not in scopes else [])]
-        headers = {"Authorization": creds.basic()} if creds else {}
-        try:
-            reply = self.session.get(params["realm"], params=query, headers=headers,
-                                     timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-        except Exception as exc:  # noqa: BLE001 - worded below, one line
-            raise self._connection_error(exc, what, params["realm"]) from None
-        if reply.status_code in (401, 403):
-            raise self._unauthorized(what, creds)
-        if reply.status_code != 200:
-            raise OCIError(f"{what}: token server {params['realm']} answered HTTP {reply.status_code}")
-        try:
-            body = reply.json()
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not token:
-            raise OCIError(f"{what}: token server {params['realm']} gave no token")
-        self._tokens[scope] = token
-
-    def _unauthorized(self, what: str, creds: Credentials | None) -> OCIError:
-        if creds is not None:
-            return OCIError(f"{what}: unauthorized: the registry refused the credentials for {self.host} "
-                            f"from {creds.source}")
-        looked = ", ".join(str(p) for p in credential_files())
-        return OCIError(f"{what}: unauthorized: no credentials for {self.host} in {looked} "
-                        f"(tvpack login {self.host})")
+        self.auth.answer(response, scope, repository, what, self._token_get(what))
 
     def _connection_error(self, exc: BaseException, what: str, url: str | None = None) -> OCIError:
         import requests
@@ -586,7 +247,7 @@ class RegistryClient:
                 try:
                     response = self.session.request(
                         method, url, data=body() if body else None, params=params, stream=stream,
-                        headers={**(headers or {}), **self._auth_header(scope)}, allow_redirects=allow_redirects,
+                        headers={**(headers or {}), **self.auth.header(scope)}, allow_redirects=allow_redirects,
                         timeout=(self.policy.connect_timeout, self.policy.read_timeout))
                 except requests.exceptions.SSLError as exc:
                     raise self._connection_error(exc, what) from None
@@ -602,11 +263,7 @@ class RegistryClient:
                     continue
                 if response.status_code == 401:
                     response.close()
-                    _, params = _challenge(response.headers.get("WWW-Authenticate", ""))
-                    if params.get("error") == "insufficient_scope" and self._credentials is not None:
-                        raise OCIError(f"{what}: access denied: the credentials from {self._credentials.source} "
-                                       f"do not allow {'push' if push else 'pull'} here")
-                    raise self._unauthorized(what, self._credentials)
+                    raise self.auth.refused(response, what, push)
                 if response.status_code in ok:
                     return response
                 if response.status_code in (408, 429) or response.status_code >= 500:
@@ -735,14 +392,14 @@ class RegistryClient:
                     before, sent_before = hasher.copy(), progress.sent
                     response = self.session.request(
                         "PATCH", location, data=_HashingReader(f, n, hasher, progress),
-                        headers={**headers, **self._auth_header(scope)},
+                        headers={**headers, **self.auth.header(scope)},
                         timeout=(self.policy.connect_timeout, self.policy.read_timeout))
                     response.close()
                     if response.status_code == 401 and not reauthenticated and f.seekable():
                         # a token expired during a long upload: the registry refused this chunk
                         # before storing any of it, so it can be sent again under a fresh token
                         reauthenticated = True
-                        self._tokens.pop(scope, None)
+                        self.auth.tokens.pop(scope, None)
                         self._authenticate(response, scope, repository, what)
                         hasher = before
                         progress(sent_before - progress.sent)
@@ -808,180 +465,18 @@ class RegistryClient:
         return digest
 
     def pull_blob(self, repository: str, digest: str, dest, *, size: int | None = None, part=None,
-                  on_bytes: ProgressFn | None = None) -> int:
-        """Stream blob ``digest`` into ``part`` (default ``<dest>.part``), sha256-checked as it
-        arrives, then rename it to ``dest``; returns the size. A part left by an interrupted pull
-        is continued with ``Range``. Bytes that do not match the digest (or ``size``) are refused:
-        the part is removed and ``dest`` never appears. After retries run out the part is kept for
-        a later call to resume. ``on_bytes`` is first called with the bytes already in the part."""
-        _check_digest(digest)
-        dest = Path(dest)
-        part = Path(part) if part is not None else dest.with_name(dest.name + ".part")
-        what = f"oci://{self.host}/{repository}@{digest}"
-        if size is not None and self._part_size(part) == size and "sha256:" + self._hash_file(part).hexdigest() == digest:
-            os.replace(part, dest)  # finished earlier but not renamed (interrupted right at the end)
-            if on_bytes is not None:
-                on_bytes(size)
-            return size
-        attempt = 0
-        reported = 0  # bytes announced to on_bytes so far
-        while True:
-            hasher, have = self._prehash(part, size)
-            if on_bytes is not None and have != reported:
-                on_bytes(have - reported)
-            reported = have
+                  on_bytes: ProgressFn | None = None, cancel=None) -> int:
+        """:func:`.blobs.pull_blob`: the blob into ``<dest>.part``, digest-checked, resumed, renamed."""
+        from .blobs import pull_blob
 
-            def progress(n: int) -> None:
-                nonlocal reported
-                reported += n
-                if on_bytes is not None:
-                    on_bytes(n)
-            try:
-                hasher = self._pull_attempt(repository, digest, part, hasher, have, size, what, progress)
-                break
-            except _Retry as exc:
-                attempt += 1
-                if attempt > self.policy.retries:
-                    raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts; "
-                                   f"{self._part_size(part)} bytes kept in {part} to resume)") from None
-                time.sleep(self.policy.delay(attempt))
-        total = self._part_size(part)
-        computed = "sha256:" + hasher.hexdigest()
-        if computed != digest or (size is not None and total != size):
-            _unlink(part)
-            expected = f"{digest}" + (f" ({size} bytes)" if size is not None else "")
-            raise OCIError(f"{what}: blob refused: its bytes do not match its digest: expected {expected}, "
-                           f"got {computed} ({total} bytes)")
-        os.replace(part, dest)
-        return total
-
-    @staticmethod
-    def _part_size(part: Path) -> int:
-        try:
-            return part.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def _hash_file(self, path: Path):
-        hasher = hashlib.sha256()
-        with open(path, "rb") as f:
-            while data := f.read(self.policy.read_size):
-                hasher.update(data)
-        return hasher
-
-    def _prehash(self, part: Path, size: int | None):
-        """A hasher over the bytes already in ``part`` and their count (0 and no part when it
-        cannot be continued: missing, or already as long as the whole blob can be)."""
-        have = self._part_size(part)
-        if have and size is not None and have >= size:
-            have = 0
-        if not have:
-            _unlink(part)
-            return hashlib.sha256(), 0
-        return self._hash_file(part), have
-
-    def _pull_attempt(self, repository, digest, part: Path, hasher, have: int, size, what, on_bytes):
-        """Append the rest of the blob to ``part``; returns the hasher over the whole part. Raises
-        _Retry for transient failures (the part then holds exactly the bytes hashed)."""
-        import requests
-
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        # requests drops Authorization when a redirect leaves the host (blob stores behind S3 urls)
-        response = self._request("GET", self._url(repository, "blobs", digest), what=what, repository=repository,
-                                 ok=(200, 206, 416), headers={**headers, "Accept-Encoding": "identity"}, stream=True)
-        with response:
-            if response.status_code == 416:  # the part is not a prefix of this blob
-                _unlink(part)
-                raise _Retry("the registry refused the resume range")
-            if have and response.status_code == 200:  # the range was ignored: start over
-                if on_bytes is not None:
-                    on_bytes(-have)
-                hasher, have = hashlib.sha256(), 0
-                _unlink(part)
-            limit = None if size is None else size - have
-            received = 0
-            try:
-                with open(part, "ab") as f:
-                    sink = _HashAndWrite(hasher, f)
-                    try:
-                        for data in response.iter_content(self.policy.read_size):
-                            received += len(data)
-                            if limit is not None and received > limit:
-                                raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
-                            sink.put(data)
-                            if on_bytes is not None:
-                                on_bytes(len(data))
-                    finally:
-                        sink.close()  # after any error too: the part then holds exactly the bytes hashed
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OCIError:
-                _unlink(part)
-                raise
-            except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as exc:
-                raise _Retry(f"transfer interrupted ({type(exc).__name__})") from None
-            except OSError as exc:
-                raise OCIError(f"{what}: cannot write {part}: {exc.strerror or exc}") from None
-        return hasher
+        return pull_blob(self, repository, digest, dest, size=size, part=part, on_bytes=on_bytes, cancel=cancel)
 
     def stream_blob(self, repository: str, digest: str, write: Callable[[bytes], object], *, size: int,
-                    on_bytes: ProgressFn | None = None) -> None:
-        """Stream blob ``digest`` of ``size`` bytes to ``write``, called with each chunk in order on a
-        worker thread (hashing and writing overlap the next chunk's arrival). Returns when all bytes
-        matched the digest; otherwise raises :class:`OCIError`, and whatever ``write`` received must be
-        discarded by the caller. An interrupted transfer continues with ``Range`` from the bytes
-        received (skipping them when the registry ignores the range); nothing is kept across calls:
-        for that, :meth:`pull_blob` and its part file. An error raised by ``write`` is re-raised."""
-        _check_digest(digest)
-        what = f"oci://{self.host}/{repository}@{digest}"
-        hasher = hashlib.sha256()
-        sink = _HashAndWrite(hasher, _WriteTo(write))
-        received, attempt = 0, 0
-        try:
-            while True:
-                try:
-                    received = self._stream_attempt(repository, digest, sink, received, size, what, on_bytes)
-                    break
-                except _Retry as exc:
-                    attempt += 1
-                    if attempt > self.policy.retries:
-                        raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
-                    time.sleep(self.policy.delay(attempt))
-        finally:
-            sink.close()
-        computed = "sha256:" + hasher.hexdigest()
-        if computed != digest or received != size:
-            raise OCIError(f"{what}: blob refused: its bytes do not match its digest: expected {digest} ({size} bytes),"
-                           f" got {computed} ({received} bytes)")
+                    on_bytes: ProgressFn | None = None, cancel=None) -> None:
+        """:func:`.blobs.stream_blob`: the blob into ``write``, digest-checked, resumed within the call."""
+        from .blobs import stream_blob
 
-    def _stream_attempt(self, repository, digest, sink: "_HashAndWrite", received: int, size: int, what, on_bytes) -> int:
-        """Feed the rest of the blob (from byte ``received``) to ``sink``; returns the bytes fed in all.
-        Raises _Retry for transient failures (``received`` then counts exactly what was fed)."""
-        import requests
-
-        headers = {"Range": f"bytes={received}-"} if received else {}
-        response = self._request("GET", self._url(repository, "blobs", digest), what=what, repository=repository,
-                                 ok=(200, 206), headers={**headers, "Accept-Encoding": "identity"}, stream=True)
-        with response:
-            skip = received if received and response.status_code == 200 else 0  # the range was ignored
-            try:
-                for data in response.iter_content(self.policy.read_size):
-                    if skip:
-                        if len(data) <= skip:
-                            skip -= len(data)
-                            continue
-                        data, skip = data[skip:], 0
-                    if received + len(data) > size:
-                        raise OCIError(f"{what}: blob refused: the registry sent more than {size} bytes")
-                    sink.put(data)
-                    received += len(data)
-                    if on_bytes is not None:
-                        on_bytes(len(data))
-            except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as exc:
-                raise _Retry(f"transfer interrupted ({type(exc).__name__})") from None
-            if received < size:
-                raise _Retry(f"the registry ended the blob after {received} of {size} bytes")
-        return received
+        stream_blob(self, repository, digest, write, size=size, on_bytes=on_bytes, cancel=cancel)
 
     # -- manifests --
 
@@ -1030,10 +525,3 @@ class RegistryClient:
         if response.status_code == 404:
             return None
         return response.headers.get("Docker-Content-Digest") or (reference if reference.startswith("sha256:") else None)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
