@@ -51,22 +51,21 @@ from typing import Callable, Sequence
 from . import bundle as bundles
 from . import cache, signing
 from .errors import BundleError, CacheError, OCIError
-from .formats.archive import BLOCK, RECORD, MemberFile, TarArchive, round_up, tar_header
+from .formats.archive import MemberFile, Span, TarArchive, TarLayout
 from .formats.image import (
     DEFAULT_PLATFORM,
-    END,
     IMAGE_INDEX,
     IMAGE_MANIFEST,
     LAYER_FORMAT,
     ImageInfo,
     LayerInfo,
+    bundle_layout,
     bundle_order,
-    bundle_size,
     check_header,
     encode_config,
     encode_image_manifest,
+    layer_layout,
     layer_size,
-    member_span,
     parse_image_manifest,
     parse_platform,
 )
@@ -186,10 +185,6 @@ class ImageMember:
     source: object = field(repr=False, compare=False)
     offset: int = 0
 
-    @property
-    def header(self) -> bytes:
-        return tar_header(self.path, self.size, self.mtime)
-
 
 @dataclass(frozen=True)
 class Layer:
@@ -200,15 +195,20 @@ class Layer:
     def path(self) -> str:
         return self.members[0].path
 
+    @functools.cached_property
+    def layout(self) -> TarLayout:
+        """Where each member lies in the layer's tar."""
+        return layer_layout((m.path, m.size, m.mtime) for m in self.members)
+
     @property
     def size(self) -> int:
-        return layer_size((m.path, m.size) for m in self.members)
+        return self.layout.size
 
     def pieces(self) -> list[tuple[int, object]]:
         out: list[tuple[int, object]] = []
-        for m in self.members:
-            out += [(len(m.header), m.header), (m.size, (m.source, m.offset)), (-m.size % BLOCK, bytes(-m.size % BLOCK))]
-        return out + [(END, bytes(END))]
+        for span, m in zip(self.layout, self.members):
+            out += [(len(span.header), span.header), (m.size, (m.source, m.offset)), (span.padding, bytes(span.padding))]
+        return out + [(self.layout.trailer, bytes(self.layout.trailer))]
 
     def open(self) -> MemberFile:
         """A seekable read-only file over the layer's bytes (what the transport uploads from)."""
@@ -303,14 +303,15 @@ def image_of_bundle(path, *, platform: str = DEFAULT_PLATFORM) -> Image:
 
         if [m.path for m in members] != bundle_order(m.path for m in members):
             refuse("its members are not in tvpack's order (the manifest, the checkpoints by path, signatures)")
-        mtimes, end = {}, 0
-        for m in members:
+        layout, mtimes = bundle_layout((m.path, m.size) for m in members), {}
+        for span, m in zip(layout, members):
             try:
-                mtimes[m.path] = check_header(source.read_at(m.offset - end, end), m.path, m.size, name)
+                if span.data_offset != m.offset:
+                    raise OCIError("not where tvpack writes it")
+                mtimes[m.path] = check_header(source.read_at(len(span.header), span.offset), m.path, m.size, name)
             except OCIError:
                 refuse(f"the tar header of {m.path} is not the one tvpack writes")
-            end = m.offset + round_up(m.size)
-        if source.size != bundle_size((m.path, m.size) for m in members):
+        if source.size != layout.size:
             refuse("its end-of-archive padding differs")
         layers = [Layer("checkpoint", (ImageMember(m.path, m.size, shas[m.path], mtimes[m.path], source, m.offset),))
                   for m in members[1:] if is_checkpoint_path(m.path)]
@@ -421,16 +422,16 @@ def hash_layer(layer: Layer) -> tuple[str, dict[str, str]]:
     digest = hashlib.sha256()
     contents = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-oci-hash") as pool:
-        for m in layer.members:
-            digest.update(m.header)
+        for span, m in zip(layer.layout, layer.members):
+            digest.update(span.header)
             content = hashlib.sha256()
             for view in _chunks(m.source, m.offset, m.size):
                 job = pool.submit(content.update, view)
                 digest.update(view)
                 job.result()
-            digest.update(bytes(-m.size % BLOCK))
+            digest.update(bytes(span.padding))
             contents[m.path] = content.hexdigest()
-    digest.update(bytes(END))
+    digest.update(bytes(layer.layout.trailer))
     return "sha256:" + digest.hexdigest(), contents
 
 
@@ -644,14 +645,14 @@ def _parse_manifest_layer(data: bytes, layer: LayerInfo, where: str) -> tuple[di
     members = archive.members
     if not members or members[0].path != layer.path:
         raise OCIError(f"{where}: not a tvpack layer: the manifest layer does not start with {layer.path}")
-    if len(data) != layer_size((m.path, m.size) for m in members):
+    layout = layer_layout((m.path, m.size) for m in members)
+    if len(data) != layout.size:
         raise OCIError(f"{where}: not a tvpack layer: the manifest layer does not end as tvpack writes layers")
-    inline, end, mtime = {}, 0, None
-    for m in members:
-        header_mtime = check_header(data[end:m.offset], m.path, m.size, where)
+    inline, mtime = {}, None
+    for span, m in zip(layout, members):
+        header_mtime = check_header(data[span.offset:m.offset], m.path, m.size, where)
         mtime = header_mtime if mtime is None else mtime
         inline[m.path] = data[m.offset:m.offset + m.size]
-        end = m.offset + round_up(m.size)
     if manifest_path_for(inline[layer.path]) != layer.path:
         raise OCIError(f"{where}: the bundle manifest does not match its id (it was altered)")
     return inline, mtime
@@ -678,12 +679,14 @@ class _LayerWriter:
     ``fd``, checking on the way that the tar around the data is exactly what tvpack writes; the data's
     sha256 is computed on one more thread."""
 
-    def __init__(self, fd: int, offset: int, path: str, size: int, where: str):
-        self.fd, self.offset, self.path, self.size, self.where = fd, offset, path, size, where
-        self.header_len = len(tar_header(path, size, 0))
-        self.data_end = self.header_len + size
-        self.member_end = self.header_len + round_up(size)
-        self.total = self.member_end + END
+    def __init__(self, fd: int, span: Span, where: str):
+        self.fd, self.offset, self.path, self.size, self.where = fd, span.offset, span.path, span.size, where
+        layout = layer_layout([(span.path, span.size)])
+        (in_layer,) = layout.spans
+        self.header_len = len(in_layer.header)
+        self.data_end = self.header_len + span.size
+        self.member_end = in_layer.end
+        self.total = layout.size
         self.pos = 0
         self.head = bytearray()
         self.content = hashlib.sha256()
@@ -757,25 +760,24 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
     tmp = _adopt_pull(output, suffix)
     adopted = tmp is not None
     tmp = tmp if adopted else temp_path(output, suffix)
-    total = bundle_size((p, image.size_of(p)) for p in image.order)
+    layout = bundle_layout(((p, image.size_of(p)) for p in image.order), image.mtime)
+    total = layout.size
     with reserve_space(tmp, total - (_size_of(tmp) if adopted else 0)):  # refused before the first request
         pass
     bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"pull {output.name}")
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if adopted else os.O_EXCL), 0o644)
         try:
-            offset = 0
-            for path in image.order:
-                size = image.size_of(path)
+            for span in layout:
+                path = span.path
                 if path in image.inline:
-                    data = image.inline[path]
-                    _write_at(fd, tar_header(path, size, image.mtime) + data + bytes(-size % BLOCK), offset)
-                elif adopted and _holds_member(fd, offset, path, size, image):
+                    _write_at(fd, span.header + image.inline[path] + bytes(span.padding), span.offset)
+                elif adopted and _holds_member(fd, span, image):
                     if bar is not None:
                         bar.update(image.layers[path].size)
                 else:
                     layer = image.layers[path]
-                    writer = _LayerWriter(fd, offset, path, size, where)
+                    writer = _LayerWriter(fd, span, where)
                     try:
                         client.stream_blob(ref.repository, layer.digest, writer.write, size=layer.size,
                                            on_bytes=bar.update if bar is not None else None)
@@ -785,8 +787,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                     if sha != layer.sha256:
                         raise OCIError(f"{where}: {path} refused: its sha256 is {sha}, the bundle manifest says "
                                        f"{layer.sha256}")
-                offset += member_span(path, size)
-            _write_at(fd, bytes(total - offset), offset)
+            _write_at(fd, bytes(layout.trailer), layout.end)
             os.ftruncate(fd, total)
             os.fsync(fd)
         finally:
@@ -856,21 +857,20 @@ def _adopt_pull(output: Path, suffix: str) -> Path | None:
     return found
 
 
-def _holds_member(fd: int, offset: int, path: str, size: int, image: RemoteImage) -> bool:
+def _holds_member(fd: int, span: Span, image: RemoteImage) -> bool:
     """Whether an adopted temp file already holds this checkpoint's member in full: the exact header, and data
     whose sha256 is the one the bundle manifest states (its padding is zeros: written so, or a hole)."""
-    header = tar_header(path, size, image.mtime)
-    if os.pread(fd, len(header), offset) != header:
+    if os.pread(fd, len(span.header), span.offset) != span.header:
         return False
     hasher = hashlib.sha256()
-    pos, end = offset + len(header), offset + len(header) + size
+    pos, end = span.data_offset, span.data_offset + span.size
     while pos < end:
         chunk = os.pread(fd, min(8 << 20, end - pos), pos)
         if not chunk:
             return False
         hasher.update(chunk)
         pos += len(chunk)
-    return hasher.hexdigest() == image.layers[path].sha256
+    return hasher.hexdigest() == image.layers[span.path].sha256
 
 
 def _write_error(exc: OSError, where: Path) -> CacheError:
@@ -890,13 +890,11 @@ def _unlink(path: Path) -> None:
 def _pieces(image: RemoteImage, data_of: Callable[[str, int], object]) -> list[tuple[int, object]]:
     """The pieces of the bundle an image holds; ``data_of(path, size)`` gives each checkpoint's data."""
     pieces: list[tuple[int, object]] = []
-    for path in image.order:
-        size = image.size_of(path)
-        data = image.inline[path] if path in image.inline else data_of(path, size)
-        header = tar_header(path, size, image.mtime)
-        pieces += [(len(header), header), (size, data), (-size % BLOCK, bytes(-size % BLOCK))]
-    end = sum(length for length, _ in pieces) + END
-    return pieces + [(END + (-end % RECORD), bytes(END + (-end % RECORD)))]
+    layout = bundle_layout(((path, image.size_of(path)) for path in image.order), image.mtime)
+    for span in layout:
+        data = image.inline[span.path] if span.path in image.inline else data_of(span.path, span.size)
+        pieces += [(len(span.header), span.header), (span.size, data), (span.padding, bytes(span.padding))]
+    return pieces + [(layout.trailer, bytes(layout.trailer))]
 
 
 def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "bundles.Bundle":
@@ -965,12 +963,12 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
             raise _write_error(exc, staging) from None
         source = FileSource(blob)
         owned.append(source)
-        header_len = len(tar_header(path, size, 0))
-        check_header(source.read_at(header_len, 0), path, size, where)
-        tail = source.read_at(layer.size - header_len - size, header_len + size)
+        (span,) = layer_layout([(path, size)]).spans
+        check_header(source.read_at(len(span.header), 0), path, size, where)
+        tail = source.read_at(layer.size - span.data_offset - size, span.data_offset + size)
         if tail.count(0) != len(tail):
             raise OCIError(f"{where}: not a tvpack layer: non-zero bytes after {path} in its layer")
-        return source, header_len
+        return source, span.data_offset
 
     def data_of(path: str, size: int):
         layer = image.layers[path]
