@@ -275,7 +275,7 @@ def test_install_into_a_fresh_torch_home_then_vanilla_torchvision_offline(regist
             assert (home / "hub/checkpoints" / entry.filename).read_bytes() == opened.open_checkpoint(entry.name).read()
         assert files_under(home / "hub/checkpoints") == sorted(e.filename for e in opened.entries)
         assert files_under(home / "hub/tvpack/manifests") == [f"{opened.manifest_id}.json"]
-    assert list(cache.staging_root(home / "hub").iterdir()) == []
+    assert list(oci.staging_root(home / "hub").iterdir()) == []
     sums = load_offline(home)
     assert set(sums) == set(SMALL_WEIGHTS.values())
 
@@ -292,7 +292,7 @@ def test_install_fetches_only_layers_not_already_cached(registry, made, tmp_path
     assert sorted((p.path.name, p.status) for p in report.files) == sorted(
         [(kept, "unchanged"), (manifest["layers"][1]["annotations"]["org.opencontainers.image.title"], "installed")])
     assert blob_gets(registry)[gets:] == [manifest["layers"][2]["digest"], manifest["layers"][1]["digest"]]
-    assert list(cache.staging_root(home / "hub").iterdir()) == []
+    assert list(oci.staging_root(home / "hub").iterdir()) == []
 
     # something else in the way: refused before its layer is fetched (replaced with --force); a file its own
     # name proves damaged is repaired, from its layer
@@ -323,7 +323,7 @@ def test_concurrent_installs_of_one_image_into_one_cache_all_succeed(registry, m
     with B.open_bundle(made["small"]) as opened:
         for entry in opened.entries:
             assert (home / "hub/checkpoints" / entry.filename).read_bytes() == opened.open_checkpoint(entry.name).read()
-    assert list(cache.staging_root(home / "hub").iterdir()) == []
+    assert list(oci.staging_root(home / "hub").iterdir()) == []
     # the lock let one run fetch; the others waited and found the files in place
     checkpoint_layers = [layer["digest"] for layer in image_manifest(registry)["layers"]
                          if layer["annotations"][I.A_PATH].startswith("hub/checkpoints/")]
@@ -346,19 +346,19 @@ def test_an_interrupted_install_continues_with_the_layers_it_staged(registry, ma
 
     with pytest.raises(KeyboardInterrupt):
         oci.install(ref_of(registry), torch_home=home, client=StopsAfterOneLayer(registry.host, plain_http=True))
-    (kept,) = cache.staging_root(home / "hub").iterdir()  # this run's directory, kept for the next one
+    (kept,) = oci.staging_root(home / "hub").iterdir()  # this run's directory, kept for the next one
     assert [p.name for p in kept.iterdir()] == [StopsAfterOneLayer.pulled[0].split(":")[1] + ".tar"]
     assert not any((home / "hub/checkpoints").iterdir())  # nothing installed
     gets = len(blob_gets(registry))
     oci.install(ref_of(registry), torch_home=home, plain_http=True)
     assert StopsAfterOneLayer.pulled[0] not in blob_gets(registry)[gets:]  # taken from the kept directory
-    assert list(cache.staging_root(home / "hub").iterdir()) == []
+    assert list(oci.staging_root(home / "hub").iterdir()) == []
     assert len(list((home / "hub/checkpoints").iterdir())) == len(SMALL_WEIGHTS)
 
 
 def test_prune_removes_staging_left_by_dead_runs_only(registry, made, tmp_path):
     home = tmp_path / "home"
-    root = cache.staging_root(home / "hub")
+    root = oci.staging_root(home / "hub")
     root.mkdir(parents=True)
     dead = root / f"{'ab' * 32}.{2 ** 22 - 7}.0badc0de"  # a pid above pid_max: never alive
     dead_too = root / f"{'ab' * 32}.{2 ** 22 - 8}.0badc0de"  # two interrupted runs on one image
@@ -371,7 +371,7 @@ def test_prune_removes_staging_left_by_dead_runs_only(registry, made, tmp_path):
     assert not dead.exists() and not dead_too.exists() and live.exists()
     # an install of that image holding its lock keeps even a dead-looking directory
     dead.mkdir()
-    with cache.staging(home / "hub", "ab" * 32) as adopted:
+    with oci.staging(home / "hub", "ab" * 32) as adopted:
         assert adopted.name.startswith(f"{'ab' * 32}.{os.getpid()}.") and not dead.exists()  # adopted
         orphan = root / f"{'ab' * 32}.{2 ** 22 - 7}.feedf00d"
         orphan.mkdir()
@@ -537,7 +537,7 @@ def test_signatures_travel_in_the_image_and_are_checked_from_the_registry(regist
     assert "signatures: 2" in shown.stdout, shown.stderr
     verified = run_tvpack("verify", ref, "--key", bob_pub, "--plain-http")
     assert verified.returncode == 0 and "signed by" in verified.stdout, verified.stderr
-    staged = cache.staging_root(Path(os.environ["XDG_CACHE_HOME"]) / "tvpack" / "oci-verify")
+    staged = oci.staging_root(Path(os.environ["XDG_CACHE_HOME"]) / "tvpack" / "oci-verify")
     assert list(staged.iterdir()) == []  # the layers verify fetched are gone again
 
     # an untrusted signer is refused before any checkpoint layer is fetched; nothing is written
