@@ -15,7 +15,7 @@ from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
 from ..transport.oci import RegistryClient
-from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image
+from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
 from .staging import unlink_quietly, write_error
 
 
@@ -138,13 +138,18 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                         bar.update(image.layers[path].size)
                 else:
                     layer = image.layers[path]
-                    writer = _LayerWriter(fd, span, where)
+                    writers = [_LayerWriter(fd, span, where)]
+
+                    def restart(span=span):  # another endpoint (a mirror failed): the member again, from its start
+                        writers[-1].close()
+                        writers.append(_LayerWriter(fd, span, where))
+
                     try:
-                        client.stream_blob(ref.repository, layer.digest, writer.write, size=layer.size,
-                                           on_bytes=bar.update if bar is not None else None)
+                        stream_blob(client, ref.repository, layer.digest, lambda data: writers[-1].write(data),
+                                    restart=restart, size=layer.size, on_bytes=bar.update if bar is not None else None)
                     finally:
-                        writer.close()
-                    sha = writer.finish()
+                        writers[-1].close()
+                    sha = writers[-1].finish()
                     if sha != layer.sha256:
                         raise OCIError(f"{where}: {path} refused: its sha256 is {sha}, the bundle manifest says "
                                        f"{layer.sha256}")

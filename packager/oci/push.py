@@ -10,7 +10,7 @@ from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, encode_
 from ..transport.oci import Reference, RegistryClient, digest_of
 from .digests import DigestCache
 from .image import Image, hash_layer, image_of_bundle
-from .remote import as_reference, client_for, progress_bar
+from .remote import as_reference, progress_bar, push_client_for
 
 BlobCallback = Callable[["BlobResult"], None]
 
@@ -56,8 +56,7 @@ def push(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[st
          digest_cache: DigestCache | None = None) -> PushReport:
     """Push ``image`` to ``ref`` (``oci://HOST/REPO[:TAG|@DIGEST]``), moving as few bytes as possible
     (see the module's docstring). ``on_blob`` is called as each blob is made sure of."""
-    ref = as_reference(ref)
-    client = client_for(ref, client, plain_http)
+    ref, client = push_client_for(as_reference(ref), client, plain_http)
     known = digest_cache if digest_cache is not None else DigestCache()
     repo = ref.repository
     manifest_layer = image.layers[-1]

@@ -11,6 +11,7 @@ from ..formats.image import IMAGE_INDEX, IMAGE_MANIFEST, ImageInfo, LayerInfo, b
     layer_layout, layer_size, parse_image_manifest
 from ..formats.manifest import decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from ..transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, parse_reference
+from ..transport.oci.mirrors import MirroredClient, mirrored_client, push_target
 from .image import BytesSource
 
 
@@ -30,8 +31,24 @@ def progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
-def client_for(ref: Reference, client, plain_http: bool) -> RegistryClient:
-    return client if client is not None else RegistryClient(ref.host, plain_http=plain_http)
+def client_for(ref: Reference, client, plain_http: bool) -> RegistryClient | MirroredClient:
+    """The client to read ``ref`` with: through the mirrors registries.conf names for it, else ``ref``'s host."""
+    if isinstance(client, MirroredClient):
+        return client
+    return mirrored_client(ref, client if client is not None else RegistryClient(ref.host, plain_http=plain_http))
+
+
+def push_client_for(ref: Reference, client, plain_http: bool) -> tuple[Reference, RegistryClient]:
+    """Where to push ``ref``: registries.conf's location for it (never a mirror), and the client for it."""
+    return push_target(ref, client if client is not None else RegistryClient(ref.host, plain_http=plain_http))
+
+
+def stream_blob(client, repository: str, digest: str, write, *, restart, **kwargs) -> None:
+    """``client.stream_blob``; through mirrors, ``restart()`` resets the sink before another endpoint is tried."""
+    if isinstance(client, MirroredClient):
+        client.stream_blob(repository, digest, write, restart=restart, **kwargs)
+    else:
+        client.stream_blob(repository, digest, write, **kwargs)
 
 
 # -- reading an image ---------------------------------------------------------------------------------
@@ -69,7 +86,7 @@ def read_image(ref, *, client: RegistryClient | None = None, plain_http: bool = 
     info = parse_image_manifest(fetched.data, fetched.media_type, where)
     layer = info.manifest_layer
     data = bytearray()
-    client.stream_blob(ref.repository, layer.digest, data.extend, size=layer.size)
+    stream_blob(client, ref.repository, layer.digest, data.extend, restart=data.clear, size=layer.size)
     inline, mtime = _parse_manifest_layer(bytes(data), layer, where)
 
     def refuse(why: str):
@@ -128,4 +145,5 @@ def _parse_manifest_layer(data: bytes, layer: LayerInfo, where: str) -> tuple[di
     return inline, mtime
 
 
-__all__ = ["RemoteImage", "as_reference", "client_for", "is_oci_reference", "progress_bar", "read_image"]
+__all__ = ["RemoteImage", "as_reference", "client_for", "is_oci_reference", "progress_bar", "push_client_for",
+           "read_image", "stream_blob"]
