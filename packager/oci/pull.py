@@ -99,6 +99,22 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar) -> str:
+    """One checkpoint layer streamed into its member of the bundle being written; the checkpoint's sha256."""
+    writers = [_LayerWriter(fd, span, where)]
+
+    def restart():  # another endpoint (a mirror failed): the member again, from its start
+        writers[-1].close()
+        writers.append(_LayerWriter(fd, span, where))
+
+    try:
+        stream_blob(client, repository, layer.digest, lambda data: writers[-1].write(data), restart=restart,
+                    size=layer.size, on_bytes=bar.update if bar is not None else None)
+    finally:
+        writers[-1].close()
+    return writers[-1].finish()
+
+
 def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
          client: RegistryClient | None = None) -> PullReport:
     """Write the bundle an image holds to ``output`` (a temp file beside it, renamed when complete and
@@ -138,18 +154,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                         bar.update(image.layers[path].size)
                 else:
                     layer = image.layers[path]
-                    writers = [_LayerWriter(fd, span, where)]
-
-                    def restart(span=span):  # another endpoint (a mirror failed): the member again, from its start
-                        writers[-1].close()
-                        writers.append(_LayerWriter(fd, span, where))
-
-                    try:
-                        stream_blob(client, ref.repository, layer.digest, lambda data: writers[-1].write(data),
-                                    restart=restart, size=layer.size, on_bytes=bar.update if bar is not None else None)
-                    finally:
-                        writers[-1].close()
-                    sha = writers[-1].finish()
+                    sha = _stream_layer(client, ref.repository, layer, fd, span, where, bar)
                     if sha != layer.sha256:
                         raise OCIError(f"{where}: {path} refused: its sha256 is {sha}, the bundle manifest says "
                                        f"{layer.sha256}")
