@@ -100,6 +100,8 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
             raise write_error(exc, staging) from None
         source = FileSource(blob)
         owned.append(source)
+        if image.raw:  # a ModelPack layer is the checkpoint itself, its digest (checked) the checkpoint's sha256
+            return source, 0
         (span,) = layer_layout([(path, size)]).spans
         check_header(source.read_at(len(span.header), 0), path, size, where)
         tail = source.read_at(layer.size - span.data_offset - size, span.data_offset + size)

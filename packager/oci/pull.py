@@ -99,13 +99,32 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar) -> str:
+class _RawWriter(_LayerWriter):
+    """The same for a ModelPack layer, which is the checkpoint itself: the member's header (as the bundle
+    writer makes it) and padding are written here, the layer's bytes are the data."""
+
+    def __init__(self, fd: int, span: Span, where: str):
+        super().__init__(fd, span, where)
+        _write_at(fd, span.header, span.offset)
+        _write_at(fd, bytes(span.padding), span.data_offset + span.size)
+        self.data_offset, self.total = span.data_offset, span.size
+
+    def write(self, data: bytes) -> None:
+        if self.pos + len(data) > self.total:
+            raise OCIError(f"{self.where}: the layer of {self.path} is longer than the file")
+        self.content.update(data)  # here, not on the hashing thread: the transport may reuse its buffer
+        _write_at(self.fd, data, self.data_offset + self.pos)
+        self.pos += len(data)
+
+
+def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar, raw: bool = False) -> str:
     """One checkpoint layer streamed into its member of the bundle being written; the checkpoint's sha256."""
-    writers = [_LayerWriter(fd, span, where)]
+    kind = _RawWriter if raw else _LayerWriter
+    writers = [kind(fd, span, where)]
 
     def restart():  # another endpoint (a mirror failed): the member again, from its start
         writers[-1].close()
-        writers.append(_LayerWriter(fd, span, where))
+        writers.append(kind(fd, span, where))
 
     try:
         stream_blob(client, repository, layer.digest, lambda data: writers[-1].write(data), restart=restart,
@@ -154,7 +173,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                         bar.update(image.layers[path].size)
                 else:
                     layer = image.layers[path]
-                    sha = _stream_layer(client, ref.repository, layer, fd, span, where, bar)
+                    sha = _stream_layer(client, ref.repository, layer, fd, span, where, bar, image.raw)
                     if sha != layer.sha256:
                         raise OCIError(f"{where}: {path} refused: its sha256 is {sha}, the bundle manifest says "
                                        f"{layer.sha256}")

@@ -5,11 +5,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..errors import BundleError, OCIError
+from ..errors import BundleError, OCIError, UsageError
+from ..formats import modelpack
+from ..formats.archive import MemberFile
 from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, encode_config, encode_image_manifest
+from ..formats.manifest import decode_manifest, parse_manifest
 from ..transport.oci import Reference, RegistryClient, digest_of
 from .digests import DigestCache
-from .image import Image, hash_layer, image_of_bundle
+from .image import Image, ImageMember, hash_layer, image_of_bundle
 from .remote import as_reference, progress_bar, push_client_for
 
 BlobCallback = Callable[["BlobResult"], None]
@@ -125,10 +128,75 @@ def _check_ref_digest(ref: Reference, digest: str) -> str:
     return digest
 
 
-def push_bundle(path, ref, *, platform: str = DEFAULT_PLATFORM, **options) -> PushReport:
-    """:func:`push` of :func:`image_of_bundle`."""
+# -- CNCF ModelPack ------------------------------------------------------------------------------------
+FORMATS = ("image", "modelpack")
+
+
+def _modelpack_files(image: Image) -> list[tuple[modelpack.ModelFile, ImageMember]]:
+    """Each member of the image as a ModelPack file: checkpoints (whose digest is their own sha256: no
+    hashing pass), the bundle manifest, the other members."""
+    out = []
+    for layer in image.layers:
+        for n, m in enumerate(layer.members):
+            kind = "weight" if layer.kind == "checkpoint" else ("manifest" if n == 0 else "member")
+            out.append((modelpack.ModelFile(kind, "sha256:" + m.sha256, m.size, m.path, m.mtime), m))
+    return out
+
+
+def _modelpack_config(image: Image, files: Sequence[modelpack.ModelFile]) -> bytes:
+    manifest = next(m for layer in image.layers if layer.kind == "manifest" for m in layer.members[:1])
+    entries, _ = parse_manifest(decode_manifest(MemberFile(manifest.source, manifest.offset, manifest.size).read()))
+    params = entries[0].meta.get("num_params") if len(entries) == 1 else None
+    name = image.weights[0] if len(image.weights) == 1 else f"tvpack-{image.manifest_id}"
+    return modelpack.encode_config(files, name=name, description=", ".join(image.weights), created=manifest.mtime,
+                                   params=params if type(params) is int else None)
+
+
+def push_modelpack(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[str] = (),
+                   progress: bool = False, on_blob: BlobCallback | None = None, client: RegistryClient | None = None,
+                   digest_cache: DigestCache | None = None) -> PushReport:
+    """Push ``image``'s bundle as a CNCF ModelPack artifact (:mod:`packager.formats.modelpack`): each
+    checkpoint uploaded as it is (a raw layer whose digest is its sha256, checked by the registry as it
+    arrives), the bundle manifest and signatures as weight-config layers. Blobs the registry holds are
+    not sent again, as for :func:`push`."""
+    ref, client = push_client_for(as_reference(ref), client, plain_http)
+    known = digest_cache if digest_cache is not None else DigestCache()
+    pairs = _modelpack_files(image)
+    files = [f for f, _m in pairs]
+    config = _modelpack_config(image, files)
+    manifest = modelpack.encode_manifest(config, digest_of(config), files, image.manifest_id, image.weights)
+    digest = _check_ref_digest(ref, digest_of(manifest))
+    size = len(config) + sum(f.size for f in files)
+    if client.manifest_digest(ref.repository, digest) == digest and (
+            ref.digest is not None or client.manifest_digest(ref.repository, ref.reference) == digest):
+        return PushReport(str(ref.with_digest(digest)), digest, image.manifest_id, size, "unchanged")
+    bar = progress_bar(progress, size, f"push {ref.repository}")
+    results = []
+    try:
+        for f, m in sorted(pairs, key=lambda pair: modelpack.order(files).index(pair[0])):
+            opener = (lambda m=m: MemberFile(m.source, m.offset, m.size))
+            results.append(_ensure(client, ref, f.path, opener, f.size, f.digest, mount_from, known, bar, on_blob))
+        results.append(_ensure(client, ref, "config", config, len(config), digest_of(config), mount_from, known, bar,
+                               on_blob))
+        client.put_manifest(ref.repository, ref.reference, manifest, IMAGE_MANIFEST)
+    finally:
+        known.save()
+        if bar is not None:
+            bar.close()
+    return PushReport(str(ref.with_digest(digest)), digest, image.manifest_id, size, "pushed", tuple(results))
+
+
+def push_as(image: Image, ref, *, format: str = "image", **options) -> PushReport:
+    """:func:`push` (``format`` "image") or :func:`push_modelpack` ("modelpack")."""
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    return (push_modelpack if format == "modelpack" else push)(image, ref, **options)
+
+
+def push_bundle(path, ref, *, platform: str = DEFAULT_PLATFORM, format: str = "image", **options) -> PushReport:
+    """:func:`push` (or :func:`push_modelpack`) of :func:`image_of_bundle`."""
     with image_of_bundle(path, platform=platform) as image:
-        return push(image, ref, **options)
+        return push_as(image, ref, format=format, **options)
 
 
-__all__ = ["BlobResult", "PushReport", "push", "push_bundle"]
+__all__ = ["FORMATS", "BlobResult", "PushReport", "push", "push_as", "push_bundle", "push_modelpack"]

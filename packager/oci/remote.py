@@ -3,12 +3,14 @@ cross-checked (:func:`read_image`); what pull, inspect and install start from.""
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 from ..errors import BundleError, OCIError
 from ..formats.archive import TarArchive
-from ..formats.image import IMAGE_INDEX, IMAGE_MANIFEST, ImageInfo, LayerInfo, bundle_order, check_header, \
-    layer_layout, layer_size, parse_image_manifest
+from ..formats.image import IMAGE_INDEX, IMAGE_MANIFEST, MAX_MANIFEST_LAYER, ImageInfo, LayerInfo, bundle_order, \
+    check_header, layer_layout, layer_size, parse_image_manifest
+from ..formats.modelpack import is_modelpack, parse_config, parse_manifest as parse_modelpack
 from ..formats.manifest import decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from ..transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, parse_reference
 from ..transport.oci.mirrors import MirroredClient, mirrored_client, push_target
@@ -63,6 +65,7 @@ class RemoteImage:
     mtime: int  # of the manifest member (tvpack writes one mtime for every member)
     expected: dict  # path -> (size, sha256 hex) of every member but the bundle manifest
     layers: dict  # checkpoint path -> LayerInfo
+    raw: bool = False  # a ModelPack artifact: each checkpoint layer is the file itself, not a tar of it
 
     @property
     def order(self) -> list[str]:
@@ -78,16 +81,57 @@ def _accept() -> tuple[str, ...]:
 
 
 def read_image(ref, *, client: RegistryClient | None = None, plain_http: bool = False) -> RemoteImage:
-    """Fetch and check an image manifest and its manifest layer (nothing else)."""
+    """Fetch and check an image manifest and its manifest layer, or a ModelPack artifact's manifest, config,
+    bundle manifest and signatures (nothing else: no checkpoint)."""
     ref = as_reference(ref)
     client = client_for(ref, client, plain_http)
     fetched = client.get_manifest(ref.repository, ref.reference, _accept())
     where = str(ref)
+    if _is_modelpack(fetched.data):
+        return _read_modelpack(ref, client, fetched, where)
     info = parse_image_manifest(fetched.data, fetched.media_type, where)
     layer = info.manifest_layer
+    data = _blob(client, ref, layer.digest, layer.size)
+    inline, mtime = _parse_manifest_layer(data, layer, where)
+    return _checked(ref.with_digest(fetched.digest), info, inline, mtime, where)
+
+
+def _blob(client, ref: Reference, digest: str, size: int) -> bytes:
     data = bytearray()
-    stream_blob(client, ref.repository, layer.digest, data.extend, restart=data.clear, size=layer.size)
-    inline, mtime = _parse_manifest_layer(bytes(data), layer, where)
+    stream_blob(client, ref.repository, digest, data.extend, restart=data.clear, size=size)
+    return bytes(data)
+
+
+def _is_modelpack(data: bytes) -> bool:
+    try:
+        return is_modelpack(json.loads(data))
+    except ValueError:
+        return False
+
+
+def _read_modelpack(ref: Reference, client, fetched, where: str) -> RemoteImage:
+    """A ModelPack artifact of a bundle: its config checked, the bundle manifest and the other members read
+    (each a small raw layer), checkpoints left in their layers."""
+    info = parse_modelpack(fetched.data, fetched.media_type, where)
+    parse_config(_blob(client, ref, info.config_digest, info.config_size), info, f"{where} config")
+    small = (info.manifest_file, *info.member_files)
+    if sum(f.size for f in small) > MAX_MANIFEST_LAYER:
+        raise OCIError(f"{where}: not a tvpack ModelPack artifact (its manifest and signatures are too large)")
+    inline = {f.path: _blob(client, ref, f.digest, f.size) for f in small}
+    if len({f.mtime for f in info.files}) != 1:
+        raise OCIError(f"{where}: not a tvpack ModelPack artifact (its files have different mtimes)")
+    manifest = info.manifest_file
+    if manifest_path_for(inline[manifest.path]) != manifest.path:
+        raise OCIError(f"{where}: the bundle manifest does not match its id (it was altered)")
+    layers = tuple(LayerInfo("checkpoint", f.digest, f.size, f.path, f.sha256) for f in info.weight_files)
+    image_info = ImageInfo(info.manifest_id, info.weights, info.config_digest, info.config_size,
+                           layers + (LayerInfo("manifest", manifest.digest, manifest.size, manifest.path),))
+    return _checked(ref.with_digest(fetched.digest), image_info, inline, manifest.mtime, where, raw=True)
+
+
+def _checked(ref: Reference, info: ImageInfo, inline: dict, mtime: int, where: str, raw: bool = False) -> RemoteImage:
+    """The image manifest, the bundle manifest and the members read agree (or a one-line OCIError)."""
+    layer = info.manifest_layer
 
     def refuse(why: str):
         raise OCIError(f"{where}: the image is not a consistent tvpack bundle: {why}")
@@ -107,9 +151,9 @@ def read_image(ref, *, client: RegistryClient | None = None, plain_http: bool = 
         size, sha = expected[path]
         if info_layer.sha256 != sha:
             refuse(f"the layer of {path} is annotated sha256 {info_layer.sha256[:12]}..., the manifest says {sha[:12]}...")
-        if info_layer.size != layer_size([(path, size)]):
-            refuse(f"the layer of {path} is {info_layer.size} bytes; a layer of a {size}-byte file is "
-                   f"{layer_size([(path, size)])}")
+        want = size if raw else layer_size([(path, size)])
+        if info_layer.size != want:
+            refuse(f"the layer of {path} is {info_layer.size} bytes; a layer of a {size}-byte file is {want}")
     for path, value in others.items():
         if is_checkpoint_path(path):
             refuse(f"the manifest layer holds a checkpoint ({path})")
@@ -120,7 +164,7 @@ def read_image(ref, *, client: RegistryClient | None = None, plain_http: bool = 
             refuse(f"the manifest lists {path}, which no layer holds")
     # members the manifest does not list (signatures over it): whether they may be there is the bundle reader's call
     expected = {**expected, **{p: (len(v), hashlib.sha256(v).hexdigest()) for p, v in others.items() if p not in expected}}
-    return RemoteImage(ref.with_digest(fetched.digest), info, inline, mtime, expected, layers)
+    return RemoteImage(ref, info, inline, mtime, expected, layers, raw)
 
 
 def _parse_manifest_layer(data: bytes, layer: LayerInfo, where: str) -> tuple[dict[str, bytes], int]:
