@@ -5,15 +5,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..errors import BundleError, OCIError, UsageError
+from ..errors import BundleError, OCIError, SignatureError, UsageError
 from ..formats import modelpack
 from ..formats.archive import MemberFile
-from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, encode_config, encode_image_manifest
+from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, canonical_json, encode_config, \
+    encode_image_manifest
 from ..formats.manifest import decode_manifest, parse_manifest
-from ..transport.oci import Reference, RegistryClient, digest_of
+from ..transport.oci import OCI_INDEX, Reference, RegistryClient, digest_of
+from ..transport.oci.referrers import referrers, referrers_tag, tag_index
+from .attached import A_PATH, EMPTY, SIGSTORE_BUNDLE, artifact_manifest
 from .digests import DigestCache
 from .image import Image, ImageMember, hash_layer, image_of_bundle
-from .remote import as_reference, progress_bar, push_client_for
+from .remote import as_reference, progress_bar, push_client_for, read_image
 
 BlobCallback = Callable[["BlobResult"], None]
 
@@ -199,4 +202,47 @@ def push_bundle(path, ref, *, platform: str = DEFAULT_PLATFORM, format: str = "i
         return push_as(image, ref, format=format, **options)
 
 
-__all__ = ["FORMATS", "BlobResult", "PushReport", "push", "push_as", "push_bundle", "push_modelpack"]
+# -- signatures attached to an image ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttachReport:
+    reference: str  # the image, by digest
+    digest: str  # of the signature artifact
+    signature: str  # its archive path
+    signer: str | None
+    via: str  # "referrers API" or "tag sha256-<hex>"
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "digest": self.digest, "signature": self.signature,
+                "signer": self.signer, "via": self.via}
+
+
+def attach_signature(ref, signer, *, label: str | None = None, plain_http: bool = False, client=None) -> AttachReport:
+    """Sign the bundle an image holds (its manifest and the files it lists) and attach the signature to the
+    image's manifest digest as a referrer; the image itself is not touched."""
+    ref, client = push_client_for(as_reference(ref), client, plain_http)
+    image = read_image(ref, client=client)
+    digest = image.reference.digest
+    manifest_bytes = image.inline[image.info.manifest_layer.path]
+    _entries, files = parse_manifest(decode_manifest(manifest_bytes))
+    ((path, data),) = signer.members(manifest_bytes, files, label)
+    if path in image.inline:
+        raise SignatureError(f"{image.reference} already has a signature {path}; choose another --label")
+    subject_data = client.get_manifest(ref.repository, digest).data
+    subject = {"mediaType": IMAGE_MANIFEST, "digest": digest, "size": len(subject_data)}
+    artifact = artifact_manifest(subject, path, data, image.info.manifest_id)
+    for blob in (EMPTY, data):
+        client.ensure_blob(ref.repository, blob, size=len(blob), digest=digest_of(blob))
+    artifact_digest = client.put_manifest(ref.repository, digest_of(artifact), artifact, IMAGE_MANIFEST)
+    via = "referrers API"
+    if referrers(client, ref.repository, digest) is None:  # no API: keep the tag schema's index current
+        via = f"tag {referrers_tag(digest)}"
+        listed = [d for d in tag_index(client, ref.repository, digest) if d.get("digest") != artifact_digest]
+        listed.append({"mediaType": IMAGE_MANIFEST, "artifactType": SIGSTORE_BUNDLE, "digest": artifact_digest,
+                       "size": len(artifact), "annotations": {A_PATH: path}})
+        index = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed})
+        client.put_manifest(ref.repository, referrers_tag(digest), index, OCI_INDEX)
+    return AttachReport(str(image.reference), artifact_digest, path, str(signer.signer) if signer.signer else None, via)
+
+
+__all__ = ["FORMATS", "AttachReport", "BlobResult", "PushReport", "attach_signature", "push", "push_as", "push_bundle",
+           "push_modelpack"]

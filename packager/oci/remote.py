@@ -14,6 +14,7 @@ from ..formats.modelpack import is_modelpack, parse_config, parse_manifest as pa
 from ..formats.manifest import decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from ..transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, parse_reference
 from ..transport.oci.mirrors import MirroredClient, mirrored_client, push_target
+from .attached import attached_signatures
 from .image import BytesSource
 
 
@@ -93,7 +94,14 @@ def read_image(ref, *, client: RegistryClient | None = None, plain_http: bool = 
     layer = info.manifest_layer
     data = _blob(client, ref, layer.digest, layer.size)
     inline, mtime = _parse_manifest_layer(data, layer, where)
+    _attach(client, ref, fetched.digest, info.manifest_id, inline, where)
     return _checked(ref.with_digest(fetched.digest), info, inline, mtime, where)
+
+
+def _attach(client, ref: Reference, digest: str, manifest_id: str, inline: dict, where: str) -> None:
+    """Signatures attached to the image as referrers join the bundle's own (a name the bundle has wins)."""
+    for path, data in attached_signatures(client, ref.repository, digest, manifest_id, where):
+        inline.setdefault(path, data)
 
 
 def _blob(client, ref: Reference, digest: str, size: int) -> bytes:
@@ -123,6 +131,7 @@ def _read_modelpack(ref: Reference, client, fetched, where: str) -> RemoteImage:
     manifest = info.manifest_file
     if manifest_path_for(inline[manifest.path]) != manifest.path:
         raise OCIError(f"{where}: the bundle manifest does not match its id (it was altered)")
+    _attach(client, ref, fetched.digest, info.manifest_id, inline, where)
     layers = tuple(LayerInfo("checkpoint", f.digest, f.size, f.path, f.sha256) for f in info.weight_files)
     image_info = ImageInfo(info.manifest_id, info.weights, info.config_digest, info.config_size,
                            layers + (LayerInfo("manifest", manifest.digest, manifest.size, manifest.path),))

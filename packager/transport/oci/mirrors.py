@@ -65,11 +65,8 @@ class MirroredClient:
         raise AssertionError("the location is always the last endpoint")  # pragma: no cover
 
     def get_manifest(self, repository: str, reference: str, accept=MANIFEST_MEDIA_TYPES, **kwargs) -> Manifest:
-        def call(client, repo, endpoint):
-            wanted = reference if reference.startswith("sha256:") else (endpoint.tag or reference)
-            return client.get_manifest(repo, wanted, accept, **kwargs)
-
-        return self._each(repository, "the manifest", call)
+        return self._each(repository, "the manifest",
+                          lambda client, repo, _e: client.get_manifest(repo, reference, accept, **kwargs))
 
     def pull_blob(self, repository: str, digest: str, dest, **kwargs):
         """:meth:`RegistryClient.pull_blob` from the first endpoint that serves the right bytes: a part a mirror
@@ -101,6 +98,10 @@ class MirroredClient:
             return self._each(repository, f"blob {digest[:19]}", call, restart)
         except _Delivered as wrapped:
             raise wrapped.error from None
+
+    def manifest_digest(self, repository: str, reference: str, *args, **kwargs):
+        return self._each(repository, "the manifest",
+                          lambda client, repo, _e: client.manifest_digest(repo, reference, *args, **kwargs))
 
     def blob_exists(self, repository: str, digest: str, **kwargs):
         return self._each(repository, f"blob {digest[:19]}",
