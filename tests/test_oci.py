@@ -202,7 +202,7 @@ def test_repush_and_an_overlapping_image_upload_only_new_blobs(registry, made, t
 
     again = run_tvpack("push", made["small"], ref_of(registry), "--plain-http")
     assert again.returncode == 0 and again.stdout.startswith("unchanged: "), again.stderr
-    assert [r[0] for r in registry.requests()[requests:]] == ["HEAD", "HEAD"]  # the manifest by digest, the tag
+    assert [r[0] for r in registry.requests()[requests:]] == ["HEAD"]  # one question: the tag's manifest
 
     # without the digest cache: everything is hashed again, nothing uploaded
     cold = oci.push_bundle(made["small"], ref_of(registry), plain_http=True,
@@ -215,6 +215,53 @@ def test_repush_and_an_overlapping_image_upload_only_new_blobs(registry, made, t
         (shared,) = {e.path for e in a.entries} & {e.path for e in b.entries}
     assert {b.what: b.status for b in other.blobs if b.status != "pushed"} == {shared: "exists"}
     assert len(blob_puts(registry)) == 4 + 3  # the new checkpoint, the manifest layer, the config
+
+
+def _digest_file() -> Path:
+    return Path(os.environ["XDG_CACHE_HOME"]) / "tvpack" / "oci" / "digests.json"
+
+
+def test_a_tampered_or_damaged_digest_cache_never_publishes_a_broken_image(registry, made, tmp_path):
+    """digests.json saying that each checkpoint layer is a blob the registry holds (the config, at another size):
+    push must still publish the image it always does (HEAD's Content-Length checked, the layer hashed again),
+    and pull and skopeo read it; a file that is not JSON at all only costs a re-hash."""
+    first = run_tvpack("push", made["small"], ref_of(registry), "--plain-http", "--json")
+    assert first.returncode == 0, first.stderr
+    pushed = json.loads(first.stdout)
+    config = next(b["digest"] for b in pushed["blobs"] if b["what"] == "config")
+    text = _digest_file().read_text()
+    layers = [b["digest"] for b in pushed["blobs"] if b["what"].startswith("hub/checkpoints/")]
+    assert all(d in text for d in layers)
+    for digest in layers:
+        text = text.replace(digest, config)
+    _digest_file().write_text(text)
+
+    again = run_tvpack("push", made["small"], ref_of(registry, tag="v2"), "--plain-http", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["digest"] == pushed["digest"]
+    assert config not in repr(json.loads(_digest_file().read_text())["layers"])  # the lie was dropped
+    pulled = run_tvpack("pull", ref_of(registry, tag="v2"), "-o", tmp_path / "v2.tvpack", "--plain-http")
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "v2.tvpack").read_bytes() == made["small"].read_bytes()
+    subprocess.run([need_binary("skopeo"), "copy", "--src-tls-verify=false", f"docker://{registry.host}/models/small:v2",
+                    f"oci:{tmp_path / 'layout'}:v2"], check=True, capture_output=True, timeout=120)
+
+    _digest_file().write_text('{"version": 2, "layers": {"')  # damaged: cut short
+    third = run_tvpack("push", made["small"], ref_of(registry, "models/third", "v1"), "--plain-http", "--json")
+    assert third.returncode == 0, third.stderr
+    assert json.loads(third.stdout)["digest"] == pushed["digest"]
+    json.loads(_digest_file().read_text())  # written whole again
+
+
+def test_a_failed_manifest_check_names_the_reference_once_as_given(registry, made):
+    """A re-push (every digest remembered) first asks the registry about the image; when that fails, the one error
+    line names the reference the user gave, once, never the ``repo:sha256:...`` hybrid."""
+    assert run_tvpack("push", made["small"], ref_of(registry), "--plain-http").returncode == 0
+    registry.stop()
+    failed = run_tvpack("push", made["small"], ref_of(registry, tag="v2"), "--plain-http")
+    line = one_error_line(failed)
+    assert line.count("models/small") == 1 and f"{ref_of(registry, tag='v2')}:" in line, line
+    assert ":sha256:" not in line
 
 
 def test_an_interrupted_push_reruns_without_resending_finished_blobs(registry, made):
