@@ -91,6 +91,38 @@ def left_behind(root: Path) -> list[str]:
 
 
 # -- the layout, pure ---------------------------------------------------------------------------------
+def test_the_digest_cache_keeps_sizes_and_writes_only_under_its_lock(made, tmp_path, monkeypatch):
+    from packager.locking import FileLock
+    from packager.oci import digests
+
+    path = tmp_path / "digests.json"
+    with oci.image_of_bundle(made["small"]) as image:
+        first, second = image.layers[0], image.layers[1]
+        known = oci.DigestCache(path)
+        known.remember_layer(first, "sha256:" + "1" * 64)
+        known.save()
+        assert oci.DigestCache(path).layer(first) == "sha256:" + "1" * 64
+        assert oci.DigestCache(path).layer(second) is None
+        data = json.loads(path.read_text())
+        data["layers"][second.key()] = {"digest": "sha256:" + "2" * 64, "size": first.size}  # another layer's size
+        path.write_text(json.dumps(data))
+        assert oci.DigestCache(path).layer(second) is None
+
+        monkeypatch.setattr(digests, "SAVE_LOCK_WAIT", 0)
+        lock = FileLock(tmp_path / "digests.json.lock")
+        assert lock.acquire(timeout=0)
+        try:  # another run is saving: this one's news are dropped rather than written without the lock
+            before = path.read_bytes()
+            busy = oci.DigestCache(path)
+            busy.forget_layer(first)
+            busy.save()
+            assert path.read_bytes() == before
+        finally:
+            lock.release()
+        busy.save()
+        assert oci.DigestCache(path).layer(first) is None
+
+
 def test_layer_and_bundle_sizes_match_what_the_writers_produce(made):
     with B.open_bundle(made["small"]) as opened:
         members = [(m.path, m.size) for m in opened.members]
