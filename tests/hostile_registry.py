@@ -93,6 +93,20 @@ def drip(body: bytes, *, every: float = 2.0, status: int = 200, content_type: st
     return act
 
 
+def drip_headers(*, every: float = 2.0) -> Action:
+    """The status line and headers, one byte every ``every`` seconds (a per-read timeout never trips)."""
+
+    def act(h: "_Handler") -> None:
+        h.close_connection = True
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        for i in range(len(head)):
+            h.wfile.write(head[i:i + 1])
+            h.wfile.flush()
+            if h.registry.stopping.wait(every):
+                return
+    return act
+
+
 def silent() -> Action:
     """Accept the request, then never answer (until the server stops)."""
 

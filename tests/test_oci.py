@@ -92,6 +92,38 @@ def left_behind(root: Path) -> list[str]:
 
 
 # -- the layout, pure ---------------------------------------------------------------------------------
+def test_the_digest_cache_keeps_sizes_and_writes_only_under_its_lock(made, tmp_path, monkeypatch):
+    from packager.locking import FileLock
+    from packager.oci import digests
+
+    path = tmp_path / "digests.json"
+    with oci.image_of_bundle(made["small"]) as image:
+        first, second = image.layers[0], image.layers[1]
+        known = oci.DigestCache(path)
+        known.remember_layer(first, "sha256:" + "1" * 64)
+        known.save()
+        assert oci.DigestCache(path).layer(first) == "sha256:" + "1" * 64
+        assert oci.DigestCache(path).layer(second) is None
+        data = json.loads(path.read_text())
+        data["layers"][second.key()] = {"digest": "sha256:" + "2" * 64, "size": first.size}  # another layer's size
+        path.write_text(json.dumps(data))
+        assert oci.DigestCache(path).layer(second) is None
+
+        monkeypatch.setattr(digests, "SAVE_LOCK_WAIT", 0)
+        lock = FileLock(tmp_path / "digests.json.lock")
+        assert lock.acquire(timeout=0)
+        try:  # another run is saving: this one's news are dropped rather than written without the lock
+            before = path.read_bytes()
+            busy = oci.DigestCache(path)
+            busy.forget_layer(first)
+            busy.save()
+            assert path.read_bytes() == before
+        finally:
+            lock.release()
+        busy.save()
+        assert oci.DigestCache(path).layer(first) is None
+
+
 def test_layer_and_bundle_sizes_match_what_the_writers_produce(made):
     with B.open_bundle(made["small"]) as opened:
         members = [(m.path, m.size) for m in opened.members]
@@ -203,7 +235,7 @@ def test_repush_and_an_overlapping_image_upload_only_new_blobs(registry, made, t
 
     again = run_tvpack("push", made["small"], ref_of(registry), "--plain-http")
     assert again.returncode == 0 and again.stdout.startswith("unchanged: "), again.stderr
-    assert [r[0] for r in registry.requests()[requests:]] == ["HEAD", "HEAD"]  # the manifest by digest, the tag
+    assert [r[0] for r in registry.requests()[requests:]] == ["HEAD"]  # one question: the tag's manifest
 
     # without the digest cache: everything is hashed again, nothing uploaded
     cold = oci.push_bundle(made["small"], ref_of(registry), plain_http=True,
@@ -216,6 +248,53 @@ def test_repush_and_an_overlapping_image_upload_only_new_blobs(registry, made, t
         (shared,) = {e.path for e in a.entries} & {e.path for e in b.entries}
     assert {b.what: b.status for b in other.blobs if b.status != "pushed"} == {shared: "exists"}
     assert len(blob_puts(registry)) == 4 + 3  # the new checkpoint, the manifest layer, the config
+
+
+def _digest_file() -> Path:
+    return Path(os.environ["XDG_CACHE_HOME"]) / "tvpack" / "oci" / "digests.json"
+
+
+def test_a_tampered_or_damaged_digest_cache_never_publishes_a_broken_image(registry, made, tmp_path):
+    """digests.json saying that each checkpoint layer is a blob the registry holds (the config, at another size):
+    push must still publish the image it always does (HEAD's Content-Length checked, the layer hashed again),
+    and pull and skopeo read it; a file that is not JSON at all only costs a re-hash."""
+    first = run_tvpack("push", made["small"], ref_of(registry), "--plain-http", "--json")
+    assert first.returncode == 0, first.stderr
+    pushed = json.loads(first.stdout)
+    config = next(b["digest"] for b in pushed["blobs"] if b["what"] == "config")
+    text = _digest_file().read_text()
+    layers = [b["digest"] for b in pushed["blobs"] if b["what"].startswith("hub/checkpoints/")]
+    assert all(d in text for d in layers)
+    for digest in layers:
+        text = text.replace(digest, config)
+    _digest_file().write_text(text)
+
+    again = run_tvpack("push", made["small"], ref_of(registry, tag="v2"), "--plain-http", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["digest"] == pushed["digest"]
+    assert config not in repr(json.loads(_digest_file().read_text())["layers"])  # the lie was dropped
+    pulled = run_tvpack("pull", ref_of(registry, tag="v2"), "-o", tmp_path / "v2.tvpack", "--plain-http")
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "v2.tvpack").read_bytes() == made["small"].read_bytes()
+    subprocess.run([need_binary("skopeo"), "copy", "--src-tls-verify=false", f"docker://{registry.host}/models/small:v2",
+                    f"oci:{tmp_path / 'layout'}:v2"], check=True, capture_output=True, timeout=120)
+
+    _digest_file().write_text('{"version": 2, "layers": {"')  # damaged: cut short
+    third = run_tvpack("push", made["small"], ref_of(registry, "models/third", "v1"), "--plain-http", "--json")
+    assert third.returncode == 0, third.stderr
+    assert json.loads(third.stdout)["digest"] == pushed["digest"]
+    json.loads(_digest_file().read_text())  # written whole again
+
+
+def test_a_failed_manifest_check_names_the_reference_once_as_given(registry, made):
+    """A re-push (every digest remembered) first asks the registry about the image; when that fails, the one error
+    line names the reference the user gave, once, never the ``repo:sha256:...`` hybrid."""
+    assert run_tvpack("push", made["small"], ref_of(registry), "--plain-http").returncode == 0
+    registry.stop()
+    failed = run_tvpack("push", made["small"], ref_of(registry, tag="v2"), "--plain-http")
+    line = one_error_line(failed)
+    assert line.count("models/small") == 1 and f"{ref_of(registry, tag='v2')}:" in line, line
+    assert ":sha256:" not in line
 
 
 def test_an_interrupted_push_reruns_without_resending_finished_blobs(registry, made):
@@ -506,6 +585,88 @@ def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tm
     missing = one_error_line(run_tvpack("pull", ref_of(registry, "plain/image", "v2"), "-o", tmp_path / "y",
                                         "--plain-http"))
     assert "tag or manifest not found" in missing
+
+
+# -- blob GETs that stall: deadlines, notices, Ctrl-C ------------------------------------------------
+class StallingFront:
+    """A registry front on loopback: every request is redirected to the real registry at ``target``,
+    except GETs of blob ``stall``, which it accepts and never answers. ``stalled`` is set when one arrives."""
+
+    def __init__(self, target: str, stall: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.stalled = threading.Event()
+        self._release = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(307)
+                self.send_header("Location", f"http://{target}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                if self.path.endswith(f"/blobs/{stall}"):
+                    owner.stalled.set()
+                    owner._release.wait()  # the connection stays open, silent
+                    return
+                self.do_HEAD()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def checkpoint_layer(reg) -> dict:
+    return max(image_manifest(reg)["layers"], key=lambda layer: layer["size"])
+
+
+def test_a_registry_that_never_answers_a_blob_get_says_so_and_gives_up_at_the_deadline(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
+        proc = run_tvpack("pull", ref_of(front), "-o", tmp_path / "out" / "x.tvpack", "--plain-http",
+                          "--speed-time", "1", "--max-time", "4", timeout=120)
+        assert front.stalled.is_set()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert any(f"no answer from {front.host} for 1s; retrying in" in line for line in lines[:-1]), proc.stderr
+    assert lines[-1].startswith("tvpack: error: ") and "not complete within 4s" in lines[-1], proc.stderr
+    assert files_under(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("command", ["pull", "install"])
+def test_ctrl_c_stops_a_stalled_oci_blob_get_at_once(registry, made, tmp_path, command):
+    import signal
+
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    where = ["-o", str(tmp_path / "x")] if command == "pull" else ["--torch-home", str(tmp_path / "home")]
+    with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
+        proc = subprocess.Popen([sys.executable, "-m", "packager", command, ref_of(front), *where,
+                                 "--plain-http"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert front.stalled.wait(60), "the blob GET never arrived"
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=15)  # the default read timeout alone would be 30 s
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "tvpack: interrupted", stderr
 
 
 # -- signatures ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hostile_registry import HostileRegistry, drip, endless, redirect, reply, silent
+from hostile_registry import HostileRegistry, drip, drip_headers, endless, redirect, reply, silent
 
 from packager.errors import OCIError
 from packager.transport.oci import OCI_MANIFEST, Credentials, Policy, RegistryClient, digest_of
@@ -151,6 +151,15 @@ def test_a_manifest_dripped_byte_by_byte_is_given_up(reg, no_creds):
     with pytest.raises(OCIError, match=rf"only \d bytes from {reg.host} in \d s \(gave up after 2 attempts\)"):
         client.get_manifest("r", "v1")
     assert len(notices) == 1 and notices[0].endswith("; retrying")
+
+
+def test_an_answer_whose_headers_drip_is_given_up(reg, no_creds):
+    reg.route("GET", "/v2/r/manifests/v1", drip_headers(every=0.1))
+    notices = []
+    client = client_of(reg, Policy(connect_timeout=0.5, read_timeout=0.5, backoff=0.01), notify=notices.append)
+    with pytest.raises(OCIError, match=rf"no answer from {reg.host} for 1 s \(gave up after 2 attempts\)"):
+        client.get_manifest("r", "v1")
+    assert notices == [f"oci://{reg.host}/r:v1: no answer from {reg.host} for 1 s; retrying"]
 
 
 def test_max_time_bounds_everything_a_client_does(reg, no_creds):

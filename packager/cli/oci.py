@@ -38,13 +38,14 @@ registry_options_list = [
     click.option("--retries", type=click.IntRange(0, 100), default=4, show_default=True,
                  help="Further attempts on connection errors, 429 and 5xx."),
     click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
-                 metavar="BYTES", help="A manifest, token or error body arriving slower than BYTES per second "
-                                       "for --speed-time seconds is retried (once; 0: never)."),
+                 metavar="BYTES", help="A layer, manifest, token or error body arriving slower than BYTES per "
+                                       "second for --speed-time seconds (or no answer for that long) is retried "
+                                       "(0: never)."),
     click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
                  metavar="SECONDS", help="The window --speed-limit is measured over."),
     click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-                 help="Give up when the registry's requests take longer than SECONDS in all "
-                      "(default: no limit)."),
+                 help="Give up when the registry's requests (the layers apart: each gets SECONDS of its own) "
+                      "take longer than SECONDS in all (default: no limit)."),
 ]
 
 
@@ -210,17 +211,17 @@ def open_registry_image(reference: str, *, plain_http: bool):
     return open_image(reference, plain_http=plain_http)
 
 
-def install_from_registry(reference: str, policy, *, plain_http: bool, **options):
+def install_from_registry(reference: str, trust, *, plain_http: bool, **options):
     """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers."""
     from ..oci import install
 
     _check_reference(reference)
-    return install(reference, policy=policy, plain_http=plain_http, **options)
+    return install(reference, trust=trust, plain_http=plain_http, **options)
 
 
-def verify_registry_image(reference: str, policy, *, plain_http: bool, progress: bool):
+def verify_registry_image(reference: str, trust, *, plain_http: bool, progress: bool):
     """For ``tvpack verify oci://REF``: the (signed) bundle verification over the image's layers."""
     from ..oci import verify
 
     _check_reference(reference)
-    return verify(reference, policy=policy, plain_http=plain_http, progress=progress)
+    return verify(reference, trust=trust, plain_http=plain_http, progress=progress)

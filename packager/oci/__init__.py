@@ -12,10 +12,12 @@ The image layout is :mod:`packager.formats.image`; the protocol is :mod:`package
 * Push moves as few bytes as it can. A layer's digest is the sha256 of its tar, not of the checkpoint, so
   the first push of a checkpoint hashes it (once, on a worker thread while earlier layers go up, checking
   the checkpoint's own sha256 on the way) and remembers the digest (:class:`DigestCache`). A re-push of an
-  unchanged image then hashes nothing and asks one question: does the registry hold this manifest digest?
+  unchanged image then hashes nothing and asks one question: does the name given hold this manifest?
   Otherwise each blob is asked for (HEAD), mounted from another repository of the same registry where it
   was pushed before (or from ``mount_from``), and only then uploaded (in chunks when large). Finished
-  blobs stay finished, so an interrupted push re-run sends only the rest.
+  blobs stay finished, so an interrupted push re-run sends only the rest. A remembered digest is a hint:
+  it counts only for a blob the registry holds at exactly the layer's size; otherwise the layer is hashed,
+  and nothing is uploaded under a digest not computed in this run.
 * Pull streams each layer into its place in the bundle being written (a temp file renamed when
   complete): the blob's digest, the tar around the checkpoint and the checkpoint's sha256 are all checked
   while it streams. The result is then opened by the bundle reader, as any bundle file would be.

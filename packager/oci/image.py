@@ -89,7 +89,7 @@ class ImageSource:
         buf = bytearray(max(0, min(n, self.size - offset)))
         return bytes(buf[:self.readinto_at(buf, offset)])
 
-    def diagnose(self) -> str | None:
+    def diagnose(self, spans=()) -> str | None:
         return None
 
     def check_all(self) -> None:

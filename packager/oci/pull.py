@@ -145,48 +145,36 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
     (each one re-hashed and compared with the bundle manifest before it counts)."""
     ref = as_reference(ref)
     client = client_for(ref, client, plain_http)
+    # 1. the image manifest and its manifest layer, checked: where every member of the bundle goes
     image = read_image(ref, client=client)
     where = str(image.reference)
     output = Path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BundleError(f"cannot create {output.parent}: {exc.strerror or exc}") from None
-    suffix = f".{image.reference.digest.split(':')[1][:16]}{PULL_SUFFIX}"
-    tmp = _adopt_pull(output, suffix)
-    adopted = tmp is not None
-    tmp = tmp if adopted else temp_path(output, suffix)
     layout = bundle_layout(((p, image.size_of(p)) for p in image.order), image.mtime)
-    total = layout.size
-    with reserve_space(tmp, total - (_size_of(tmp) if adopted else 0)):  # refused before the first request
+    # 2. the temp file: an interrupted pull's of this image, or a new one (refused before the first request
+    # when the disk cannot take the rest)
+    tmp, adopted = _temp_file(output, image)
+    with reserve_space(tmp, layout.size - (_size_of(tmp) if adopted else 0)):
         pass
     bar = progress_bar(progress, sum(layer.size for layer in image.layers.values()), f"pull {output.name}")
     try:
+        # 3. each member at its place, then the end of the archive
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if adopted else os.O_EXCL), 0o644)
         try:
             for span in layout:
-                path = span.path
-                if path in image.inline:
-                    _write_at(fd, span.header + image.inline[path] + bytes(span.padding), span.offset)
+                if span.path in image.inline:
+                    _write_at(fd, span.header + image.inline[span.path] + bytes(span.padding), span.offset)
                 elif adopted and _holds_member(fd, span, image):
                     if bar is not None:
-                        bar.update(image.layers[path].size)
+                        bar.update(image.layers[span.path].size)
                 else:
-                    layer = image.layers[path]
-                    sha = _stream_layer(client, ref.repository, layer, fd, span, where, bar, image.raw)
-                    if sha != layer.sha256:
-                        raise OCIError(f"{where}: {path} refused: its sha256 is {sha}, the bundle manifest says "
-                                       f"{layer.sha256}")
+                    _pull_layer(fd, span, image, client, bar)
             _write_at(fd, bytes(layout.trailer), layout.end)
-            os.ftruncate(fd, total)
+            os.ftruncate(fd, layout.size)
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            with bundles.open_bundle(tmp) as opened:  # the bundle reader's own checks, as for any file
-                weights = tuple(e.name for e in opened.entries)
-        except BundleError as exc:
-            raise OCIError(f"{where}: the image does not make a valid bundle: {exc.message}") from None
+        # 4. read back by the bundle reader, as any bundle file is, then renamed into place
+        weights = _bundle_weights(tmp, where)
         os.replace(tmp, output)
     except OSError as exc:
         unlink_quietly(tmp)
@@ -204,7 +192,36 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
     finally:
         if bar is not None:
             bar.close()
-    return PullReport(where, image.reference.digest, output, image.info.manifest_id, total, weights)
+    return PullReport(where, image.reference.digest, output, image.info.manifest_id, layout.size, weights)
+
+
+def _temp_file(output: Path, image: RemoteImage) -> tuple[Path, bool]:
+    """The temp file to pull into, and whether it is an interrupted pull's (adopted: see :func:`_adopt_pull`)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"cannot create {output.parent}: {exc.strerror or exc}") from None
+    suffix = f".{image.reference.digest.split(':')[1][:16]}{PULL_SUFFIX}"
+    tmp = _adopt_pull(output, suffix)
+    return (tmp, True) if tmp is not None else (temp_path(output, suffix), False)
+
+
+def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar) -> None:
+    """One checkpoint's layer streamed into its place in ``fd``: digest, tar and the checkpoint's sha256 checked."""
+    where = str(image.reference)
+    layer = image.layers[span.path]
+    sha = _stream_layer(client, image.reference.repository, layer, fd, span, where, bar, image.raw)
+    if sha != layer.sha256:
+        raise OCIError(f"{where}: {span.path} refused: its sha256 is {sha}, the bundle manifest says {layer.sha256}")
+
+
+def _bundle_weights(path: Path, where: str) -> tuple[str, ...]:
+    """The weights of the bundle pulled into ``path``, once the bundle reader accepts it."""
+    try:
+        with bundles.open_bundle(path) as opened:
+            return tuple(e.name for e in opened.entries)
+    except BundleError as exc:
+        raise OCIError(f"{where}: the image does not make a valid bundle: {exc.message}") from None
 
 
 PULL_SUFFIX = ".tvpack-pull"

@@ -15,7 +15,7 @@ from ..transport.oci import OCI_INDEX, Reference, RegistryClient, digest_of
 from ..transport.oci.referrers import referrers, referrers_tag, tag_index
 from .attached import A_PATH, EMPTY, SIGSTORE_BUNDLE, artifact_manifest
 from .digests import DigestCache
-from .image import Image, ImageMember, hash_layer, image_of_bundle
+from .image import Image, ImageMember, Layer, hash_layer, image_of_bundle
 from .remote import as_reference, progress_bar, push_client_for, read_image
 
 BlobCallback = Callable[["BlobResult"], None]
@@ -64,61 +64,113 @@ def push(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[st
     (see the module's docstring). ``on_blob`` is called as each blob is made sure of."""
     ref, client = push_client_for(as_reference(ref), client, plain_http)
     known = digest_cache if digest_cache is not None else DigestCache()
-    repo = ref.repository
-    manifest_layer = image.layers[-1]
+    # 1. every layer's digest: remembered (a hint, checked against the registry before it counts) or, for the
+    # manifest layer (small, in memory), computed now
     digests: list[str | None] = [known.layer(layer) for layer in image.layers[:-1]]
-    digests.append(hash_layer(manifest_layer)[0])  # small, in memory
+    digests.append(hash_layer(image.layers[-1])[0])
 
     def report(status, digest, blobs=()) -> PushReport:
         return PushReport(str(ref.with_digest(digest)), digest, image.manifest_id,
                           image.size + len(_encode(image, digests)[0]), status, tuple(blobs))
 
-    if None not in digests:  # the cheap case: is this very image there already?
-        _config, manifest = _encode(image, digests)
-        digest = _check_ref_digest(ref, digest_of(manifest))
-        if client.manifest_digest(repo, digest) == digest:
-            if ref.digest is not None or client.manifest_digest(repo, ref.reference) == digest:
-                return report("unchanged", digest)
-            client.put_manifest(repo, ref.reference, manifest, IMAGE_MANIFEST)
-            return report("tagged", digest)
-    results: list[BlobResult] = []
-    bar = progress_bar(progress, image.size, f"push {repo}")
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-oci-layers")
-    # layers not seen before are hashed in order on one thread while earlier ones upload
-    futures = {i: pool.submit(hash_layer, layer) for i, layer in enumerate(image.layers) if digests[i] is None}
+    # 2. the cheap case: is this very image there already, under this name?
+    if None not in digests:
+        status, digest = _already_there(client, ref, *_encode(image, digests))
+        if status is not None:
+            return report(status, digest)
+    # 3. each blob made sure of, then the manifest
+    bar = progress_bar(progress, image.size, f"push {ref.repository}")
     try:
-        for i, layer in enumerate(image.layers):
-            if digests[i] is None:
-                digest, contents = futures.pop(i).result()
-                for m in layer.members:
-                    if contents[m.path] != m.sha256:
-                        raise BundleError(f"{m.path}: sha256 {contents[m.path][:12]}... does not match the "
-                                          f"{m.sha256[:12]}... the bundle manifest states; refusing to push it")
-                known.remember_layer(layer, digest)
-                digests[i] = digest
-            results.append(_ensure(client, ref, layer.path, layer.open, layer.size, digests[i], mount_from, known,
-                                   bar, on_blob))
+        results = _push_layers(client, ref, image, digests, mount_from, known, bar, on_blob)
         config, manifest = _encode(image, digests)
         results.append(_ensure(client, ref, "config", config, len(config), digest_of(config), mount_from, known, bar,
                                on_blob))
         digest = _check_ref_digest(ref, digest_of(manifest))
-        client.put_manifest(repo, ref.reference, manifest, IMAGE_MANIFEST)
+        client.put_manifest(ref.repository, ref.reference, manifest, IMAGE_MANIFEST)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         known.save()
         if bar is not None:
             bar.close()
     return report("pushed", digest, results)
 
 
+def _already_there(client: RegistryClient, ref: Reference, config: bytes, manifest: bytes) -> tuple[str | None, str]:
+    """("unchanged", digest) when ``ref`` names this manifest already, ("tagged", digest) once it does (the registry
+    held it under another name), else (None, digest). The first question is about the name the user gave, so a
+    registry that cannot be reached is named as the user named it."""
+    digest = _check_ref_digest(ref, digest_of(manifest))
+    if client.manifest_digest(ref.repository, ref.reference) == digest:
+        return "unchanged", digest
+    if ref.digest is None and client.manifest_digest(ref.repository, digest) == digest:
+        client.put_manifest(ref.repository, ref.reference, manifest, IMAGE_MANIFEST)
+        return "tagged", digest
+    return None, digest
+
+
+def _push_layers(client: RegistryClient, ref: Reference, image: Image, digests: list[str | None],
+                 mount_from: Sequence[str], known: DigestCache, bar, on_blob) -> list[BlobResult]:
+    """Each layer made sure of, in order; ``digests`` filled in. Layers without a digest are hashed in order on one
+    thread while earlier ones go up; a remembered digest the registry does not confirm is forgotten and its layer
+    hashed then."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-oci-layers")
+    futures = {i: pool.submit(hash_layer, layer) for i, layer in enumerate(image.layers) if digests[i] is None}
+    results: list[BlobResult] = []
+    try:
+        for i, layer in enumerate(image.layers):
+            if i not in futures:  # remembered (checkpoint layers) or computed above (the manifest layer)
+                trusted = i == len(image.layers) - 1
+                result = _ensure(client, ref, layer.path, layer.open, layer.size, digests[i], mount_from, known,
+                                 bar, on_blob, trusted=trusted)
+                if result is not None:
+                    results.append(result)
+                    continue
+                known.forget_layer(layer)
+                futures[i] = pool.submit(hash_layer, layer)
+            digests[i] = _hashed(layer, futures.pop(i).result(), known)
+            results.append(_ensure(client, ref, layer.path, layer.open, layer.size, digests[i], mount_from, known,
+                                   bar, on_blob))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _hashed(layer: Layer, hashed: tuple[str, dict[str, str]], known: DigestCache) -> str:
+    """The layer's digest once its members' sha256 are the bundle manifest's (then remembered)."""
+    digest, contents = hashed
+    for m in layer.members:
+        if contents[m.path] != m.sha256:
+            raise BundleError(f"{m.path}: sha256 {contents[m.path][:12]}... does not match the "
+                              f"{m.sha256[:12]}... the bundle manifest states; refusing to push it")
+    if layer.kind == "checkpoint":
+        known.remember_layer(layer, digest)
+    return digest
+
+
 def _ensure(client: RegistryClient, ref: Reference, what: str, source, size: int, digest: str,
-            mount_from: Sequence[str], known: DigestCache, bar, on_blob) -> BlobResult:
-    candidates = list(dict.fromkeys([*mount_from, *known.repositories(ref.host, digest)]))
-    status = client.ensure_blob(ref.repository, source, size=size, digest=digest, mount_from=tuple(candidates),
-                                on_bytes=bar.update if bar is not None else None)
+            mount_from: Sequence[str], known: DigestCache, bar, on_blob, *, trusted: bool = True) -> BlobResult | None:
+    """Make sure the repository holds blob ``digest``: it has it (HEAD), a mount from another repository gives it,
+    or it is uploaded. ``trusted``: the digest was computed from the bytes in this run. A digest that was not (a
+    remembered one) counts only for a blob the registry answers for with exactly ``size`` bytes, and is never
+    uploaded under: None then, for the caller to hash the layer."""
+    repo = ref.repository
+    status = None
+    found = client.blob_exists(repo, digest, for_push=True)
+    if found is not None and (trusted or found == size):
+        status = "exists"
+    elif found is None:
+        for other in dict.fromkeys([*mount_from, *known.repositories(ref.host, digest)]):
+            if other != repo and client.mount_blob(repo, digest, other):
+                if trusted or client.blob_exists(repo, digest) == size:
+                    status = "mounted"
+                break
+        if status is None and trusted:
+            client.push_blob(repo, source, size=size, digest=digest, on_bytes=bar.update if bar is not None else None)
+            status = "pushed"
+    if status is None:
+        return None
     if bar is not None and status != "pushed":
         bar.update(size)
-    known.remember_blob(ref.host, ref.repository, digest)
+    known.remember_blob(ref.host, repo, digest)
     result = BlobResult(what, digest, size, status)
     if on_blob is not None:
         on_blob(result)

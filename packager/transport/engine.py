@@ -26,6 +26,7 @@ already opens any range, and the part file's state can record finished ranges ne
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,41 @@ class Retrier:
             time.sleep(delay)
 
 
+def open_body(source: Source, offset: int, validator: str | None, timeout: tuple[float, float],
+              cancel: Cancel | None) -> Body:
+    """``source.open(...)``, given up at once (Cancelled) when the run is cancelled meanwhile.
+
+    A request waiting for its answer holds no socket the watchdog could shut down, so the open runs
+    on its own thread while this one watches ``cancel``; an open given up closes its body when it
+    comes (its timeouts bound how long that takes)."""
+    if cancel is None:
+        return source.open(offset, validator, timeout)
+    done = threading.Event()
+    mutex = threading.Lock()
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["body"] = source.open(offset, validator, timeout)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+        with mutex:
+            done.set()
+            if box.get("abandoned") and "body" in box:
+                box["body"].close()
+
+    threading.Thread(target=run, name="tvpack-open", daemon=True).start()
+    while not done.wait(Watchdog.POLL):
+        if cancel.cancelled:
+            with mutex:
+                if not done.is_set():
+                    box["abandoned"] = True
+                    raise Cancelled()
+    if "error" in box:
+        raise box["error"]
+    return box["body"]
+
+
 # -- into a part file -------------------------------------------------------------------------------
 
 def fetch(source: Source, part: Path, verifier: Verifier, policy: Policy = DEFAULT_POLICY, *,
@@ -197,7 +233,8 @@ def _validator_of(part: Path, url: str) -> str | None:
 
 
 def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline) -> str:
-    body = source.open(offset, _validator_of(part, source.url) if offset else None, timeouts(policy, deadline))
+    body = open_body(source, offset, _validator_of(part, source.url) if offset else None, timeouts(policy, deadline),
+                     cancel)
     try:
         if body.offset != offset:  # range ignored or object changed: a clean full download
             verifier.reset()
@@ -281,7 +318,7 @@ def stream(source: Source, write: Callable[[bytes], object], verifier: Verifier,
         retrier.check()
         fed = verifier.count
         try:
-            body = source.open(fed, validator, timeouts(policy, retrier.deadline))
+            body = open_body(source, fed, validator, timeouts(policy, retrier.deadline), cancel)
         except Retryable as exc:
             retrier.wait(exc)
             continue

@@ -23,9 +23,11 @@ import json
 import os
 import queue
 import random
+import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
@@ -189,6 +191,38 @@ class Cancel:
         """``time.sleep`` that ends early (raising :class:`Cancelled`) when the run is cancelled."""
         if self._event.wait(max(0.0, seconds)):
             raise Cancelled()
+
+
+@contextmanager
+def cancelled_by_interrupt(cancel: Cancel):
+    """Within the block, Ctrl-C (SIGINT) and a SIGTERM that raises also set ``cancel``: transfers running
+    on worker threads (which a KeyboardInterrupt never reaches) stop at once, while the main thread
+    unwinds as before. Outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        before = previous[signum]
+        if before == signal.SIG_IGN:
+            return
+        cancel.cancel()
+        if callable(before):
+            before(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:  # SIGTERM with its default action: do it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield cancel
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def deadline_of(policy: Policy) -> float | None:

@@ -45,12 +45,14 @@ from .session import (
     TOKEN_CAP,
     Attempts,
     Retry,
+    Sockets,
     netloc,
     origin,
     redirect_target,
     registry_errors,
     stderr_notice,
     take_location,
+    watched_adapter,
 )
 
 USER_AGENT = "tvpack"
@@ -77,8 +79,10 @@ class Policy:
     exponential backoff, each announced by a notice; a server that does not answer within
     ``read_timeout`` (or sends a body slower than ``speed_limit`` bytes/s over ``speed_time``) is
     retried ``stall_retries`` times only: one that stalls twice will not heal by waiting longer.
-    ``max_time``: seconds for everything one client does (None: no limit). ``commit_timeout``: how
-    long a registry may take to answer an upload's last request (it may copy the blob in storage).
+    ``max_time``: seconds for everything one client does (None: no limit); blob GETs (:mod:`.blobs`, the
+    transfer engine) apply ``speed_limit``/``speed_time`` and ``max_time`` to each blob, retries included.
+    ``commit_timeout``: how long a registry may take to answer an upload's last request (it may copy
+    the blob in storage).
     """
 
     connect_timeout: float = 10.0
@@ -94,11 +98,6 @@ class Policy:
     max_redirects: int = 10
     chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
     read_size: int = 1 * MiB  # bytes per read while streaming
-    # blob GETs (:mod:`.blobs`, the transfer engine): fewer than speed_limit bytes/s over speed_time
-    # seconds (or no answer for speed_time seconds) is retried; max_time bounds one blob, retries included
-    speed_limit: float = 1024.0
-    speed_time: float = 30.0
-    max_time: float | None = None
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
@@ -190,6 +189,10 @@ class RegistryClient:
         self.base = f"{'http' if plain_http else 'https'}://{host}"
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
+        self._sockets = Sockets()
+        adapter = watched_adapter(self._sockets)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.auth = Auth(host, credentials, plain_http=plain_http)
         self.offline = env.offline() if offline is None else offline
         self.notify = notify or stderr_notice
@@ -208,6 +211,15 @@ class RegistryClient:
             connect, read = min(connect, left), min(read, left)
         return connect, read
 
+    def _answer_limit(self, timeouts: tuple[float, float], body) -> float | None:
+        """Seconds a whole answer's status line and headers may take: connect + read timeout for a
+        request without a body (an upload's body may take long to send: only the deadline bounds it)."""
+        limit = None if body else timeouts[0] + timeouts[1]
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            limit = left if limit is None else min(limit, left)
+        return limit
+
     def _pace(self) -> Pace:
         return Pace(self.policy.speed_limit, self.policy.speed_time, self.deadline)
 
@@ -225,10 +237,11 @@ class RegistryClient:
         for _hop in range(self.policy.max_redirects + 1):
             timeouts = self._timeouts(what, read_timeout)
             try:
-                response = self.session.request(
-                    method, url, data=body() if body else None, params=params, stream=True, allow_redirects=False,
-                    headers={**(headers or {}), **(auth if origin(url) == owner else {})}, timeout=timeouts,
-                    hooks={"response": take_location})
+                with self._sockets.watch(self._answer_limit(timeouts, body)):
+                    response = self.session.request(
+                        method, url, data=body() if body else None, params=params, stream=True,
+                        allow_redirects=False, headers={**(headers or {}), **(auth if origin(url) == owner else {})},
+                        timeout=timeouts, hooks={"response": take_location})
             except requests.exceptions.SSLError as exc:
                 raise self._connection_error(exc, what, url) from None
             except requests.exceptions.Timeout as exc:
@@ -236,6 +249,9 @@ class RegistryClient:
                 wait = connect if isinstance(exc, requests.exceptions.ConnectTimeout) else read
                 raise _Retry(f"no answer from {netloc(url)} for {wait:.3g} s", stalled=True) from None
             except requests.exceptions.ConnectionError as exc:
+                if self._sockets.fired:  # the watchdog: the answer's headers did not come in time
+                    limit = self._answer_limit(timeouts, body)
+                    raise _Retry(f"no answer from {netloc(url)} for {limit:.3g} s", stalled=True) from None
                 error = self._connection_error(exc, what, url)
                 if "connection refused" in error.message or "cannot resolve" in error.message:
                     raise error from None

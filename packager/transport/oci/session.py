@@ -3,9 +3,13 @@ which redirects it follows, how big a parsed body may be. Pure helpers; :class:`
 is the one caller."""
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import sys
+import threading
 import time
+import weakref
 from urllib.parse import urljoin, urlsplit
 
 from ...errors import OCIError
@@ -101,3 +105,71 @@ def redirect_target(url: str, response, what: str) -> str:
         raise OCIError(f"{what}: {where} {scheme}Location {location[:200]!r}; only http(s) redirects "
                        "are followed") from None
     return target
+
+
+class Sockets:
+    """The sockets of one client's connections, so that a watchdog thread can shut them down: a server
+    that drips its status line and headers a byte at a time never trips a per-read timeout, and
+    ``requests`` has no deadline for a whole answer. A client has one request in flight at a time."""
+
+    def __init__(self):
+        self._sockets: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.fired = False
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def shutdown(self) -> None:
+        self.fired = True
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @contextlib.contextmanager
+    def watch(self, seconds: float | None):
+        """Shut the connections down if the block (sending a request, receiving the answer's
+        headers) takes longer than ``seconds``; ``fired`` then says so."""
+        self.fired = False
+        if seconds is None:
+            yield
+            return
+        timer = threading.Timer(max(seconds, 0.0), self.shutdown)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+def watched_adapter(sockets: Sockets):
+    """A ``requests`` adapter whose connections report their sockets to ``sockets`` when they connect."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Plain(HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            sockets.add(self.sock)
+
+    class Secure(HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            sockets.add(self.sock)
+
+    pools = {"http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": Plain}),
+             "https": type("SecurePool", (HTTPSConnectionPool,), {"ConnectionCls": Secure})}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+    return Adapter()
