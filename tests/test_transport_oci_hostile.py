@@ -224,6 +224,15 @@ def test_odd_redirects_are_one_line_naming_the_cause(reg, no_creds, location, ex
     assert expected in err.value.message and "bug" not in err.value.message
 
 
+@pytest.mark.parametrize("location", ["file:///tmp/upload", "ftp://127.0.0.1/up", "http://[::1/up"])
+def test_an_upload_location_that_is_not_http_is_one_line(reg, no_creds, location):
+    reg.upload_location = location
+    with pytest.raises(OCIError) as err:
+        client_of(reg).push_blob("r", b"x", size=1, digest=digest_of(b"x"))
+    assert err.value.message == (f"oci://{reg.host}/r@{digest_of(b'x')}: the registry opened an upload session "
+                                 f"at {location!r}, which is not an http(s) url")
+
+
 @pytest.mark.parametrize("body, expected", [
     ({"token": 12345}, "gave a malformed token (int '12345'); the token server is at fault, not the credentials"),
     ({"token": "a b\n"}, "gave a malformed token (str 'a b\\n')"),

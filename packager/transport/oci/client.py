@@ -586,7 +586,16 @@ class RegistryClient:
         if not location:
             raise OCIError(f"{what}: the registry opened an upload session without a Location")
         # registries may answer with a path only: relative to the url that answered (RFC 9110)
-        return urljoin(getattr(response, "url", None) or self.base + "/", location)
+        try:
+            target = urljoin(getattr(response, "url", None) or self.base + "/", location)
+            parts = urlsplit(target)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OCIError(f"{what}: the registry opened an upload session at {location[:200]!r}, "
+                           "which is not an http(s) url")
+        return target
 
     @staticmethod
     def _with_digest(location: str, digest: str) -> str:
