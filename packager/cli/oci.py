@@ -204,17 +204,17 @@ def open_registry_image(reference: str, *, plain_http: bool):
     return open_image(reference, plain_http=plain_http)
 
 
-def install_from_registry(reference: str, policy, *, plain_http: bool, **options):
+def install_from_registry(reference: str, trust, *, plain_http: bool, **options):
     """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers."""
     from ..oci import install
 
     _check_reference(reference)
-    return install(reference, policy=policy, plain_http=plain_http, **options)
+    return install(reference, trust=trust, plain_http=plain_http, **options)
 
 
-def verify_registry_image(reference: str, policy, *, plain_http: bool, progress: bool):
+def verify_registry_image(reference: str, trust, *, plain_http: bool, progress: bool):
     """For ``tvpack verify oci://REF``: the (signed) bundle verification over the image's layers."""
     from ..oci import verify
 
     _check_reference(reference)
-    return verify(reference, policy=policy, plain_http=plain_http, progress=progress)
+    return verify(reference, trust=trust, plain_http=plain_http, progress=progress)
