@@ -797,3 +797,22 @@ def test_offline_means_no_request_at_the_registry(registry, made, tmp_path):
         assert "offline mode" in line, line
     assert len(registry.requests()) == before
     assert not (tmp_path / "out.tvpack").exists() and not (tmp_path / "home").exists()
+
+
+def test_a_pulled_checkpoint_of_many_chunks_is_hashed_as_it_was_written(registry, tmp_path, monkeypatch):
+    """The transfer engine hands ``write`` views of buffers it reuses: the pulled checkpoint's sha256 (computed on
+    another thread) must be of the bytes received, not of whatever the buffer holds later (found by
+    scripts/bench_oci.py: a 100 MB checkpoint came out with a different sha256 on every pull)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_bundle import REGISTRY, make_checkpoints
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    selectors = make_checkpoints(tmp_path, 48 << 20, 1)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made = B.bundle(selectors, tmp_path / "big.tvpack", registry=[REGISTRY], torch_home=tmp_path / "home",
+                    fetch=False)
+    oci.push_bundle(made, ref_of(registry), plain_http=True)
+    proc = run_tvpack("pull", ref_of(registry), "-o", tmp_path / "pulled.tvpack", "--plain-http", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pulled.tvpack").read_bytes() == made.read_bytes()
