@@ -488,8 +488,19 @@ class S3Source:
             if offset and code == "InvalidRange":
                 return None
             if status >= 500 or status in (408, 429) or _is_connection_error(exc):
-                raise Retryable(f"S3 {status or type(exc).__name__}") from None
+                raise Retryable(self._reason(exc, status)) from None
             raise _translate(exc, self.url, "read", reading=True) from exc
+
+
+    def _reason(self, exc, status: int) -> str:
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+        endpoint = urlparse(str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")).netloc or "the S3 endpoint"
+        if isinstance(exc, ReadTimeoutError):
+            return f"no answer from {endpoint} for {self.policy.read_timeout:g}s"
+        if isinstance(exc, ConnectTimeoutError):
+            return f"connect timeout to {endpoint}"
+        return f"S3 {status}" if status else f"cannot reach {endpoint} ({type(exc).__name__})"
 
 
 class _Changed(Exception):
