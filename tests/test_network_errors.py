@@ -256,3 +256,20 @@ def test_an_s3_mirror_that_never_answers_says_so_and_gives_up_at_the_time_limit(
     lines = [line for line in proc.stderr.splitlines() if line.startswith("tvpack: ")]
     assert f"no answer from 127.0.0.1:{server.port} for 1s; retrying in" in lines[0], proc.stderr
     assert lines[-1].startswith("tvpack: error: ") and "not complete within 4s" in lines[-1], proc.stderr
+
+
+def test_an_s3_mirror_without_credentials_falls_through_to_the_next_mirror(tmp_path):
+    """Issue 19's first bug: reading an s3:// mirror without credentials is a DownloadError like any
+    unreachable mirror, so the directory mirror after it is tried."""
+    pytest.importorskip("boto3")
+    refs = synth_refs(tmp_path / "m", count=1, size=10_000)
+    lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+    nowhere = str(tmp_path / "nowhere")
+    proc = run_tvpack("fetch", "--lock", lock, "--mirror", "s3://bucket/mirror", "--mirror", tmp_path / "m",
+                      "--no-upstream", "-q",
+                      env={"TORCH_HOME": str(tmp_path / "home"), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                           "AWS_SESSION_TOKEN": "", "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+                           "AWS_CONFIG_FILE": nowhere, "AWS_EC2_METADATA_DISABLED": "true",
+                           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "home" / "hub" / "checkpoints" / refs[0].filename).is_file()

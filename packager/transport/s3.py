@@ -117,8 +117,11 @@ def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64,
                 read_timeout=read,
                 max_pool_connections=max_pool_connections,
             )
-            session = boto3.session.Session()
-            found = session.client("s3", endpoint_url=endpoint, config=config)
+            try:
+                session = boto3.session.Session()
+                found = session.client("s3", endpoint_url=endpoint, config=config)
+            except Exception as exc:  # noqa: BLE001 - botocore's configuration errors (a missing profile...)
+                raise MirrorError(f"cannot set up S3 access: {exc}") from None
             _clients[key] = found
         return found
 
@@ -135,8 +138,8 @@ def _translate(exc: Exception, url: str, action: str, *, reading: bool) -> Excep
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     base = DownloadError if reading else MirrorError
-    if isinstance(exc, NoCredentialsError):
-        return MirrorError(f"cannot {action} {url}: no S3 credentials",
+    if isinstance(exc, NoCredentialsError):  # reading: a DownloadError, so the next mirror is tried
+        return base(f"cannot {action} {url}: no S3 credentials",
                            hint="set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
     if isinstance(exc, ClientError):
         code, status = _status(exc)
@@ -449,7 +452,10 @@ class S3Source:
         self.endpoint_url = endpoint_url
 
     def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
-        s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, self.policy.read_timeout))
+        try:
+            s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, self.policy.read_timeout))
+        except MirrorError as exc:  # boto3 missing: this mirror cannot be read, the next one may
+            raise DownloadError(f"{self.url}: {exc.message}", hint=exc.hint) from None
         if offset and not validator:  # nothing proves the object is unchanged: start over
             offset = 0
         try:
