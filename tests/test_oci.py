@@ -698,3 +698,23 @@ def test_skopeo_copy_and_umoci_unpack_give_a_torch_home_vanilla_torchvision_load
         assert (rootfs / opened.manifest_path).is_file()
     sums = load_offline(rootfs)
     assert set(sums) == set(SMALL_WEIGHTS.values())
+
+
+def test_offline_means_no_request_at_the_registry(registry, made, tmp_path):
+    """TVPACK_OFFLINE=1 (or --offline) refuses every oci:// command in one line, and the registry's access log
+    shows not one request from them."""
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    before = len(registry.requests())
+    bundle_oci = ("bundle", *SMALL, "--registry", ZOO_REGISTRY, "--torch-home", made["home"], "--no-upstream",
+                  "-o", ref_of(registry, "team/offline", "v1"))
+    commands = [("inspect", ref_of(registry)), ("pull", ref_of(registry), "-o", tmp_path / "out.tvpack"),
+                ("push", made["small"], ref_of(registry, tag="v2")),
+                ("install", ref_of(registry), "--torch-home", tmp_path / "home"), bundle_oci]
+    for args in commands:
+        line = one_error_line(run_tvpack(*args, "--plain-http", env={"TVPACK_OFFLINE": "1"}))
+        assert f"offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to {registry.host}" in line, line
+    for args in [commands[1], commands[2], bundle_oci]:  # the commands with an --offline flag
+        line = one_error_line(run_tvpack(*args, "--plain-http", "--offline"))
+        assert "offline mode" in line, line
+    assert len(registry.requests()) == before
+    assert not (tmp_path / "out.tvpack").exists() and not (tmp_path / "home").exists()

@@ -282,13 +282,16 @@ def open_url(url: str, *, offset: int = 0, endpoint_url: str | None = None) -> t
     return _Reader(chunks), total
 
 
-def read_bytes(url: str, *, endpoint_url: str | None = None) -> bytes | None:
-    """A small object's content, or None when it does not exist."""
+def read_bytes(url: str, *, endpoint_url: str | None = None, cap: int = 16 << 20) -> bytes | None:
+    """A small object's content (a mirror index, a checksum file: at most ``cap`` bytes, more is a
+    DownloadError), or None when it does not exist."""
+    from .bodies import capped_join
+
     try:
         chunks, _, _ = open_stream(url, endpoint_url=endpoint_url)
     except ObjectNotFound:
         return None
-    return b"".join(chunks)
+    return capped_join(chunks, cap, "an object read whole (a mirror index or checksum file)", url)
 
 
 # -- writing ----------------------------------------------------------------------------------

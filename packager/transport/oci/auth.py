@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from ... import env
 from ...errors import OCIError
@@ -70,7 +71,7 @@ def _key_host(key: str) -> str:
     return key
 
 
-_DOCKER_HUB = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+_DOCKER_HUB = {"docker.io", "index.docker.io", "registry-1.docker.io", "auth.docker.io"}
 
 
 def _matches(key: str, host: str, repository: str | None) -> int:
@@ -169,18 +170,35 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-# GET url with params and headers -> response (a connection failure already worded as OCIError)
-TokenGet = Callable[[str, list, dict], object]
+# GET url with params, sending auth (only to the url's own origin) -> (status, body read with a cap)
+TokenGet = Callable[[str, list, dict], "tuple[int, bytes]"]
+
+
+def _hostname(host_or_url: str) -> str:
+    netloc = urlsplit(host_or_url).netloc if "://" in host_or_url else host_or_url
+    return (urlsplit("//" + netloc).hostname or "").lower()
+
+
+def _same_operator(registry_host: str, realm: str) -> bool:
+    """The token realm is run by whoever runs the registry: the same host name (any port), or Docker
+    Hub's own family of hosts (its registry sends clients to auth.docker.io)."""
+    a, b = _hostname(registry_host), _hostname(realm)
+    return a == b or (a in _DOCKER_HUB and b in _DOCKER_HUB)
 
 
 class Auth:
     """What one client knows to authenticate to one registry host: its credentials (looked up once,
     when a registry first asks), the bearer tokens it was given per scope, and whether it asked for
-    basic auth (then sent with every request)."""
+    basic auth (then sent with every request).
 
-    def __init__(self, host: str, credentials: "Credentials | None | bool" = True):
+    Credentials stay with the registry they belong to: a token realm on another host gets only that
+    host's own credentials (looked up for it), and a password never goes to a realm over plain
+    ``http://`` unless the registry itself is reached over plain HTTP (``--plain-http``)."""
+
+    def __init__(self, host: str, credentials: "Credentials | None | bool" = True, *, plain_http: bool = False):
         self.host = host
-        self._lookup = credentials is True
+        self.plain_http = plain_http
+        self._lookup = self._files = credentials is True  # look credentials up in the files (once per host)
         self.credentials = credentials if isinstance(credentials, Credentials) else None
         self.tokens: dict[str, str] = {}  # scope -> bearer token
         self.basic = False  # the registry asked for basic auth: send it with every request
@@ -200,35 +218,43 @@ class Auth:
             return {"Authorization": self.credentials.basic()}
         return {}
 
+    def _realm_creds(self, realm: str, repository: str | None, what: str) -> Credentials | None:
+        """The credentials to send to token realm ``realm``, if any; refuses clear text."""
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OCIError(f"{what}: the registry names a token server {realm[:200]!r} that is not an http(s) url")
+        if _same_operator(self.host, realm):
+            creds = self.creds(repository)
+        else:  # another host: its own credentials, never the registry's
+            creds = find_credentials(parts.netloc) if self._files else None
+        if creds is not None and parts.scheme == "http" and not self.plain_http:
+            raise OCIError(f"{what}: the registry sends clients to a token server over plain http ({realm}); "
+                           f"refusing to send the password for {parts.netloc} in clear text")
+        return creds
+
     def answer(self, response, scope: str, repository: str | None, what: str, get: TokenGet) -> None:
         """Answer a 401's challenge (basic, or a bearer token from the realm); raise when we cannot."""
         scheme, params = _challenge(response.headers.get("WWW-Authenticate", ""))
-        creds = self.creds(repository)
         if scheme == "basic":
+            creds = self.creds(repository)
             if creds is None:
                 raise self.unauthorized(what, None)
             self.basic = True
             return
         if scheme != "bearer" or not params.get("realm"):
-            raise self.unauthorized(what, creds)
+            raise self.unauthorized(what, self.creds(repository))
+        realm = params["realm"]
+        creds = self._realm_creds(realm, repository, what)
         query = [("service", params["service"])] if params.get("service") else []
         # the challenge's scopes plus ours: the token is cached under ours, so it must grant it
         scopes = (params.get("scope") or "").split()
         query += [("scope", s) for s in scopes + ([scope] if scope and scope not in scopes else [])]
-        headers = {"Authorization": creds.basic()} if creds else {}
-        reply = get(params["realm"], query, headers)
-        if reply.status_code in (401, 403):
-            raise self.unauthorized(what, creds)
-        if reply.status_code != 200:
-            raise OCIError(f"{what}: token server {params['realm']} answered HTTP {reply.status_code}")
-        try:
-            body = reply.json()
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not token:
-            raise OCIError(f"{what}: token server {params['realm']} gave no token")
-        self.tokens[scope] = token
+        status, data = get(realm, query, {"Authorization": creds.basic()} if creds else {})
+        if status in (401, 403):
+            raise self.unauthorized(what, creds, realm)
+        if status != 200:
+            raise OCIError(f"{what}: token server {realm} answered HTTP {status}")
+        self.tokens[scope] = _token_of(data, realm, what)
 
     def refused(self, response, what: str, push: bool) -> OCIError:
         """The error for a second 401 in a row (a challenge answered and still refused)."""
@@ -238,10 +264,30 @@ class Auth:
                             f"do not allow {'push' if push else 'pull'} here")
         return self.unauthorized(what, self.credentials)
 
-    def unauthorized(self, what: str, creds: Credentials | None) -> OCIError:
+    def unauthorized(self, what: str, creds: Credentials | None, realm: str | None = None) -> OCIError:
+        host = urlsplit(realm).netloc if realm and not _same_operator(self.host, realm) else self.host
         if creds is not None:
-            return OCIError(f"{what}: unauthorized: the registry refused the credentials for {self.host} "
+            return OCIError(f"{what}: unauthorized: the registry refused the credentials for {host} "
                             f"from {creds.source}")
         looked = ", ".join(str(p) for p in credential_files())
-        return OCIError(f"{what}: unauthorized: no credentials for {self.host} in {looked} "
-                        f"(tvpack login {self.host})")
+        return OCIError(f"{what}: unauthorized: no credentials for {host} in {looked} "
+                        f"(tvpack login {host})")
+
+
+def _token_of(data: bytes, realm: str, what: str) -> str:
+    """The bearer token in a token server's answer (``token`` or ``access_token``, a string of
+    printable ASCII): anything else is the token server's fault, not the credentials'."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        raise OCIError(f"{what}: token server {realm} answered with something other than a JSON object; "
+                       "it gave no token")
+    token = body.get("token") or body.get("access_token")
+    if not token:
+        raise OCIError(f"{what}: token server {realm} gave no token")
+    if not isinstance(token, str) or not token.isascii() or not token.isprintable() or " " in token:
+        raise OCIError(f"{what}: token server {realm} gave a malformed token ({type(token).__name__} "
+                       f"{str(token)[:40]!r}); the token server is at fault, not the credentials")
+    return token

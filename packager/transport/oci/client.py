@@ -24,6 +24,7 @@ Importing this module never imports torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -31,67 +32,84 @@ from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
-from ...errors import OCIError
+from ... import env
+from ...errors import OCIError, OfflineError
+from ..bodies import Pace, TooSlow, read_capped
+from ..stream import Cancel
 from .auth import Auth, Credentials, save_login
 from .reference import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, MiB, _check_digest, digest_of, is_loopback
+from .session import (
+    ERROR_CAP,
+    REDIRECTS,
+    TAGS_CAP,
+    TOKEN_CAP,
+    Attempts,
+    Retry,
+    Sockets,
+    netloc,
+    origin,
+    redirect_target,
+    registry_errors,
+    stderr_notice,
+    take_location,
+    watched_adapter,
+)
 
 USER_AGENT = "tvpack"
 
 ProgressFn = Callable[[int], None]  # called with the number of new bytes
 
 
-def login(host: str, username: str, password: str, *, plain_http: bool = False, policy: "Policy | None" = None) -> Path:
+def login(host: str, username: str, password: str, *, plain_http: bool = False, policy: "Policy | None" = None,
+          offline: bool | None = None) -> Path:
     """Check ``username``/``password`` against the registry at ``host`` (``GET /v2/`` through its
     challenge), then store them in the containers auth file (mode 0600, written atomically, other
     entries kept). Returns the file written."""
     creds = Credentials(username, password, "the password given to login")
-    client = RegistryClient(host, plain_http=plain_http, credentials=creds, policy=policy)
+    client = RegistryClient(host, plain_http=plain_http, credentials=creds, policy=policy, offline=offline)
     client.ping()
     return save_login(host, username, password)
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Timeouts (seconds), retries of transient failures (5xx, 408, 429, resets, timeouts; never
-    another 4xx) with exponential backoff, and upload sizes."""
+    """How hard the client tries (seconds, counts), HTTP fetch's model (:class:`..stream.Policy`).
+
+    Retries of transient failures (5xx, 408, 429, resets, timeouts; never another 4xx) with
+    exponential backoff, each announced by a notice; a server that does not answer within
+    ``read_timeout`` (or sends a body slower than ``speed_limit`` bytes/s over ``speed_time``) is
+    retried ``stall_retries`` times only: one that stalls twice will not heal by waiting longer.
+    ``max_time``: seconds for everything one client does (None: no limit); blob GETs (:mod:`.blobs`, the
+    transfer engine) apply ``speed_limit``/``speed_time`` and ``max_time`` to each blob, retries included.
+    ``commit_timeout``: how long a registry may take to answer an upload's last request (it may copy
+    the blob in storage).
+    """
 
     connect_timeout: float = 10.0
-    read_timeout: float = 120.0
+    read_timeout: float = 30.0
     retries: int = 4
+    stall_retries: int = 1
     backoff: float = 0.5
     max_backoff: float = 20.0
-    chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
-    read_size: int = 1 * MiB  # bytes per read while streaming
-    # blob GETs (:mod:`.blobs`, the transfer engine): fewer than speed_limit bytes/s over speed_time
-    # seconds (or no answer for speed_time seconds) is retried; max_time bounds one blob, retries included
     speed_limit: float = 1024.0
     speed_time: float = 30.0
     max_time: float | None = None
+    commit_timeout: float = 300.0
+    max_redirects: int = 10
+    chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
+    read_size: int = 1 * MiB  # bytes per read while streaming
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+
+_Retry = Retry  # the name the blob code raises
 
 
 class Manifest(NamedTuple):
     data: bytes
     media_type: str
     digest: str
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-def _registry_errors(response) -> tuple[set[str], str]:
-    """The error codes and first message of a distribution error body (``{"errors": [...]}``)."""
-    try:
-        errors = response.json().get("errors") or []
-    except (ValueError, AttributeError):
-        return set(), ""
-    codes = {str(e.get("code", "")) for e in errors if isinstance(e, dict)}
-    messages = [str(e.get("message", "")) for e in errors if isinstance(e, dict) and e.get("message")]
-    return codes, messages[0] if messages else ""
 
 
 class _HashingReader:
@@ -150,12 +168,19 @@ def _opener(source) -> Callable[[], BinaryIO]:
 
 
 class RegistryClient:
-    """The distribution API of one registry host. Repositories are passed per call."""
+    """The distribution API of one registry host. Repositories are passed per call.
+
+    Every request goes through :meth:`_send`: the one place that refuses the network when offline,
+    scopes ``Authorization`` to the host it belongs to, follows redirects (http(s) only, at most
+    ``policy.max_redirects``) and bounds each wait by the policy's timeouts and deadline."""
 
     def __init__(self, host: str, *, plain_http: bool = False, credentials: Credentials | None | bool = True,
-                 policy: Policy | None = None, session=None):
+                 policy: Policy | None = None, session=None, offline: bool | None = None,
+                 notify: Callable[[str], None] | None = None, cancel: Cancel | None = None):
         """``credentials``: ``True`` looks them up (:func:`find_credentials`) when a registry asks;
-        ``None``/``False`` stays anonymous; a :class:`Credentials` is used as given."""
+        ``None``/``False`` stays anonymous; a :class:`Credentials` is used as given. ``offline``
+        (None: ``TVPACK_OFFLINE``) refuses every request with :class:`OfflineError`. ``notify``
+        receives the notices of retries (default: stderr); ``cancel`` ends retry waits early."""
         import requests
 
         self.host = host
@@ -164,19 +189,102 @@ class RegistryClient:
         self.base = f"{'http' if plain_http else 'https'}://{host}"
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        self.auth = Auth(host, credentials)
+        self._sockets = Sockets()
+        adapter = watched_adapter(self._sockets)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.auth = Auth(host, credentials, plain_http=plain_http)
+        self.offline = env.offline() if offline is None else offline
+        self.notify = notify or stderr_notice
+        self.cancel = cancel or Cancel()
+        self.deadline = None if self.policy.max_time is None else time.monotonic() + self.policy.max_time
         self._max_body: int | None = None  # a request body this large was refused (HTTP 413): stay below it
 
-    # -- requests with authentication, retries and one-line errors --
+    # -- sending: offline, credentials scoped to their host, redirects, timeouts --
+
+    def _timeouts(self, what: str, read: float | None = None) -> tuple[float, float]:
+        connect, read = self.policy.connect_timeout, read or self.policy.read_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise OCIError(f"{what}: not done within {self.policy.max_time:g} s (--max-time)")
+            connect, read = min(connect, left), min(read, left)
+        return connect, read
+
+    def _answer_limit(self, timeouts: tuple[float, float], body) -> float | None:
+        """Seconds a whole answer's status line and headers may take: connect + read timeout for a
+        request without a body (an upload's body may take long to send: only the deadline bounds it)."""
+        limit = None if body else timeouts[0] + timeouts[1]
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            limit = left if limit is None else min(limit, left)
+        return limit
+
+    def _pace(self) -> Pace:
+        return Pace(self.policy.speed_limit, self.policy.speed_time, self.deadline)
+
+    def _send(self, method: str, url: str, *, what: str, auth: dict[str, str], auth_url: str | None = None,
+              body=None, headers: dict | None = None, params=None, read_timeout: float | None = None):
+        """One request, its redirects followed here: ``auth`` goes only to the origin of ``auth_url``
+        (default: the registry), never to another host or over a downgrade to http. Always streamed:
+        a body is read by the caller, with a cap. Raises OfflineError, OCIError (one line) or _Retry."""
+        import requests
+
+        if self.offline:
+            raise OfflineError(f"{what}: offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to "
+                               f"{netloc(url)}")
+        owner = origin(auth_url or self.base)
+        for _hop in range(self.policy.max_redirects + 1):
+            timeouts = self._timeouts(what, read_timeout)
+            try:
+                with self._sockets.watch(self._answer_limit(timeouts, body)):
+                    response = self.session.request(
+                        method, url, data=body() if body else None, params=params, stream=True,
+                        allow_redirects=False, headers={**(headers or {}), **(auth if origin(url) == owner else {})},
+                        timeout=timeouts, hooks={"response": take_location})
+            except requests.exceptions.SSLError as exc:
+                raise self._connection_error(exc, what, url) from None
+            except requests.exceptions.Timeout as exc:
+                connect, read = timeouts
+                wait = connect if isinstance(exc, requests.exceptions.ConnectTimeout) else read
+                raise _Retry(f"no answer from {netloc(url)} for {wait:.3g} s", stalled=True) from None
+            except requests.exceptions.ConnectionError as exc:
+                if self._sockets.fired:  # the watchdog: the answer's headers did not come in time
+                    limit = self._answer_limit(timeouts, body)
+                    raise _Retry(f"no answer from {netloc(url)} for {limit:.3g} s", stalled=True) from None
+                error = self._connection_error(exc, what, url)
+                if "connection refused" in error.message or "cannot resolve" in error.message:
+                    raise error from None
+                raise _Retry(error.message[len(what) + 2:]) from None
+            except (requests.exceptions.RequestException, ValueError) as exc:
+                raise OCIError(f"{what}: cannot send a request to {url!r} ({type(exc).__name__})") from None
+            if response.status_code not in REDIRECTS or response.location is None:
+                return response
+            response.close()
+            url = redirect_target(url, response, what)
+            params = None
+            if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
+                method, body = "GET", None
+        raise OCIError(f"{what}: {netloc(url)} redirects in a loop (more than {self.policy.max_redirects} "
+                       f"redirects, the last to {url})")
 
     def _token_get(self, what: str):
-        """How :class:`Auth` fetches a token: a GET with our session and timeouts, failures worded."""
-        def get(url: str, params: list, headers: dict):
+        """How :class:`Auth` fetches a token: a GET with our timeouts and redirect rules; ``auth`` goes
+        to the realm's own origin only. Returns the status and the body, read with a cap."""
+        import requests
+        import urllib3
+
+        def get(url: str, params: list, auth: dict[str, str]) -> tuple[int, bytes]:
+            reply = self._send("GET", url, what=what, auth=auth, auth_url=url, params=params)
             try:
-                return self.session.get(url, params=params, headers=headers,
-                                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-            except Exception as exc:  # noqa: BLE001 - worded below, one line
-                raise self._connection_error(exc, what, url) from None
+                return reply.status_code, read_capped(reply, TOKEN_CAP, "token response", error=OCIError,
+                                                      pace=self._pace())
+            except OCIError as exc:
+                raise OCIError(f"{what}: {exc.message}") from None
+            except TooSlow as exc:
+                raise _Retry(exc.reason, stalled=True) from None
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _Retry(f"the token server {netloc(url)} broke off ({type(exc).__name__})") from None
         return get
 
     def _authenticate(self, response, scope: str, repository: str | None, what: str) -> None:
@@ -207,10 +315,17 @@ class RegistryClient:
         return OCIError(f"{what}: connection to {target} failed ({type(exc).__name__})")
 
     def _fail(self, response, what: str) -> OCIError:
-        codes, message = _registry_errors(response)
+        try:
+            data = read_capped(response, ERROR_CAP, f"HTTP {response.status_code} error body", error=OCIError,
+                               pace=self._pace())
+        except OCIError as exc:
+            return OCIError(f"{what}: {exc.message}")
+        except Exception:  # noqa: BLE001 - an error body that breaks off still leaves the status to report
+            data = b""
+        codes, message = registry_errors(data)
         status = response.status_code
         detail = f": {message}" if message else ""
-        if status == 400 and self.plain_http and "HTTPS server" in (response.text or ""):
+        if status == 400 and self.plain_http and b"HTTPS server" in data:
             return OCIError(f"{what}: the registry speaks HTTPS; drop --plain-http")
         if codes & {"NAME_UNKNOWN"}:
             return OCIError(f"{what}: repository not found{detail}")
@@ -230,32 +345,21 @@ class RegistryClient:
         return OCIError(f"{what}: HTTP {status} {response.reason or ''}".rstrip() + detail)
 
     def _request(self, method: str, url: str, *, what: str, repository: str | None = None, push: bool = False,
-                 ok: tuple[int, ...] = (200,), body=None, headers: dict | None = None, stream: bool = False,
-                 params=None, allow_redirects: bool = True):
+                 ok: tuple[int, ...] = (200,), body=None, headers: dict | None = None, stream: bool = True,
+                 params=None, read_timeout: float | None = None):
         """One API call: authenticated (answering at most one challenge per scope), retried on
-        transient failures; returns the response when its status is in ``ok``. ``body`` is a
-        callable making a fresh request body per attempt (a stream cannot be sent twice)."""
-        import requests
-
+        transient failures; returns the response (streamed: read its body with a cap, or close it)
+        when its status is in ``ok``. ``body`` is a callable making a fresh request body per attempt
+        (a stream cannot be sent twice)."""
         url = url if url.startswith(("http://", "https://")) else self.base + url
         # no scope for /v2/ itself: a token server may refuse one we have no business asking for
         scope = f"repository:{repository}:{'pull,push' if push else 'pull'}" if repository else ""
-        attempt = 0
+        attempts = Attempts(self, what)
         challenged = False
         while True:
             try:
-                try:
-                    response = self.session.request(
-                        method, url, data=body() if body else None, params=params, stream=stream,
-                        headers={**(headers or {}), **self.auth.header(scope)}, allow_redirects=allow_redirects,
-                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-                except requests.exceptions.SSLError as exc:
-                    raise self._connection_error(exc, what) from None
-                except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                    text = str(exc)
-                    if "Connection refused" in text or "Failed to resolve" in text:
-                        raise self._connection_error(exc, what) from None
-                    raise _Retry(self._connection_error(exc, what).message) from None
+                response = self._send(method, url, what=what, auth=self.auth.header(scope), body=body,
+                                      headers=headers, params=params, read_timeout=read_timeout)
                 if response.status_code == 401 and not challenged:
                     response.close()
                     challenged = True
@@ -271,10 +375,29 @@ class RegistryClient:
                     raise _Retry(f"HTTP {response.status_code}")
                 raise self._fail(response, what)
             except _Retry as exc:
-                attempt += 1
-                if attempt > self.policy.retries:
-                    raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
-                time.sleep(self.policy.delay(attempt))
+                attempts.wait(exc)
+
+    def _read(self, url: str, cap: int, kind: str, *, what: str, repository: str | None = None,
+              headers: dict | None = None):
+        """GET a body that is parsed whole: ``(response, at most cap bytes)``, read at the policy's
+        pace; a body that breaks off or trickles is fetched again (one line when it gives up)."""
+        import requests
+        import urllib3
+
+        attempts = Attempts(self, what)
+        while True:
+            response = self._request("GET", url, what=what, repository=repository, headers=headers)
+            try:
+                return response, read_capped(response, cap, kind, error=OCIError, pace=self._pace())
+            except OCIError as exc:
+                raise OCIError(f"{what}: {exc.message}") from None
+            except TooSlow as exc:
+                attempts.wait(_Retry(exc.reason, stalled=True))
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                stalled = "timed out" in str(exc).lower()
+                reason = f"no answer from {netloc(url)} for {self.policy.read_timeout:g} s" if stalled \
+                    else f"{netloc(url)} broke off the {kind} ({type(exc).__name__})"
+                attempts.wait(_Retry(reason, stalled=stalled))
 
     def _url(self, repository: str, kind: str, reference: str = "") -> str:
         return f"/v2/{repository}/{kind}/{quote(reference, safe=':')}" if reference else f"/v2/{repository}/{kind}/"
@@ -342,17 +465,14 @@ class RegistryClient:
         chunk_size = chunk_size or self.policy.chunk_size
         open_source = _opener(source)
         what = f"oci://{self.host}/{repository}" + (f"@{digest}" if digest else " (blob upload)")
-        attempt = 0
+        attempts = Attempts(self, what)
         progress = _Progress(on_bytes)
         while True:
             try:
                 return self._upload(repository, open_source, size, digest, progress, chunk_size, what)
             except _Retry as exc:
                 progress.rewind()  # the bar goes back: these bytes will be sent again
-                attempt += 1
-                if attempt > self.policy.retries:
-                    raise OCIError(f"{what}: {exc.reason} (gave up after {attempt} attempts)") from None
-                time.sleep(self.policy.delay(attempt))
+                attempts.wait(exc)
 
     def _upload(self, repository, open_source, size, digest, progress: "_Progress", chunk_size, what) -> str:
         import requests
@@ -373,7 +493,7 @@ class RegistryClient:
                         return _HashingReader(f, size, None, progress)
                     response = self._request("PUT", self._with_digest(location, digest), what=what,
                                              repository=repository, push=True, ok=(201, 413), headers=octets,
-                                             body=body)
+                                             body=body, read_timeout=self.policy.commit_timeout)
                     response.close()
                     if response.status_code != 413:
                         return self._check_pushed(response, digest, what)
@@ -382,58 +502,69 @@ class RegistryClient:
                     chunk_size = self._smaller_body(size, min_chunk, what)
                     f.seek(0)
                     progress.rewind()
-                hasher = hashlib.sha256()
-                offset = 0
-                scope = f"repository:{repository}:pull,push"
-                reauthenticated = False
-                while offset < size:
-                    n = min(chunk_size, size - offset)
-                    headers = {**octets, "Content-Range": f"{offset}-{offset + n - 1}"}
-                    before, sent_before = hasher.copy(), progress.sent
-                    response = self.session.request(
-                        "PATCH", location, data=_HashingReader(f, n, hasher, progress),
-                        headers={**headers, **self.auth.header(scope)},
-                        timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-                    response.close()
-                    if response.status_code == 401 and not reauthenticated and f.seekable():
-                        # a token expired during a long upload: the registry refused this chunk
-                        # before storing any of it, so it can be sent again under a fresh token
-                        reauthenticated = True
-                        self.auth.tokens.pop(scope, None)
-                        self._authenticate(response, scope, repository, what)
-                        hasher = before
-                        progress(sent_before - progress.sent)
-                        f.seek(offset)
-                        continue
-                    # other failures restart the whole blob: how much of a half-sent PATCH the
-                    # registry kept is not something every registry reports reliably
-                    if response.status_code == 413:  # too large for the registry or a proxy: smaller chunks
-                        chunk_size = self._smaller_body(n, min_chunk, what)
-                        hasher = before
-                        progress(sent_before - progress.sent)
-                        f.seek(offset)
-                        continue
-                    if response.status_code in (408, 429) or response.status_code >= 500:
-                        raise _Retry(f"HTTP {response.status_code} during a chunk upload")
-                    if response.status_code != 202:
-                        raise self._fail(response, what)
-                    location = self._location(response, what)
-                    offset += n
-                    reauthenticated = False
-                computed = "sha256:" + hasher.hexdigest()
+                location, computed = self._patch_chunks(f, location, size, chunk_size, min_chunk, repository,
+                                                        progress, what)
                 if digest is not None and computed != digest:
                     raise OCIError(f"{what}: the source's bytes do not match the digest: expected {digest}, "
                                    f"got {computed}")
         except requests.exceptions.SSLError as exc:
             raise self._connection_error(exc, what) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise _Retry(self._connection_error(exc, what).message) from None
+            raise _Retry(self._connection_error(exc, what).message[len(what) + 2:]) from None
         except OSError as exc:
             raise OCIError(f"{what}: cannot read the blob source: {exc.strerror or exc}") from None
         response = self._request("PUT", self._with_digest(location, computed), what=what, repository=repository,
-                                 push=True, ok=(201,), headers={"Content-Length": "0"})
+                                 push=True, ok=(201,), headers={"Content-Length": "0"},
+                                 read_timeout=self.policy.commit_timeout)
         response.close()
         return self._check_pushed(response, computed, what)
+
+    def _patch_chunks(self, f, location: str, size: int, chunk_size: int, min_chunk: int, repository: str,
+                      progress: "_Progress", what: str) -> tuple[str, str]:
+        """PATCH ``size`` bytes of ``f`` in chunks to an upload session; returns the session's last
+        location and the digest of the bytes sent. A chunk refused for an expired token or as too large
+        is sent again (under a fresh token, in smaller chunks); other failures restart the blob."""
+        hasher = hashlib.sha256()
+        offset = 0
+        scope = f"repository:{repository}:pull,push"
+        reauthenticated = False
+        while offset < size:
+            n = min(chunk_size, size - offset)
+            headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{offset + n - 1}"}
+            before, sent_before = hasher.copy(), progress.sent
+            chunk = _HashingReader(f, n, hasher, progress)
+            response = self._send("PATCH", location, what=what, auth=self.auth.header(scope),
+                                  body=lambda chunk=chunk: chunk, headers=headers,
+                                  read_timeout=self.policy.commit_timeout)
+            if response.status_code in (202, 401, 413):
+                response.close()
+            if response.status_code == 401 and not reauthenticated and f.seekable():
+                # a token expired during a long upload: the registry refused this chunk
+                # before storing any of it, so it can be sent again under a fresh token
+                reauthenticated = True
+                self.auth.tokens.pop(scope, None)
+                self._authenticate(response, scope, repository, what)
+                hasher = before
+                progress(sent_before - progress.sent)
+                f.seek(offset)
+                continue
+            # other failures restart the whole blob: how much of a half-sent PATCH the
+            # registry kept is not something every registry reports reliably
+            if response.status_code == 413:  # too large for the registry or a proxy: smaller chunks
+                chunk_size = self._smaller_body(n, min_chunk, what)
+                hasher = before
+                progress(sent_before - progress.sent)
+                f.seek(offset)
+                continue
+            if response.status_code in (408, 429) or response.status_code >= 500:
+                response.close()
+                raise _Retry(f"HTTP {response.status_code} during a chunk upload")
+            if response.status_code != 202:
+                raise self._fail(response, what)
+            location = self._location(response, what)
+            offset += n
+            reauthenticated = False
+        return location, "sha256:" + hasher.hexdigest()
 
     _MIN_BODY = 256 * 1024  # smaller chunks than this are not worth trying
 
@@ -451,7 +582,8 @@ class RegistryClient:
         location = response.headers.get("Location")
         if not location:
             raise OCIError(f"{what}: the registry opened an upload session without a Location")
-        return urljoin(self.base + "/", location)  # registries may answer with a path only
+        # registries may answer with a path only: relative to the url that answered (RFC 9110)
+        return urljoin(getattr(response, "url", None) or self.base + "/", location)
 
     @staticmethod
     def _with_digest(location: str, digest: str) -> str:
@@ -499,14 +631,8 @@ class RegistryClient:
         asked for (``reference`` ``sha256:...``) or announced (``Docker-Content-Digest``)."""
         at = "@" if reference.startswith("sha256:") else ":"
         what = f"oci://{self.host}/{repository}{at}{reference}"
-        response = self._request("GET", self._url(repository, "manifests", reference), what=what,
-                                 repository=repository, headers={"Accept": ", ".join(accept)}, stream=True)
-        with response:
-            if int(response.headers.get("Content-Length") or 0) > max_size:
-                raise OCIError(f"{what}: manifest larger than {max_size} bytes refused")
-            data = response.raw.read(max_size + 1, decode_content=True)
-        if len(data) > max_size:
-            raise OCIError(f"{what}: manifest larger than {max_size} bytes refused")
+        response, data = self._read(self._url(repository, "manifests", reference), max_size, "manifest", what=what,
+                                    repository=repository, headers={"Accept": ", ".join(accept)})
         digest = digest_of(data)
         expected = reference if reference.startswith("sha256:") else response.headers.get("Docker-Content-Digest")
         if expected and expected != digest:
@@ -514,6 +640,30 @@ class RegistryClient:
                            f"got {digest}")
         media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         return Manifest(data, media_type, digest)
+
+    def tags(self, repository: str, *, max_pages: int = 100) -> list[str]:
+        """The tags of ``repository`` (``GET /v2/<repository>/tags/list``, following ``Link`` pages), each
+        page read with a cap; a registry that answers something else is one line naming it."""
+        what = f"oci://{self.host}/{repository} (tags)"
+        url, found = self._url(repository, "tags", "list"), []
+        for _page in range(max_pages):
+            response, data = self._read(url, TAGS_CAP, "tag list", what=what, repository=repository)
+            try:
+                page = json.loads(data)
+                tags = page.get("tags") or []
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise ValueError("tags is not a list of strings")
+            except (ValueError, AttributeError, RecursionError) as exc:
+                raise OCIError(f"{what}: {netloc(response.url or self.base)} sent a tag list that is not "
+                               f"distribution's {{\"name\", \"tags\": [...]}} ({exc})") from None
+            found += tags
+            link = response.links.get("next", {}).get("url")
+            if not link:
+                return found
+            url = urljoin(response.url or self.base + "/", link)
+            if origin(url) != origin(self.base):
+                raise OCIError(f"{what}: the registry pages its tag list to another host ({netloc(url)})")
+        raise OCIError(f"{what}: the registry's tag list goes on for more than {max_pages} pages")
 
     def manifest_digest(self, repository: str, reference: str,
                         accept: tuple[str, ...] | list[str] = MANIFEST_MEDIA_TYPES) -> str | None:
