@@ -273,3 +273,25 @@ def test_an_s3_mirror_without_credentials_falls_through_to_the_next_mirror(tmp_p
                            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_DEFAULT_REGION": "us-east-1"})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "home" / "hub" / "checkpoints" / refs[0].filename).is_file()
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x.pth", "http://[::1"])
+def test_a_redirect_to_an_unusable_location_fails_at_once_in_one_line(tmp_path, location):
+    lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=1000), tmp_path / "tvpack.lock")
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.server.requests += 1
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with _Served(Redirect) as server:
+        proc = _fetch(lock, f"http://127.0.0.1:{server.port}", TORCH_HOME=tmp_path / "home")
+        line = _one_error_line(proc)
+        assert "redirected to an unsupported or malformed location" in line, line
+        assert server.server.requests == 1  # not retried

@@ -239,7 +239,7 @@ def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, c
         if body.offset != offset:  # range ignored or object changed: a clean full download
             verifier.reset()
             if on_total is not None:
-                on_total(None if body.total is None else body.total, -offset)  # take the bytes back
+                on_total(body.total, -offset)  # take the bytes back
             offset = 0
         check_size(source.url, verifier, body)
         if on_total is not None:
@@ -286,7 +286,10 @@ def pump(url: str, body: Body, pipeline: Pipeline, policy: Policy, cancel: Cance
             raise explain(exc, pipeline.verifier, body.content_type) from None
         except OSError as exc:
             watchdog.raise_if_fired()
-            raise write_error(exc) from exc
+            error = write_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         except Exception:
             watchdog.raise_if_fired()
             raise
@@ -314,11 +317,16 @@ def stream(source: Source, write: Callable[[bytes], object], verifier: Verifier,
     retrier = Retrier(source.url, policy, cancel, notify)
     verifier.reset()
     validator = None
+    from_zero = False  # the source could not continue a range: read from byte 0 and skip what was fed
     while True:
         retrier.check()
         fed = verifier.count
         try:
-            body = open_body(source, fed, validator, timeouts(policy, retrier.deadline), cancel)
+            body = open_body(source, 0 if from_zero else fed, validator, timeouts(policy, retrier.deadline), cancel)
+        except Restart:
+            retrier.restart("server keeps answering ranges inconsistently")
+            from_zero = True
+            continue
         except Retryable as exc:
             retrier.wait(exc)
             continue

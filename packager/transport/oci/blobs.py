@@ -126,7 +126,7 @@ def pull_blob(client, repository: str, digest: str, dest, *, size: int | None = 
     progress = _Reported(on_bytes)
     try:
         result = fetch(source, part, verifier, policy, on_bytes=progress, on_total=progress.present,
-                       cancel=cancel, notify=getattr(client, "notify", None) or notice)
+                       cancel=cancel or getattr(client, "cancel", None), notify=getattr(client, "notify", None) or notice)
     except IntegrityError as exc:
         raise _refused(exc, source.url, digest, size) from None
     os.replace(part, dest)
@@ -168,6 +168,7 @@ def stream_blob(client, repository: str, digest: str, write: Callable[[bytes], o
     source = BlobSource(client, repository, digest)
     try:
         stream(source, write, _verifier(source.url, digest, size), reading_policy(client.policy),
-               on_bytes=on_bytes, cancel=cancel, notify=getattr(client, "notify", None) or notice)
+               on_bytes=on_bytes, cancel=cancel or getattr(client, "cancel", None),
+               notify=getattr(client, "notify", None) or notice)
     except IntegrityError as exc:
         raise _refused(exc, source.url, digest, size) from None
