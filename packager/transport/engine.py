@@ -117,6 +117,7 @@ class Retrier:
         self.url, self.policy, self.cancel, self.notify = url, policy, cancel, notify
         self.deadline = deadline_of(policy)
         self.attempt = 0
+        self.stalls = 0
         self.restarted = False
 
     def check(self) -> None:
@@ -135,8 +136,10 @@ class Retrier:
         if self.cancel is not None and self.cancel.cancelled:
             raise Cancelled()
         self.attempt += 1
+        self.stalls += exc.stalled
         policy, reason, retry_after = self.policy, exc.reason, exc.retry_after
-        if self.attempt > policy.retries:
+        stall_limit = policy.stall_retries if policy.stall_retries is not None else policy.retries
+        if self.attempt > policy.retries or self.stalls > stall_limit:
             raise DownloadError(f"{self.url}: {reason} (gave up after {self.attempt} attempts)")
         if retry_after is not None and retry_after > policy.max_retry_after:
             raise DownloadError(f"{self.url}: {reason}; server asks to retry after {retry_after:.0f}s")

@@ -119,7 +119,8 @@ class HttpSource:
         try:
             return self.session.get(self.location, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
         except requests.exceptions.ReadTimeout:
-            raise Retryable(f"no answer from {urlsplit(self.location).netloc} for {timeout[1]:g}s") from None
+            raise Retryable(f"no answer from {urlsplit(self.location).netloc} for {timeout[1]:g}s",
+                            stalled=True) from None
         except (*_transient(), ValueError) as exc:
             fatal = self.fatal(exc)
             if fatal is not None:

@@ -497,7 +497,7 @@ class S3Source:
             if offset and code == "InvalidRange":
                 return None
             if status >= 500 or status in (408, 429) or _is_connection_error(exc):
-                raise Retryable(self._reason(exc, status)) from None
+                raise Retryable(self._reason(exc, status), stalled=_is_timeout(exc)) from None
             raise _translate(exc, self.url, "read", reading=True) from exc
 
 
@@ -510,6 +510,12 @@ class S3Source:
         if isinstance(exc, ConnectTimeoutError):
             return f"connect timeout to {endpoint}"
         return f"S3 {status}" if status else f"cannot reach {endpoint} ({type(exc).__name__})"
+
+
+def _is_timeout(exc) -> bool:
+    from botocore.exceptions import ReadTimeoutError
+
+    return isinstance(exc, ReadTimeoutError)
 
 
 class _Changed(Exception):
