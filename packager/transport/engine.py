@@ -199,18 +199,16 @@ def fetch(source: Source, part: Path, verifier: Verifier, policy: Policy = DEFAU
     Raises DownloadError (after retries, or at once when it cannot heal), IntegrityError (the part
     is removed), CacheError (the disk cannot take it), Cancelled (the part is kept to resume)."""
     retrier = Retrier(source.url, policy, cancel, notify)
-    first_offset = None
+    starts: list[int] = []  # where each body began: the first is what this call resumed from
     while True:
         retrier.check()
         offset = prehash(part, verifier, policy.chunk_size)
         if offset == 0:
             discard_part(part)
-        if first_offset is None:
-            first_offset = offset
         try:
             digest = _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel,
-                                    retrier.deadline)
-            return Result(source.url, digest, verifier.count, first_offset, retrier.attempt + 1)
+                                    retrier.deadline, starts)
+            return Result(source.url, digest, verifier.count, starts[0], retrier.attempt + 1)
         except Restart:
             discard_part(part)
             retrier.restart("server keeps answering ranges inconsistently")
@@ -235,9 +233,10 @@ def _validator_of(part: Path, url: str) -> str | None:
     return etag if etag and not etag.startswith("W/") else state.get("last_modified")
 
 
-def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline) -> str:
+def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline, starts) -> str:
     body = open_body(source, offset, _validator_of(part, source.url) if offset else None, timeouts(policy, deadline),
                      cancel)
+    starts.append(body.offset)
     try:
         if body.offset != offset:  # range ignored or object changed: a clean full download
             verifier.reset()
