@@ -101,12 +101,20 @@ class Source(Protocol):
 # -- one retry policy -----------------------------------------------------------------------------
 
 def timeouts(policy: Policy, deadline: float | None) -> tuple[float, float]:
-    """(connect, read) timeouts for an open, cut down to what is left of the deadline."""
-    connect, read = policy.connect_timeout, policy.read_timeout
+    """(connect, read) timeouts for an open, cut down to what is left of the deadline.
+
+    With a minimum speed, a source silent for ``speed_time`` seconds is below it whether or not it
+    has answered yet: the wait for an answer ends there too (and the notice says so)."""
+    connect, read = policy.connect_timeout, read_timeout(policy)
     if deadline is not None:
         left = max(0.1, deadline - time.monotonic())
         connect, read = min(connect, left), min(read, left)
     return connect, read
+
+
+def read_timeout(policy: Policy) -> float:
+    """Seconds a source may stay silent: the read timeout, or ``speed_time`` when a minimum speed is set."""
+    return min(policy.read_timeout, policy.speed_time) if policy.speed_limit > 0 else policy.read_timeout
 
 
 class Retrier:

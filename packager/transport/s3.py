@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlparse
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from .engine import Body, fetch
+from .engine import Body, fetch, read_timeout
 from .http import aborter, retryable
 from .stream import Result, Retryable, StoredObject
 
@@ -456,7 +456,7 @@ class S3Source:
 
     def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
         try:
-            s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, self.policy.read_timeout))
+            s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, read_timeout(self.policy)))
         except MirrorError as exc:  # boto3 missing: this mirror cannot be read, the next one may
             raise DownloadError(f"{self.url}: {exc.message}", hint=exc.hint) from None
         if offset and not validator:  # nothing proves the object is unchanged: start over
@@ -506,7 +506,7 @@ class S3Source:
 
         endpoint = urlparse(str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")).netloc or "the S3 endpoint"
         if isinstance(exc, ReadTimeoutError):
-            return f"no answer from {endpoint} for {self.policy.read_timeout:g}s"
+            return f"no answer from {endpoint} for {read_timeout(self.policy):g}s"
         if isinstance(exc, ConnectTimeoutError):
             return f"connect timeout to {endpoint}"
         return f"S3 {status}" if status else f"cannot reach {endpoint} ({type(exc).__name__})"

@@ -34,12 +34,12 @@ def notice(message: str) -> None:
 def reading_policy(policy) -> Policy:
     """The engine's policy for blob GETs of a client's policy (:class:`~.client.Policy`).
 
-    The wait for an answer is bounded by ``speed_time`` too: a registry that accepts the connection
-    and says nothing is reported ("no answer from HOST for 30s; retrying") as soon as a drip would be;
-    as for the client's own requests, a blob that stalls is retried ``stall_retries`` times only."""
+    As for every source of the engine, the wait for an answer is bounded by ``speed_time`` too: a
+    registry that accepts the connection and says nothing is reported ("no answer from HOST for 30s;
+    retrying") as soon as a drip would be; as for the client's own requests, a blob that stalls is
+    retried ``stall_retries`` times only."""
     speed_limit, speed_time = getattr(policy, "speed_limit", 1024.0), getattr(policy, "speed_time", 30.0)
-    read_timeout = min(policy.read_timeout, speed_time) if speed_limit > 0 else policy.read_timeout
-    return Policy(connect_timeout=policy.connect_timeout, read_timeout=read_timeout, retries=policy.retries,
+    return Policy(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout, retries=policy.retries,
                   backoff=policy.backoff, max_backoff=policy.max_backoff, chunk_size=policy.read_size,
                   speed_limit=speed_limit, speed_time=speed_time, max_time=getattr(policy, "max_time", None),
                   max_redirects=getattr(policy, "max_redirects", 10),
