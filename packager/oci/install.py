@@ -18,7 +18,7 @@ from ..formats.volumes import FileSource
 from ..fsutil import reserve_space
 from ..home import hub_dir, tvpack_cache_dir
 from ..transport.oci import RegistryClient
-from ..transport.stream import Cancel, cancelled_by_interrupt
+from ..transport.stream import cancelled_by_interrupt
 from .image import ImageSource
 from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image
 from .staging import rmdir_quietly, unlink_quietly, write_error
@@ -86,7 +86,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
     lock = threading.Lock()
     bar = progress_bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
     where = str(image.reference)
-    cancel = Cancel()  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
+    cancel = client.cancel  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
 
     def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
         blob = staging / f"{layer.digest.split(':')[1]}.tar"

@@ -64,10 +64,11 @@ class _LayerWriter:
             if len(self.head) == self.header_len:
                 check_header(bytes(self.head), self.path, self.size, self.where)
         lo, hi = max(start, self.header_len), min(end, self.data_end)
-        if lo < hi:  # bytes objects are immutable: the slice may be hashed on another thread
+        if lo < hi:  # hashed on another thread: a copy, as the transfer engine reuses the buffer behind ``data``
             while len(self._jobs) >= 4:
                 self._jobs.popleft().result()
-            self._jobs.append(self._pool.submit(self.content.update, view[lo - start:hi - start]))
+            chunk = view[lo - start:hi - start]
+            self._jobs.append(self._pool.submit(self.content.update, chunk if isinstance(data, bytes) else bytes(chunk)))
         lo = max(start, self.data_end)
         if lo < end and view[lo - start:].tobytes().count(0) != end - lo:
             raise OCIError(f"{self.where}: not a tvpack layer: non-zero bytes after {self.path} in its layer")

@@ -40,6 +40,7 @@ class MirroredClient:
         self.served_by: Endpoint | None = None  # the endpoint that answered the last request
         location = endpoints[-1][1]
         self.host, self.policy, self.offline = location.host, location.policy, location.offline
+        self.cancel, self.plain_http = location.cancel, location.plain_http
 
     def _live(self):
         return [(e, c) for e, c in self.endpoints if e not in self.skipped]
