@@ -14,6 +14,7 @@ from ..bodies import read_capped
 from .reference import OCI_INDEX, _check_digest
 
 INDEX_CAP = 4 << 20
+NO_API = (400, 404, 405, 501)  # what registries without the API answer for its path
 
 
 def referrers_tag(digest: str) -> str:
@@ -34,15 +35,16 @@ def _descriptors(data: bytes, what: str) -> list[dict]:
 
 def referrers(client, repository: str, digest: str) -> list[dict] | None:
     """The descriptors the registry's referrers API lists for ``digest``, or None when it has no such API
-    (HTTP 404: a registry with the API answers an empty index instead). ``client``: a RegistryClient, or a
+    (HTTP 404, or 400/405/501 from registries that do not route the path: a registry with the API answers an
+    empty index instead). ``client``: a RegistryClient, or a
     MirroredClient (each endpoint asked in turn)."""
     each = getattr(client, "_each", None)
     if each is not None:  # through mirrors
         return each(repository, "referrers", lambda c, repo, _endpoint: referrers(c, repo, digest))
     what = f"oci://{client.host}/{repository}@{digest} (referrers)"
     response = client._request("GET", client._url(repository, "referrers", _check_digest(digest)), what=what,
-                               repository=repository, ok=(200, 404), headers={"Accept": OCI_INDEX})
-    if response.status_code == 404:
+                               repository=repository, ok=(200, *NO_API), headers={"Accept": OCI_INDEX})
+    if response.status_code in NO_API:
         response.close()
         return None
     return _descriptors(read_capped(response, INDEX_CAP, "referrers index", error=OCIError), what)
