@@ -293,7 +293,7 @@ def test_a_failed_manifest_check_names_the_reference_once_as_given(registry, mad
     registry.stop()
     failed = run_tvpack("push", made["small"], ref_of(registry, tag="v2"), "--plain-http")
     line = one_error_line(failed)
-    assert line.count("models/small") == 1 and f"{ref_of(registry, tag='v2')}:" in line, line
+    assert line.count("oci://") == 1 and f"{ref_of(registry, tag='v2')}:" in line, line
     assert ":sha256:" not in line
 
 
