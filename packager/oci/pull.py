@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ class _LayerWriter:
     """Takes one checkpoint layer's bytes in order (on the transport's worker thread, after they were
     hashed for the digest) and writes the member they hold (header, data, padding) at ``offset`` of
     ``fd``, checking on the way that the tar around the data is exactly what tvpack writes; the data's
-    sha256 is computed on one more thread."""
+    sha256 is computed on one more thread while the bytes are written. The transport reuses its buffers once
+    ``write`` returns, so every use of them ends before it does."""
 
     def __init__(self, fd: int, span: Span, where: str):
         self.fd, self.offset, self.path, self.size, self.where = fd, span.offset, span.path, span.size, where
@@ -52,7 +52,6 @@ class _LayerWriter:
         self.head = bytearray()
         self.content = hashlib.sha256()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvpack-oci-sha")
-        self._jobs: deque = deque()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -63,19 +62,18 @@ class _LayerWriter:
             self.head += view[:self.header_len - start]
             if len(self.head) == self.header_len:
                 check_header(bytes(self.head), self.path, self.size, self.where)
-        lo, hi = max(start, self.header_len), min(end, self.data_end)
-        if lo < hi:  # hashed on another thread: a copy, as the transfer engine reuses the buffer behind ``data``
-            while len(self._jobs) >= 4:
-                self._jobs.popleft().result()
-            chunk = view[lo - start:hi - start]
-            self._jobs.append(self._pool.submit(self.content.update, chunk if isinstance(data, bytes) else bytes(chunk)))
-        lo = max(start, self.data_end)
-        if lo < end and view[lo - start:].tobytes().count(0) != end - lo:
+        tail = max(start, self.data_end)
+        if tail < end and view[tail - start:].tobytes().count(0) != end - tail:
             raise OCIError(f"{self.where}: not a tvpack layer: non-zero bytes after {self.path} in its layer")
-        hi = min(end, self.member_end)
-        written = 0
-        while start + written < hi:
-            written += os.pwrite(self.fd, view[written:hi - start], self.offset + start + written)
+        lo, hi = max(start, self.header_len), min(end, self.data_end)
+        job = self._pool.submit(self.content.update, view[lo - start:hi - start]) if lo < hi else None
+        try:
+            written, hi = 0, min(end, self.member_end)
+            while start + written < hi:
+                written += os.pwrite(self.fd, view[written:hi - start], self.offset + start + written)
+        finally:
+            if job is not None:
+                job.result()  # the buffer is the transport's again once this returns
         self.pos = end
 
     def finish(self) -> str:
@@ -86,11 +84,7 @@ class _LayerWriter:
         return self.content.hexdigest()
 
     def close(self) -> None:
-        try:
-            while self._jobs:
-                self._jobs.popleft().result()
-        finally:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
