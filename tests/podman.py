@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ class Podman:
         need_binary("runc")
         self.busybox = need_binary("busybox")
         self.workdir = Path(workdir)
-        self.root, self.runroot = self.workdir / "root", self.workdir / "runroot"
+        # podman refuses a runroot longer than 50 characters (pytest's temp paths under xdist are longer)
+        self.root, self.runroot = self.workdir / "root", Path(tempfile.mkdtemp(prefix="tvpack-podman-"))
         self.registries_conf = self.workdir / "registries.conf"
         self.registries_conf.write_text("")
         self.env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
@@ -107,8 +109,9 @@ class Podman:
         self("system", "reset", "--force", check=False)
         for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
             target = line.split()[1].replace("\\040", " ")
-            if target.startswith(str(self.workdir) + "/"):
+            if target.startswith((str(self.workdir) + "/", str(self.runroot) + "/")) or target == str(self.runroot):
                 subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
