@@ -78,7 +78,7 @@ def _digest(path: Path, deep: bool) -> str:
 def _installed_manifests(hub: Path) -> list[inv.InstalledManifest]:
     """The installed bundle manifests that are intact (content matching the id in their name)."""
     found = []
-    for path in sorted(cache.manifests_dir(hub).glob("*.json")):
+    for path in sorted(cache.HubLayout(hub).manifests.glob("*.json")):
         try:
             if path.stat().st_size > MAX_MANIFEST:
                 continue

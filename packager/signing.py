@@ -44,7 +44,7 @@ from typing import Iterable, Mapping, Sequence
 
 from . import env
 from .bundle import Bundle, InstallReport, VerifyReport, install_bundle, open_bundle, verify_bundle
-from .cache import manifests_dir, tvpack_dir, verify_cache
+from .cache import HubLayout, verify_cache
 from .errors import BundleError, SignatureError
 from .formats import signature as sigfmt
 from .formats.archive import BLOCK, RECORD, round_up, source_date_epoch, tar_header
@@ -58,12 +58,12 @@ from .home import hub_dir
 
 def trusted_dir(hub: Path) -> Path:
     """``<hub>/tvpack/trusted/``: PEM public keys and CA roots this machine trusts."""
-    return tvpack_dir(hub) / "trusted"
+    return HubLayout(Path(hub)).trusted
 
 
 def signatures_dir(hub: Path) -> Path:
     """``<hub>/tvpack/signatures/``: installed signatures, beside the installed manifests."""
-    return tvpack_dir(hub) / "signatures"
+    return HubLayout(Path(hub)).signatures
 
 
 def manifest_id(manifest_bytes: bytes) -> str:
@@ -580,7 +580,7 @@ def verify_installed(policy: Policy, *, torch_home=None, selectors: Sequence[str
         raise SignatureError("nothing to check signatures against: give --key PUB or --ca-root PEM, set "
                              "TVPACK_TRUSTED_KEYS, or put PEM files in <hub>/tvpack/trusted/")
     hub = hub_dir(torch_home)
-    manifests = [check_installed_manifest(p, policy, hub=hub) for p in sorted(manifests_dir(hub).glob("*.json"))]
+    manifests = [check_installed_manifest(p, policy, hub=hub) for p in sorted(HubLayout(hub).manifests.glob("*.json"))]
     results = verify_cache(selectors, torch_home=torch_home, registry=registry, jobs=jobs, progress=progress)
     signed: dict[str, dict[str, str]] = {}  # checkpoint file name -> {manifest id: sha256}
     for manifest in manifests:

@@ -219,7 +219,7 @@ def test_a_lock_that_does_nothing_never_leaves_a_wrong_file(mirror_server, torch
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(cache, "FileLock", NoLock)
+    monkeypatch.setattr(cache.layout, "FileLock", NoLock)
     (ref,) = synth_refs(mirror_server.root, count=1, size=2 * MiB)
     mirror_server.add_fault("flip", times=3, at=MiB + 17)  # the first three transfers carry a bad byte
     mirror_server.add_fault("slow", rate=16 * MiB)
@@ -271,7 +271,7 @@ def test_a_lock_never_released_does_not_hang_fetch(mirror_server, torch_home, mo
     locks = torch_home / "hub" / "tvpack" / "locks"
     locks.mkdir(parents=True)
     held = FileLock(str(locks / f"{ref.filename}.lock"))
-    monkeypatch.setattr(cache, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(cache.fetching, "LOCK_WAIT", 0.3)
     done = []
     thread = threading.Thread(target=lambda: held.acquire())  # held by another thread for good
     thread.start()
