@@ -463,6 +463,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
         _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
                + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
+        cache.record_install(hub, manifest_dest.stem)  # this manifest is now current for its weights (even unchanged)
         first_entry = {}
         for entry in archive.entries:
             first_entry.setdefault(entry.path, entry)

@@ -10,6 +10,7 @@ The rooms of the package:
 * :mod:`.layout`: :class:`HubLayout`, every path under ``<hub>``, and how tvpack names its files there;
 * :mod:`.index`: the verification index, so an unchanged file is never hashed twice;
 * :mod:`.fetching`: fetch, with its locks, part files, workers and progress;
+* :mod:`.installed`: installed manifests, install records, which manifest is current for each weights;
 * :mod:`.scan`: ``cache ls`` (:func:`scan_cache`) and the one reader of installed state (:func:`scan_hub`);
 * :mod:`.verify`, :mod:`.prune`: ``cache verify``, ``cache prune`` and ``cache rm``;
 * :mod:`.lockfile`: writing ``tvpack.lock``;
@@ -32,9 +33,12 @@ from .index import INDEX_LOCK_WAIT, INDEX_VERSION, _load_index, _update_index, f
 from .layout import (
     _HOST, PART_SUFFIX, STAGING_DIR, TORCH_HUB_PARTIAL, HubLayout, index_path, locks_dir, manifests_dir, tvpack_dir,
 )
+from .installed import (
+    InstalledWeights, ManifestInfo, current_weights, read_manifest, read_manifests, record_install,
+)
 from .lockfile import write_lockfile
 from .prune import Removal, prune_cache, remove_from_cache
-from .scan import STATUSES, CachedFile, CacheInfo, scan_cache
+from .scan import STATUSES, CachedFile, CacheInfo, HubInfo, scan_cache, scan_hub
 from .staging import staging, staging_root
 from .verify import VerifyResult, verify_cache
 
@@ -43,5 +47,5 @@ __all__ = [
     "file_sha256", "record_verified", "index_entry", "hash_file",
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
     "prune_cache", "remove_from_cache", "Removal", "staging", "staging_root", "STAGING_DIR",
-    "HubLayout", "write_lockfile",
+    "HubLayout", "write_lockfile", "scan_hub", "HubInfo", "ManifestInfo", "InstalledWeights", "record_install",
 ]

@@ -1,19 +1,20 @@
-"""What a hub holds: every checkpoint file with its weights, size and status (:func:`scan_cache`), without
-hashing anything."""
+"""What a hub holds, without hashing or writing anything: every checkpoint file with its weights, size and
+status (:func:`scan_cache`), and the installed state with the current manifest of each weights (:func:`scan_hub`)."""
 from __future__ import annotations
 
-import json
 import os
 import stat as stat_module
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import CacheError, TvpackError
+from ..formats.manifest import BundleEntry
 from ..registry import hash_prefix_from_filename
 from ..snapshot import get_catalog
 from .index import _fresh, _load_index
+from .installed import InstalledWeights, ManifestInfo, current_weights, read_manifests
 from .layout import _TEMP_NAME, PART_SUFFIX, TORCH_HUB_PARTIAL, HubLayout
 
 STATUSES = ("verified", "unverified", "corrupt", "partial", "unknown", "broken")
@@ -67,22 +68,20 @@ def _is_partial(name: str) -> bool:
             or bool(_TEMP_NAME.match(name)))
 
 
-def _manifest_pins(hub: Path) -> dict[str, tuple[str, str | None]]:
-    """filename -> (weights name, sha256) from installed bundle manifests."""
+def _manifest_pins(hub: Path, manifests: Sequence[ManifestInfo] | None = None,
+                   current: Mapping[str, InstalledWeights] | None = None) -> dict[str, tuple[str, str | None]]:
+    """filename -> (weights name, sha256) from the installed manifests: the current manifest's pin first."""
+    if manifests is None:
+        manifests = read_manifests(HubLayout(Path(hub)))
+    if current is None:
+        current = current_weights(manifests)
     pins: dict[str, tuple[str, str | None]] = {}
-    try:
-        paths = sorted(HubLayout(hub).manifests.glob("*.json"))
-    except OSError:
-        return pins
-    for path in paths:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError):
-            continue
-        weights = data.get("weights") if isinstance(data, dict) else None
-        for item in weights if isinstance(weights, list) else []:  # a damaged manifest pins nothing
-            if isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
-                pins.setdefault(os.path.basename(item["path"]), (item.get("name"), item.get("sha256")))
+    for weights in current.values():
+        if weights.entry is not None:
+            pins.setdefault(weights.entry.filename, (weights.name, weights.entry.sha256))
+    for manifest in manifests:
+        for entry in manifest.entries:
+            pins.setdefault(entry.filename, (entry.name, entry.sha256))
     return pins
 
 
@@ -136,12 +135,15 @@ def _link_detail(path: Path) -> str:
 
 def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: bool = True) -> CacheInfo:
     """Every file in ``checkpoints/`` with its weights (if known), size and status, no hashing."""
-    hub = HubLayout.of(torch_home).hub
+    return scan_hub(HubLayout.of(torch_home), registry=registry, use_registry=use_registry).cache
+
+
+def _scan_checkpoints(hub: Path, pins: Mapping[str, tuple[str, str | None]], registry: Sequence[str],
+                      use_registry: bool) -> CacheInfo:
     listing = _listing(HubLayout(hub).checkpoints, strict=True)
     if not listing:
         return CacheInfo(hub, ())
     index = _load_index(hub)
-    pins = _manifest_pins(hub)
     known: dict[str, list[str]] | None = None
     files = []
     for name, path, st in listing:
@@ -154,7 +156,6 @@ def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: b
             files.append(CachedFile(path, st.st_size, st.st_mtime, "partial"))
             continue
         entry = index.get(name) if isinstance(index.get(name), dict) else {}
-        fresh = _fresh(entry, st)
         weights: list[str] = []
         if entry.get("weights"):
             weights.append(entry["weights"])
@@ -168,19 +169,69 @@ def scan_cache(*, torch_home=None, registry: Sequence[str] = (), use_registry: b
                 except TvpackError:
                     known = {}
             weights.extend(known.get(name, []))
-        prefix = hash_prefix_from_filename(name)
-        expected = pin_sha or prefix
-        sha = entry.get("sha256") if fresh else None
-        if sha is not None:
-            bad = (pin_sha and sha != pin_sha) or (prefix and not sha.startswith(prefix))
-            status, detail = ("corrupt", "sha256 does not match " + ("the manifest" if pin_sha and sha != pin_sha
-                                                                      else "the name's prefix")) \
-                if bad else ("verified", None)
-        elif expected or weights:
-            status, detail = "unverified", ("changed since verified" if entry else None)
-        else:
-            status, detail = "unknown", "no known weights and no hash to check"
-        files.append(CachedFile(path, st.st_size, st.st_mtime, status, tuple(weights), sha, expected, detail))
+        files.append(_cached_file(path, st, entry, tuple(weights), pin_sha))
     return CacheInfo(hub, tuple(files))
 
 
+def _cached_file(path: Path, st: os.stat_result, entry: dict, weights: tuple[str, ...],
+                 pin_sha: str | None) -> CachedFile:
+    prefix = hash_prefix_from_filename(path.name)
+    expected = pin_sha or prefix
+    sha = entry.get("sha256") if _fresh(entry, st) else None
+    if sha is not None:
+        bad = (pin_sha and sha != pin_sha) or (prefix and not sha.startswith(prefix))
+        status, detail = ("corrupt", "sha256 does not match " + ("the manifest" if pin_sha and sha != pin_sha
+                                                                  else "the name's prefix")) \
+            if bad else ("verified", None)
+    elif expected or weights:
+        status, detail = "unverified", ("changed since verified" if entry else None)
+    else:
+        status, detail = "unknown", "no known weights and no hash to check"
+    return CachedFile(path, st.st_size, st.st_mtime, status, weights, sha, expected, detail)
+
+
+# -- installed state: the one reader ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HubInfo:
+    """What a hub holds, read once, in the style of huggingface_hub's ``scan_cache_dir``: the checkpoint files
+    (``cache``; None when not asked for), the installed manifests with their releases, install records and
+    signatures, and for each weights they describe which manifest is current."""
+
+    layout: HubLayout
+    manifests: tuple[ManifestInfo, ...] = ()
+    weights: Mapping[str, InstalledWeights] = field(default_factory=dict, compare=False)
+    cache: CacheInfo | None = None
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.layout.hub
+
+    def manifest(self, manifest_id: str) -> ManifestInfo | None:
+        return next((m for m in self.manifests if m.manifest_id == manifest_id), None)
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per installed manifest that cannot be used."""
+        return [f"skipping installed manifest {m.path}: {m.problem}" for m in self.manifests if m.problem]
+
+    def current_entries(self) -> dict[str, BundleEntry]:
+        """name -> the current manifest's entry, for every weights that has one."""
+        return {name: w.entry for name, w in self.weights.items() if w.entry is not None}
+
+    def to_dict(self) -> dict:
+        return {"hub_dir": str(self.layout.hub), "manifests": [m.to_dict() for m in self.manifests],
+                "weights": [w.to_dict() for w in self.weights.values()],
+                **({"cache": self.cache.to_dict()} if self.cache is not None else {})}
+
+
+def scan_hub(layout: HubLayout, *, registry: Sequence[str] = (), use_registry: bool = True,
+             checkpoints: bool = True) -> HubInfo:
+    """Read a hub once: manifests (through ``parse_manifest``), their signatures and install records, which
+    manifest is current for each weights, and (unless ``checkpoints=False``) every checkpoint file with its
+    size and status (:func:`scan_cache`). Writes nothing, hashes nothing."""
+    manifests = read_manifests(layout)
+    current = current_weights(manifests)
+    cache = _scan_checkpoints(layout.hub, _manifest_pins(layout.hub, manifests, current), registry,
+                              use_registry) if checkpoints else None
+    return HubInfo(layout, manifests, current, cache)
