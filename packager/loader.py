@@ -30,6 +30,7 @@ What happens on a load, and why:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import inspect
 import json
@@ -50,6 +51,7 @@ from .errors import BundleError, IntegrityError, LoadError, SignatureError, Tvpa
 from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, BundleEntry
 from .formats.volumes import open_source as open_bytes
+from .registry import parse_selector, select_described
 from .snapshot import resolve
 from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
@@ -153,34 +155,23 @@ class Source:
         return ", ".join(names) if names else "nothing"
 
     def find(self, name: str, *, registry: Sequence[str] = ()) -> tuple[Entry, str | None]:
-        """(entry, model name or None) for a model name, ``model:MEMBER`` or ``Enum.MEMBER``."""
-        name = name.strip()
-        if ":" in name:
-            model, member = name.split(":", 1)
-            candidates = [e for e in self.entries.values() if model in e.models]
-            if member == "DEFAULT":
-                return self._default(model, candidates, registry), model
-            for entry in candidates:
-                if entry.member == member:
-                    return entry, model
-            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
+        """(entry, model name or None) for a selector naming one weights (:func:`packager.registry.parse_selector`):
+        a model name (its DEFAULT here), ``model:MEMBER``, ``model:DEFAULT``, ``Enum.MEMBER``, ``Enum.DEFAULT``."""
+        selector = parse_selector(name)
+        matches = select_described(selector, self.entries.values(),
+                                   default=lambda found: self._default(selector.model or selector.enum, found, registry))
+        if not matches:
+            what = f"for model {name.strip()!r}" if selector.model is not None and selector.member is None \
+                else repr(name.strip())
+            raise LoadError(f"{self.describe()} holds no weights {what}; it holds: {self._choices()}",
                             hint=self._missing_hint(name, registry))
-        if "." in name:
-            enum, member = name.split(".", 1)
-            if member == "DEFAULT":
-                candidates = [e for e in self.entries.values() if e.enum == enum]
-                return self._default(enum, candidates, registry), None
-            if name in self.entries:
-                return self.entries[name], None
-            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name, registry))
-        candidates = [e for e in self.entries.values() if name in e.models]
-        if not candidates:
-            raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name, registry))
-        if len(candidates) == 1:
-            return candidates[0], name
-        return self._default(name, candidates, registry), name
+        if len(matches) > 1:
+            raise LoadError(f"{name.strip()!r} names {len(matches)} weights in {self.describe()}; choose one of: "
+                            + ", ".join(sorted(e.name for e in matches)))
+        entry = matches[0]
+        if selector.model is None:
+            return entry, None
+        return entry, next(m for m in entry.models if fnmatch.fnmatchcase(m, selector.model))
 
     def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
         if not candidates:
