@@ -621,3 +621,34 @@ def test_damaged_index_and_manifest_entries_are_ignored_not_a_crash(torch_home, 
         result = cli(*args)
         assert result.exit_code == 0, result.output
         assert name in result.output and "bug" not in result.output
+
+
+# -- mirrors in order ------------------------------------------------------------------------------
+
+def test_an_s3_mirror_without_credentials_falls_through_to_a_directory_mirror(tmp_path, torch_home, cli, monkeypatch,
+                                                                             no_creds):
+    """``--mirror s3://... --mirror DIR`` with no S3 credentials at all: the directory serves every file."""
+    from packager.testing.servers import MotoS3
+    from tests.conftest import need_server
+
+    server = need_server(MotoS3).start()
+    try:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                     "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(name, value)
+        refs = synth_refs(tmp_path / "dir-mirror", count=2, size=10_000)
+        lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+        result = cli("fetch", "--lock", lock, "--mirror", "s3://models/torchvision", "--mirror", tmp_path / "dir-mirror",
+                     "--no-upstream", "--json")
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    fetched = json.loads(result.output)
+    assert [d["status"] for d in fetched] == ["downloaded", "downloaded"]
+    assert all("dir-mirror" in d["source"] for d in fetched)
+    assert [hashlib.sha256((ckpt(torch_home) / r.filename).read_bytes()).hexdigest() for r in refs] == \
+        [r.sha256 for r in refs]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .. import env
-from ..errors import CacheError, DownloadError, IntegrityError, OfflineError, TvpackError, UsageError
+from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
 from ..fsutil import fsync_dir, pid_alive
 from ..locking import describe_holder
@@ -339,7 +339,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                     integrity = integrity or exc
                     errors.append(exc.format())
                     continue
-                except DownloadError as exc:
+                except (DownloadError, MirrorError) as exc:  # this source cannot serve it (no credentials, say): next
                     errors.append(exc.format())
                     continue
                 try:
