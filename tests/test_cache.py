@@ -652,3 +652,25 @@ def test_an_s3_mirror_without_credentials_falls_through_to_a_directory_mirror(tm
     assert all("dir-mirror" in d["source"] for d in fetched)
     assert [hashlib.sha256((ckpt(torch_home) / r.filename).read_bytes()).hexdigest() for r in refs] == \
         [r.sha256 for r in refs]
+
+
+def test_prune_tells_the_lock_file_of_a_finished_run_from_a_stale_one(mirror_server, torch_home, tmp_path, cli):
+    refs = synth_refs(mirror_server.root, count=2, size=1000)
+    lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+    assert cli("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream", "-q").exit_code == 0
+    locks = torch_home / "hub" / "tvpack" / "locks"
+    finished = sorted(locks.glob("*.lock"))
+    assert finished  # a clean fetch leaves its free lock files, for the next run to reuse
+    dry = json.loads(cli("cache", "prune", "--dry-run", "--json").output)
+    assert dry["removed"] == []
+    # a run killed while holding a lock leaves its note in the lock file
+    victim = locks / f"{refs[0].filename}.lock"
+    code = f"from packager.locking import FileLock; import os; FileLock({str(victim)!r}).acquire(); os._exit(0)"
+    dead = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert dead.returncode == 0 and victim.stat().st_size > 0
+    dry = json.loads(cli("cache", "prune", "--dry-run", "--json").output)
+    assert [(r["path"], r["reason"].split(":")[0]) for r in dry["removed"]] == [(str(victim), "stale lock file")]
+    assert "died holding it" in dry["removed"][0]["reason"]
+    result = cli("cache", "prune")
+    assert result.exit_code == 0 and "stale lock file" in result.output
+    assert sorted(locks.glob("*.lock")) == [p for p in finished if p != victim]

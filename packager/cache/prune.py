@@ -1,8 +1,10 @@
 """``cache prune`` and ``cache rm``: what is abandoned or asked for goes, and nothing anyone is using."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +12,9 @@ from typing import Sequence
 
 from ..errors import CacheError, UsageError
 from ..fsutil import make_dirs, pid_alive
-from ..locking import FileLock
+from ..locking import FileLock, Holder
 from ..transport import discard_part, part_state_path
-from .fetching import _part_abandoned, _parts_of
+from .fetching import STALE_FOREIGN_PART, _part_abandoned, _parts_of
 from .index import _load_index, _update_index
 from .layout import _DEAD_TEMP_AGE, _PART_NAME, _TEMP_NAME, PART_SUFFIX, TORCH_HUB_PARTIAL, HubLayout, _lock
 from .scan import _dangling, _listing
@@ -86,27 +88,41 @@ def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
 
 
 def _stale_locks(hub: Path, remove: bool) -> list[Removal]:
-    """Lock files nobody holds; each removed (when ``remove``) while we hold it, so a process
-    waiting on it notices (the lock re-checks that its path still names the file it locked)."""
+    """Lock files left by a run that died holding them: nobody holds the lock, yet the holder's note is still in
+    it (a run that finishes empties its note) and that holder is gone. A free, empty lock file is what every
+    finished run leaves, and the next one reuses it: not litter, so not listed. Each stale one is removed (when
+    ``remove``) while we hold it, so a process waiting on it notices (the lock re-checks its path)."""
     out: list[Removal] = []
     try:
         lock_paths = sorted(HubLayout(hub).locks.glob("*.lock"))
     except OSError:
         return out
     for path in lock_paths:
-        lock = FileLock(path)
-        try:
-            if not lock.try_acquire():
-                continue  # held: a fetch is running
+        holder = FileLock(path).holder()
+        if holder is None:
+            continue  # free and empty: a finished run's
+        try:  # lock it through a read-only descriptor: taking it must not overwrite the note we judge
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             continue
         try:
-            out.append(Removal(path, path.stat().st_size if path.exists() else 0, "stale lock file"))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino or not _holder_gone(holder):
+                continue  # replaced meanwhile, or its holder may still be running
+            out.append(Removal(path, os.fstat(fd).st_size, f"stale lock file: {holder.describe()} died holding it"))
             if remove:
                 _remove(path)
+        except OSError:
+            continue  # held: a fetch is running
         finally:
-            lock.release()
+            os.close(fd)
     return out
+
+
+def _holder_gone(holder: Holder) -> bool:
+    if holder.host == (socket.gethostname() or "?"):
+        return not pid_alive(holder.pid)
+    return time.time() - holder.since > STALE_FOREIGN_PART  # another host's: only once it is old
 
 
 def _remove(path: Path) -> None:
@@ -157,7 +173,7 @@ def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[
 
 
 def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.0) -> list[Removal]:
-    """Remove abandoned partial downloads, temporary files and lock files nobody holds.
+    """Remove abandoned partial downloads, temporary files and lock files left by runs that died holding them.
 
     Returns what was (or, with ``dry_run``, would be) removed. Part files whose file lock is held
     (a fetch running anywhere, in any pid namespace), or whose owner is alive, and torch.hub temp

@@ -369,7 +369,7 @@ def _print_removals(removals, dry_run: bool, verb: str) -> None:
 @torch_home_option
 @json_option
 def prune_cmd(dry_run, torch_home, as_json):
-    """Remove abandoned partial downloads, temporary files and stale lock files."""
+    """Remove abandoned partial downloads, temporary files and lock files of runs that died holding them."""
     from ..cache import prune_cache
 
     removals = prune_cache(torch_home=torch_home, dry_run=dry_run)
