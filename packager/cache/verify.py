@@ -16,7 +16,7 @@ from ..registry import hash_prefix_from_filename
 from ..snapshot import resolve
 from .index import record_verified
 from .layout import HubLayout
-from .scan import _manifest_pins, scan_cache
+from .scan import _manifest_pins, scan_hub
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
     ``deep`` also requires ``torch.load(weights_only=True)`` to succeed.
     """
     hub = HubLayout.of(torch_home).hub
-    info = scan_cache(torch_home=torch_home, registry=registry, use_registry=False)
+    hub_info = scan_hub(HubLayout(hub), registry=registry, use_registry=False)
+    info = hub_info.cache
     by_path = {f.path: f for f in info.files}
     if selectors:
         paths = _files_for(selectors, hub, registry)
@@ -71,7 +72,7 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
             raise CacheError("not in the cache: " + ", ".join(missing))
     else:
         paths = [f.path for f in info.files if f.status != "partial"]
-    pins = _manifest_pins(hub)
+    pins = _manifest_pins(hub, hub_info.manifests, hub_info.weights)
     # Largest first, so that the last file to finish is a small one.
     paths.sort(key=lambda p: by_path[p].size, reverse=True)
     jobs = jobs or os.cpu_count() or 1
