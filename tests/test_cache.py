@@ -561,17 +561,28 @@ def test_mirror_from_the_environment_and_manifest_pins(mirror_server, torch_home
     assert result.exit_code == 0, result.output
     assert all(d["source"].startswith(mirror_server.url) for d in json.loads(result.output))
     # an installed bundle manifest names the weights and pins a sha256 (here: a different one)
-    manifests = torch_home / "hub" / "tvpack" / "manifests"
-    manifests.mkdir(parents=True)
-    (manifests / "0123456789abcdef.json").write_text(json.dumps({"format": "tvpack-bundle", "weights": [
-        {"name": "Bundled_Weights.V1", "path": f"hub/checkpoints/{refs[0].filename}", "sha256": refs[0].sha256},
-        {"name": "Other_Weights.V1", "path": f"hub/checkpoints/{refs[1].filename}", "sha256": "0" * 64},
-    ]}))
+    # (a valid manifest: installed state is read through parse_manifest only)
+    from packager.formats.manifest import encode_manifest, manifest_path_for
+
+    def item(enum, ref, sha):
+        return {"name": f"{enum}.V1", "enum": enum, "member": "V1", "module": "synth", "models": [], "builders": [],
+                "family": "", "url": ref.url, "path": f"hub/checkpoints/{ref.filename}", "size": ref.size_hint,
+                "sha256": sha, "transforms": {}, "meta": {}}
+
+    # a file whose name promises no hash (a manifest pinning another sha256 than its name's is refused as a whole)
+    other = WeightsRef(enum="Other_Weights", member="V1", url="https://example.invalid/other.pth", size_hint=1000)
+    (ckpt(torch_home) / "other.pth").write_bytes(b"x" * 1000)
+    cache.file_sha256(ckpt(torch_home) / "other.pth")  # hashed and recorded: the index vouches for what it is
+    data = encode_manifest({"format": "tvpack-bundle", "format_version": 1, "created_by": {}, "members": {},
+                            "weights": [item("Bundled_Weights", refs[0], refs[0].sha256),
+                                        item("Other_Weights", other, "0" * 64)]})
+    (torch_home / manifest_path_for(data)).parent.mkdir(parents=True)
+    (torch_home / manifest_path_for(data)).write_bytes(data)
     files = {f["file"]: f for f in json.loads(cli("cache", "ls", "--json", "--no-registry").output)["files"]}
     assert files[refs[0].filename]["status"] == "verified"
     assert set(files[refs[0].filename]["weights"]) == {refs[0].name, "Bundled_Weights.V1"}
-    assert files[refs[1].filename]["status"] == "corrupt" and files[refs[1].filename]["expected"] == "0" * 64
-    result = cli("cache", "verify", refs[1].filename)
+    assert files["other.pth"]["status"] == "corrupt" and files["other.pth"]["expected"] == "0" * 64
+    result = cli("cache", "verify", "other.pth")
     assert result.exit_code == 1 and "differs from the manifest" in result.output
 
 
