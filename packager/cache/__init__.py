@@ -21,7 +21,9 @@ that is present and verified without writing anything; only what must be written
 line. In a group-shared cache (``chgrp TEAM DIR; chmod 2775 DIR``) everything created is left
 usable by the whole group (:mod:`packager.fsutil`).
 
-Submodules are named so that none shadows a function of the same name (``fetch``, ``staging``).
+The fetching module is ``fetching``, not ``fetch``, so that importing it never shadows the function
+``packager.cache.fetch``. (``staging`` is both a module and the function re-exported here; the module
+moves into the OCI store.)
 """
 from __future__ import annotations
 
