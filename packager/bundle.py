@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from . import cache
-from .errors import BundleError, CacheError, OfflineError, UsageError
+from .errors import BundleError, CacheError, OfflineError, SelectorError, UsageError
 from .formats.archive import (
     Member,
     Span,
@@ -61,7 +61,7 @@ from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, ma
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
 from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
 from .home import hub_dir as _hub_dir
-from .registry import WeightsRef, hash_prefix_from_filename
+from .registry import WeightsRef, hash_prefix_from_filename, parse_selector, select_described
 from .snapshot import describe, resolve
 from .spec import build_transforms, meta_from_json
 
@@ -226,13 +226,18 @@ class Bundle:
         return list(self._archive.source.parts)
 
     def entry(self, name: str) -> BundleEntry:
-        """By weights name (``Enum.MEMBER``), model name (when one weights of it is bundled) or
-        ``model:MEMBER``."""
+        """By weights name (``Enum.MEMBER``, ``Enum.DEFAULT``), model name (when one weights of it is bundled),
+        ``model:MEMBER`` or ``model:DEFAULT`` (:func:`packager.registry.parse_selector`)."""
         for entry in self.entries:
             if entry.name == name:
                 return entry
-        model, _, member = name.partition(":")
-        matches = [e for e in self.entries if model in e.models and (not member or e.member == member)]
+        selector = parse_selector(name)
+        if selector.model is not None and selector.member is None:
+            selector = replace(selector, member="all")  # a bare model: fine when one weights of it is bundled
+        try:
+            matches = select_described(selector, self.entries)
+        except SelectorError as exc:
+            raise BundleError(f"{self.path.name}: {exc.message}") from None
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -466,6 +471,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
         _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
                + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
+        cache.record_install(hub, manifest_dest.stem)  # this manifest is now current for its weights (even unchanged)
         first_entry = {}
         for entry in archive.entries:
             first_entry.setdefault(entry.path, entry)

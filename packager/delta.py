@@ -28,7 +28,7 @@ from .bundle import open_bundle
 from .errors import BundleError, LockfileError
 from .formats import inventory as inv
 from .formats.lockfile import read_lockfile
-from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, decode_manifest, manifest_path_for, parse_manifest
+from .formats.manifest import MAX_MANIFEST, decode_manifest, parse_manifest
 from .formats.volumes import Volumes, listing_name, open_source, split_file
 from .fsutil import atomic_write_bytes
 from .home import hub_dir
@@ -76,23 +76,10 @@ def _digest(path: Path, deep: bool) -> str:
 
 
 def _installed_manifests(hub: Path) -> list[inv.InstalledManifest]:
-    """The installed bundle manifests that are intact (content matching the id in their name)."""
-    found = []
-    for path in sorted(cache.manifests_dir(hub).glob("*.json")):
-        try:
-            if path.stat().st_size > MAX_MANIFEST:
-                continue
-            data = path.read_bytes()
-        except OSError:
-            continue
-        if manifest_path_for(data) != f"{MANIFEST_DIR}/{path.name}":
-            continue  # edited or damaged: the loader skips it too, so the site does not have it
-        try:
-            entries, _members = parse_manifest(decode_manifest(data), str(path))
-        except BundleError:
-            continue
-        found.append(inv.InstalledManifest(path.stem, tuple(e.name for e in entries)))
-    return found
+    """The installed bundle manifests that are intact (content matching the id in their name): an edited or
+    damaged one the loader skips too, so the site does not have it."""
+    info = cache.scan_hub(cache.HubLayout(hub), checkpoints=False)
+    return [inv.InstalledManifest(m.manifest_id, tuple(e.name for e in m.entries)) for m in info.manifests if m.ok]
 
 
 def inventory(*, torch_home=None, deep: bool = False, created: str | None = None) -> inv.Inventory:
@@ -101,7 +88,7 @@ def inventory(*, torch_home=None, deep: bool = False, created: str | None = None
     again), the installed manifests, and the versions of tvpack, torch and torchvision (read from
     package metadata: torch is not imported)."""
     hub = hub_dir(torch_home)
-    files = _checkpoint_files(hub / "checkpoints")
+    files = _checkpoint_files(cache.HubLayout(hub).checkpoints)
     with ThreadPoolExecutor(max_workers=HASH_JOBS) as pool:
         try:
             digests = list(pool.map(lambda item: _digest(item[1], deep), files))

@@ -30,6 +30,7 @@ What happens on a load, and why:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import inspect
 import json
 import logging
@@ -42,13 +43,14 @@ from typing import Iterable, Mapping, Sequence
 
 from . import home
 from .bundle import open_bundle
-from .cache import index_entry, record_verified
+from .cache import HubLayout, index_entry, record_verified, scan_hub
 from .discovery import get_registry
 from .errors import BundleError, IntegrityError, LoadError, SignatureError, TvpackError, VolumeError
 from .formats.archive import MemberFile
-from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
+from .formats.manifest import MANIFEST_DIR, BundleEntry
 from .formats.volumes import open_source as open_bytes
 from .fsutil import descriptor_path, file_identity, hash_stream, written_since
+from .registry import parse_selector, select_described
 from .snapshot import resolve
 from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
@@ -136,34 +138,23 @@ class Source:
         return ", ".join(names) if names else "nothing"
 
     def find(self, name: str, *, registry: Sequence[str] = ()) -> tuple[Entry, str | None]:
-        """(entry, model name or None) for a model name, ``model:MEMBER`` or ``Enum.MEMBER``."""
-        name = name.strip()
-        if ":" in name:
-            model, member = name.split(":", 1)
-            candidates = [e for e in self.entries.values() if model in e.models]
-            if member == "DEFAULT":
-                return self._default(model, candidates, registry), model
-            for entry in candidates:
-                if entry.member == member:
-                    return entry, model
-            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
+        """(entry, model name or None) for a selector naming one weights (:func:`packager.registry.parse_selector`):
+        a model name (its DEFAULT here), ``model:MEMBER``, ``model:DEFAULT``, ``Enum.MEMBER``, ``Enum.DEFAULT``."""
+        selector = parse_selector(name)
+        matches = select_described(selector, self.entries.values(),
+                                   default=lambda found: self._default(selector.model or selector.enum, found, registry))
+        if not matches:
+            what = f"for model {name.strip()!r}" if selector.model is not None and selector.member is None \
+                else repr(name.strip())
+            raise LoadError(f"{self.describe()} holds no weights {what}; it holds: {self._choices()}",
                             hint=self._missing_hint(name, registry))
-        if "." in name:
-            enum, member = name.split(".", 1)
-            if member == "DEFAULT":
-                candidates = [e for e in self.entries.values() if e.enum == enum]
-                return self._default(enum, candidates, registry), None
-            if name in self.entries:
-                return self.entries[name], None
-            raise LoadError(f"{self.describe()} holds no weights {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name, registry))
-        candidates = [e for e in self.entries.values() if name in e.models]
-        if not candidates:
-            raise LoadError(f"{self.describe()} holds no weights for model {name!r}; it holds: {self._choices()}",
-                            hint=self._missing_hint(name, registry))
-        if len(candidates) == 1:
-            return candidates[0], name
-        return self._default(name, candidates, registry), name
+        if len(matches) > 1:
+            raise LoadError(f"{name.strip()!r} names {len(matches)} weights in {self.describe()}; choose one of: "
+                            + ", ".join(sorted(e.name for e in matches)))
+        entry = matches[0]
+        if selector.model is None:
+            return entry, None
+        return entry, next(m for m in entry.models if fnmatch.fnmatchcase(m, selector.model))
 
     def _default(self, what: str, candidates: list[Entry], registry) -> Entry:
         if not candidates:
@@ -198,41 +189,29 @@ class Source:
 
 
 class InstalledSource(Source):
-    """A hub directory holding installed bundles: every ``tvpack/manifests/*.json`` in it."""
+    """A hub directory holding installed bundles: for each weights, the entry of its *current* manifest, as
+    :func:`packager.cache.scan_hub` reports it (a release of a channel, an install record; never a file mtime)."""
 
     kind = "cache"
 
     def __init__(self, hub: Path):
         self.hub = Path(hub)
-        self.skipped: list[str] = []
-        entries: list[Entry] = []
-        manifests = sorted(self.hub.glob("tvpack/manifests/*.json"), key=_mtime, reverse=True)  # newest first
-        for path in manifests:
-            try:
-                if path.stat().st_size > MAX_MANIFEST:
-                    raise OSError(f"{path.stat().st_size} bytes is implausibly large for a manifest")
-                data = path.read_bytes()
-            except OSError as exc:
-                self._skip(path, f"unreadable: {exc.strerror or exc}")
-                continue
-            if manifest_path_for(data) != f"{MANIFEST_DIR}/{path.name}":
-                self._skip(path, "its content does not match its name (edited or corrupt)")
-                continue
-            try:
-                entries.extend(parse_manifest(decode_manifest(data), str(path))[0])
-            except BundleError as exc:  # one bad manifest must not make the others unusable
-                self._skip(path, exc.format())
+        self.info = scan_hub(HubLayout(self.hub), checkpoints=False)
+        self.skipped: list[str] = self.info.problems
+        for message in self.skipped:  # one bad manifest must not make the others unusable
+            warnings.warn(LoaderWarning(message), stacklevel=3)
+        self.ambiguous = {name: w.problem for name, w in self.info.weights.items() if w.problem}
+        entries = list(self.info.current_entries().values())
+        for name in self.ambiguous:  # found by name, then refused in one line naming the manifests
+            first = self.info.manifest(self.info.weights[name].manifests[0])
+            entries.extend(e for e in first.entries if e.name == name)
         super().__init__(self.hub.parent, entries)
-        for entry in entries:
-            kept = self.entries[entry.name]
-            if kept.sha256 != entry.sha256:
-                warnings.warn(LoaderWarning(f"{entry.name} is described by several installed manifests with "
-                                            f"different files; using the newest ({kept.manifest})"), stacklevel=3)
 
-    def _skip(self, path: Path, why: str) -> None:
-        message = f"skipping installed manifest {path}: {why}"
-        self.skipped.append(message)
-        warnings.warn(LoaderWarning(message), stacklevel=4)
+    def find(self, name: str, *, registry: Sequence[str] = ()) -> tuple[Entry, str | None]:
+        entry, model = super().find(name, registry=registry)
+        if entry.name in self.ambiguous:
+            raise LoadError(self.ambiguous[entry.name])
+        return entry, model
 
     def _missing_hint(self, name: str, registry: Sequence[str] = ()) -> str | None:
         if self.skipped:
@@ -241,7 +220,7 @@ class InstalledSource(Source):
         return _not_installed_hint(self.hub, name, registry)
 
     def checkpoint_path(self, entry: Entry) -> Path:
-        return self.hub / "checkpoints" / entry.filename
+        return HubLayout(self.hub).checkpoint(entry.filename)
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
         # The bytes hashed are the bytes loaded: one open file is hashed (or matched to the index by inode and
@@ -282,13 +261,6 @@ def _open_file_sha256(path: Path, f, st: os.stat_result) -> str:
         if file_identity(os.stat(path)) == file_identity(st):
             record_verified(path, digest)
     return digest
-
-
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
 
 
 class BundleSource(Source):
@@ -353,7 +325,7 @@ def _not_installed_hint(hub: Path, name: str, registry: Sequence[str] = ()) -> s
         refs = resolve([name], registry=registry)
     except TvpackError:
         return None
-    present = [ref for ref in refs if (hub / "checkpoints" / ref.filename).is_file()]
+    present = [ref for ref in refs if HubLayout(hub).checkpoint(ref.filename).is_file()]
     if not present:
         return None
     ref = present[0]
@@ -372,12 +344,12 @@ def open_source(source=None) -> Source:
     if path.is_file() or (not path.exists() and path.with_name(path.name + ".sha256").is_file()):
         return BundleSource(path)  # a bundle file, or split: NAME.000, NAME.sha256 or NAME beside its parts
     if path.is_dir():
-        if (path / MANIFEST_DIR).is_dir():
+        if HubLayout(path / "hub").manifests.is_dir():
             return InstalledSource(path / "hub")
-        if (path / "tvpack" / "manifests").is_dir():
+        if HubLayout(path).manifests.is_dir():
             return InstalledSource(path)
-        found = sorted(p.name for p in (path / "hub" / "checkpoints").glob("*") if p.is_file()) \
-            if (path / "hub" / "checkpoints").is_dir() else []
+        checkpoints = HubLayout(path / "hub").checkpoints
+        found = sorted(p.name for p in checkpoints.glob("*") if p.is_file()) if checkpoints.is_dir() else []
         if found:
             raise LoadError(f"{path} holds {len(found)} checkpoint file(s) ({', '.join(found[:3])}"
                             f"{', ...' if len(found) > 3 else ''}) but no tvpack manifest: they were fetched, not"

@@ -241,21 +241,13 @@ class Catalog:
             refs.setdefault(ref.name, ref)
         return list(refs.values())
 
-    def _resolve_one(self, selector: str, with_backbones: bool) -> list[tuple[str, str]]:
-        selector = selector.strip()
-        if not _SELECTOR.fullmatch(selector):
-            raise UsageError(
-                f"bad selector {selector!r}: use MODEL, MODEL:MEMBER, MODEL:all, 'GLOB*' or Enum.MEMBER"
-            )
-        if ":" in selector:
-            model_part, member_part = selector.split(":", 1)
-        elif "." in selector:
-            return [self._weights_by_name(selector)]
-        else:
-            model_part, member_part = selector, None
+    def _resolve_one(self, text: str, with_backbones: bool) -> list[tuple[str, str]]:
+        selector = parse_selector(text)
+        if selector.enum is not None:
+            return [self._weights_by_name(selector.text)]
         keys = []
-        for model in self._models_matching(model_part):
-            keys.extend(self._members_of(model, member_part))
+        for model in self._models_matching(selector.model):
+            keys.extend(self._members_of(model, selector.member))
             if with_backbones and model.backbone:
                 keys.append(model.backbone)
         return keys
@@ -299,6 +291,68 @@ class Catalog:
 
 # MODEL, MODEL:MEMBER, GLOB, GLOB:all, Enum.MEMBER
 _SELECTOR = re.compile(r"[A-Za-z0-9_*?\[\]\-]+(:[A-Za-z0-9_]+)?|[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One selector, parsed: ``MODEL`` / ``'GLOB*'`` with an optional ``:MEMBER`` (``:DEFAULT``, ``:all``), or
+    ``Enum.MEMBER`` (``Enum.DEFAULT``). The one parser of selectors, for the catalog, lockfiles, bundles and
+    installed sources alike."""
+
+    text: str
+    model: str | None = None  # a model name or glob
+    enum: str | None = None  # the Enum of Enum.MEMBER
+    member: str | None = None  # a member name, "DEFAULT", "all", or None (a bare MODEL: its default)
+
+    @property
+    def is_glob(self) -> bool:
+        return self.model is not None and any(ch in self.model for ch in "*?[")
+
+    @property
+    def wants_default(self) -> bool:
+        """Names the default weights of a model or enum (``MODEL``, ``MODEL:DEFAULT``, ``Enum.DEFAULT``)."""
+        return self.member == "DEFAULT" or (self.model is not None and self.member is None)
+
+
+def parse_selector(text: str) -> Selector:
+    """``text`` as a :class:`Selector`; a malformed one is a UsageError."""
+    text = text.strip()
+    if not _SELECTOR.fullmatch(text):
+        raise UsageError(f"bad selector {text!r}: use MODEL, MODEL:MEMBER, MODEL:all, 'GLOB*' or Enum.MEMBER")
+    if ":" in text:
+        model, member = text.split(":", 1)
+        return Selector(text, model=model, member=member)
+    if "." in text:
+        enum, member = text.split(".", 1)
+        return Selector(text, enum=enum, member=member)
+    return Selector(text, model=text)
+
+
+def select_described(selector: Selector, items: Iterable, *, default=None) -> list:
+    """The items a selector names among described weights: anything with ``enum``, ``member`` and ``models``
+    (a :class:`WeightsRef` of a lockfile, a bundle's or an installed manifest's entry), in their order.
+
+    A selector for a default (``MODEL``, ``MODEL:DEFAULT``, ``Enum.DEFAULT``) names one item: the only
+    candidate, else ``default(candidates)`` (which returns the default, or raises; None or no ``default``: a
+    SelectorError naming the candidates). Nothing matching is ``[]``: the caller says where it looked."""
+    items = list(items)
+    if selector.enum is not None:
+        candidates = [i for i in items if i.enum == selector.enum]
+        if selector.member != "DEFAULT":
+            return [i for i in candidates if i.member == selector.member]
+    else:
+        candidates = [i for i in items if any(fnmatch.fnmatchcase(m, selector.model) for m in i.models)]
+        if selector.member == "all":
+            return candidates
+        if not selector.wants_default:
+            return [i for i in candidates if i.member == selector.member]
+    if len(candidates) <= 1:
+        return candidates
+    chosen = default(candidates) if default is not None else None
+    if chosen is None:
+        raise SelectorError(f"{selector.text!r} names {len(candidates)} weights and none is known as the default; "
+                            "choose one of: " + ", ".join(sorted(f"{i.enum}.{i.member}" for i in candidates)))
+    return [chosen]
 
 
 def unknown(kind: str, name: str, choices: Iterable[str]) -> str:

@@ -44,11 +44,11 @@ from typing import Iterable, Mapping, Sequence
 
 from . import env
 from .bundle import Bundle, InstallReport, VerifyReport, install_bundle, open_bundle, verify_bundle
-from .cache import manifests_dir, tvpack_dir, verify_cache
+from .cache import HubLayout, ManifestInfo, read_manifest, scan_hub, verify_cache
 from .errors import BundleError, SignatureError
 from .formats import signature as sigfmt
 from .formats.archive import BLOCK, round_up, source_date_epoch, tar_layout
-from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, decode_manifest, manifest_path_for, parse_manifest
+from .formats.manifest import manifest_path_for
 from .formats.signature import SIGNATURES_DIR, Info, Resource, Trust, Verified
 from .formats.volumes import FileSource, open_source
 from .home import hub_dir
@@ -58,12 +58,12 @@ from .home import hub_dir
 
 def trusted_dir(hub: Path) -> Path:
     """``<hub>/tvpack/trusted/``: PEM public keys and CA roots this machine trusts."""
-    return tvpack_dir(hub) / "trusted"
+    return HubLayout(Path(hub)).trusted
 
 
 def signatures_dir(hub: Path) -> Path:
     """``<hub>/tvpack/signatures/``: installed signatures, beside the installed manifests."""
-    return tvpack_dir(hub) / "signatures"
+    return HubLayout(Path(hub)).signatures
 
 
 def manifest_id(manifest_bytes: bytes) -> str:
@@ -517,30 +517,24 @@ def installed_signatures(hub: Path, manifest_id_: str) -> list[tuple[str, bytes]
     return out
 
 
-def check_installed_manifest(path: Path, trust: TrustPolicy, *, hub: Path | None = None) -> InstalledManifest:
-    """Read an installed manifest and check its installed signatures against ``trust``; never raises for a bad
+def check_installed_manifest(path, trust: TrustPolicy, *, hub: Path | None = None) -> InstalledManifest:
+    """Check an installed manifest (a path, or a :class:`packager.cache.ManifestInfo` from
+    :func:`packager.cache.scan_hub`) and its installed signatures against ``trust``; never raises for a bad
     manifest or signature (the result says what is wrong)."""
-    path = Path(path)
+    manifest = path if isinstance(path, ManifestInfo) else None
+    path = manifest.path if manifest is not None else Path(path)
     hub = hub or path.parent.parent.parent
-    this_id = path.stem
-    try:
-        if path.stat().st_size > MAX_MANIFEST:
-            return InstalledManifest(this_id, path, {}, None, "implausibly large for a manifest")
-        data = path.read_bytes()
-    except OSError as exc:
-        return InstalledManifest(this_id, path, {}, None, f"cannot read it: {exc.strerror or exc}")
-    if manifest_path_for(data) != f"{MANIFEST_DIR}/{path.name}":
-        return InstalledManifest(this_id, path, {}, None, "its content does not match its name (edited or corrupt)")
-    try:
-        _entries, files = parse_manifest(decode_manifest(data), str(path))
-    except BundleError as exc:
-        return InstalledManifest(this_id, path, {}, None, exc.message)
-    report = check_signatures(data, files, installed_signatures(hub, this_id), trust.trust)
+    if manifest is None:
+        manifest = read_manifest(HubLayout(Path(hub)), path)
+    this_id = manifest.manifest_id
+    if manifest.problem is not None:
+        return InstalledManifest(this_id, path, {}, None, manifest.problem)
+    report = check_signatures(manifest.data, manifest.files, installed_signatures(hub, this_id), trust.trust)
     try:
         require_signed(report, trust, f"installed manifest {this_id}")
     except SignatureError as exc:
-        return InstalledManifest(this_id, path, files, report, exc.message)
-    return InstalledManifest(this_id, path, files, report, None)
+        return InstalledManifest(this_id, path, manifest.files, report, exc.message)
+    return InstalledManifest(this_id, path, manifest.files, report, None)
 
 
 @dataclass(frozen=True)
@@ -579,7 +573,8 @@ def verify_installed(trust: TrustPolicy, *, torch_home=None, selectors: Sequence
         raise SignatureError("nothing to check signatures against: give --key PUB or --ca-root PEM, set "
                              "TVPACK_TRUSTED_KEYS, or put PEM files in <hub>/tvpack/trusted/")
     hub = hub_dir(torch_home)
-    manifests = [check_installed_manifest(p, trust, hub=hub) for p in sorted(manifests_dir(hub).glob("*.json"))]
+    manifests = [check_installed_manifest(m, trust, hub=hub)
+                 for m in scan_hub(HubLayout(hub), checkpoints=False).manifests]
     results = verify_cache(selectors, torch_home=torch_home, registry=registry, jobs=jobs, progress=progress)
     signed: dict[str, dict[str, str]] = {}  # checkpoint file name -> {manifest id: sha256}
     for manifest in manifests:

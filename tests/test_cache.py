@@ -219,7 +219,7 @@ def test_a_lock_that_does_nothing_never_leaves_a_wrong_file(mirror_server, torch
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(cache, "FileLock", NoLock)
+    monkeypatch.setattr(cache.layout, "FileLock", NoLock)
     (ref,) = synth_refs(mirror_server.root, count=1, size=2 * MiB)
     mirror_server.add_fault("flip", times=3, at=MiB + 17)  # the first three transfers carry a bad byte
     mirror_server.add_fault("slow", rate=16 * MiB)
@@ -271,7 +271,7 @@ def test_a_lock_never_released_does_not_hang_fetch(mirror_server, torch_home, mo
     locks = torch_home / "hub" / "tvpack" / "locks"
     locks.mkdir(parents=True)
     held = FileLock(str(locks / f"{ref.filename}.lock"))
-    monkeypatch.setattr(cache, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(cache.fetching, "LOCK_WAIT", 0.3)
     done = []
     thread = threading.Thread(target=lambda: held.acquire())  # held by another thread for good
     thread.start()
@@ -561,17 +561,28 @@ def test_mirror_from_the_environment_and_manifest_pins(mirror_server, torch_home
     assert result.exit_code == 0, result.output
     assert all(d["source"].startswith(mirror_server.url) for d in json.loads(result.output))
     # an installed bundle manifest names the weights and pins a sha256 (here: a different one)
-    manifests = torch_home / "hub" / "tvpack" / "manifests"
-    manifests.mkdir(parents=True)
-    (manifests / "0123456789abcdef.json").write_text(json.dumps({"format": "tvpack-bundle", "weights": [
-        {"name": "Bundled_Weights.V1", "path": f"hub/checkpoints/{refs[0].filename}", "sha256": refs[0].sha256},
-        {"name": "Other_Weights.V1", "path": f"hub/checkpoints/{refs[1].filename}", "sha256": "0" * 64},
-    ]}))
+    # (a valid manifest: installed state is read through parse_manifest only)
+    from packager.formats.manifest import encode_manifest, manifest_path_for
+
+    def item(enum, ref, sha):
+        return {"name": f"{enum}.V1", "enum": enum, "member": "V1", "module": "synth", "models": [], "builders": [],
+                "family": "", "url": ref.url, "path": f"hub/checkpoints/{ref.filename}", "size": ref.size_hint,
+                "sha256": sha, "transforms": {}, "meta": {}}
+
+    # a file whose name promises no hash (a manifest pinning another sha256 than its name's is refused as a whole)
+    other = WeightsRef(enum="Other_Weights", member="V1", url="https://example.invalid/other.pth", size_hint=1000)
+    (ckpt(torch_home) / "other.pth").write_bytes(b"x" * 1000)
+    cache.file_sha256(ckpt(torch_home) / "other.pth")  # hashed and recorded: the index vouches for what it is
+    data = encode_manifest({"format": "tvpack-bundle", "format_version": 1, "created_by": {}, "members": {},
+                            "weights": [item("Bundled_Weights", refs[0], refs[0].sha256),
+                                        item("Other_Weights", other, "0" * 64)]})
+    (torch_home / manifest_path_for(data)).parent.mkdir(parents=True)
+    (torch_home / manifest_path_for(data)).write_bytes(data)
     files = {f["file"]: f for f in json.loads(cli("cache", "ls", "--json", "--no-registry").output)["files"]}
     assert files[refs[0].filename]["status"] == "verified"
     assert set(files[refs[0].filename]["weights"]) == {refs[0].name, "Bundled_Weights.V1"}
-    assert files[refs[1].filename]["status"] == "corrupt" and files[refs[1].filename]["expected"] == "0" * 64
-    result = cli("cache", "verify", refs[1].filename)
+    assert files["other.pth"]["status"] == "corrupt" and files["other.pth"]["expected"] == "0" * 64
+    result = cli("cache", "verify", "other.pth")
     assert result.exit_code == 1 and "differs from the manifest" in result.output
 
 
@@ -621,3 +632,56 @@ def test_damaged_index_and_manifest_entries_are_ignored_not_a_crash(torch_home, 
         result = cli(*args)
         assert result.exit_code == 0, result.output
         assert name in result.output and "bug" not in result.output
+
+
+# -- mirrors in order ------------------------------------------------------------------------------
+
+def test_an_s3_mirror_without_credentials_falls_through_to_a_directory_mirror(tmp_path, torch_home, cli, monkeypatch,
+                                                                             no_creds):
+    """``--mirror s3://... --mirror DIR`` with no S3 credentials at all: the directory serves every file."""
+    from packager.testing.servers import MotoS3
+    from tests.conftest import need_server
+
+    server = need_server(MotoS3).start()
+    try:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                     "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(name, value)
+        refs = synth_refs(tmp_path / "dir-mirror", count=2, size=10_000)
+        lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+        result = cli("fetch", "--lock", lock, "--mirror", "s3://models/torchvision", "--mirror", tmp_path / "dir-mirror",
+                     "--no-upstream", "--json")
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    fetched = json.loads(result.output)
+    assert [d["status"] for d in fetched] == ["downloaded", "downloaded"]
+    assert all("dir-mirror" in d["source"] for d in fetched)
+    assert [hashlib.sha256((ckpt(torch_home) / r.filename).read_bytes()).hexdigest() for r in refs] == \
+        [r.sha256 for r in refs]
+
+
+def test_prune_tells_the_lock_file_of_a_finished_run_from_a_stale_one(mirror_server, torch_home, tmp_path, cli):
+    refs = synth_refs(mirror_server.root, count=2, size=1000)
+    lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+    assert cli("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream", "-q").exit_code == 0
+    locks = torch_home / "hub" / "tvpack" / "locks"
+    finished = sorted(locks.glob("*.lock"))
+    assert finished  # a clean fetch leaves its free lock files, for the next run to reuse
+    dry = json.loads(cli("cache", "prune", "--dry-run", "--json").output)
+    assert dry["removed"] == []
+    # a run killed while holding a lock leaves its note in the lock file
+    victim = locks / f"{refs[0].filename}.lock"
+    code = f"from packager.locking import FileLock; import os; FileLock({str(victim)!r}).acquire(); os._exit(0)"
+    dead = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert dead.returncode == 0 and victim.stat().st_size > 0
+    dry = json.loads(cli("cache", "prune", "--dry-run", "--json").output)
+    assert [(r["path"], r["reason"].split(":")[0]) for r in dry["removed"]] == [(str(victim), "stale lock file")]
+    assert "died holding it" in dry["removed"][0]["reason"]
+    result = cli("cache", "prune")
+    assert result.exit_code == 0 and "stale lock file" in result.output
+    assert sorted(locks.glob("*.lock")) == [p for p in finished if p != victim]

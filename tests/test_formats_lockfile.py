@@ -96,3 +96,25 @@ def test_lock_command_then_fetch_from_it(zoo, zoo_server, torch_home, tmp_path, 
     # offline lock of something not cached fails cleanly
     result = cli("lock", "--registry", ZOO_REGISTRY, "--offline", "zoo_lraspp", "-o", tmp_path / "x.lock")
     assert result.exit_code == 1 and "not cached" in result.output and not (tmp_path / "x.lock").exists()
+
+
+def test_select_the_default_of_a_model_the_lockfile_holds_once():
+    refs = [ref("a"), ref("b"), WeightsRef(enum="B_Weights", member="V2", url="https://x/b2-00000000.pth", module="m",
+                                           models=("b",), size_hint=1, sha256=SHA)]
+    assert select_locked(refs, ["a:DEFAULT"]) == [refs[0]] == select_locked(refs, ["A_Weights.DEFAULT"])
+    assert select_locked(refs, ["b"]) == refs[1:]  # a bare model keeps every locked weights of it
+    with pytest.raises(LockfileError, match=r"names 2 weights .*B_Weights\.V1, B_Weights\.V2"):
+        select_locked(refs, ["b:DEFAULT"])
+
+
+def test_fetch_lock_accepts_model_default_as_bundle_does(zoo, zoo_server, torch_home, tmp_path, cli):
+    out = tmp_path / "tvpack.lock"
+    assert cli("lock", "--registry", ZOO_REGISTRY, "--mirror", zoo_server.url, "--no-upstream", "zoo_raft_small",
+               "-o", out).exit_code == 0
+    for selector in ("zoo_raft_small:DEFAULT", "ZooRaftSmall_Weights.DEFAULT"):
+        result = cli("fetch", "--lock", out, "--json", selector)
+        assert result.exit_code == 0, result.output
+        assert [(d["weights"], d["status"]) for d in json.loads(result.output)] == [
+            ("ZooRaftSmall_Weights.THINGS_V1", "cached")]
+    result = cli("bundle", "--registry", ZOO_REGISTRY, "--no-fetch", "zoo_raft_small:DEFAULT", "-o", tmp_path / "b.tar")
+    assert result.exit_code == 0, result.output

@@ -332,7 +332,7 @@ def test_installed_checkpoint_is_verified_once_then_from_the_index(zoo_home, mon
     def no_hashing(*args, **kwargs):
         raise AssertionError("an unchanged, indexed file was hashed again")
 
-    monkeypatch.setattr(cache, "hash_file", no_hashing)
+    monkeypatch.setattr(cache.index, "hash_file", no_hashing)
     loader.load_model(home, "zoo_mobilenet_v3_small", registry=[ZOO_REGISTRY])
 
 

@@ -447,3 +447,23 @@ def test_malformed_export_destination_is_a_usage_error_and_writes_nothing(dest, 
     assert result.exit_code == 2, result.output
     assert result.output.startswith("tvpack: error: ") and words in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_lock_file_is_left_in_a_published_directory(cli, tiny, tmp_path):
+    import fcntl
+
+    from packager.transport.file import DirectoryTarget
+
+    dest = tmp_path / "mirror"
+    for name in tiny.names:
+        assert cli("mirror", name, *tiny.source_args(tmp_path / "home"), "--to", dest, "-q").exit_code == 0
+    published = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+    assert not [p for p in published if p.endswith(".lock") or "/." in f"/{p}"], published
+    # the index is still guarded: while one export holds it, another cannot take it
+    with DirectoryTarget(dest).index_lock():
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)

@@ -1,6 +1,8 @@
 """``tvpack bundle``, ``inspect``, ``verify``, ``install``: portable archives of checkpoints."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..fsutil import human_bytes
@@ -122,7 +124,7 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
 
 
 @main.command("inspect")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @json_option
 @plain_http_option
 def inspect_cmd(file, as_json, plain_http):
@@ -130,8 +132,13 @@ def inspect_cmd(file, as_json, plain_http):
 
     Checks the archive's structure and manifest (not the hashes: see `tvpack verify`), and lists
     the signatures it carries (signer, algorithm) without checking them. --json prints the manifest
-    itself. FILE may be oci://HOST/REPO[:TAG] (reads only the image's manifest layer).
+    itself. FILE may be oci://HOST/REPO[:TAG] (reads only the image's manifest layer), or a TORCH_HOME
+    (or hub directory): then each installed weights and its current manifest.
     """
+    if not is_oci(file) and os.path.isdir(file):
+        from .cache import inspect_installed
+
+        return inspect_installed(file, as_json)
     from ..bundle import open_bundle
     from ..signing import bundle_signatures
     from .oci import open_registry_image

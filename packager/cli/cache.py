@@ -1,6 +1,8 @@
 """``tvpack fetch``, ``tvpack lock`` and ``tvpack cache ls|verify|prune|rm``."""
 from __future__ import annotations
 
+import time
+
 import click
 
 from ..fsutil import human_bytes
@@ -209,7 +211,8 @@ def cache_group():
               help="Name weights from tvpack's index and bundle manifests only (do not import torchvision).")
 @json_option
 def ls_cmd(torch_home, registry, no_registry, as_json):
-    """Every file in the cache: weights, size, status, modified time; totals.
+    """Every file in the cache: weights, size, status, modified time; totals. Then each installed weights and
+    its current manifest (the highest release of a channel, else the most recent install).
 
     \b
     status: verified    hashed and matching its name's sha256 prefix (and manifest pins)
@@ -219,11 +222,12 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
             unknown     no known weights and nothing to check it against
             broken      a dangling symlink (its target is gone)
     """
-    from ..cache import scan_cache
+    from ..cache import HubLayout, scan_hub
 
-    info = scan_cache(torch_home=torch_home, registry=registry, use_registry=not no_registry)
+    hub = scan_hub(HubLayout.of(torch_home), registry=registry, use_registry=not no_registry)
+    info = hub.cache
     if as_json:
-        echo_json(info.to_dict())
+        echo_json({**info.to_dict(), **installed_json(hub)})
         return
     rows = [[f.name, ",".join(f.weights) or "-", human_bytes(f.size), f.status,
              f.to_dict()["modified"].replace("T", " ")] for f in info.files]
@@ -233,6 +237,60 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
     counts = ", ".join(f"{n} {s}" for s, n in info.counts().items() if n)
     click.echo(f"{len(info.files)} files, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
                + (f" ({counts})" if counts else ""))
+    if hub.weights or hub.problems:
+        click.echo("")
+        echo_installed(hub)
+
+
+def _why_current(hub, weights) -> str:
+    manifest = hub.manifest(weights.current) if weights.current else None
+    if weights.reason == "release":
+        return f"highest: {manifest.release}"
+    if weights.reason == "installed":
+        return "installed last, " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.record.installed))
+    if weights.reason == "identical":
+        return f"described alike by {len(weights.manifests)} manifests"
+    if weights.reason == "ambiguous":
+        return "AMBIGUOUS: " + ", ".join(weights.manifests)
+    return "only manifest" + (f" ({manifest.release})" if manifest and manifest.release else "")
+
+
+def installed_json(hub) -> dict:
+    """The installed state of a :class:`packager.cache.HubInfo` for --json: manifests and each weights' current."""
+    return {"manifests": [m.to_dict() for m in hub.manifests], "installed": [w.to_dict() for w in hub.weights.values()]}
+
+
+def inspect_installed(directory, as_json: bool) -> None:
+    """``tvpack inspect TORCH_HOME`` (or a hub directory): its installed weights and their current manifests."""
+    from pathlib import Path
+
+    from ..cache import HubLayout, scan_hub
+    from ..errors import CacheError
+
+    directory = Path(directory)
+    layout = HubLayout(directory) if HubLayout(directory).tvpack.is_dir() else HubLayout(directory / "hub")
+    if not layout.manifests.is_dir():
+        raise CacheError(f"{directory} holds no installed tvpack bundle (no {layout.manifests})")
+    hub = scan_hub(layout, checkpoints=False)
+    if as_json:
+        echo_json({"hub_dir": str(layout.hub), **installed_json(hub)})
+        return
+    echo_installed(hub)
+
+
+def echo_installed(hub) -> None:
+    """Each installed weights with its current manifest and why it is the one (cache ls, inspect TORCH_HOME)."""
+    rows = [[w.name, w.current or "-", w.entry.filename if w.entry else "-", _why_current(hub, w)]
+            for w in hub.weights.values()]
+    if rows:
+        click.echo(table(["installed weights", "current manifest", "file", "why"], rows))
+    for weights in hub.weights.values():
+        if weights.problem:
+            click.echo(f"tvpack: {weights.problem}")
+    for line in hub.problems:
+        click.echo(f"tvpack: {line}")
+    click.echo(f"{len(hub.weights)} weights installed from {sum(m.ok for m in hub.manifests)} manifests in "
+               f"{hub.layout.manifests}")
 
 
 @cache_group.command("verify")
@@ -311,7 +369,7 @@ def _print_removals(removals, dry_run: bool, verb: str) -> None:
 @torch_home_option
 @json_option
 def prune_cmd(dry_run, torch_home, as_json):
-    """Remove abandoned partial downloads, temporary files and stale lock files."""
+    """Remove abandoned partial downloads, temporary files and lock files of runs that died holding them."""
     from ..cache import prune_cache
 
     removals = prune_cache(torch_home=torch_home, dry_run=dry_run)

@@ -14,18 +14,18 @@ Reading one gives :class:`WeightsRef` values with ``sha256`` and the exact ``siz
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import platform
 import re
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from ..errors import LockfileError
+from ..errors import LockfileError, SelectorError
 from ..fsutil import atomic_write_text
-from ..registry import WeightsRef, filename_from_url, hash_prefix_from_filename
+from ..registry import WeightsRef, filename_from_url, hash_prefix_from_filename, parse_selector, select_described
 
 FORMAT = "tvpack-lock"
 FORMAT_VERSION = 1
@@ -126,19 +126,22 @@ def _ref_from_item(item, where: str) -> WeightsRef:
 
 
 def select_locked(refs: Sequence[WeightsRef], selectors: Sequence[str]) -> list[WeightsRef]:
-    """Filter locked refs without a registry: ``Enum.MEMBER``, a model name or glob, a file name."""
+    """Filter locked refs without a registry: a file name, or a selector (:func:`packager.registry.parse_selector`).
+    A bare model name or glob keeps every locked weights of it; ``MODEL:DEFAULT`` the only one locked."""
     if not selectors:
         return list(refs)
     out = []
-    for selector in selectors:
-        model, _, member = selector.partition(":")
-        hits = [
-            ref for ref in refs
-            if selector in (ref.name, ref.filename)
-            or (any(fnmatch.fnmatchcase(m, model) for m in ref.models)
-                and (not member or member in ("all", ref.member)))
-        ]
+    for text in selectors:
+        hits = [ref for ref in refs if text.strip() in (ref.name, ref.filename)]
         if not hits:
-            raise LockfileError(f"{selector!r} matches nothing in the lockfile")
+            selector = parse_selector(text)
+            if selector.model is not None and selector.member is None:
+                selector = replace(selector, member="all")  # the lockfile does not know a model's default
+            try:
+                hits = select_described(selector, refs)
+            except SelectorError as exc:
+                raise LockfileError(f"{exc.message} (in the lockfile)") from None
+        if not hits:
+            raise LockfileError(f"{text!r} matches nothing in the lockfile")
         out.extend(hits)
     return list(dict.fromkeys(out))

@@ -1,6 +1,8 @@
 """Local files: ``file://`` urls and plain paths (a directory mirror), read (a source of the engine) and written."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -131,12 +133,17 @@ class DirectoryTarget:
         except OSError as exc:
             raise MirrorError(f"cannot write {dest}: {exc.strerror or exc}") from exc
 
+    @contextlib.contextmanager
     def index_lock(self):
         # Two exporters into one directory must not lose each other's index entries. The lock only
-        # serialises the read-merge-write; the write itself is atomic either way.
-        from filelock import FileLock
-
-        return FileLock(str(self.root / ".tvpack-index.lock"), timeout=120)
+        # serialises the read-merge-write; the write itself is atomic either way. An flock on the
+        # directory itself: no lock file is left in what is published.
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
 
 def check_copy(obj: StoredObject, count: int, digest: str) -> None:

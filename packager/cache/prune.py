@@ -1,0 +1,219 @@
+"""``cache prune`` and ``cache rm``: what is abandoned or asked for goes, and nothing anyone is using."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import CacheError, UsageError
+from ..fsutil import make_dirs, pid_alive
+from ..locking import FileLock, Holder
+from ..transport import discard_part, part_state_path
+from .fetching import STALE_FOREIGN_PART, _part_abandoned, _parts_of
+from .index import _load_index, _update_index
+from .layout import _DEAD_TEMP_AGE, _PART_NAME, _TEMP_NAME, PART_SUFFIX, TORCH_HUB_PARTIAL, HubLayout, _lock
+from .scan import _dangling, _listing
+from .staging import _STAGING_NAME, _quiet_for, staging_root
+from .verify import _files_for
+
+
+@dataclass(frozen=True)
+class Removal:
+    path: Path
+    size: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "size": self.size, "reason": self.reason}
+
+
+def _hold_unless_busy(hub: Path, stem: str, held: list[FileLock]) -> bool:
+    """Take the file lock of a part's file without waiting: False when someone holds it (a fetch
+    is running, in whatever pid namespace or container), True when it is ours now (or there is
+    no lock to take: then nobody can hold it either)."""
+    lock = FileLock(HubLayout(hub).locks / f"{stem}.lock")
+    try:
+        if not lock.try_acquire():
+            return False
+    except OSError:
+        return True
+    held.append(lock)
+    return True
+
+
+def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
+    """Abandoned parts and temporary files. The lock of each part's file is taken (into ``held``)
+    and must stay held until the removal, so no fetch can claim the part meanwhile."""
+    out: list[Removal] = []
+    ckpt = HubLayout(hub).checkpoints
+    now = time.time()
+    stems_held: dict[str, bool] = {}
+    for name, path, st in _listing(ckpt):
+        if _dangling(st):
+            continue  # a user's link, not our litter
+        match = _PART_NAME.match(name)
+        if match:
+            stem = match["file"]
+            if stem not in stems_held:
+                stems_held[stem] = _hold_unless_busy(hub, stem, held)
+            if stems_held[stem] and _part_abandoned(path, match):
+                out.append(Removal(path, st.st_size, "abandoned partial download"))
+                state = part_state_path(path)
+                if state.exists():
+                    out.append(Removal(state, state.stat().st_size, "partial download state"))
+        elif name.endswith(PART_SUFFIX + ".json"):
+            if not (ckpt / name[: -len(".json")]).exists():
+                out.append(Removal(path, st.st_size, "orphaned partial download state"))
+        elif TORCH_HUB_PARTIAL.search(name) and now - st.st_mtime > min_age:
+            out.append(Removal(path, st.st_size, "torch.hub temporary file"))
+        elif (tmp := _TEMP_NAME.match(name)) is not None:
+            # install / atomic-write temp files of a killed process (SIGTERM, OOM, power loss).
+            # The name holds no host, so a dead pid only counts once the file stopped changing.
+            age = now - st.st_mtime
+            if age > min_age or (age > _DEAD_TEMP_AGE and not pid_alive(int(tmp["pid"]))):
+                out.append(Removal(path, st.st_size, "abandoned temporary file"))
+    tv = HubLayout(hub).tvpack
+    try:
+        for path in sorted(tv.glob(".index.*.tmp")):
+            if now - path.stat().st_mtime > min_age:
+                out.append(Removal(path, path.stat().st_size, "temporary index file"))
+    except OSError:
+        pass
+    return out
+
+
+def _stale_locks(hub: Path, remove: bool) -> list[Removal]:
+    """Lock files left by a run that died holding them: nobody holds the lock, yet the holder's note is still in
+    it (a run that finishes empties its note) and that holder is gone. A free, empty lock file is what every
+    finished run leaves, and the next one reuses it: not litter, so not listed. Each stale one is removed (when
+    ``remove``) while we hold it, so a process waiting on it notices (the lock re-checks its path)."""
+    out: list[Removal] = []
+    try:
+        lock_paths = sorted(HubLayout(hub).locks.glob("*.lock"))
+    except OSError:
+        return out
+    for path in lock_paths:
+        holder = FileLock(path).holder()
+        if holder is None:
+            continue  # free and empty: a finished run's
+        try:  # lock it through a read-only descriptor: taking it must not overwrite the note we judge
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino or not _holder_gone(holder):
+                continue  # replaced meanwhile, or its holder may still be running
+            out.append(Removal(path, os.fstat(fd).st_size, f"stale lock file: {holder.describe()} died holding it"))
+            if remove:
+                _remove(path)
+        except OSError:
+            continue  # held: a fetch is running
+        finally:
+            os.close(fd)
+    return out
+
+
+def _holder_gone(holder: Holder) -> bool:
+    if holder.host == (socket.gethostname() or "?"):
+        return not pid_alive(holder.pid)
+    return time.time() - holder.since > STALE_FOREIGN_PART  # another host's: only once it is old
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            return
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CacheError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+
+# -- private staging directories (OCI installs) ----------------------------------------------------
+def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
+    """Staging directories of OCI installs nobody runs: the image's lock is free (taken into ``held``) and the
+    owner is gone, or nothing in them changed for ``min_age`` seconds."""
+    out: list[Removal] = []
+    root = staging_root(hub)
+    try:
+        names = sorted(os.listdir(root))
+        make_dirs(HubLayout(hub).locks)
+    except OSError:
+        return out
+    now = time.time()
+    taken: set[str] = set()  # images whose lock we took (one lock serves all their directories)
+    for name in names:
+        match = _STAGING_NAME.match(name)
+        path = root / name
+        if match is None or not path.is_dir() or path.is_symlink():
+            continue
+        quiet = _quiet_for(path, now)
+        if pid_alive(int(match["pid"])) and quiet <= min_age:
+            continue
+        if match["key"] not in taken:
+            lock = _lock(hub, f"oci-{match['key']}")
+            try:
+                if not lock.acquire(timeout=0):
+                    continue  # an install of that image is running
+            except OSError:
+                continue
+            held.append(lock)
+            taken.add(match["key"])
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        out.append(Removal(path, size, "layers of an interrupted OCI install"))
+    return out
+
+
+def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.0) -> list[Removal]:
+    """Remove abandoned partial downloads, temporary files and lock files left by runs that died holding them.
+
+    Returns what was (or, with ``dry_run``, would be) removed. Part files whose file lock is held
+    (a fetch running anywhere, in any pid namespace), or whose owner is alive, and torch.hub temp
+    files younger than ``min_age`` seconds are left alone.
+    """
+    hub = HubLayout.of(torch_home).hub
+    held: list[FileLock] = []
+    try:
+        plan_ = _prunable(hub, min_age, held) + _abandoned_staging(hub, min_age, held)
+        if not dry_run:
+            gone = [name for name in _load_index(hub) if not HubLayout(hub).checkpoint(name).exists()]
+            if gone:  # index entries of files deleted by hand
+                _update_index(hub, dict.fromkeys(gone))
+            for item in plan_:
+                _remove(item.path)
+    finally:
+        for lock in held:
+            lock.release()
+    return plan_ + _stale_locks(hub, remove=not dry_run)
+
+
+def remove_from_cache(selectors: Sequence[str], *, torch_home=None, registry: Sequence[str] = (),
+                      dry_run: bool = False) -> list[Removal]:
+    """Remove the files of the selected weights (or file names) and their index entries."""
+    if not selectors:
+        raise UsageError("name the weights (selectors) or file names to remove")
+    hub = HubLayout.of(torch_home).hub
+    removals = []
+    for path in _files_for(list(selectors), hub, registry):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        removals.append(Removal(path, size, "removed on request"))
+        for part in _parts_of(path.parent, path.name):
+            removals.append(Removal(part, part.stat().st_size, "partial download"))
+    if not dry_run:
+        for item in removals:
+            _remove(item.path)
+            if item.path.name.endswith(PART_SUFFIX):
+                discard_part(item.path)
+        _update_index(hub, {item.path.name: None for item in removals if item.reason == "removed on request"})
+    return removals
