@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import bundle as bundles
+from .bundle import Bundle, BundlePlan, open_bundle  # `from . import bundle` names the public function
 from . import cache, signing
 from .errors import BundleError, CacheError, OCIError
 from .formats.archive import BLOCK, RECORD, MemberFile, TarArchive, round_up, tar_header
@@ -262,7 +262,7 @@ def _weights_of(manifest_bytes: bytes) -> tuple[str, ...]:
     return tuple(sorted(e.name for e in entries))
 
 
-def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
+def image_of_plan(plan: "BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
     """The image of the bundle ``plan`` describes, its checkpoints read from the cache (no bundle file).
     ``sign`` as for :func:`packager.bundle.bundle`: its signature members go into the manifest layer."""
     parse_platform(platform)
@@ -289,7 +289,7 @@ def image_of_bundle(path, *, platform: str = DEFAULT_PLATFORM) -> Image:
     """The image of a bundle file (or split volumes). The bundle must be laid out as tvpack writes
     bundles (member order, headers, end padding): only then is a pull of the image byte-identical to it."""
     parse_platform(platform)
-    with bundles.open_bundle(path) as opened:
+    with open_bundle(path) as opened:
         members = list(opened.members)
         shas = {e.path: e.sha256 for e in opened.entries}
         manifest_id = opened.manifest_id
@@ -792,7 +792,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         finally:
             os.close(fd)
         try:
-            with bundles.open_bundle(tmp) as opened:  # the bundle reader's own checks, as for any file
+            with open_bundle(tmp) as opened:  # the bundle reader's own checks, as for any file
                 weights = tuple(e.name for e in opened.entries)
         except BundleError as exc:
             raise OCIError(f"{where}: the image does not make a valid bundle: {exc.message}") from None
@@ -899,11 +899,11 @@ def _pieces(image: RemoteImage, data_of: Callable[[str, int], object]) -> list[t
     return pieces + [(END + (-end % RECORD), bytes(END + (-end % RECORD)))]
 
 
-def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "bundles.Bundle":
+def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "Bundle":
     """The bundle an image holds, opened without fetching a checkpoint (only the image manifest and the
     manifest layer): entries, manifest, sizes; reading a checkpoint is an :class:`OCIError`."""
     image = read_image(ref, client=client, plain_http=plain_http)
-    return bundles.open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
+    return open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
 
 
 class _LazyLayer:
