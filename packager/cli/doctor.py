@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .. import env
+from ..fsutil import plural
 from ._common import echo_json, json_option, torch_home_option
 from .app import main, version_line, versions
 
@@ -37,7 +38,7 @@ def _torch_home(torch_home) -> dict:
         origin = "default ~/.cache/torch"
     checkpoints = hub / "checkpoints"
     count = sum(1 for p in checkpoints.iterdir() if p.is_file()) if checkpoints.is_dir() else 0
-    state = f"{count} checkpoint file{'' if count == 1 else 's'}" if hub.is_dir() else "not created yet"
+    state = plural(count, "checkpoint file") if hub.is_dir() else "not created yet"
     return {"path": str(hub.parent), "origin": origin, "hub": str(hub), "checkpoints": count,
             "line": f"{hub.parent} ({origin}; {state})"}
 
@@ -58,8 +59,7 @@ def _trust(torch_home) -> dict:
                         f"nothing in {folder})"}
     keys, roots = len(policy.trust.keys), len(policy.trust.ca_roots)
     return {"enforced": True, "keys": keys, "ca_roots": roots, "origin": policy.origin, "folder": str(folder),
-            "line": f"signatures required: {keys} key{'' if keys == 1 else 's'}, {roots} CA root"
-                    f"{'' if roots == 1 else 's'} from {policy.origin}"}
+            "line": f"signatures required: {plural(keys, 'key')}, {plural(roots, 'CA root')} from {policy.origin}"}
 
 
 def _mirrors() -> dict:
