@@ -301,11 +301,11 @@ def _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as
         raise SignatureError(f"{len(bad)} installed manifest(s) or file(s) fail the signature check: {', '.join(bad)}")
 
 
-def _print_removals(removals, dry_run: bool, verb: str) -> None:
+def _print_removals(removals, dry_run: bool, noun: str) -> None:
     for item in removals:
         click.echo(f"{'would remove' if dry_run else 'removed'}  {item.path}  {human_bytes(item.size)}  ({item.reason})")
     total = sum(item.size for item in removals)
-    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({len(removals)} {verb})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({plural(len(removals), noun)})")
 
 
 @cache_group.command("prune")
@@ -321,7 +321,7 @@ def prune_cmd(dry_run, torch_home, as_json):
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
         return
-    _print_removals(removals, dry_run, "files")
+    _print_removals(removals, dry_run, "file")
 
 
 @cache_group.command("rm")
@@ -339,4 +339,4 @@ def rm_cmd(selectors, dry_run, torch_home, registry, as_json):
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
         return
-    _print_removals(removals, dry_run, "files")
+    _print_removals(removals, dry_run, "file")
