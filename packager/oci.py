@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .bundle import Bundle, BundlePlan, open_bundle  # `from . import bundle` names the public function
 from . import cache, signing
+from .bundle import Bundle, BundlePlan, open_bundle  # `from . import bundle` names the public function
 from .errors import BundleError, CacheError, OCIError
 from .formats.archive import BLOCK, RECORD, MemberFile, TarArchive, round_up, tar_header
 from .formats.image import (

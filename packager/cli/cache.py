@@ -295,8 +295,8 @@ def _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as
                            + (f.detail or "signed in manifest " + ", ".join(f.signed_in)))
     bad = [m.manifest_id for m in report.manifests if m.problem] + [f.path.name for f in report.files if not f.ok]
     if not as_json:
-        click.echo(f"{plural(len(report.manifests), 'manifest')}, {plural(len(report.files), 'file')} checked against their signatures; "
-                   f"{len(bad)} bad", err=quiet)
+        click.echo(f"{plural(len(report.manifests), 'manifest')}, {plural(len(report.files), 'file')} checked against "
+                   f"their signatures; {len(bad)} bad", err=quiet)
     if bad:
         raise SignatureError(f"{len(bad)} installed manifest(s) or file(s) fail the signature check: {', '.join(bad)}")
 

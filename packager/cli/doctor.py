@@ -45,8 +45,8 @@ def _torch_home(torch_home) -> dict:
 
 def _trust(torch_home) -> dict:
     from ..errors import TvpackError
-    from ..signing import configured_policy, trusted_dir
     from ..home import hub_dir
+    from ..signing import configured_policy, trusted_dir
 
     folder = trusted_dir(hub_dir(torch_home))
     try:
@@ -113,8 +113,8 @@ def _snapshot() -> dict:
 
 
 def _test_tools() -> dict:
-    found = {tool: shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}",) if os.access(p, os.X_OK)), None)
-             for tool in TEST_TOOLS}
+    found = {tool: shutil.which(tool) or (f"/usr/sbin/{tool}" if os.access(f"/usr/sbin/{tool}", os.X_OK) else None)
+             for tool in TEST_TOOLS}  # /usr/sbin: nginx, off a normal user's PATH
     missing = [tool for tool, path in found.items() if not path]
     line = ("all found: " if not missing else f"missing {', '.join(missing)} (`make test` installs nginx, "
             "docker-registry, htpasswd, skopeo and umoci with apt-get as root; podman, for the container runtime "
