@@ -8,8 +8,9 @@ and a persistent shell for ``console`` blocks, which is this file.
 The rules a page follows (CONTRIBUTING.md repeats them):
 
 - ```` ```console ````: lines starting with ``$ `` are commands (a trailing ``\\`` continues one onto the
-  next line); the lines after one, up to the next ``$ ``, are what it prints (stdout and stderr), checked.
-  A command whose shown output holds ``tvpack: error:`` must fail; every other one must succeed.
+  next line); the lines after one, up to the next ``$ ``, are what it prints (stdout then stderr, or
+  stdout alone), checked. A command whose shown output holds ``tvpack: error:`` or ``"ok": false`` must
+  fail; every other one must succeed. ``$?`` is the previous command's status, as in a terminal.
   ``...`` on a line of its own stands for any number of lines, and inside a line for any text.
 - ```` ```sh ```` and ```` ```python ````: run, output not checked; the page fails if a command fails.
 - a block preceded by ``<!-- reference -->`` is a reference snippet (it needs a real site: a real
@@ -39,6 +40,7 @@ PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").
 RUN = {"console", "sh", "python"}
 NEVER_RUN = {"yaml", "nginx", "dockerfile", "toml", "text", "json", "ini", "python-reference"}
 REFERENCE = "<!-- reference -->"
+SHOWS_FAILURE = re.compile(r'tvpack: error:|"ok": false')  # shown output that says the command failed
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 
 
@@ -110,8 +112,8 @@ def script_for(blocks: list[Block], state: Path) -> str:
             out.append(f"set -e; python {state}/b{i}.py > {state}/b{i}.log 2>&1 < /dev/null; set +e")
         else:
             for j, command in enumerate(block.commands):
-                out.append(f"{{\n{command.text}\n}} > {state}/c{i}_{j}.out 2>&1 < /dev/null; "
-                           f"echo $? > {state}/c{i}_{j}.rc")
+                out.append(f"{{\n{command.text}\n}} > {state}/c{i}_{j}.out 2> {state}/c{i}_{j}.err < /dev/null; "
+                           f"__rc=$?; echo $__rc > {state}/c{i}_{j}.rc; (exit $__rc)")  # $? stays the command's
     out.append(f"echo done > {state}/current")
     return "\n".join(out) + "\n"
 
@@ -185,13 +187,15 @@ def check_results(blocks: list[Block], state: Path, home: Path, name: str, shell
             if not rc_file.exists():
                 problems.append(f"{name}:{command.line}: not reached ({shell_out[-500:]})")
                 return problems
-            rc, got = int(rc_file.read_text()), (state / f"c{i}_{j}.out").read_text(errors="replace")
+            rc = int(rc_file.read_text())
+            out, err = ((state / f"c{i}_{j}.{kind}").read_text(errors="replace") for kind in ("out", "err"))
+            got = out + err if not out or out.endswith("\n") or not err else f"{out}\n{err}"
             expected = "\n".join(command.expected)
-            fails = "tvpack: error:" in expected
-            if (rc != 0) != fails:
+            if (rc != 0) != bool(SHOWS_FAILURE.search(expected)):
                 problems.append(f"{name}:{command.line}: `{command.text}` exited {rc}:\n{got[-3000:]}")
-            elif command.expected and not output_matches(normalise(expected, home).splitlines(),
-                                                         normalise(got, home).splitlines()):
+            elif command.expected and not any(
+                    output_matches(normalise(expected, home).splitlines(), normalise(text, home).splitlines())
+                    for text in (got, out)):
                 problems.append(f"{name}:{command.line}: `{command.text}` printed\n{normalise(got, home)}\n"
                                 f"--- the page shows ---\n{normalise(expected, home)}")
     return problems
@@ -223,8 +227,12 @@ a
 $ echo one \\
     two
 one two
-$ sh -c 'echo "tvpack: error: no"; exit 1'
+$ sh -c 'echo "tvpack: error: no" >&2; exit 3'
 tvpack: error: no
+$ echo $?
+3
+$ echo '{"ok": false}'; echo 'tvpack: error: no' >&2; false
+{"ok": false}
 ```
 
 <!-- reference -->
@@ -243,9 +251,9 @@ def test_harness_runs_a_page_in_one_shell_and_checks_outputs(tmp_path):
     (problem,) = run_page(page, tmp_path / "wrong")
     assert problem.startswith("sample.md:9: `echo \"$GREETING") and "hello work" in problem
 
-    page.write_text(SAMPLE.replace("exit 1'", "exit 0'"))  # an error shown must be an error
-    (problem,) = run_page(page, tmp_path / "no-error")
-    assert "exited 0" in problem
+    page.write_text(SAMPLE.replace("exit 3'", "exit 0'"))  # an error shown must be an error
+    problem, status = run_page(page, tmp_path / "no-error")
+    assert "exited 0" in problem and "`echo $?` printed\n0" in status
 
     page.write_text(SAMPLE.replace("export GREETING=hello", "false"))
     (problem,) = run_page(page, tmp_path / "failed")
