@@ -309,9 +309,10 @@ def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
         finally:
             if bar is not None:
                 bar.close()
-        bad = [m.path for m, sha in zip(archive.payload, digests) if sha != archive.expected[m.path][1]]
+        bad = [m for m, sha in zip(archive.payload, digests) if sha != archive.expected[m.path][1]]
         if bad:
-            archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
+            archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or "
+                         "altered)", spans=[(m.offset, m.offset + m.size) for m in bad])
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
@@ -432,10 +433,10 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
             if bar is not None:
                 bar.close()
         staged = [(member, dest, action, tmp) for (member, dest, action), (tmp, _sha) in zip(plan, outcomes)]
-        bad = [member.path for (member, _d, _a), (_t, sha) in zip(plan, outcomes)
-               if sha != archive.expected[member.path][1]]
+        bad = [member for (member, _d, _a), (_t, sha) in zip(plan, outcomes) if sha != archive.expected[member.path][1]]
         if bad:
-            archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
+            archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or "
+                         "altered)", spans=[(m.offset, m.offset + m.size) for m in bad])
         # 3. every checkpoint must load weights-only before anything gets its final name
         for member, _dest, _action, tmp in staged:
             if is_checkpoint_path(member.path):
