@@ -80,6 +80,7 @@ SCENARIO = textwrap.dedent('''
                                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
         use("sign_bundle")(tar, use("Signer").load(d / "k.pem"))
         policy = use("trust_policy")([d / "k.pub"])
+        assert isinstance(policy, use("TrustPolicy")) and policy
         use("verify_signed")(tar, policy)
         use("install_signed")(tar, policy, torch_home=d / "signed")
         assert use("remove_from_cache")([NAME], torch_home=home, registry=REG, dry_run=True)
