@@ -75,7 +75,7 @@ from .formats.volumes import FileSource, open_source
 from .fsutil import atomic_write_json, human_bytes, pid_alive, reserve_space, short_name, temp_path
 from .home import hub_dir, tvpack_cache_dir
 from .transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, digest_of, parse_reference
-from .transport.stream import Cancel, cancelled_by_interrupt
+from .transport.stream import cancelled_by_interrupt
 
 CHUNK = 8 << 20  # bytes per read while hashing a layer
 BlobCallback = Callable[["BlobResult"], None]
@@ -951,7 +951,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
     lock = threading.Lock()
     bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
     where = str(image.reference)
-    cancel = Cancel()  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
+    cancel = client.cancel  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
 
     def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
         blob = staging / f"{layer.digest.split(':')[1]}.tar"
