@@ -248,6 +248,11 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
 
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 part``, ``2 parts``, ``0 checkpoint files``: a count and its noun, agreed (``many`` for irregular ones)."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
+
+
 def human_bytes(n: int | float | None) -> str:
     """``83.7 MB``: decimal units, as du --si and the progress bars show them."""
     if n is None:

@@ -8,6 +8,7 @@ identity with the unsplit bundle, reading in place, and every damaged copy named
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -20,12 +21,13 @@ import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 from test_signature import pki  # noqa: F401 - a fixture
 
-from packager import bundle as B
 from packager import delta
 from packager.errors import BundleError, LoadError, VolumeError
 from packager.formats import inventory as inv
 from packager.formats.archive import BLOCK
 from packager.formats.manifest import decode_manifest, parse_manifest
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -152,10 +154,26 @@ def test_inventory_deep_hashes_again(half_site, tmp_path, cli):
     assert inv.parse((tmp_path / "SITE.json").read_bytes()).checkpoint(victim.name) == deep
 
 
-def test_inventory_of_an_empty_site(tmp_path, cli):
-    result = cli("inventory", "--torch-home", tmp_path / "nothing", "-o", tmp_path / "SITE.json")
+def test_inventory_of_a_missing_torch_home_is_an_error_unless_allow_empty(tmp_path, cli):
+    """A mistyped --torch-home used to give an empty inventory, and so a full bundle where a delta was meant."""
+    typo, site_json = tmp_path / "nothing", tmp_path / "SITE.json"
+    proc = run_tvpack("inventory", "--torch-home", typo, "-o", site_json)
+    assert proc.returncode == 1 and not site_json.exists()
+    assert proc.stderr.strip() == (f"tvpack: error: {typo} does not exist: check the path, or pass --allow-empty "
+                                   "(allow_empty=True) to describe a site that holds nothing yet")
+    with pytest.raises(BundleError, match="does not exist"):
+        delta.inventory(torch_home=typo)
+    (tmp_path / "no-hub").mkdir()
+    with pytest.raises(BundleError, match="holds no torch.hub cache"):
+        delta.inventory(torch_home=tmp_path / "no-hub")
+    assert not typo.exists()
+
+    result = cli("inventory", "--torch-home", typo, "--allow-empty", "-o", site_json)
     assert result.exit_code == 0 and "0 checkpoints" in result.output
-    assert inv.parse((tmp_path / "SITE.json").read_bytes()).checkpoints == ()
+    assert inv.parse(site_json.read_bytes()).checkpoints == ()
+    assert delta.inventory(torch_home=typo, allow_empty=True).checkpoints == ()
+    (typo / "hub").mkdir(parents=True)  # a cache that holds nothing yet is a site, not a typo
+    assert delta.inventory(torch_home=typo).checkpoints == ()
 
 
 # -- the delta bundle ----------------------------------------------------------------------------------

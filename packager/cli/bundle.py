@@ -5,10 +5,11 @@ import os
 
 import click
 
-from ..fsutil import human_bytes
+from ..fsutil import human_bytes, plural
 from ._common import (
     all_option,
     echo_json,
+    endpoint_url_option,
     json_option,
     lock_timeout_option,
     output_file_callback,
@@ -36,6 +37,7 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @registry_option
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
               help="Fetch missing weights from this mirror first (repeatable; env TVPACK_MIRROR).")
+@endpoint_url_option
 @click.option("--no-upstream", is_flag=True, help="Never fall back to download.pytorch.org.")
 @click.option("--no-fetch", is_flag=True, help="Use only what is cached; missing weights are an error.")
 @click.option("--offline", is_flag=True, help="Never use the network (also TVPACK_OFFLINE=1).")
@@ -116,10 +118,10 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
             return
         where = str(path)
         if part_size is not None:
-            where = (f"{len(opened.parts)} parts of at most {split_size} ({opened.parts[0].name} .. "
+            where = (f"{plural(len(opened.parts), 'part')} of at most {split_size} ({opened.parts[0].name} .. "
                      f"{opened.parts[-1].name}) and {path.name}")
         delta = f", {at_site} expected at the site ({human_bytes(saved)} not carried)" if site is not None else ""
-        click.echo(f"wrote {where}: {len(opened.entries)} weights, {carried} checkpoint files carried{delta}, "
+        click.echo(f"wrote {where}: {len(opened.entries)} weights, {plural(carried, 'checkpoint file')} carried{delta}, "
                    f"{human_bytes(opened.file_size)} (manifest {opened.manifest_id}){signed}")
 
 
@@ -152,13 +154,13 @@ def inspect_cmd(file, as_json, plain_http):
                  e.headline_metric or "", e.transform_summary] for e in opened.entries]
         click.echo(table(["weights", "model(s)", "file", "size", "where", "metric", "transforms"], rows, right=[3]))
         made = opened.created_by
-        files = f"{len(opened.files)} files, {human_bytes(opened.size)}"
+        files = f"{plural(len(opened.files), 'file')}, {human_bytes(opened.size)}"
         if site:
             saved = sum(size for size, _sha in site.values())
-            files = (f"{len(opened.files) - len(site)} files carried ({human_bytes(opened.size)}) and {len(site)} "
+            files = (f"{plural(len(opened.files) - len(site), 'file')} carried ({human_bytes(opened.size)}) and {len(site)} "
                      f"expected at the site ({human_bytes(saved)} saved)")
         if len(opened.parts) > 1:
-            files += f", in {len(opened.parts)} parts {opened.parts[0].name} .. {opened.parts[-1].name}"
+            files += f", in {plural(len(opened.parts), 'part')} {opened.parts[0].name} .. {opened.parts[-1].name}"
         click.echo(f"\n{len(opened.entries)} weights in {files}; manifest {opened.manifest_id}; made by tvpack "
                    f"{made.get('packager', '?')} with torch {made.get('torch', '?')}, torchvision "
                    f"{made.get('torchvision', '?')}")
@@ -171,10 +173,11 @@ def inspect_cmd(file, as_json, plain_http):
 @main.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False))
 @trust_options
+@torch_home_option
 @json_option
 @quiet_option
 @plain_http_option
-def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
+def verify_cmd(file, keys, ca_roots, torch_home, as_json, quiet, plain_http):
     """Check a bundle: structure, manifest, every sha256, and that every checkpoint loads with
     torch.load(weights_only=True). Exit status 0 only if all hold.
 
@@ -185,15 +188,16 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     from ..signing import trust_policy, verify_signed
     from .oci import verify_registry_image
 
-    trust, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+    trust, progress = trust_policy(keys, ca_roots, torch_home=torch_home), progress_enabled(quiet or as_json)
     signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
         else verify_signed(file, trust, progress=progress)
     report = signed.contents
     if as_json:
         echo_json(signed.to_dict())
         return
-    site = f"; {report.at_site} files expected at the site are checked by install there" if report.at_site else ""
-    click.echo(f"ok: {file}: {report.weights} weights, {report.members - 1} files, {human_bytes(report.bytes)}"
+    site = (f"; {plural(report.at_site, 'file')} expected at the site {'is' if report.at_site == 1 else 'are'} "
+            "checked by install there") if report.at_site else ""
+    click.echo(f"ok: {file}: {report.weights} weights, {plural(report.members - 1, 'file')}, {human_bytes(report.bytes)}"
                f" verified (manifest {report.manifest_id}){site}; {_signed_summary(signed.signatures)}")
 
 

@@ -5,10 +5,11 @@ import time
 
 import click
 
-from ..fsutil import human_bytes
+from ..fsutil import human_bytes, plural
 from ._common import (
     all_option,
     echo_json,
+    endpoint_url_option,
     json_option,
     lock_timeout_option,
     output_file_callback,
@@ -28,6 +29,7 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 def _network_options(func):
     """Mirror, timeout and retry options shared by fetch and lock."""
     options = [
+        endpoint_url_option,
         click.option("--mirror", "mirrors", multiple=True, metavar="URL",
                      help="Try this mirror first: http(s)://, file:// or a directory holding models/... "
                           "as download.pytorch.org does (repeatable, in order; env TVPACK_MIRROR)."),
@@ -235,7 +237,7 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
         click.echo(table(["file", "weights", "size", "status", "modified"], rows, right=[2]))
         click.echo("")
     counts = ", ".join(f"{n} {s}" for s, n in info.counts().items() if n)
-    click.echo(f"{len(info.files)} files, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
+    click.echo(f"{plural(len(info.files), 'file')}, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
                + (f" ({counts})" if counts else ""))
     if hub.weights or hub.problems:
         click.echo("")
@@ -325,7 +327,7 @@ def verify_cmd(selectors, deep, jobs, signatures, keys, ca_roots, torch_home, re
         for r in results:
             if not quiet or not r.ok:
                 click.echo(f"{'ok' if r.ok else 'BAD':<4} {r.path.name}  {r.detail or r.sha256}")
-        click.echo(f"{len(results)} files, {human_bytes(sum(r.size for r in results))} verified; {len(bad)} bad",
+        click.echo(f"{plural(len(results), 'file')}, {human_bytes(sum(r.size for r in results))} verified; {len(bad)} bad",
                    err=quiet)
     if bad:
         raise IntegrityError(f"{len(bad)} of {len(results)} cached files failed verification",
@@ -351,17 +353,17 @@ def _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as
                            + (f.detail or "signed in manifest " + ", ".join(f.signed_in)))
     bad = [m.manifest_id for m in report.manifests if m.problem] + [f.path.name for f in report.files if not f.ok]
     if not as_json:
-        click.echo(f"{len(report.manifests)} manifests, {len(report.files)} files checked against their signatures; "
-                   f"{len(bad)} bad", err=quiet)
+        click.echo(f"{plural(len(report.manifests), 'manifest')}, {plural(len(report.files), 'file')} checked against "
+                   f"their signatures; {len(bad)} bad", err=quiet)
     if bad:
         raise SignatureError(f"{len(bad)} installed manifest(s) or file(s) fail the signature check: {', '.join(bad)}")
 
 
-def _print_removals(removals, dry_run: bool, verb: str) -> None:
+def _print_removals(removals, dry_run: bool, noun: str) -> None:
     for item in removals:
         click.echo(f"{'would remove' if dry_run else 'removed'}  {item.path}  {human_bytes(item.size)}  ({item.reason})")
     total = sum(item.size for item in removals)
-    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({len(removals)} {verb})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({plural(len(removals), noun)})")
 
 
 @cache_group.command("prune")
@@ -377,7 +379,7 @@ def prune_cmd(dry_run, torch_home, as_json):
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
         return
-    _print_removals(removals, dry_run, "files")
+    _print_removals(removals, dry_run, "file")
 
 
 @cache_group.command("rm")
@@ -395,4 +397,4 @@ def rm_cmd(selectors, dry_run, torch_home, registry, as_json):
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
         return
-    _print_removals(removals, dry_run, "files")
+    _print_removals(removals, dry_run, "file")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .. import bundle as bundles
+from ..bundle import BundlePlan, open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import MemberFile, TarLayout
 from ..formats.image import DEFAULT_PLATFORM, LAYER_FORMAT, bundle_layout, bundle_order, check_header, layer_layout, \
@@ -196,7 +196,7 @@ def _weights_of(manifest_bytes: bytes) -> tuple[str, ...]:
     return tuple(sorted(e.name for e in entries))
 
 
-def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
+def image_of_plan(plan: "BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
     """The image of the bundle ``plan`` describes, its checkpoints read from the cache (no bundle file).
     ``sign`` as for :func:`packager.bundle.bundle`: its signature members go into the manifest layer."""
     parse_platform(platform)
@@ -223,7 +223,7 @@ def image_of_bundle(path, *, platform: str = DEFAULT_PLATFORM) -> Image:
     """The image of a bundle file (or split volumes). The bundle must be laid out as tvpack writes
     bundles (member order, headers, end padding): only then is a pull of the image byte-identical to it."""
     parse_platform(platform)
-    with bundles.open_bundle(path) as opened:
+    with open_bundle(path) as opened:
         members = list(opened.members)
         shas = {e.path: e.sha256 for e in opened.entries}
         manifest_id = opened.manifest_id

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .. import bundle as bundles
+from ..bundle import Bundle, open_bundle
 from .. import cache, signing
 from ..errors import OCIError
 from ..formats.image import LayerInfo, bundle_layout, check_header, layer_layout
@@ -35,11 +35,11 @@ def _pieces(image: RemoteImage, data_of: Callable[[str, int], object]) -> list[t
     return pieces + [(layout.trailer, bytes(layout.trailer))]
 
 
-def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "bundles.Bundle":
+def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "Bundle":
     """The bundle an image holds, opened without fetching a checkpoint (only the image manifest and the
     manifest layer): entries, manifest, sizes; reading a checkpoint is an :class:`OCIError`."""
     image = read_image(ref, client=client, plain_http=plain_http)
-    return bundles.open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
+    return open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
 
 
 class _LazyLayer:
