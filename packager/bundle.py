@@ -26,7 +26,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Iterable, Mapping, Sequence
 
 from . import cache
 from .errors import BundleError, CacheError, OfflineError, UsageError
@@ -361,147 +361,192 @@ def _stage_file(dest: Path) -> tuple[Path, int]:
     return tmp, fd
 
 
+@dataclass(frozen=True)
+class FileStep:
+    """What install does with one archive member: ``action`` is install, unchanged, repaired or replaced."""
+
+    member: Member
+    dest: Path
+    action: str
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """Everything install decided before reading any payload byte (step 1); the steps after it only carry it out."""
+
+    hub: Path
+    files: tuple[FileStep, ...]  # the archive's payload, in archive order
+    present: tuple[tuple[str, Path], ...]  # a delta bundle's checkpoints found at the site: (archive path, file)
+    manifest_dest: Path
+    weights_of: Mapping[str, tuple[str, ...]]  # archive path -> the weights that use it
+    signers: tuple | None = None  # the valid signatures the check found (formats.signature.Verified), if it ran
+
+    @property
+    def needed(self) -> int:
+        """Bytes of new files, for the free-space reservation."""
+        return sum(step.member.size for step in self.files if step.action != "unchanged")
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """Step 3's result: the temp files written, each under its final directory, none yet under its final name."""
+
+    checkpoints: tuple[tuple[FileStep, Path | None], ...]  # temp file, None when unchanged
+    moves: tuple[tuple[Path, Path], ...]  # (destination, temp file), in placing order: the manifest last
+
+
 def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
                    check=None) -> InstallReport:
     """Verify a bundle and place its files under the hub directory; see :func:`install`.
-    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse.
+    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse, and may
+    return the valid signatures it found (the release checks need to know who signed).
 
-    All or nothing as :func:`packager.loader.load_model` sees it: every new file, the manifest
-    included, is written and fsynced under a temporary name first (a full disk fails here, before
-    any final name changes), then the checkpoints are renamed into place and the manifest last;
-    if a rename fails, the files placed so far are put back as they were.
+    The steps: 0. ``check``; 1. plan (:func:`_plan_install`: every decision, refusals of conflicts and of a delta
+    bundle's missing site files); 2. checks that need the plan; 3. stage (:func:`_stage_install`: every new file,
+    the manifest included, written and fsynced under a temporary name, every sha256 and the weights-only pickle
+    check; a full disk fails here, before any final name changes); 4. place (:func:`_place`: the checkpoints
+    renamed into place and the manifest last; if a rename fails, the files placed so far are put back as they
+    were); 5. record (:func:`_record_install`: the verification index). All or nothing as
+    :func:`packager.loader.load_model` sees it.
     """
     archive = _open_archive(path)
     temps: list[Path] = []
-    space = contextlib.ExitStack()
     try:
-        if check is not None:
-            check(Bundle(_path_of(path), archive))
-        hub = _hub_dir(torch_home)
-        weights_of: dict[str, list[str]] = {}
-        for entry in archive.entries:
-            weights_of.setdefault(entry.path, []).append(entry.name)
-        # 0. a delta bundle: what it expects at the site must be there, exactly, before anything is written
-        present = _check_site(archive, hub)
-        # 1. decide per file (refuse conflicts before writing anything)
-        plan = []
-        for member in archive.payload:
-            dest = _destination(hub, member.path)
-            expected = archive.expected[member.path][1]
-            action = "install"
-            if dest.is_symlink() or dest.exists():
-                if dest.is_dir() and not dest.is_symlink():
-                    raise BundleError(f"cannot install {dest}: a directory is in the way")
-                current = _current_sha(dest)
-                if current == expected:
-                    action = "unchanged"
-                elif _proves_corrupt(dest, current):
-                    action = "repaired"  # damaged by its own name's hash: nothing of value is lost
-                elif not force:
-                    raise BundleError(_conflict(dest, current, expected))
-                else:
-                    action = "replaced"
-            plan.append((member, dest, action))
-        # 2. one pass over the payload: hash everything, write what is new into temp files (refused at once when
-        # the file system cannot hold them beside what is there: the old copy of a replaced file goes last)
-        needed = sum(member.size for member, _dest, action in plan if action != "unchanged")
-        space.enter_context(reserve_space(hub / "checkpoints" / "new", needed + len(archive.manifest_bytes)
-                                          + sum(m.size for m in archive.signatures)))
-        for _member, dest, action in plan:
-            if action != "unchanged":
-                _makedirs(dest.parent)
-
-        def stage(member: Member, dest: Path, action: str, pool) -> tuple[Path | None, str]:
-            if action == "unchanged":
-                return None, archive.hash_member(member, pool, bar=bar)
-            tmp, fd = _stage_file(dest)
-            temps.append(tmp)
-            try:
-                digest = archive.hash_member(member, pool, sink=fd, bar=bar)
-                os.fsync(fd)  # the bytes are on disk before any name points at them
-                return tmp, digest
-            except OSError as exc:
-                raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
-            finally:
-                os.close(fd)
-
-        bar = _progress(progress, sum(m.size for m in archive.payload), "install")
-        try:
-            outcomes = each_member(plan, stage)
-        finally:
-            if bar is not None:
-                bar.close()
-        staged = [(member, dest, action, tmp) for (member, dest, action), (tmp, _sha) in zip(plan, outcomes)]
-        bad = [member.path for (member, _d, _a), (_t, sha) in zip(plan, outcomes)
-               if sha != archive.expected[member.path][1]]
-        if bad:
-            archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
-        # 3. every checkpoint must load weights-only before anything gets its final name
-        for member, _dest, _action, tmp in staged:
-            if is_checkpoint_path(member.path):
-                if tmp is not None:
-                    check_checkpoint(str(tmp), member.path)
-                else:
-                    _check_member_pickle(archive, member)
-        # 4. the manifest, staged too: a full disk fails now, with nothing placed yet
-        manifest_dest = _destination(hub, archive.manifest_path)
-        _makedirs(manifest_dest.parent)
-        manifest_tmp = None
-        if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
-            manifest_tmp, fd = _stage_file(manifest_dest)
-            temps.append(manifest_tmp)
-            try:
-                write_all(fd, memoryview(archive.manifest_bytes))
-                os.fsync(fd)
-            except OSError as exc:
-                raise CacheError(f"cannot write the bundle manifest {manifest_dest}: {exc.strerror or exc}") from None
-            finally:
-                os.close(fd)
-        # its signatures go beside it (packager.signing checks them against it), staged the same way
-        signature_moves = [move for move in (_stage_signature(archive, member, hub, temps)
-                                             for member in archive.signatures) if move is not None]
-        # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
-        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
-               + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
-        first_entry = {}
-        for entry in archive.entries:
-            first_entry.setdefault(entry.path, entry)
-        placed = []
-        for member, dest, action, _tmp in staged:
-            entry = first_entry.get(member.path)
-            cache.record_verified(dest, archive.expected[member.path][1], weights=entry and entry.name,
-                                  url=entry and entry.url)
-            placed.append(Placed(dest, "installed" if action == "install" else action, member.size,
-                                 tuple(weights_of.get(member.path, ()))))
-        for member_path, dest in present:
-            entry = first_entry[member_path]
-            cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
-            placed.append(Placed(dest, "present", entry.size, tuple(weights_of[member_path])))
-        return InstallReport(_path_of(path), manifest_dest, tuple(placed))
+        with contextlib.ExitStack() as held:
+            signers = check(Bundle(_path_of(path), archive)) if check is not None else None  # 0
+            plan = _plan_install(archive, _hub_dir(torch_home), force, signers)  # 1
+            staged = _stage_install(archive, plan, temps, held, progress)  # 3
+            _place(list(staged.moves), temps)  # 4
+            placed = _record_install(archive, plan, staged)  # 5
+            return InstallReport(_path_of(path), plan.manifest_dest, placed)
     finally:
         for tmp in temps:
             _unlink(tmp)
-        space.close()
         archive.source.close()
 
 
-def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
-    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
-    dest = _destination(hub, member.path)
-    data = archive._read(member.offset, member.size)
+def _plan_install(archive: _Archive, hub: Path, force: bool, signers) -> InstallPlan:
+    """Step 1: decide per file, refusing conflicts (and a delta bundle's missing site files) before any write."""
+    weights_of: dict[str, list[str]] = {}
+    for entry in archive.entries:
+        weights_of.setdefault(entry.path, []).append(entry.name)
+    present = _check_site(archive, hub)
+    steps = []
+    for member in archive.payload:
+        dest = _destination(hub, member.path)
+        expected = archive.expected[member.path][1]
+        action = "install"
+        if dest.is_symlink() or dest.exists():
+            if dest.is_dir() and not dest.is_symlink():
+                raise BundleError(f"cannot install {dest}: a directory is in the way")
+            current = _current_sha(dest)
+            if current == expected:
+                action = "unchanged"
+            elif _proves_corrupt(dest, current):
+                action = "repaired"  # damaged by its own name's hash: nothing of value is lost
+            elif not force:
+                raise BundleError(_conflict(dest, current, expected))
+            else:
+                action = "replaced"
+        steps.append(FileStep(member, dest, action))
+    return InstallPlan(hub, tuple(steps), tuple(present), _destination(hub, archive.manifest_path),
+                       {path: tuple(names) for path, names in weights_of.items()},
+                       tuple(signers) if signers is not None else None)
+
+
+def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held: contextlib.ExitStack,
+                   progress: bool) -> _Staged:
+    """Step 3: one pass over the payload hashes everything and writes what is new into temp files (refused at once
+    when the file system cannot hold them beside what is there: the old copy of a replaced file goes last); every
+    checkpoint must load weights-only; then the manifest and its signatures are staged the same way."""
+    held.enter_context(reserve_space(plan.hub / "checkpoints" / "new", plan.needed + len(archive.manifest_bytes)
+                                     + sum(m.size for m in archive.signatures)))
+    for step in plan.files:
+        if step.action != "unchanged":
+            _makedirs(step.dest.parent)
+
+    def stage(step: FileStep, pool) -> tuple[Path | None, str]:
+        if step.action == "unchanged":
+            return None, archive.hash_member(step.member, pool, bar=bar)
+        tmp, fd = _stage_file(step.dest)
+        temps.append(tmp)
+        try:
+            digest = archive.hash_member(step.member, pool, sink=fd, bar=bar)
+            os.fsync(fd)  # the bytes are on disk before any name points at them
+            return tmp, digest
+        except OSError as exc:
+            raise CacheError(f"cannot write {step.dest}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    bar = _progress(progress, sum(m.size for m in archive.payload), "install")
+    try:
+        outcomes = each_member([(step,) for step in plan.files], stage)
+    finally:
+        if bar is not None:
+            bar.close()
+    bad = [step.member.path for step, (_t, sha) in zip(plan.files, outcomes)
+           if sha != archive.expected[step.member.path][1]]
+    if bad:
+        archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
+    staged = tuple((step, tmp) for step, (tmp, _sha) in zip(plan.files, outcomes))
+    for step, tmp in staged:  # every checkpoint must load weights-only before anything gets its final name
+        if is_checkpoint_path(step.member.path):
+            if tmp is not None:
+                check_checkpoint(str(tmp), step.member.path)
+            else:
+                _check_member_pickle(archive, step.member)
+    manifest_tmp = _stage_bytes(plan.manifest_dest, archive.manifest_bytes, temps, "the bundle manifest")
+    # its signatures go beside it (packager.signing checks them against it), staged the same way
+    signature_moves = [move for move in (_stage_signature(archive, member, plan.hub, temps)
+                                         for member in archive.signatures) if move is not None]
+    # placing order: checkpoints first, the manifest last (the loader trusts what it lists)
+    moves = [(step.dest, tmp) for step, tmp in staged if tmp is not None] + signature_moves \
+        + ([(plan.manifest_dest, manifest_tmp)] if manifest_tmp is not None else [])
+    return _Staged(staged, tuple(moves))
+
+
+def _stage_bytes(dest: Path, data: bytes, temps: list[Path], what: str) -> Path | None:
+    """``data`` written and fsynced under a temp name beside ``dest``; None when ``dest`` already holds it."""
+    _makedirs(dest.parent)
     if dest.is_file() and not dest.is_symlink() and dest.read_bytes() == data:
         return None
-    _makedirs(dest.parent)
     tmp, fd = _stage_file(dest)
     temps.append(tmp)
     try:
         write_all(fd, memoryview(data))
         os.fsync(fd)
     except OSError as exc:
-        raise CacheError(f"cannot write the signature {dest}: {exc.strerror or exc}") from None
+        raise CacheError(f"cannot write {what} {dest}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    return dest, tmp
+    return tmp
+
+
+def _record_install(archive: _Archive, plan: InstallPlan, staged: _Staged) -> tuple[Placed, ...]:
+    """Step 5: the verification index learns every file placed or found; the report says what happened to each."""
+    first_entry = {}
+    for entry in archive.entries:
+        first_entry.setdefault(entry.path, entry)
+    placed = []
+    for step, _tmp in staged.checkpoints:
+        entry = first_entry.get(step.member.path)
+        cache.record_verified(step.dest, archive.expected[step.member.path][1], weights=entry and entry.name,
+                              url=entry and entry.url)
+        placed.append(Placed(step.dest, "installed" if step.action == "install" else step.action, step.member.size,
+                             plan.weights_of.get(step.member.path, ())))
+    for member_path, dest in plan.present:
+        entry = first_entry[member_path]
+        cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
+        placed.append(Placed(dest, "present", entry.size, plan.weights_of[member_path]))
+    return tuple(placed)
+
+
+def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
+    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
+    dest = _destination(hub, member.path)
+    tmp = _stage_bytes(dest, archive._read(member.offset, member.size), temps, "the signature")
+    return (dest, tmp) if tmp is not None else None
 
 
 def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
