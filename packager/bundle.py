@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping, Sequence
 
-from . import cache
+from . import cache, channels
+from .channels import ReleaseOptions
 from .errors import BundleError, CacheError, OfflineError, UsageError
 from .formats.archive import (
     BLOCK,
@@ -58,6 +59,7 @@ from .formats.manifest import (
     parse_manifest,
     site_files,
 )
+from .formats.release import Release, release_of
 from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
 from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
@@ -101,8 +103,6 @@ class InstallReport:
         return {"bundle": str(self.bundle), "manifest": str(self.manifest),
                 "files": [{"path": str(p.path), "status": p.status, "size": p.size, "weights": list(p.weights)}
                           for p in self.files]}
-
-
 
 
 # -- the archive of a bundle ---------------------------------------------------------------------------
@@ -164,7 +164,6 @@ class _Archive(TarArchive):
             self.fail(f"signature {member.path!r} of {member.size} bytes is implausibly large")
         if len(self.signatures) >= MAX_SIGNATURES:
             self.fail(f"more than {MAX_SIGNATURES} signatures")
-
 
 
 def _check_member_pickle(archive: _Archive, member: Member) -> None:
@@ -396,17 +395,19 @@ class _Staged:
 
 
 def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
-                   check=None) -> InstallReport:
+                   check=None, release: ReleaseOptions | None = None) -> InstallReport:
     """Verify a bundle and place its files under the hub directory; see :func:`install`.
     ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse, and may
     return the valid signatures it found (the release checks need to know who signed).
 
     The steps: 0. ``check``; 1. plan (:func:`_plan_install`: every decision, refusals of conflicts and of a delta
-    bundle's missing site files); 2. checks that need the plan; 3. stage (:func:`_stage_install`: every new file,
+    bundle's missing site files); 2. release checks (:func:`packager.channels.check_install`: no revoked checkpoint comes back; a
+    channel release passes its channel's rules, ``release`` holding the operator's overrides); 3. stage (:func:`_stage_install`: every new file,
     the manifest included, written and fsynced under a temporary name, every sha256 and the weights-only pickle
     check; a full disk fails here, before any final name changes); 4. place (:func:`_place`: the checkpoints
     renamed into place and the manifest last; if a rename fails, the files placed so far are put back as they
-    were); 5. record (:func:`_record_install`: the verification index). All or nothing as
+    were); 5. record (:func:`_record_install`: the verification index; then the channel record and the
+    revocations, :func:`packager.channels.commit_release`). All or nothing as
     :func:`packager.loader.load_model` sees it.
     """
     archive = _open_archive(path)
@@ -415,9 +416,14 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
         with contextlib.ExitStack() as held:
             signers = check(Bundle(_path_of(path), archive)) if check is not None else None  # 0
             plan = _plan_install(archive, _hub_dir(torch_home), force, signers)  # 1
+            decision = channels.check_install(plan.hub, archive.manifest, archive.manifest_id,  # 2
+                                              {**archive.expected, **archive.site_files}, plan.signers,
+                                              release or ReleaseOptions(), held)
             staged = _stage_install(archive, plan, temps, held, progress)  # 3
             _place(list(staged.moves), temps)  # 4
             placed = _record_install(archive, plan, staged)  # 5
+            if decision is not None:
+                channels.commit_release(plan.hub, decision)
             return InstallReport(_path_of(path), plan.manifest_dest, placed)
     finally:
         for tmp in temps:
@@ -498,8 +504,12 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
                 _check_member_pickle(archive, step.member)
     manifest_tmp = _stage_bytes(plan.manifest_dest, archive.manifest_bytes, temps, "the bundle manifest")
     # its signatures go beside it (packager.signing checks them against it), staged the same way
-    signature_moves = [move for move in (_stage_signature(archive, member, plan.hub, temps)
-                                         for member in archive.signatures) if move is not None]
+    signature_moves = []
+    for member in archive.signatures:
+        dest = _destination(plan.hub, member.path)
+        tmp = _stage_bytes(dest, archive._read(member.offset, member.size), temps, "the signature")
+        if tmp is not None:
+            signature_moves.append((dest, tmp))
     # placing order: checkpoints first, the manifest last (the loader trusts what it lists)
     moves = [(step.dest, tmp) for step, tmp in staged if tmp is not None] + signature_moves \
         + ([(plan.manifest_dest, manifest_tmp)] if manifest_tmp is not None else [])
@@ -540,13 +550,6 @@ def _record_install(archive: _Archive, plan: InstallPlan, staged: _Staged) -> tu
         cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
         placed.append(Placed(dest, "present", entry.size, plan.weights_of[member_path]))
     return tuple(placed)
-
-
-def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
-    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
-    dest = _destination(hub, member.path)
-    tmp = _stage_bytes(dest, archive._read(member.offset, member.size), temps, "the signature")
-    return (dest, tmp) if tmp is not None else None
 
 
 def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
@@ -650,7 +653,6 @@ def _makedirs(path: Path) -> None:
         raise BundleError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
-
 def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list[WeightsRef]:
     if refs is not None:
         return list(refs)
@@ -691,9 +693,10 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
                 all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
                 mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
                 offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-                progress: bool = False, site=None) -> BundlePlan:
+                progress: bool = False, site=None, release: Release | None = None) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
-    with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks."""
+    with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
+    a release of a channel (the manifest's ``"release"``)."""
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -717,6 +720,8 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
     infos = describe(selected, registry=registry)
     manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
                               at_site=at_site)
+    if release is not None:
+        manifest["release"] = release.checked_against({sha for _path, _size, sha in files.values()}).to_dict()
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
                      if p.name not in at_site})
     expected = sorted({(f"{CHECKPOINT_DIR}/{p.name}", size, sha) for p, size, sha in files.values()
@@ -728,7 +733,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False, site=None, split: int | None = None, sign=None) -> Path:
+           progress: bool = False, site=None, split: int | None = None, sign=None,
+           release: Release | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -750,6 +756,9 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     ``sign(manifest_bytes, {archive path: (size, sha256)})`` returns ``[(archive path, bytes)]`` of signature
     members, written after the checkpoints in the same pass (:meth:`packager.signing.Signer.members`); they cover
     every file the manifest lists, those a delta bundle expects at the site included.
+
+    ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
+    carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -760,7 +769,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
-                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site)
+                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
     signatures = list(sign(manifest_bytes, plan.listed)) if sign else []
     if split is not None:

@@ -41,7 +41,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from . import home
+from . import channels, home
 from .bundle import open_bundle
 from .cache import file_sha256 as _file_sha256
 from .discovery import get_registry
@@ -260,6 +260,9 @@ class InstalledSource(Source):
         return self.hub / "checkpoints" / entry.filename
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
+        revoked = channels.revocation_of(self.hub, sha256=entry.sha256)  # never loaded, wherever the file is
+        if revoked is not None:
+            raise LoadError(f"{entry.name}: {entry.filename} is {revoked}", hint="install a release that replaces it")
         path = self.checkpoint_path(entry)
         try:
             size = path.stat().st_size

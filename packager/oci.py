@@ -1006,7 +1006,8 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
 
 
 def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_http: bool = False,
-            progress: bool = False, client: RegistryClient | None = None) -> "signing.SignedInstallReport":
+            progress: bool = False, client: RegistryClient | None = None,
+            release=None) -> "signing.SignedInstallReport":
     """Install the bundle an image holds into ``<hub dir>/checkpoints``, as
     :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``policy``,
     then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
@@ -1020,7 +1021,7 @@ def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_htt
     hub = hub_dir(torch_home)
     with _fetching(image, client, hub, progress) as source:
         return signing.install_signed(source, policy if policy is not None else signing.NO_POLICY,
-                                      torch_home=torch_home, force=force, progress=progress)
+                                      torch_home=torch_home, force=force, progress=progress, release=release)
 
 
 def verify(ref, *, policy=None, plain_http: bool = False, progress: bool = False,
