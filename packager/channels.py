@@ -113,9 +113,13 @@ class RevokedFile:
     record: Revoked
     channel: str
 
+    @property
+    def reason(self) -> str:
+        return f"revoked by release {self.record.sequence} of {self.channel}: {self.record.reason or 'no reason given'}"
+
     def to_dict(self) -> dict:
-        return {"file": self.path.name, "path": str(self.path), "size": self.size, "channel": self.channel,
-                **self.record.to_dict()}
+        return {**self.record.to_dict(), "file": self.path.name, "path": str(self.path), "size": self.size,
+                "channel": self.channel, "status": "revoked"}
 
 
 def revoked_files(hub: Path) -> list[RevokedFile]:
