@@ -182,28 +182,32 @@ def _allowed_signer(release: Release, signers) -> str:
     return str(allowed[0].signer)
 
 
-def check_release(hub: Path, release: Release, manifest: str, signers, options: ReleaseOptions) -> ReleaseDecision:
-    """Refuse (one line) an unsigned release, a channel its signer may not sign, rollback, equivocation and an
-    expired release; the overrides an operator asked for are kept in the decision."""
+def check_release(hub: Path, release: Release, manifest: str, signers, options: ReleaseOptions,
+                  lock=lambda: None) -> ReleaseDecision:
+    """Refuse (one line) an unsigned release, a channel its signer may not sign and an expired release, then, after
+    ``lock()`` (the channel lock: nothing is created before a refusal that needs no record), rollback and
+    equivocation; the overrides an operator asked for are kept in the decision."""
     signer = _allowed_signer(release, signers)
     now = options.clock()
     at = format_time(now)
-    record = read_record(hub, release.channel)
     overrides = []
-    if record is not None and release.sequence < record.sequence:
-        if not options.allow_rollback:
-            raise BundleError(f"channel {release.channel} is at release {record.sequence} here; this bundle is "
-                              f"release {release.sequence} (--allow-rollback installs it anyway)")
-        overrides.append(Override("rollback", release.sequence, manifest, at, options.command_line(), record.sequence))
-    elif record is not None and release.sequence == record.sequence and manifest != record.manifest:
-        raise BundleError(f"release {release.sequence} of {release.channel} here is manifest {record.manifest}; "
-                          f"this bundle is another release {release.sequence} (manifest {manifest}): the producer "
-                          "signed two different releases with one sequence number")
     if release.expired(now):
         if not options.allow_expired:
             raise BundleError(f"{release} expired on {format_day(release.expires)} (--allow-expired installs it "
                               "anyway)")
         overrides.append(Override("expired", release.sequence, manifest, at, options.command_line()))
+    lock()
+    record = read_record(hub, release.channel)
+    if record is not None and release.sequence < record.sequence:
+        if not options.allow_rollback:
+            raise BundleError(f"channel {release.channel} is at release {record.sequence} here; this bundle is "
+                              f"release {release.sequence} (--allow-rollback installs it anyway)")
+        overrides.insert(0, Override("rollback", release.sequence, manifest, at, options.command_line(),
+                                     record.sequence))
+    elif record is not None and release.sequence == record.sequence and manifest != record.manifest:
+        raise BundleError(f"release {release.sequence} of {release.channel} here is manifest {record.manifest}; "
+                          f"this bundle is another release {release.sequence} (manifest {manifest}): the producer "
+                          "signed two different releases with one sequence number")
     return ReleaseDecision(release, manifest, signer, record, tuple(overrides), now)
 
 
@@ -216,8 +220,7 @@ def check_install(hub: Path, document: dict, manifest: str, files: Mapping[str, 
     release = release_of(document)
     if release is None:
         return None
-    held.enter_context(locked(hub))
-    return check_release(hub, release, manifest, signers, options)
+    return check_release(hub, release, manifest, signers, options, lock=lambda: held.enter_context(locked(hub)))
 
 
 @contextlib.contextmanager
