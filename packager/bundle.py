@@ -5,6 +5,7 @@ torchvision a working offline cache::
 
     hub/tvpack/manifests/<id>.json     first member: JSON manifest, id = sha256(manifest)[:16]
     hub/checkpoints/<basename(url)>    each checkpoint, byte-identical to the downloaded file
+    hub/tvpack/sbom/<sha[:16]>.cdx.json   the CycloneDX ML-BOM (formats/sbom.py), listed in the manifest
     hub/tvpack/signatures/<id>[.<label>].sig   OMS signatures, if any (made after the manifest: see signing.py)
 
 Writing is deterministic (members sorted, mtime from ``SOURCE_DATE_EPOCH`` or 0, uid/gid 0, no
@@ -22,6 +23,7 @@ files with ``weights_only=False``, so a poisoned pickle would run code there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -59,7 +61,8 @@ from .formats.manifest import (
     parse_manifest,
     site_files,
 )
-from .formats.release import Release, release_of
+from .formats.release import Release
+from .formats.sbom import add_bom
 from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
 from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
@@ -380,11 +383,6 @@ class InstallPlan:
     weights_of: Mapping[str, tuple[str, ...]]  # archive path -> the weights that use it
     signers: tuple | None = None  # the valid signatures the check found (formats.signature.Verified), if it ran
 
-    @property
-    def needed(self) -> int:
-        """Bytes of new files, for the free-space reservation."""
-        return sum(step.member.size for step in self.files if step.action != "unchanged")
-
 
 @dataclass(frozen=True)
 class _Staged:
@@ -465,7 +463,8 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
     """Step 3: one pass over the payload hashes everything and writes what is new into temp files (refused at once
     when the file system cannot hold them beside what is there: the old copy of a replaced file goes last); every
     checkpoint must load weights-only; then the manifest and its signatures are staged the same way."""
-    held.enter_context(reserve_space(plan.hub / "checkpoints" / "new", plan.needed + len(archive.manifest_bytes)
+    needed = sum(step.member.size for step in plan.files if step.action != "unchanged")
+    held.enter_context(reserve_space(plan.hub / "checkpoints" / "new", needed + len(archive.manifest_bytes)
                                      + sum(m.size for m in archive.signatures)))
     for step in plan.files:
         if step.action != "unchanged":
@@ -628,13 +627,8 @@ def _check_site(archive: _Archive, hub: Path) -> list[tuple[str, Path]]:
 
 
 def install(path, *, torch_home=None, force: bool = False, progress: bool = False) -> list[Path]:
-    """Install a bundle into ``<hub dir>/checkpoints`` (``torch_home``: as ``--torch-home``).
-
-    Verifies first (structure, every sha256, the weights-only pickle check), then places each
-    checkpoint atomically (temp file + rename), skips files already there with the same sha256,
-    refuses to replace a different file unless ``force``, records the verification index and keeps
-    the manifest under ``<hub dir>/tvpack/manifests/``. Returns the checkpoint paths.
-    """
+    """Install a bundle into ``<hub dir>/checkpoints`` (``torch_home``: as ``--torch-home``), as
+    :func:`install_bundle` does; returns the paths of the files placed or found."""
     report = install_bundle(path, torch_home=torch_home, force=force, progress=progress)
     return [placed.path for placed in report.files]
 
@@ -677,6 +671,7 @@ class BundlePlan:
     files: tuple[tuple[str, Path, int, str], ...]  # (archive path, cached file, size, sha256), sorted: carried
     mtime: int  # of every member (SOURCE_DATE_EPOCH or 0)
     at_site: tuple[tuple[str, int, str], ...] = ()  # (archive path, size, sha256): a delta bundle's, not carried
+    extra: tuple[tuple[str, bytes], ...] = ()  # small tvpack members (the ML-BOM), after the checkpoints
 
     @property
     def manifest_path(self) -> str:
@@ -686,7 +681,8 @@ class BundlePlan:
     def listed(self) -> dict[str, tuple[int, str]]:
         """{archive path: (size, sha256)} of every file the manifest lists, carried or not: what a signature covers."""
         return dict(sorted([*((a, (size, sha)) for a, _p, size, sha in self.files),
-                            *((a, (size, sha)) for a, size, sha in self.at_site)]))
+                            *((a, (size, sha)) for a, size, sha in self.at_site),
+                            *((a, (len(data), hashlib.sha256(data).hexdigest())) for a, data in self.extra)]))
 
 
 def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
@@ -722,11 +718,13 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
                               at_site=at_site)
     if release is not None:
         manifest["release"] = release.checked_against({sha for _path, _size, sha in files.values()}).to_dict()
+    bom = add_bom(manifest, source_date_epoch())  # the ML-BOM, listed in the manifest: every signature covers it
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
                      if p.name not in at_site})
     expected = sorted({(f"{CHECKPOINT_DIR}/{p.name}", size, sha) for p, size, sha in files.values()
                        if p.name in at_site})
-    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch(), tuple(expected))
+    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch(), tuple(expected),
+                      (bom,))
 
 
 def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
@@ -771,7 +769,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
                        with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
-    signatures = list(sign(manifest_bytes, plan.listed)) if sign else []
+    # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
+    signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]
     if split is not None:
         total = _archive_size(manifest_bytes, unique, signatures, mtime)
         if -(-total // split) > MAX_PARTS:

@@ -280,7 +280,7 @@ def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFOR
         for source in sources:
             source.close()
         raise
-    layers.append(_manifest_layer(plan.manifest_bytes, signatures, plan.mtime))
+    layers.append(_manifest_layer(plan.manifest_bytes, [*plan.extra, *signatures], plan.mtime))  # extra: the ML-BOM
     manifest_id = MANIFEST_NAME.fullmatch(plan.manifest_path).group(1)
     return Image(manifest_id, _weights_of(plan.manifest_bytes), tuple(layers), platform, sources)
 

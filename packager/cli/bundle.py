@@ -73,6 +73,7 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     """
     from ..bundle import bundle, open_bundle
     from ..cache import lock_timeout as waiting_for_locks
+    from ..formats.manifest import is_checkpoint_path
     from ..formats.volumes import parse_size
 
     if cert_chain and not sign_key:
@@ -109,7 +110,7 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     with open_bundle(path) as opened:
         signed = f"; signed by {signer.signer}" if signer else ""
         at_site = len(opened.site_files)
-        carried = len(opened.files) - at_site
+        carried = sum(is_checkpoint_path(p) for p in opened.files) - at_site
         saved = sum(size for size, _sha in opened.site_files.values())
         if as_json:
             echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": opened.file_size,

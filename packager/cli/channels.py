@@ -85,3 +85,65 @@ def channels_cmd(torch_home, as_json):
              len(r.overrides)] for r in found]
     click.echo(table(["channel", "sequence", "manifest", "signer", "installed", "expires", "revoked", "overrides"],
                      rows, right=[1, 6, 7]))
+
+
+@main.command("sbom")
+@click.argument("source", type=click.Path())
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the BOM to FILE (atomically) instead of printing it.")
+@plain_http_option
+def sbom_cmd(source, output, plain_http):
+    """Print the CycloneDX ML-BOM of a bundle, an OCI image (oci://HOST/REPO[:TAG]) or a TORCH_HOME.
+
+    A bundle's BOM is its member hub/tvpack/sbom/<sha256[:16]>.cdx.json, listed in the manifest and so covered
+    by its signatures (printed as it is). For a TORCH_HOME, a BOM of every weights its installed manifests
+    describe is made now."""
+    from pathlib import Path
+
+    from ..fsutil import atomic_write_bytes
+
+    if is_oci(source):
+        from .oci import open_registry_image
+
+        with open_registry_image(source, plain_http=plain_http) as opened:
+            data = _bom_of_bundle(opened)
+    elif Path(source).is_dir():
+        data = _bom_of_torch_home(Path(source))
+    else:
+        from ..bundle import open_bundle
+
+        with open_bundle(source) as opened:
+            data = _bom_of_bundle(opened)
+    if output is None:
+        click.echo(data.decode("utf-8"), nl=False)
+        return
+    atomic_write_bytes(output, data)
+    click.echo(f"wrote {output} ({len(data)} bytes)", err=True)
+
+
+def _bom_of_bundle(opened) -> bytes:
+    from ..formats.sbom import bom_of, build_bom
+
+    path = bom_of(opened.files)
+    if path is None:  # a bundle made before BOMs: one made from its manifest now
+        return build_bom(opened.manifest["weights"], created_by=opened.created_by,
+                         release=opened.manifest.get("release"))
+    with opened.open_member(path) as f:
+        return f.read()
+
+
+def _bom_of_torch_home(home) -> bytes:
+    from ..errors import BundleError
+    from ..formats.manifest import created_by, decode_manifest, parse_manifest
+    from ..formats.sbom import build_bom
+    from ..home import hub_dir
+
+    items = {}
+    for path in sorted((hub_dir(home) / "tvpack" / "manifests").glob("*.json")):
+        document = decode_manifest(path.read_bytes())
+        parse_manifest(document, str(path))
+        for item in document["weights"]:
+            items.setdefault((item["name"], item["sha256"]), item)
+    if not items:
+        raise BundleError(f"{home} has no installed bundles (no manifests under hub/tvpack/manifests)")
+    return build_bom(list(items.values()), created_by=created_by())
