@@ -377,11 +377,12 @@ class InstallPlan:
     """Everything install decided before reading any payload byte (step 1); the steps after it only carry it out."""
 
     hub: Path
-    files: tuple[FileStep, ...]  # the archive's payload, in archive order
+    files: tuple[FileStep, ...]  # the archive's checkpoints, in archive order
     present: tuple[tuple[str, Path], ...]  # a delta bundle's checkpoints found at the site: (archive path, file)
     manifest_dest: Path
     weights_of: Mapping[str, tuple[str, ...]]  # archive path -> the weights that use it
     signers: tuple | None = None  # the valid signatures the check found (formats.signature.Verified), if it ran
+    extras: tuple[Member, ...] = ()  # small tvpack members (the ML-BOM): staged as the manifest is
 
 
 @dataclass(frozen=True)
@@ -436,7 +437,7 @@ def _plan_install(archive: _Archive, hub: Path, force: bool, signers) -> Install
         weights_of.setdefault(entry.path, []).append(entry.name)
     present = _check_site(archive, hub)
     steps = []
-    for member in archive.payload:
+    for member in (m for m in archive.payload if is_checkpoint_path(m.path)):
         dest = _destination(hub, member.path)
         expected = archive.expected[member.path][1]
         action = "install"
@@ -455,7 +456,8 @@ def _plan_install(archive: _Archive, hub: Path, force: bool, signers) -> Install
         steps.append(FileStep(member, dest, action))
     return InstallPlan(hub, tuple(steps), tuple(present), _destination(hub, archive.manifest_path),
                        {path: tuple(names) for path, names in weights_of.items()},
-                       tuple(signers) if signers is not None else None)
+                       tuple(signers) if signers is not None else None,
+                       tuple(m for m in archive.payload if not is_checkpoint_path(m.path)))
 
 
 def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held: contextlib.ExitStack,
@@ -465,7 +467,7 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
     checkpoint must load weights-only; then the manifest and its signatures are staged the same way."""
     needed = sum(step.member.size for step in plan.files if step.action != "unchanged")
     held.enter_context(reserve_space(plan.hub / "checkpoints" / "new", needed + len(archive.manifest_bytes)
-                                     + sum(m.size for m in archive.signatures)))
+                                     + sum(m.size for m in (*archive.signatures, *plan.extras))))
     for step in plan.files:
         if step.action != "unchanged":
             _makedirs(step.dest.parent)
@@ -484,7 +486,7 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
         finally:
             os.close(fd)
 
-    bar = _progress(progress, sum(m.size for m in archive.payload), "install")
+    bar = _progress(progress, sum(step.member.size for step in plan.files), "install")
     try:
         outcomes = each_member([(step,) for step in plan.files], stage)
     finally:
@@ -503,10 +505,12 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
                 _check_member_pickle(archive, step.member)
     manifest_tmp = _stage_bytes(plan.manifest_dest, archive.manifest_bytes, temps, "the bundle manifest")
     # its signatures go beside it (packager.signing checks them against it), staged the same way
-    signature_moves = []
-    for member in archive.signatures:
-        dest = _destination(plan.hub, member.path)
-        tmp = _stage_bytes(dest, archive._read(member.offset, member.size), temps, "the signature")
+    signature_moves = []  # the extra members (their sha256 checked here) and the signatures, beside the manifest
+    for member in (*plan.extras, *archive.signatures):
+        dest, data = _destination(plan.hub, member.path), archive._read(member.offset, member.size)
+        if member in plan.extras and hashlib.sha256(data).hexdigest() != archive.expected[member.path][1]:
+            archive.fail(f"sha256 mismatch for {member.path!r} (the archive is corrupt or altered)")
+        tmp = _stage_bytes(dest, data, temps, "the bundle member")
         if tmp is not None:
             signature_moves.append((dest, tmp))
     # placing order: checkpoints first, the manifest last (the loader trusts what it lists)

@@ -143,6 +143,7 @@ def inspect_cmd(file, as_json, plain_http):
     itself. FILE may be oci://HOST/REPO[:TAG] (reads only the image's manifest layer).
     """
     from ..bundle import open_bundle
+    from ..formats.manifest import is_checkpoint_path
     from ..formats.release import release_of
     from ..signing import bundle_signatures
     from .oci import open_registry_image
@@ -156,10 +157,11 @@ def inspect_cmd(file, as_json, plain_http):
                  e.headline_metric or "", e.transform_summary] for e in opened.entries]
         click.echo(table(["weights", "model(s)", "file", "size", "where", "metric", "transforms"], rows, right=[3]))
         made = opened.created_by
-        files = f"{len(opened.files)} files, {human_bytes(opened.size)}"
+        checkpoints = sum(is_checkpoint_path(p) for p in opened.files)  # not the ML-BOM
+        files = f"{checkpoints} files, {human_bytes(opened.size)}"
         if site:
             saved = sum(size for size, _sha in site.values())
-            files = (f"{len(opened.files) - len(site)} files carried ({human_bytes(opened.size)}) and {len(site)} "
+            files = (f"{checkpoints - len(site)} files carried ({human_bytes(opened.size)}) and {len(site)} "
                      f"expected at the site ({human_bytes(saved)} saved)")
         if len(opened.parts) > 1:
             files += f", in {len(opened.parts)} parts {opened.parts[0].name} .. {opened.parts[-1].name}"
