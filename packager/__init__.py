@@ -42,6 +42,7 @@ _API = {
     "Signer": "signing",
     "sign_bundle": "signing",
     "trust_policy": "signing",
+    "TrustPolicy": "signing",
     "verify_signed": "signing",
     "install_signed": "signing",
 }

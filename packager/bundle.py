@@ -311,9 +311,10 @@ def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
         finally:
             if bar is not None:
                 bar.close()
-        bad = [m.path for m, sha in zip(archive.payload, digests) if sha != archive.expected[m.path][1]]
+        bad = [m for m, sha in zip(archive.payload, digests) if sha != archive.expected[m.path][1]]
         if bad:
-            archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
+            archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or "
+                         "altered)", spans=[(m.offset, m.offset + m.size) for m in bad])
         for member in archive.payload:
             if is_checkpoint_path(member.path):
                 _check_member_pickle(archive, member)
@@ -492,10 +493,10 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
     finally:
         if bar is not None:
             bar.close()
-    bad = [step.member.path for step, (_t, sha) in zip(plan.files, outcomes)
-           if sha != archive.expected[step.member.path][1]]
+    bad = [step.member for step, (_t, sha) in zip(plan.files, outcomes) if sha != archive.expected[step.member.path][1]]
     if bad:
-        archive.fail(f"sha256 mismatch for {', '.join(repr(p) for p in bad)} (the archive is corrupt or altered)")
+        archive.fail(f"sha256 mismatch for {', '.join(repr(m.path) for m in bad)} (the archive is corrupt or "
+                     "altered)", spans=[(m.offset, m.offset + m.size) for m in bad])
     staged = tuple((step, tmp) for step, (tmp, _sha) in zip(plan.files, outcomes))
     for step, tmp in staged:  # every checkpoint must load weights-only before anything gets its final name
         if is_checkpoint_path(step.member.path):
@@ -509,7 +510,8 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
     for member in (*plan.extras, *archive.signatures):
         dest, data = _destination(plan.hub, member.path), archive._read(member.offset, member.size)
         if member in plan.extras and hashlib.sha256(data).hexdigest() != archive.expected[member.path][1]:
-            archive.fail(f"sha256 mismatch for {member.path!r} (the archive is corrupt or altered)")
+            archive.fail(f"sha256 mismatch for {member.path!r} (the archive is corrupt or altered)",
+                         spans=[(member.offset, member.offset + member.size)])
         tmp = _stage_bytes(dest, data, temps, "the bundle member")
         if tmp is not None:
             signature_moves.append((dest, tmp))

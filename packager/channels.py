@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import cache
-from .errors import BundleError, CacheError, SignatureError
+from .errors import BundleError, CacheError, LoadError, SignatureError
 from .formats.release import (
     ChannelRecord,
     Override,
@@ -104,6 +104,15 @@ def revocation_of(hub: Path, *, sha256: str | None = None, filename: str | None 
             if revoked.sha256 == sha256 or (filename and revoked.file == filename):
                 return f"revoked by release {revoked.sequence} of {record.channel}: {revoked.reason or 'no reason given'}"
     return None
+
+
+def unrevoked(hub: Path, entry) -> Path:
+    """For the loader: ``<hub>/checkpoints/<file>`` of a manifest entry, unless a channel revoked that checkpoint
+    here (then one line naming the release: it is never loaded, wherever the file is)."""
+    revoked = revocation_of(hub, sha256=entry.sha256)
+    if revoked is not None:
+        raise LoadError(f"{entry.name}: {entry.filename} is {revoked}", hint="install a release that replaces it")
+    return Path(hub) / "checkpoints" / entry.filename
 
 
 @dataclass(frozen=True)
@@ -292,4 +301,4 @@ def _move_revoked(hub: Path, sha256: str) -> str:
 
 __all__ = ["ReleaseDecision", "ReleaseOptions", "RevokedFile", "channels_dir", "check_release", "commit_release",
            "locked", "prune_revoked", "read_record", "record_path", "records", "refuse_revoked", "revocation_of",
-           "revoked_dir", "revoked_files"]
+           "revoked_dir", "revoked_files", "unrevoked"]

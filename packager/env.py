@@ -68,8 +68,14 @@ def lock_timeout() -> float | None:
 
 
 def trusted_keys() -> list[str]:
-    """``TVPACK_TRUSTED_KEYS``: comma-separated PEM files (public keys or CA roots); set, signatures are mandatory."""
-    return _list("TVPACK_TRUSTED_KEYS")
+    """``TVPACK_TRUSTED_KEYS``: comma-separated PEM files (public keys or CA roots); set, signatures are mandatory.
+    Set but naming no file (``""``, ``" , "``) is an error, never "no policy": a policy emptied by a templating or
+    quoting slip must not let unsigned bundles in without a word."""
+    keys = _list("TVPACK_TRUSTED_KEYS")
+    if not keys and "TVPACK_TRUSTED_KEYS" in os.environ:
+        raise UsageError(f"TVPACK_TRUSTED_KEYS is set but names no key file ({os.environ['TVPACK_TRUSTED_KEYS']!r})",
+                         hint="give comma-separated PEM files, or unset it for no trust policy")
+    return keys
 
 
 def signing_key_password() -> str | None:

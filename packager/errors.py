@@ -76,8 +76,9 @@ class SignatureError(TvpackError):
     """A signature is missing, malformed, made by an untrusted key, or does not cover the bundle."""
 
 
-class OCIError(TvpackError):
-    """An OCI registry refused a request, or an image is not what tvpack expects."""
+class OCIError(DownloadError):
+    """An OCI registry refused a request, or an image is not what tvpack expects (a DownloadError:
+    transports raise DownloadError, IntegrityError or CacheError and nothing else)."""
 
 
 class VolumeError(BundleError):

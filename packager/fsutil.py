@@ -89,16 +89,46 @@ def pid_alive(pid: int) -> bool:
 
 def hash_file(path, chunk_size: int = 8 << 20) -> str:
     """sha256 of a file, read in large chunks into one buffer (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
-    return digest.hexdigest()
+        return hash_stream(f, chunk_size=chunk_size)[0]
+
+
+def hash_stream(f, size: int | None = None, *, chunk_size: int = 8 << 20) -> tuple[str, int]:
+    """(sha256, bytes read) of what ``f`` reads from where it stands, up to ``size`` bytes (else to its end): of
+    an open file, what its descriptor reads whatever its path names by now."""
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(chunk_size))
+    total = 0
+    while size is None or total < size:
+        n = f.readinto(view[: chunk_size if size is None else min(chunk_size, size - total)])
+        if not n:
+            break
+        digest.update(view[:n])
+        total += n
+    return digest.hexdigest(), total
+
+
+def file_identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced (device, inode) or written to (size, mtime, ctime)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def descriptor_path(f) -> str | None:
+    """``/proc/self/fd/N`` of an open file: opening it opens that very file (for a memory map of exactly the
+    bytes that were hashed), whatever its path names now; None where there is no /proc."""
+    candidate = f"/proc/self/fd/{f.fileno()}"
+    try:
+        return candidate if os.path.samestat(os.stat(candidate), os.fstat(f.fileno())) else None
+    except OSError:
+        return None
+
+
+def written_since(before: os.stat_result, after: os.stat_result) -> bool:
+    """Was a file (two fstats of one descriptor) written to in between? Size or mtime changed, or its ctime did
+    while its link count did not (``touch -r`` after an edit; a rename over it or an unlink changes the ctime and
+    the count, but not the bytes behind the descriptor)."""
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+        before.st_nlink == after.st_nlink and before.st_ctime_ns != after.st_ctime_ns)
 
 
 def fsync_dir(path) -> None:

@@ -30,7 +30,6 @@ What happens on a load, and why:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -43,18 +42,17 @@ from typing import Iterable, Mapping, Sequence
 
 from . import channels, home
 from .bundle import open_bundle
-from .cache import file_sha256 as _file_sha256
+from .cache import index_entry, record_verified
 from .discovery import get_registry
 from .errors import BundleError, IntegrityError, LoadError, SignatureError, TvpackError, VolumeError
 from .formats.archive import MemberFile
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, BundleEntry, decode_manifest, manifest_path_for, parse_manifest
 from .formats.volumes import open_source as open_bytes
+from .fsutil import descriptor_path, file_identity, hash_stream, written_since
 from .snapshot import resolve
 from .spec import SpecError, build_transforms, meta_from_json, meta_to_json, transform_spec
 
 log = logging.getLogger(__name__)
-
-HASH_CHUNK = 8 << 20
 
 # The builder runs with process-wide patches in place (module hooks, the state-dict fetch).
 _BUILD_LOCK = threading.RLock()
@@ -98,20 +96,6 @@ def _torch_load(f, what: str, *, map_location, mmap: bool) -> dict:
     if not isinstance(state, Mapping):
         raise LoadError(f"{what}: the checkpoint holds a {type(state).__name__}, not a state dict")
     return state
-
-
-def _hash_stream(f, size: int) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
-    total = 0
-    while total < size:
-        n = f.readinto(view[: min(HASH_CHUNK, size - total)])
-        if not n:
-            break
-        digest.update(view[:n])
-        total += n
-    return digest.hexdigest(), total
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -257,25 +241,47 @@ class InstalledSource(Source):
         return _not_installed_hint(self.hub, name, registry)
 
     def checkpoint_path(self, entry: Entry) -> Path:
-        return self.hub / "checkpoints" / entry.filename
+        return channels.unrevoked(self.hub, entry)  # <hub>/checkpoints/<file>; a revoked checkpoint is refused
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
-        revoked = channels.revocation_of(self.hub, sha256=entry.sha256)  # never loaded, wherever the file is
-        if revoked is not None:
-            raise LoadError(f"{entry.name}: {entry.filename} is {revoked}", hint="install a release that replaces it")
-        path = self.checkpoint_path(entry)
+        # The bytes hashed are the bytes loaded: one open file is hashed (or matched to the index by inode and
+        # times), then loaded through its descriptor, never by path again: a file renamed over the checkpoint
+        # meanwhile is not what loads. Written to while loading changes its times, and is refused.
+        path, changed = self.checkpoint_path(entry), "the file changed after install; reinstall the bundle"
         try:
-            size = path.stat().st_size
+            f = open(path, "rb", buffering=0)
         except OSError:
             raise LoadError(f"{entry.name}: its checkpoint {path} is missing", hint="reinstall the bundle") from None
-        if size != entry.size:
-            raise IntegrityError(f"checkpoint {path} ({entry.name}) size", expected=f"{entry.size} bytes",
-                                 got=f"{size} bytes", hint="the file changed after install; reinstall the bundle")
-        digest = _file_sha256(path)
-        if digest != entry.sha256:
-            raise IntegrityError(f"checkpoint {path} ({entry.name}) sha256", expected=entry.sha256, got=digest,
-                                 hint="the file changed after install; reinstall the bundle")
-        return _torch_load(str(path), str(path), map_location=map_location, mmap=True)
+        with f:
+            before = os.fstat(f.fileno())
+            if before.st_size != entry.size:
+                raise IntegrityError(f"checkpoint {path} ({entry.name}) size", expected=f"{entry.size} bytes",
+                                     got=f"{before.st_size} bytes", hint=changed)
+            if (digest := _open_file_sha256(path, f, before)) != entry.sha256:
+                raise IntegrityError(f"checkpoint {path} ({entry.name}) sha256", expected=entry.sha256, got=digest,
+                                     hint=changed)
+            f.seek(0)
+            by_fd = descriptor_path(f)
+            state = _torch_load(by_fd or f, str(path), map_location=map_location, mmap=by_fd is not None)
+            if written_since(before, os.fstat(f.fileno())):
+                raise IntegrityError(f"checkpoint {path} ({entry.name})", expected="the verified file, unchanged",
+                                     got="a file written to while it was loaded", hint="see docs/security.md")
+        return state
+
+
+def _open_file_sha256(path: Path, f, st: os.stat_result) -> str:
+    """sha256 of the open file ``f`` (``st``: its fstat): the index's when it describes this very file, else
+    hashed from ``f`` and recorded if ``path`` still names it."""
+    known = index_entry(path) or {}
+    if known.get("sha256") and [known.get(k) for k in ("inode", "size", "mtime_ns", "ctime_ns")] == \
+            [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+        return known["sha256"]
+    f.seek(0)
+    digest, _ = hash_stream(f)
+    with contextlib.suppress(OSError):
+        if file_identity(os.stat(path)) == file_identity(st):
+            record_verified(path, digest)
+    return digest
 
 
 def _mtime(path: Path) -> int:
@@ -320,7 +326,7 @@ class BundleSource(Source):
         # (hashlib releases the GIL). Nothing is returned unless the hash matches; the weights-only
         # unpickler is what makes reading not-yet-verified bytes harmless.
         with open_bytes(self.path) as source, ThreadPoolExecutor(1) as pool:
-            hashing = pool.submit(_hash_stream, MemberFile(source, member.offset, member.size), member.size)
+            hashing = pool.submit(hash_stream, MemberFile(source, member.offset, member.size), member.size)
             state, failure = None, None
             try:
                 state = _torch_load(MemberFile(source, member.offset, member.size), what, map_location=map_location,
@@ -328,7 +334,8 @@ class BundleSource(Source):
             except LoadError as exc:
                 failure = exc
             got, n = hashing.result()
-            verdict = source.diagnose() if (n, got) != (entry.size, entry.sha256) else None
+            span = (member.offset, member.offset + member.size)
+            verdict = source.diagnose([span]) if (n, got) != (entry.size, entry.sha256) else None
         if verdict:  # a split bundle with a badly copied part: name the part
             raise VolumeError(verdict)
         if n != entry.size:
@@ -821,11 +828,11 @@ def _signed_only(src: Source, name: str, registry, trusted_keys, require_signed)
     from . import signing
 
     hub = src.hub if isinstance(src, InstalledSource) else None
-    policy = signing.loader_policy(trusted_keys, require_signed, hub=hub)
-    if not policy:
+    trust = signing.loader_policy(trusted_keys, require_signed, hub=hub)
+    if not trust:
         return src
     entry, _ = src.find(name, registry=registry)
-    covered, why = signing.covered_entries(src.entries.values(), policy, hub=hub,
+    covered, why = signing.covered_entries(src.entries.values(), trust, hub=hub,
                                            bundle_path=src.path if isinstance(src, BundleSource) else None)
     if entry.name not in covered:
         raise SignatureError(f"refusing {entry.name} from {src.describe()}: {why[entry.name]}")

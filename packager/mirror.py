@@ -321,10 +321,10 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
     if from_bundle is not None:
         if selectors or refs or all_weights:
             raise UsageError("--from-bundle takes no selectors: it publishes the whole bundle")
-        policy = signing.trust_policy(keys, ca_roots, torch_home=torch_home)
+        trust = signing.trust_policy(keys, ca_roots, torch_home=torch_home)
         with open_bundle(from_bundle) as bundle:
-            if policy:
-                signing.require_signed(signing.bundle_signatures(bundle, policy.trust), policy, bundle.path.name)
+            if trust:
+                signing.require_signed(signing.bundle_signatures(bundle, trust.trust), trust, bundle.path.name)
             return export_items(items_from_bundle(bundle), to, jobs=jobs, endpoint_url=endpoint_url,
                                 dry_run=dry_run, progress=progress, multipart_threshold=multipart_threshold,
                                 part_size=part_size)

@@ -74,6 +74,7 @@ from .formats.manifest import MANIFEST_NAME, decode_manifest, is_checkpoint_path
 from .formats.volumes import FileSource, open_source
 from .fsutil import atomic_write_json, human_bytes, pid_alive, reserve_space, short_name, temp_path
 from .home import hub_dir, tvpack_cache_dir
+from .transport.stream import Cancel, cancelled_by_interrupt
 from .transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, digest_of, parse_reference
 
 CHUNK = 8 << 20  # bytes per read while hashing a layer
@@ -156,7 +157,7 @@ class ImageSource:
         buf = bytearray(max(0, min(n, self.size - offset)))
         return bytes(buf[:self.readinto_at(buf, offset)])
 
-    def diagnose(self) -> str | None:
+    def diagnose(self, spans=()) -> str | None:
         return None
 
     def check_all(self) -> None:
@@ -950,6 +951,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
     lock = threading.Lock()
     bar = _bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
     where = str(image.reference)
+    cancel = Cancel()  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
 
     def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
         blob = staging / f"{layer.digest.split(':')[1]}.tar"
@@ -959,7 +961,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
             os.replace(blob, part)
         try:
             client.pull_blob(image.reference.repository, layer.digest, blob, size=layer.size, part=part,
-                             on_bytes=bar.update if bar is not None else None)
+                             on_bytes=bar.update if bar is not None else None, cancel=cancel)
         except OSError as exc:  # writing the staged layer (reading the registry raises OCIError)
             _unlink(part)
             raise _write_error(exc, staging) from None
@@ -989,7 +991,8 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
     to_fetch: list[int] = []
     keep = False
     try:
-        with ImageSource(where, _pieces(image, data_of)) as source, reserve_space(staging / "layer", sum(to_fetch)):
+        with cancelled_by_interrupt(cancel), ImageSource(where, _pieces(image, data_of)) as source, \
+                reserve_space(staging / "layer", sum(to_fetch)):
             yield source
     except KeyboardInterrupt:
         keep = True
@@ -1005,11 +1008,11 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
             _rmdir_quietly(staging)  # empty unless an adopted run left layers of no use now: prune takes those
 
 
-def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_http: bool = False,
+def install(ref, *, trust=None, torch_home=None, force: bool = False, plain_http: bool = False,
             progress: bool = False, client: RegistryClient | None = None,
             release=None) -> "signing.SignedInstallReport":
     """Install the bundle an image holds into ``<hub dir>/checkpoints``, as
-    :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``policy``,
+    :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``trust``,
     then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
     layers: a checkpoint the cache already holds with the right sha256 is not fetched; any other layer is
     fetched when install_bundle first reads it (after the signature checks; a conflict it refuses costs no
@@ -1020,11 +1023,11 @@ def install(ref, *, policy=None, torch_home=None, force: bool = False, plain_htt
     image = read_image(ref, client=client)
     hub = hub_dir(torch_home)
     with _fetching(image, client, hub, progress) as source:
-        return signing.install_signed(source, policy if policy is not None else signing.NO_POLICY,
+        return signing.install_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY,
                                       torch_home=torch_home, force=force, progress=progress, release=release)
 
 
-def verify(ref, *, policy=None, plain_http: bool = False, progress: bool = False,
+def verify(ref, *, trust=None, plain_http: bool = False, progress: bool = False,
            client: RegistryClient | None = None) -> "signing.SignedVerifyReport":
     """:func:`packager.signing.verify_signed` of the bundle an image holds (signatures, structure, every
     sha256, the weights-only pickle check), its layers fetched into a temporary directory of tvpack's
@@ -1033,7 +1036,7 @@ def verify(ref, *, policy=None, plain_http: bool = False, progress: bool = False
     client = _client(ref, client, plain_http)
     image = read_image(ref, client=client)
     with _fetching(image, client, None, progress, staging_hub=tvpack_cache_dir() / "oci-verify") as source:
-        return signing.verify_signed(source, policy if policy is not None else signing.NO_POLICY, progress=progress)
+        return signing.verify_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY, progress=progress)
 
 
 def _rmdir_quietly(path: Path) -> None:

@@ -224,7 +224,15 @@ class Catalog:
             for enum in self.enums.values():
                 keys.extend((enum.key, member) for member in enum.members)
         for selector in selectors:
-            keys.extend(self._resolve_one(selector, with_backbones))
+            try:
+                keys.extend(self._resolve_one(selector, with_backbones))
+            except (SelectorError, UsageError):
+                if os.path.exists(selector):  # ``tvpack bundle s.tar -o x.tar``: say so, not "unknown enum 's'"
+                    raise UsageError(f"{selector!r} is a file, given where selectors belong: selectors name weights "
+                                     "(resnet50, resnet50:all, ResNet50_Weights.IMAGENET1K_V2)",
+                                     hint="a lockfile goes after --lock, a site inventory after --for; a bundle "
+                                          "is read by install, inspect, verify, split and push") from None
+                raise
         if with_backbones and all_weights:
             keys.extend(model.backbone for model in self.models.values() if model.backbone)
         refs: dict[str, WeightsRef] = {}

@@ -81,7 +81,7 @@ def bundle_resources(manifest_bytes: bytes, files: Mapping[str, tuple[int, str]]
 # -- trust --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Policy:
+class TrustPolicy:
     """What this side trusts, and where that came from (refusals name it)."""
 
     trust: Trust = Trust()
@@ -91,7 +91,7 @@ class Policy:
         return bool(self.trust)
 
 
-NO_POLICY = Policy()
+NO_TRUST_POLICY = TrustPolicy()
 
 
 def _pem(item, what: str) -> tuple[bytes, str]:
@@ -139,7 +139,7 @@ def _mixed_trust(items: Iterable, what: str) -> Trust:
     return Trust(tuple(keys), tuple(roots))
 
 
-def _configured(hub: Path) -> Policy:
+def _configured(hub: Path) -> TrustPolicy:
     origins, keys, roots = [], [], []
     named = env.trusted_keys()
     folder = trusted_dir(hub)
@@ -154,19 +154,19 @@ def _configured(hub: Path) -> Policy:
             keys.extend(trust.keys)
             roots.extend(trust.ca_roots)
             origins.append(origin)
-    return Policy(Trust(tuple(keys), tuple(roots)), " and ".join(origins))
+    return TrustPolicy(Trust(tuple(keys), tuple(roots)), " and ".join(origins))
 
 
-def configured_policy(torch_home=None) -> Policy:
+def configured_policy(torch_home=None) -> TrustPolicy:
     """The machine's policy: ``TVPACK_TRUSTED_KEYS`` and ``<hub>/tvpack/trusted/``; empty when neither is set."""
     return _configured(hub_dir(torch_home))
 
 
-def trust_policy(keys: Iterable = (), ca_roots: Iterable = (), *, torch_home=None) -> Policy:
+def trust_policy(keys: Iterable = (), ca_roots: Iterable = (), *, torch_home=None) -> TrustPolicy:
     """Explicit keys and CA roots when given (then exactly those are trusted), else the configured policy."""
     keys, ca_roots = list(keys), list(ca_roots)
     if keys or ca_roots:
-        return Policy(load_trust(keys, ca_roots), "the given --key/--ca-root")
+        return TrustPolicy(load_trust(keys, ca_roots), "the given --key/--ca-root")
     return configured_policy(torch_home)
 
 
@@ -251,12 +251,12 @@ def check_signatures(manifest_bytes: bytes, files: Mapping[str, tuple[int, str]]
     return SignatureReport(this_id, tuple(checks), bool(trust))
 
 
-def require_signed(report: SignatureReport, policy: Policy, what: str) -> SignatureReport:
+def require_signed(report: SignatureReport, trust: TrustPolicy, what: str) -> SignatureReport:
     """``report`` when at least one signature is valid; else one line saying why not."""
     if report.valid:
         return report
     if not report.checks:
-        raise SignatureError(f"{what} is not signed, and the trust policy ({policy.origin}) requires a trusted "
+        raise SignatureError(f"{what} is not signed, and the trust policy ({trust.origin}) requires a trusted "
                              "signature")
     problems = "; ".join(f"{c.name}: {c.problem}" for c in report.checks)
     if len(report.checks) == 1:
@@ -277,12 +277,12 @@ def bundle_signatures(opened: Bundle, trust: Trust | None = None, *, now=None) -
     return check_signatures(opened.manifest_bytes, opened.files, read_signatures(opened), trust, now=now)
 
 
-def _checker(policy: Policy, found: list):
+def _checker(trust: TrustPolicy, found: list):
     """The ``check=`` hook of verify_bundle / install_bundle: runs on the opened bundle before any payload is read."""
     def check(opened: Bundle) -> None:
-        report = bundle_signatures(opened, policy.trust if policy else None)
-        if policy:
-            require_signed(report, policy, opened.path.name)
+        report = bundle_signatures(opened, trust.trust if trust else None)
+        if trust:
+            require_signed(report, trust, opened.path.name)
         found.append(report)
         return report.valid  # who signed: install's release checks need it
     return check
@@ -306,21 +306,21 @@ class SignedInstallReport:
         return {**self.installed.to_dict(), "signatures": self.signatures.to_dict()}
 
 
-def verify_signed(path, policy: Policy = NO_POLICY, *, progress: bool = False) -> SignedVerifyReport:
-    """:func:`packager.bundle.verify_bundle`, after the signatures are checked against ``policy`` (when it trusts
+def verify_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, progress: bool = False) -> SignedVerifyReport:
+    """:func:`packager.bundle.verify_bundle`, after the signatures are checked against ``trust`` (when it trusts
     anything: then at least one must be valid). The payload is read once, by the content check."""
     found: list[SignatureReport] = []
-    contents = verify_bundle(path, progress=progress, check=_checker(policy, found))
+    contents = verify_bundle(path, progress=progress, check=_checker(trust, found))
     return SignedVerifyReport(contents, found[0])
 
 
-def install_signed(path, policy: Policy = NO_POLICY, *, torch_home=None, force: bool = False,
+def install_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, torch_home=None, force: bool = False,
                    progress: bool = False, release=None) -> SignedInstallReport:
     """:func:`packager.bundle.install_bundle`, refused before anything is written unless a signature is valid for
-    ``policy`` (when it trusts anything). Signatures are installed beside the manifest."""
+    ``trust`` (when it trusts anything). Signatures are installed beside the manifest."""
     found: list[SignatureReport] = []
     installed = install_bundle(path, torch_home=torch_home, force=force, progress=progress,
-                               check=_checker(policy, found), release=release)
+                               check=_checker(trust, found), release=release)
     return SignedInstallReport(installed, found[0])
 
 
@@ -328,8 +328,8 @@ def install(path, *, keys: Iterable = (), ca_roots: Iterable = (), torch_home=No
             progress: bool = False) -> SignedInstallReport:
     """Install under the trust policy: ``keys`` / ``ca_roots`` when given, else the configured one (none: unsigned
     bundles install as before)."""
-    policy = trust_policy(keys, ca_roots, torch_home=torch_home)
-    return install_signed(path, policy, torch_home=torch_home, force=force, progress=progress)
+    trust = trust_policy(keys, ca_roots, torch_home=torch_home)
+    return install_signed(path, trust, torch_home=torch_home, force=force, progress=progress)
 
 
 # -- signing ------------------------------------------------------------------------------------------------
@@ -519,8 +519,8 @@ def installed_signatures(hub: Path, manifest_id_: str) -> list[tuple[str, bytes]
     return out
 
 
-def check_installed_manifest(path: Path, policy: Policy, *, hub: Path | None = None) -> InstalledManifest:
-    """Read an installed manifest and check its installed signatures against ``policy``; never raises for a bad
+def check_installed_manifest(path: Path, trust: TrustPolicy, *, hub: Path | None = None) -> InstalledManifest:
+    """Read an installed manifest and check its installed signatures against ``trust``; never raises for a bad
     manifest or signature (the result says what is wrong)."""
     path = Path(path)
     hub = hub or path.parent.parent.parent
@@ -537,9 +537,9 @@ def check_installed_manifest(path: Path, policy: Policy, *, hub: Path | None = N
         _entries, files = parse_manifest(decode_manifest(data), str(path))
     except BundleError as exc:
         return InstalledManifest(this_id, path, {}, None, exc.message)
-    report = check_signatures(data, files, installed_signatures(hub, this_id), policy.trust)
+    report = check_signatures(data, files, installed_signatures(hub, this_id), trust.trust)
     try:
-        require_signed(report, policy, f"installed manifest {this_id}")
+        require_signed(report, trust, f"installed manifest {this_id}")
     except SignatureError as exc:
         return InstalledManifest(this_id, path, files, report, exc.message)
     return InstalledManifest(this_id, path, files, report, None)
@@ -573,15 +573,15 @@ class InstalledReport:
                 "files": [f.to_dict() for f in self.files]}
 
 
-def verify_installed(policy: Policy, *, torch_home=None, selectors: Sequence[str] = (), registry: Sequence[str] = (),
+def verify_installed(trust: TrustPolicy, *, torch_home=None, selectors: Sequence[str] = (), registry: Sequence[str] = (),
                      jobs: int | None = None, progress: bool = False) -> InstalledReport:
-    """``cache verify --signatures``: every installed manifest must carry a valid signature for ``policy``, and every
+    """``cache verify --signatures``: every installed manifest must carry a valid signature for ``trust``, and every
     cached file (or those selected) must hash to what a validly signed manifest states. Each file is read once."""
-    if not policy:
+    if not trust:
         raise SignatureError("nothing to check signatures against: give --key PUB or --ca-root PEM, set "
                              "TVPACK_TRUSTED_KEYS, or put PEM files in <hub>/tvpack/trusted/")
     hub = hub_dir(torch_home)
-    manifests = [check_installed_manifest(p, policy, hub=hub) for p in sorted(manifests_dir(hub).glob("*.json"))]
+    manifests = [check_installed_manifest(p, trust, hub=hub) for p in sorted(manifests_dir(hub).glob("*.json"))]
     results = verify_cache(selectors, torch_home=torch_home, registry=registry, jobs=jobs, progress=progress)
     signed: dict[str, dict[str, str]] = {}  # checkpoint file name -> {manifest id: sha256}
     for manifest in manifests:
@@ -630,26 +630,26 @@ def _check_extra_members(manifest: InstalledManifest, hub: Path) -> InstalledMan
     return manifest
 
 
-def loader_policy(trusted_keys=None, require_signed: bool | None = None, *, hub: Path | None = None) -> Policy:
+def loader_policy(trusted_keys=None, require_signed: bool | None = None, *, hub: Path | None = None) -> TrustPolicy:
     """The loader's policy: ``trusted_keys`` (PEM paths or bytes: public keys or CA roots) when given; else, unless
     ``require_signed`` is False, the configured policy of ``hub``; ``require_signed=True`` with none is an error."""
     if trusted_keys:
         if isinstance(trusted_keys, (str, bytes, os.PathLike)):
             trusted_keys = [trusted_keys]
-        return Policy(_mixed_trust(trusted_keys, "trusted key"), "trusted_keys")
+        return TrustPolicy(_mixed_trust(trusted_keys, "trusted key"), "trusted_keys")
     if require_signed is False:
-        return NO_POLICY
-    policy = _configured(Path(hub) if hub is not None else hub_dir())
-    if require_signed and not policy:
+        return NO_TRUST_POLICY
+    trust = _configured(Path(hub) if hub is not None else hub_dir())
+    if require_signed and not trust:
         raise SignatureError("require_signed=True, but nothing is trusted: pass trusted_keys=[...], set "
                              "TVPACK_TRUSTED_KEYS or put PEM files in <hub>/tvpack/trusted/")
-    return policy
+    return trust
 
 
-def covered_entries(entries: Iterable, policy: Policy, *, bundle_path=None,
+def covered_entries(entries: Iterable, trust: TrustPolicy, *, bundle_path=None,
                     hub: Path | None = None) -> tuple[dict[str, Verified], dict[str, str]]:
     """For the loader: which weights entries (:class:`packager.formats.manifest.BundleEntry`) a signature valid for
-    ``policy`` covers, with their exact sha256. Entries of a bundle file (``bundle_path``) are checked against its
+    ``trust`` covers, with their exact sha256. Entries of a bundle file (``bundle_path``) are checked against its
     signature members; installed entries (``hub``) against the installed signatures of the manifest they came from.
     Returns (name -> the covering signature, name -> why it is not covered)."""
     entries = list(entries)
@@ -658,12 +658,12 @@ def covered_entries(entries: Iterable, policy: Policy, *, bundle_path=None,
     reports: dict[str, SignatureReport | str] = {}  # manifest (as entries name it) -> report or problem
     if bundle_path is not None:
         with open_bundle(bundle_path) as opened:
-            report = bundle_signatures(opened, policy.trust)
+            report = bundle_signatures(opened, trust.trust)
         for entry in entries:
             reports[entry.manifest] = report
     else:
         for where in {entry.manifest for entry in entries}:
-            manifest = check_installed_manifest(Path(where), policy, hub=hub)
+            manifest = check_installed_manifest(Path(where), trust, hub=hub)
             reports[where] = manifest.problem if manifest.problem else manifest.signatures
     covered, why = {}, {}
     for entry in entries:
@@ -676,14 +676,14 @@ def covered_entries(entries: Iterable, policy: Policy, *, bundle_path=None,
             covered[entry.name] = match
             continue
         try:
-            require_signed(report, policy, "its manifest")
+            require_signed(report, trust, "its manifest")
             why[entry.name] = f"no trusted signature covers {entry.path}"
         except SignatureError as exc:
             why[entry.name] = exc.message
     return covered, why
 
 
-__all__ = ["InstalledReport", "NO_POLICY", "Policy", "SignResult", "SignatureCheck", "SignatureReport",
+__all__ = ["InstalledReport", "NO_TRUST_POLICY", "TrustPolicy", "SignResult", "SignatureCheck", "SignatureReport",
            "SignedInstallReport", "SignedVerifyReport", "Signer", "bundle_resources", "bundle_signatures",
            "check_signatures", "configured_policy", "covered_entries", "install", "install_signed", "load_trust",
            "loader_policy", "require_signed", "sign_bundle", "trust_policy", "verify_installed", "verify_signed"]

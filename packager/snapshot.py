@@ -9,7 +9,9 @@ catalog was made from: torchvision's version and the size and mtime of every sou
 without importing torchvision; any change makes a new snapshot.
 
 User registry modules (``--registry``, ``TVPACK_REGISTRY``) are imported live every time: their
-code is the user's, and may change between two commands. ``TVPACK_NO_SNAPSHOT=1`` (or
+code is the user's, and may change between two commands. They are imported before torchvision's
+catalog is taken, which is then read from the live objects: a module may re-point torchvision's own
+members (an internal mirror's url), and that must be what every command sees. ``TVPACK_NO_SNAPSHOT=1`` (or
 ``tvpack --live-registry``) discovers torchvision live too, and writes nothing.
 """
 from __future__ import annotations
@@ -145,19 +147,21 @@ def get_catalog(modules: Sequence[str] = (), *, live: bool | None = None) -> Cat
     """torchvision's catalog plus each user registry module in ``modules`` and ``$TVPACK_REGISTRY``
     (always discovered live).
 
-    torchvision's part comes from the snapshot, unless ``live``, ``TVPACK_NO_SNAPSHOT=1``, or
-    ``torchvision.models`` is already imported in this process: then the live objects are at hand
-    and are the truth (they see in-process changes, e.g. a test pointing a member at another url).
+    torchvision's part comes from the snapshot, unless ``live``, ``TVPACK_NO_SNAPSHOT=1``, a user module
+    is given, or ``torchvision.models`` is already imported in this process: then the live objects are
+    at hand and are the truth (they see in-process changes: a user module or a test pointing a member at
+    another url).
     """
     from .discovery import live_registry
 
-    if live is None:
-        live = env.no_snapshot() or "torchvision.models" in sys.modules
-    catalog = _torchvision_catalog(live)
+    # User modules first: one may re-point torchvision's own members (a url on an internal mirror) as it is
+    # imported, so torchvision's part is then taken from the live objects, after that import, never before.
     combined = tuple(dict.fromkeys([*env.registries(), *modules]))
-    if combined:
-        catalog = catalog.merged(live_registry(combined, torchvision=False).catalog())
-    return catalog
+    user = live_registry(combined, torchvision=False).catalog() if combined else None
+    if live is None:
+        live = env.no_snapshot() or "torchvision.models" in sys.modules or user is not None
+    catalog = _torchvision_catalog(live)
+    return catalog.merged(user) if user is not None else catalog
 
 
 def resolve(selectors: Iterable[str], *, registry: Sequence[str] = (), all_weights: bool = False,

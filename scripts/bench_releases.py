@@ -62,7 +62,7 @@ def run(work: Path, args) -> int:
     subprocess.run(["openssl", "ec", "-in", str(work / "k.pem"), "-pubout", "-out", str(work / "k.pub")],
                    check=True, capture_output=True)
     signer = signing.Signer.load(work / "k.pem")
-    policy = signing.trust_policy([work / "k.pub"])
+    trust = signing.trust_policy([work / "k.pub"])
     release = Release("prod", 1)
     out = work / "rel.tvpack"
     plain = work / "plain.tvpack"
@@ -85,7 +85,7 @@ def run(work: Path, args) -> int:
     site = work / "site"
     hub = site / "hub"
     with B.open_bundle(out) as opened:
-        signers = signing.bundle_signatures(opened, policy.trust).valid
+        signers = signing.bundle_signatures(opened, trust.trust).valid
         files = {**opened.files}
         manifest, manifest_id = opened.manifest, opened.manifest_id
 
@@ -101,7 +101,7 @@ def run(work: Path, args) -> int:
     def install(path):
         def go():
             before = rchar()
-            signing.install_signed(path, policy, torch_home=site)
+            signing.install_signed(path, trust, torch_home=site)
             reads.append(rchar() - before)
         return go
 

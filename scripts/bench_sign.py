@@ -81,7 +81,7 @@ def run(work: Path, args) -> int:
     print(f"bundle of {args.files} checkpoints, {size / MiB:,.0f} MiB (made in {time.perf_counter() - t0:.0f} s)")
     private, public = write_key(work)
     signer = signing.Signer.load(private)
-    policy = signing.trust_policy([public])
+    trust = signing.trust_policy([public])
 
     # 1. signing an existing bundle: the payload stays on disk untouched, only the end blocks change
     sync()
@@ -102,13 +102,13 @@ def run(work: Path, args) -> int:
     plain, signed = [], []
     for _ in range(args.repeat):
         plain.append(measured(lambda: verify_bundle(out)))
-        signed.append(measured(lambda: signing.verify_signed(out, policy)))
+        signed.append(measured(lambda: signing.verify_signed(out, trust)))
     (t_plain, read_plain), (t_signed, read_signed) = min(plain), min(signed)
     from packager.bundle import open_bundle
 
     with open_bundle(out) as opened:
         t_check, read_check = measured(lambda: signing.require_signed(
-            signing.bundle_signatures(opened, policy.trust), policy, out.name))
+            signing.bundle_signatures(opened, trust.trust), trust, out.name))
         n_sigs = len(opened.signatures)
 
     print(f"\nsign    {size / MiB:,.0f} MiB bundle in place: {t_sign * 1000:.1f} ms (target < 200 ms), read "

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ZOO_REGISTRY
 
 
@@ -93,3 +94,90 @@ def test_output_dash_or_trailing_slash_is_a_usage_error(cli, tmp_path, monkeypat
             assert result.exit_code == 2, result.output
             assert "give a file name" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+# One failing call of every command that has --json (no network: missing files, unknown names, bad values).
+FAILING_JSON = {
+    "list": (["list", "nosuch"], "SelectorError", 1),
+    "fetch": (["fetch", "nosuch"], "SelectorError", 1),
+    "lock": (["lock", "nosuch", "-o", "x.lock"], "SelectorError", 1),
+    "bundle": (["bundle", "nosuch", "-o", "x.tar"], "SelectorError", 1),
+    "inspect": (["inspect", "nope.tar"], "BundleError", 1),
+    "verify": (["verify", "nope.tar"], "BundleError", 1),
+    "install": (["install", "nope.tar"], "BundleError", 1),
+    "sign": (["sign", "nope.tar", "--key", "nope.key"], "SignatureError", 1),
+    "split": (["split", "nope.tar", "--size", "1M"], "BundleError", 1),
+    "push": (["push", "nope.tar", "oci://127.0.0.1:1/r:t"], "BundleError", 1),
+    "pull": (["pull", "notaref", "-o", "x.tar"], "UsageError", 2),
+    "mirror": (["mirror", "nosuch", "--to", "d"], "SelectorError", 1),
+    "predict": (["predict", "nope.tar", "resnet50", "x.png"], "BadParameter", 2),
+    "cache ls": (["cache", "ls", "--torch-home", "afile"], "BadParameter", 2),
+    "cache verify": (["cache", "verify", "nosuch"], "SelectorError", 1),
+    "cache prune": (["cache", "prune", "--torch-home", "afile"], "BadParameter", 2),
+    "cache rm": (["cache", "rm", "nosuch"], "SelectorError", 1),
+}
+
+
+def _commands_with_json() -> set[str]:
+    import click
+
+    from packager.cli import main
+
+    def walk(command, path):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+        elif any(p.name == "as_json" for p in command.params):
+            yield " ".join(path)
+
+    return set(walk(main, []))
+
+
+def test_every_command_with_json_is_covered_below():
+    assert set(FAILING_JSON) == _commands_with_json()
+
+
+@pytest.mark.parametrize("command", sorted(FAILING_JSON))
+def test_with_json_a_failure_is_json_on_stdout_and_one_line_on_stderr(command, cli, tmp_path, monkeypatch):
+    """One rule for every command: stdout always parses with --json (an error object when it fails), and the
+    error is still said on stderr."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    args, kind, code = FAILING_JSON[command]
+    result = cli(*args, "--json")
+    assert result.exit_code == code, result.output
+    document = json.loads(result.stdout)
+    assert document["ok"] is False
+    assert document["error"]["type"] == kind and document["error"]["exit_code"] == code
+    message = document["error"]["message"]
+    assert message and "\n" not in message
+    if kind != "BadParameter":
+        assert result.stderr.strip().splitlines() == [f"tvpack: error: {message}"]
+    else:  # click's own usage errors: its usage lines, then the message
+        assert result.stderr.strip().splitlines()[-1] == f"Error: {message}"
+
+
+def test_with_json_a_failure_is_json_in_a_real_process(tvpack, tmp_path):
+    proc = tvpack("inspect", tmp_path / "nope.tar", "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == {"type": "BundleError", "message": f"no such bundle: {tmp_path}/nope.tar",
+                                                "exit_code": 1}
+    assert proc.stderr == f"tvpack: error: no such bundle: {tmp_path}/nope.tar\n"
+
+
+def test_a_file_given_where_selectors_belong_is_named_as_such(cli, tvpack, tmp_path, monkeypatch):
+    """`tvpack bundle s.tar -o x.tar`: not "unknown weights enum 's'" but what was given and where files go."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.tar").write_bytes(b"a bundle, say")
+    words = "tvpack: error: 's.tar' is a file, given where selectors belong: selectors name weights"
+    for args in (["bundle", "s.tar", "-o", "x.tar"], ["fetch", "s.tar", "--dry-run"], ["lock", "s.tar", "-o", "l"]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(words) and "a lockfile goes after --lock" in line, line
+    assert not (tmp_path / "x.tar").exists()
+    proc = tvpack("bundle", "s.tar", "-o", "x.tar", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(words)
+    assert cli("fetch", "resnet50", "--dry-run").exit_code == 0  # a selector that is no file is unaffected
+    (tmp_path / "resnet50").write_text("")  # nor one that happens to name a file too: it resolves first
+    assert cli("fetch", "resnet50", "--dry-run").exit_code == 0

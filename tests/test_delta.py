@@ -24,6 +24,7 @@ from packager import bundle as B
 from packager import delta
 from packager.errors import BundleError, LoadError, VolumeError
 from packager.formats import inventory as inv
+from packager.formats.archive import BLOCK
 from packager.formats.manifest import decode_manifest, parse_manifest
 
 pytestmark = pytest.mark.timeout(300)
@@ -441,6 +442,20 @@ def test_bundle_split_parts_sha256sum_and_cat(connected, small_full, tmp_path, c
         assert (again / p.name).read_bytes() == p.read_bytes()
 
 
+def test_the_split_hint_is_a_command_that_runs_where_paths_have_spaces(small_full, tmp_path, cli):
+    """The printed `cd DIR && sha256sum -c NAME.sha256` is quoted for the shell: pasted, it checks the copy."""
+    need_binary("sha256sum")
+    media = tmp_path / "USB stick (1)"
+    media.mkdir()
+    shutil.copy(small_full, media / "my bundle.tar")
+    result = cli("split", media / "my bundle.tar", "--size", "1M")
+    assert result.exit_code == 0, result.output
+    hint = result.output.strip().splitlines()[-1].split("check a copy with: ", 1)[1]
+    check = subprocess.run(["sh", "-c", hint], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, (hint, check.stderr)
+    assert check.stdout.count(": OK") == len(list(media.glob("my bundle.tar.0*"))) > 1
+
+
 def test_split_refusals(small_full, tmp_path, cli):
     media = tmp_path / "m"
     media.mkdir()
@@ -524,6 +539,53 @@ def test_damaged_copies_are_named_and_refused(media, tmp_path, cli, tvpack, how)
     assert checkpoint_names(home) == []
     proc = tvpack("verify", media)  # the real process: one line, no traceback
     assert proc.returncode == 1 and words in one_error_line(proc.stderr)
+
+
+def test_a_part_of_another_split_with_its_line_rewritten_is_named(media, connected, small_full, tmp_path, cli, tvpack):
+    """The part that holds a tar header taken from another bundle split alike, its line in small.tar.sha256
+    rewritten to match: every part matches the listing, so the archive breaks inside that part; the refusal names
+    it and says it is not this bundle's (not the symptom, "non-zero padding after byte N")."""
+    part_size = 512 << 10
+    with B.open_bundle(small_full) as opened:
+        index = (opened.members[-1].offset - BLOCK) // part_size  # where the last member's header is
+    assert index > 0
+    other = tmp_path / "other" / "other.tar"
+    B.bundle(OTHER, other, registry=[ZOO_REGISTRY], torch_home=connected, fetch=False, split=part_size)
+    foreign = other.with_name(f"other.tar.{index:03d}").read_bytes()
+    (media.parent / f"small.tar.{index:03d}").write_bytes(foreign)
+    listing = media.with_name("small.tar.sha256")
+    lines = listing.read_text().splitlines()
+    lines[index] = f"{hashlib.sha256(foreign).hexdigest()}  small.tar.{index:03d}"
+    listing.write_text("\n".join(lines) + "\n")
+    words = (f"part {index + 1} of 5, small.tar.{index:03d}, does not belong to this bundle: the archive breaks "
+             "inside, although it matches its line in small.tar.sha256")
+    home = tmp_path / "home"
+    for command in (["verify", media], ["install", listing, "--torch-home", home]):
+        result = cli(*command)
+        assert result.exit_code == 1, result.output
+        line = one_error_line(result.output)
+        assert words in line and "copy the parts and small.tar.sha256 of one split again" in line, line
+    assert checkpoint_names(home) == []
+    proc = tvpack("verify", media)
+    assert proc.returncode == 1 and words in one_error_line(proc.stderr)
+
+
+def test_a_first_part_copied_alone_says_what_is_missing(media, tmp_path, cli, tvpack):
+    """Only NAME.000 copied: not "truncated archive", but which files are missing beside it."""
+    alone = tmp_path / "stick"
+    alone.mkdir()
+    shutil.copy(media, alone / media.name)
+    words = ("small.tar.000 is the first part of a split bundle, not a whole bundle: the other parts (small.tar.001, "
+             f"small.tar.002, ...) and small.tar.sha256 are missing beside it: copy them all into {alone}")
+    home = tmp_path / "home"
+    for command in (["verify", alone / media.name], ["install", alone / media.name, "--torch-home", home],
+                    ["inspect", alone / media.name]):
+        result = cli(*command)
+        assert result.exit_code == 1, result.output
+        assert one_error_line(result.output) == f"tvpack: error: {words}"
+    assert checkpoint_names(home) == []
+    proc = tvpack("verify", alone / media.name)
+    assert proc.returncode == 1 and proc.stderr == f"tvpack: error: {words}\n"
 
 
 def test_loading_from_a_corrupt_part_names_it(media):

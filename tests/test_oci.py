@@ -20,6 +20,7 @@ from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
 from packager import bundle as B
 from packager import cache, oci, signing
 from packager.errors import BundleError, CacheError, OCIError
+from packager.fsutil import human_bytes
 from packager.formats import image as I
 from packager.formats.archive import tar_header
 from packager.transport.oci import OCI_MANIFEST, Policy, RegistryClient, digest_of
@@ -468,13 +469,19 @@ def test_pull_and_install_refuse_a_disk_too_small_before_fetching_a_blob(registr
 
 def test_a_disk_that_fills_during_an_oci_install_keeps_no_staged_layer(registry, made, tmpfs, monkeypatch):
     """Layers are staged beside the cache, then copied into it: a disk that fills meanwhile (after the
-    up-front check) is reported as full, and neither a checkpoint nor a staged layer or its part is left."""
+    up-front check) is reported as full, and neither a checkpoint nor a staged layer or its part is left.
+    The disk is smaller than the largest layer, so it is always the staging of that layer that fills it:
+    one CacheError naming the staging directory and the bytes the layer needed."""
     oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
-    disk = tmpfs("2m")
+    layers = sorted(layer["size"] for layer in image_manifest(registry)["layers"])
+    assert 2 * layers[-2] < layers[-1] - 256 * 1024, layers  # the smaller layers fit, staged and installed
+    disk = tmpfs(f"{(layers[-1] - 128 * 1024) // 1024}k")
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 40))  # another writer
-    with pytest.raises(CacheError, match="disk full while writing|No space left on device"):
+    with pytest.raises(CacheError) as err:
         oci.install(ref_of(registry), torch_home=disk / "home", plain_http=True)
+    assert re.fullmatch(rf"disk full while writing {re.escape(str(disk))}/home/\S+/oci-layers/\S+ "
+                        rf"\(needs {re.escape(human_bytes(layers[-1]))}\)", err.value.message), err.value.message
     assert left_behind(disk) == []
 
 
@@ -499,6 +506,88 @@ def test_an_image_that_is_not_a_tvpack_image_is_refused_in_one_line(registry, tm
     missing = one_error_line(run_tvpack("pull", ref_of(registry, "plain/image", "v2"), "-o", tmp_path / "y",
                                         "--plain-http"))
     assert "tag or manifest not found" in missing
+
+
+# -- blob GETs that stall: deadlines, notices, Ctrl-C ------------------------------------------------
+class StallingFront:
+    """A registry front on loopback: every request is redirected to the real registry at ``target``,
+    except GETs of blob ``stall``, which it accepts and never answers. ``stalled`` is set when one arrives."""
+
+    def __init__(self, target: str, stall: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.stalled = threading.Event()
+        self._release = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(307)
+                self.send_header("Location", f"http://{target}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                if self.path.endswith(f"/blobs/{stall}"):
+                    owner.stalled.set()
+                    owner._release.wait()  # the connection stays open, silent
+                    return
+                self.do_HEAD()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def checkpoint_layer(reg) -> dict:
+    return max(image_manifest(reg)["layers"], key=lambda layer: layer["size"])
+
+
+def test_a_registry_that_never_answers_a_blob_get_says_so_and_gives_up_at_the_deadline(registry, made, tmp_path):
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
+        proc = run_tvpack("pull", ref_of(front), "-o", tmp_path / "out" / "x.tvpack", "--plain-http",
+                          "--speed-time", "1", "--max-time", "4", timeout=120)
+        assert front.stalled.is_set()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert any(f"no answer from {front.host} for 1s; retrying in" in line for line in lines[:-1]), proc.stderr
+    assert lines[-1].startswith("tvpack: error: ") and "not complete within 4s" in lines[-1], proc.stderr
+    assert files_under(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("command", ["pull", "install"])
+def test_ctrl_c_stops_a_stalled_oci_blob_get_at_once(registry, made, tmp_path, command):
+    import signal
+
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    where = ["-o", str(tmp_path / "x")] if command == "pull" else ["--torch-home", str(tmp_path / "home")]
+    with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
+        proc = subprocess.Popen([sys.executable, "-m", "packager", command, ref_of(front), *where,
+                                 "--plain-http"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert front.stalled.wait(60), "the blob GET never arrived"
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=15)  # the default read timeout alone would be 30 s
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "tvpack: interrupted", stderr
 
 
 # -- signatures ---------------------------------------------------------------------------------------
@@ -609,3 +698,23 @@ def test_skopeo_copy_and_umoci_unpack_give_a_torch_home_vanilla_torchvision_load
         assert (rootfs / opened.manifest_path).is_file()
     sums = load_offline(rootfs)
     assert set(sums) == set(SMALL_WEIGHTS.values())
+
+
+def test_offline_means_no_request_at_the_registry(registry, made, tmp_path):
+    """TVPACK_OFFLINE=1 (or --offline) refuses every oci:// command in one line, and the registry's access log
+    shows not one request from them."""
+    oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
+    before = len(registry.requests())
+    bundle_oci = ("bundle", *SMALL, "--registry", ZOO_REGISTRY, "--torch-home", made["home"], "--no-upstream",
+                  "-o", ref_of(registry, "team/offline", "v1"))
+    commands = [("inspect", ref_of(registry)), ("pull", ref_of(registry), "-o", tmp_path / "out.tvpack"),
+                ("push", made["small"], ref_of(registry, tag="v2")),
+                ("install", ref_of(registry), "--torch-home", tmp_path / "home"), bundle_oci]
+    for args in commands:
+        line = one_error_line(run_tvpack(*args, "--plain-http", env={"TVPACK_OFFLINE": "1"}))
+        assert f"offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to {registry.host}" in line, line
+    for args in [commands[1], commands[2], bundle_oci]:  # the commands with an --offline flag
+        line = one_error_line(run_tvpack(*args, "--plain-http", "--offline"))
+        assert "offline mode" in line, line
+    assert len(registry.requests()) == before
+    assert not (tmp_path / "out.tvpack").exists() and not (tmp_path / "home").exists()

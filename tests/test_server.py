@@ -98,3 +98,33 @@ def test_runs_as_a_module(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _request_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name and t.is_alive()]
+
+
+def test_a_client_that_resets_between_requests_is_not_logged(mirror_server, capsys):
+    """A client that resets a kept-alive connection (a pool dropping it, a cancelled fetch) is normal for a server:
+    no traceback from its threads."""
+    import socket
+    import struct
+
+    body = b"x" * 1000
+    (mirror_server.root / "f.bin").write_bytes(body)
+    host, port = mirror_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(b"GET /f.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while not received.endswith(body):
+            received += client.recv(65536)  # the whole answer; the server now waits for the next request
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    deadline = time.monotonic() + 30
+    while _request_threads() and time.monotonic() < deadline:  # until the handler has ended, its error handled
+        time.sleep(0.05)
+    assert not _request_threads()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
+    assert len(mirror_server.transfers("/f.bin")) == 1

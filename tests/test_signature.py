@@ -47,6 +47,9 @@ def pki(tmp_path_factory) -> dict[str, bytes]:
                               "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
     (d / "leaf.ext").write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
                                 "extendedKeyUsage=codeSigning\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    (d / "ca_leaf.ext").write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature,keyCertSign\n"
+                                   "extendedKeyUsage=codeSigning\nsubjectKeyIdentifier=hash\n"
+                                   "authorityKeyIdentifier=keyid\n")
     (d / "tls.ext").write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
                                "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
     for root in ("root", "evil_root"):
@@ -64,6 +67,8 @@ def pki(tmp_path_factory) -> dict[str, bytes]:
     issue("evil_leaf", "/CN=Model Release Signer", "evil_root", "leaf.ext")
     shutil.copy(d / "leaf.key", d / "tls.key")
     issue("tls", "/CN=www.example.com", "inter", "tls.ext")
+    shutil.copy(d / "leaf.key", d / "ca_leaf.key")
+    issue("ca_leaf", "/CN=Signer Who Is A CA", "inter", "ca_leaf.ext")  # code signing usages, but CA:TRUE
     for name, data in _backdated_chain(d).items():
         (d / name).write_bytes(data)
     out = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
@@ -310,6 +315,7 @@ def test_certificate_signature_verifies_against_the_root_and_names_the_subject(p
     ("leaf after now", "expired on"),
     ("cert sig, only keys", "no CA root is trusted"),
     ("tls leaf", "may not sign code"),
+    ("CA as leaf", r"certificate CN=Signer Who Is A CA is a CA certificate \(basicConstraints CA:TRUE\)"),
     ("chain not of key", "not the signing key's certificate"),
     ("empty trust", "no trusted keys or CA roots"),
 ])
@@ -336,6 +342,9 @@ def test_refusals_are_one_line(pki, case, message):
             sigfmt.verify(sig, Trust.from_pem(pki["leaf.pub"]))
         elif case == "tls leaf":
             sig = sigfmt.sign(resources, key_pem=pki["tls.key"], cert_chain_pem=pki["tls.pem"] + pki["inter.pem"])
+            sigfmt.verify(sig, Trust.from_pem(pki["root.pem"]))
+        elif case == "CA as leaf":
+            sig = sigfmt.sign(resources, key_pem=pki["ca_leaf.key"], cert_chain_pem=pki["ca_leaf.pem"] + pki["inter.pem"])
             sigfmt.verify(sig, Trust.from_pem(pki["root.pem"]))
         elif case == "chain not of key":
             sigfmt.sign(resources, key_pem=pki["p256.key"], cert_chain_pem=chain)

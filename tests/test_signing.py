@@ -373,6 +373,41 @@ def test_a_broken_policy_fails_closed(bundles, keys, tmp_path, cli, monkeypatch)
     assert "this is a private key: give its public half" in one_error_line(cli("verify", bundles["small"]))
 
 
+@pytest.mark.parametrize("value", ["", " , ", ","])
+def test_a_trusted_keys_variable_naming_no_file_is_an_error_not_no_policy(bundles, tmp_path, cli, monkeypatch, value):
+    """Set but blank is a slip (a template or quoting that lost the value), never "trust nothing, require nothing":
+    install, verify and the loader refuse with one line naming the variable; nothing is installed."""
+    from packager.errors import UsageError
+    from packager.loader import load_weights
+
+    monkeypatch.setenv("TVPACK_TRUSTED_KEYS", value)
+    home = tmp_path / "home"
+    for args in (("install", bundles["small"], "--torch-home", home), ("verify", bundles["small"])):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"tvpack: error: TVPACK_TRUSTED_KEYS is set but names no key file ({value!r}) (give comma-separated PEM "
+            "files, or unset it for no trust policy)"]
+    assert tree(home) == []
+    with pytest.raises(UsageError, match="TVPACK_TRUSTED_KEYS is set but names no key file"):
+        load_weights(bundles["small"], SHUFFLE, registry=[ZOO_REGISTRY])
+    monkeypatch.delenv("TVPACK_TRUSTED_KEYS")  # unset: no policy, as documented
+    assert cli("install", bundles["small"], "--torch-home", home).exit_code == 0
+
+
+def test_verify_says_when_one_of_two_signatures_is_not_valid(bundles, keys, tmp_path, cli):
+    """Text output names the bad one as the --json does; one valid signature is enough for the verdict."""
+    path = signed(bundles, tmp_path, keys / "p256.key")
+    signing.sign_bundle(path, signing.Signer.load(keys / "other.key"), label="other")
+    result = cli("verify", path, "--key", keys / "p256.pub")
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert re.search(r"; signed by key SHA256:[0-9a-f]{64}; 1 of 2 signatures not valid: [0-9a-f]{16}\.other\.sig: "
+                     r"signed by key SHA256:[0-9a-f]{64}, which is not a trusted key$", line), line
+    as_json = json.loads(cli("verify", path, "--key", keys / "p256.pub", "--json").stdout)
+    assert [s["valid"] for s in as_json["signatures"]["signatures"]] == [True, False]
+
+
 def test_refuses_a_signature_by_another_key(bundles, keys, tmp_path, cli):
     path = signed(bundles, tmp_path, keys / "p256.key")
     refused_everywhere(cli, path, tmp_path / "home", ["--key", keys / "other.pub"],
@@ -474,6 +509,14 @@ def test_refuses_an_expired_certificate(bundles, keys, tmp_path, cli):
     path = signed(bundles, tmp_path, keys / "leaf.key", chain=[keys / "old_chain.pem"])
     refused_everywhere(cli, path, tmp_path / "home", ["--ca-root", keys / "old_root.pem"],
                        r"certificate CN=Old Signer expired on \d{4}-\d\d-\d\d")
+
+
+def test_refuses_a_ca_certificate_as_the_signer(bundles, keys, tmp_path, cli):
+    """A CA:TRUE certificate that chains to the trusted root and carries code-signing usages is still no signer."""
+    path = signed(bundles, tmp_path, keys / "ca_leaf.key", chain=[keys / "ca_leaf.pem", keys / "inter.pem"])
+    refused_everywhere(cli, path, tmp_path / "home", ["--ca-root", keys / "root.pem"],
+                       r"certificate CN=Signer Who Is A CA is a CA certificate \(basicConstraints CA:TRUE\): a "
+                       "signature must be made with an end-entity")
 
 
 def test_refuses_a_certificate_from_an_untrusted_ca(bundles, keys, tmp_path, cli):
@@ -579,6 +622,63 @@ def test_loader_refuses_checkpoints_no_trusted_signature_covers(bundles, keys, t
         sig.write_bytes(b"{}")
     with pytest.raises(SignatureError, match="refusing"):
         load_weights(home, SHUFFLE, registry=[ZOO_REGISTRY])
+
+
+def _signed_home(bundles, keys, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A TORCH_HOME with a signed bundle installed under a configured policy; (home, the shufflenet checkpoint)."""
+    home = tmp_path / "home"
+    signing.install_signed(signed(bundles, tmp_path, keys / "p256.key"), signing.trust_policy([keys / "p256.pub"]),
+                           torch_home=home)
+    monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(keys / "p256.pub"))
+    with B.open_bundle(bundles["small"]) as opened:
+        filename = next(e.filename for e in opened.entries if e.name == SHUFFLE)
+    return home, home / "hub/checkpoints" / filename
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["hashed-now", "from-the-index"])
+def test_the_loaded_bytes_are_the_verified_bytes_when_the_file_is_swapped(bundles, keys, tmp_path, monkeypatch,
+                                                                         indexed):
+    """A file renamed over the checkpoint after it was hashed (or matched to the index) and before it is loaded is
+    not what loads: the loader loads the descriptor it hashed, never the path again."""
+    import torch
+
+    from packager import cache, loader
+
+    home, ckpt = _signed_home(bundles, keys, tmp_path, monkeypatch)
+    genuine = torch.load(ckpt, weights_only=True)
+    evil = tmp_path / "evil.pth"
+    torch.save({k: torch.full_like(v, 7) if v.is_floating_point() else v for k, v in genuine.items()}, evil)
+    if indexed:
+        cache.file_sha256(ckpt)  # the index now vouches for this inode: no hashing on the load
+    real = loader._torch_load
+
+    def swapped_then_loaded(f, *args, **kwargs):  # between the hash and the load: rename a file over it
+        os.replace(evil, ckpt)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_torch_load", swapped_then_loaded)
+    model, _ = loader.load_model(home, SHUFFLE, registry=[ZOO_REGISTRY], require_signed=True)
+    assert not evil.exists()  # the swap happened
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in genuine.items()), "loaded other bytes than the signed ones"
+
+
+def test_a_checkpoint_written_to_while_it_is_loaded_is_refused(bundles, keys, tmp_path, monkeypatch):
+    from packager import loader
+    from packager.errors import IntegrityError
+
+    home, ckpt = _signed_home(bundles, keys, tmp_path, monkeypatch)
+    real = loader._torch_load
+
+    def edited_then_loaded(f, *args, **kwargs):  # between the hash and the load: edit the same inode in place
+        with open(ckpt, "r+b") as out:
+            out.seek(ckpt.stat().st_size - 1)
+            out.write(b"\0")
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_torch_load", edited_then_loaded)
+    with pytest.raises(IntegrityError, match="a file written to while it was loaded"):
+        loader.load_weights(home, SHUFFLE, registry=[ZOO_REGISTRY], require_signed=True).get_state_dict()
 
 
 def test_predict_checks_signatures_as_the_loader_does(bundles, keys, tmp_path, cli, monkeypatch):

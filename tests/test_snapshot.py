@@ -187,3 +187,52 @@ def test_bundling_torchvision_weights_imports_no_torch(xdg, tmp_path):
     proc, imported = probe("inspect", out, "--json", env=env)
     assert proc.returncode == 0 and imported == ""
     assert json.loads(proc.stdout)["weights"][0]["transforms"]["class"] == "ImageClassification"
+
+
+@pytest.mark.timeout(600)
+def test_a_user_module_that_repoints_torchvision_members_is_heeded_everywhere(xdg, tmp_path, mirror_server,
+                                                                              monkeypatch):
+    """A --registry module that points a real torchvision member at an internal mirror and re-exports its enum (the
+    usual way to reroute downloads) is what list, fetch --dry-run, bundle and the loader see: with the snapshot
+    warm (it holds the upstream url) and with TVPACK_NO_SNAPSHOT=1 alike."""
+    import warnings
+
+    import torchvision
+
+    from packager.loader import DriftWarning, load_model
+    from packager.testing.zoo import synthesize_checkpoint
+
+    member = torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1
+    (mirror_server.root / "models").mkdir(parents=True)
+    ckpt = synthesize_checkpoint(member, mirror_server.root / "models")
+    url = f"{mirror_server.url}/models/{ckpt.name}"
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "internal_mirror.py").write_text(
+        "from torchvision.models import SqueezeNet1_1_Weights, squeezenet1_1  # noqa: F401 - re-exported\n"
+        f"SqueezeNet1_1_Weights.IMAGENET1K_V1.value.url = {url!r}\n")
+    env = {"XDG_CACHE_HOME": str(xdg), "TORCH_HOME": str(tmp_path / "th"), "PYTHONPATH": f"{ROOT}:{mods}"}
+    probe("list", "squeezenet1_1", env=env)  # the snapshot is warm, with the upstream url in it
+    for live in ({}, {"TVPACK_NO_SNAPSHOT": "1"}):
+        listed, _ = probe("list", "squeezenet1_1", "--registry", "internal_mirror", "--json", env={**env, **live})
+        assert listed.returncode == 0, listed.stderr
+        assert [(r["url"], r["filename"]) for r in json.loads(listed.stdout)] == [(url, ckpt.name)], live
+        planned, _ = probe("fetch", "--dry-run", "--json", "squeezenet1_1", "--registry", "internal_mirror",
+                           env={**env, **live})
+        assert planned.returncode == 0, planned.stderr
+        assert [r["url"] for r in json.loads(planned.stdout)] == [url], live
+    out = tmp_path / "sq.tvpack.tar"
+    made, _ = probe("bundle", "squeezenet1_1", "--registry", "internal_mirror", "-o", out, env=env)
+    assert made.returncode == 0, made.stderr
+    assert len(mirror_server.transfers(f"/models/{ckpt.name}")) == 1  # fetched from the internal mirror
+    # in this process too (the member's url is put back when the test ends)
+    monkeypatch.setattr(member.value, "url", member.url)
+    monkeypatch.syspath_prepend(str(mods))
+    monkeypatch.delitem(sys.modules, "internal_mirror", raising=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DriftWarning)  # the bundle and the live member agree
+            model, weights = load_model(out, "squeezenet1_1", registry=["internal_mirror"])
+        assert weights.url == url and not model.training
+    finally:
+        sys.modules.pop("internal_mirror", None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import need_server
 
-from packager.errors import OCIError, UsageError
+from packager.errors import IntegrityError, OCIError, UsageError
 from packager.transport.oci import (
     OCI_MANIFEST,
     Credentials,
@@ -189,16 +189,18 @@ def test_pull_finishes_a_complete_part_without_a_request(client, registry, tmp_p
     assert (tmp_path / "blob").read_bytes() == data and len(registry.requests()) == before
 
 
-def test_pull_refuses_a_part_that_is_not_a_prefix(client, tmp_path):
+def test_pull_drops_a_part_that_is_not_a_prefix_and_starts_over(client, registry, tmp_path):
+    """As for any source of the engine: a resumed blob that fails its digest may owe it to the old part,
+    so it is fetched once more from byte 0 before the registry is blamed."""
     data = blob(100_000, seed=4)
     digest = client.push_blob("r", data, size=len(data), digest=digest_of(data))
     dest, part = tmp_path / "blob", tmp_path / "blob.part"
     part.write_bytes(b"x" * 1000)
-    with pytest.raises(OCIError, match="do not match its digest"):
-        client.pull_blob("r", digest, dest, size=len(data))
-    assert not dest.exists() and not part.exists()
-    client.pull_blob("r", digest, dest, size=len(data))  # a clean retry works
-    assert dest.read_bytes() == data
+    before = len(registry.requests())
+    assert client.pull_blob("r", digest, dest, size=len(data)) == len(data)
+    assert dest.read_bytes() == data and not part.exists()
+    sent = [sent for method, path, status, sent in registry.requests()[before:] if method == "GET"]
+    assert sent == [len(data) - 1000, len(data)]  # the ranged GET that continued the bad part, then the whole blob
 
 
 def test_blob_corrupted_in_registry_storage_is_refused(client, registry, tmp_path):
@@ -209,7 +211,7 @@ def test_blob_corrupted_in_registry_storage_is_refused(client, registry, tmp_pat
     corrupt[1000] ^= 0xFF
     stored.write_bytes(corrupt)
     dest = tmp_path / "blob"
-    with pytest.raises(OCIError) as err:
+    with pytest.raises(IntegrityError) as err:
         client.pull_blob("r", digest, dest, size=len(data))
     assert "do not match its digest" in str(err.value) and "\n" not in str(err.value)
     assert list(tmp_path.glob("blob*")) == []
@@ -221,7 +223,7 @@ def test_manifest_corrupted_in_storage_is_refused(client, registry):
     registry.blob_path(digest).write_bytes(manifest.replace(b"[]", b"[ ]"))
     with pytest.raises(OCIError, match="manifest refused: its bytes do not match"):
         client.get_manifest("r", "v1")
-    with pytest.raises(OCIError, match="manifest larger than 10 bytes refused"):
+    with pytest.raises(OCIError, match="sent a manifest of 89 bytes .*more than the 10 bytes allowed; refused"):
         client.get_manifest("r", digest, max_size=10)
 
 
@@ -500,3 +502,12 @@ def test_push_through_a_proxy_with_a_body_limit_goes_up_in_smaller_chunks(regist
         with pytest.raises(OCIError, match=r"a proxy in front of it, refuses request bodies of \d+ bytes "
                                            r"\(HTTP 413\): raise its limit \(nginx: client_max_body_size 0\)"):
             client.push_blob("p/q", first, size=len(first), digest=digest_of(first))
+
+
+def test_tags_of_a_repository(client, registry):
+    manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
+    for tag in ("v2", "v1"):
+        client.put_manifest("r", tag, manifest, "application/vnd.oci.image.index.v1+json")
+    assert sorted(client.tags("r")) == ["v1", "v2"]
+    with pytest.raises(OCIError, match="repository not found"):
+        client.tags("nothing/here")

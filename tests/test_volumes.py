@@ -427,3 +427,30 @@ def test_renamed_listing_refused(seven):
     tmp_path, _ = seven
     (tmp_path / "b.tar.sha256").rename(tmp_path / "other.sha256")
     assert "lists the parts of b.tar" in _open_error(tmp_path / "other.sha256")
+
+
+def test_a_failure_in_parts_that_all_match_names_the_part_it_shares(seven):
+    """Every part matches the listing (a foreign part's line was rewritten), yet reading failed: the part blamed is
+    the one every failed span shares, else the range; without a span, the part the latest read was in."""
+    tmp_path, _ = seven
+    with open_volumes(tmp_path / "b.tar.000") as volumes:
+        assert volumes.diagnose() is None  # nothing read, nothing failed: nothing to say
+        one = volumes.diagnose([(1500, 3500), (3200, 5000)])
+        assert one.startswith("part 4 of 7, b.tar.003, does not belong to this bundle: the archive breaks inside, "
+                              "although it matches its line in b.tar.sha256")
+        several = volumes.diagnose([(1500, 3500)])
+        assert several.startswith("one of parts 2..4 of 7 (b.tar.001 .. b.tar.003), does not belong to this bundle")
+        volumes.read_at(512, 4800)
+        assert volumes.diagnose().startswith("part 6 of 7, b.tar.005, does not belong")
+        volumes.check_all()  # the deep check of the copy itself still passes: every part matches
+
+
+def test_a_lone_part_says_what_is_missing_when_reading_fails(tmp_path):
+    (tmp_path / "odd.000").write_bytes(b"abc")
+    with open_source(tmp_path / "odd.000") as source:
+        assert source.diagnose() == ("odd.000 is the first part of a split bundle, not a whole bundle: the other parts "
+                                     f"(odd.001, odd.002, ...) and odd.sha256 are missing beside it: copy them all into "
+                                     f"{tmp_path}")
+    (tmp_path / "whole.tar").write_bytes(b"abc")
+    with open_source(tmp_path / "whole.tar") as source:
+        assert source.diagnose() is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sys
@@ -28,7 +29,8 @@ class TvpackGroup(click.Group):
 
     A :class:`TvpackError` shows its own message (exit 1, or 2 for usage); an ``OSError`` that no
     library layer translated shows the system's words and the path; anything else is a bug and
-    says how to see the traceback. Ctrl-C exits 130, SIGTERM 143; a closed stdout
+    says how to see the traceback. With ``--json`` the same error is also a JSON object on stdout
+    (so stdout always parses), whatever the command. Ctrl-C exits 130, SIGTERM 143; a closed stdout
     (``tvpack cache verify | head -1``) ends quietly with 141, as SIGPIPE would.
     """
 
@@ -36,9 +38,14 @@ class TvpackGroup(click.Group):
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        as_json = "--json" in ctx.args  # the subcommand's own arguments, before it parses them
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as exc:  # click shows these itself (usage, exit 2)
+            if as_json:
+                _echo_json_error(type(exc).__name__, exc.format_message(), exc.exit_code)
             raise
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
@@ -50,11 +57,21 @@ class TvpackGroup(click.Group):
                 ctx.exit(128 + signal.SIGPIPE)
             if env.debug():
                 raise
+            code = getattr(exc, "exit_code", 1) if isinstance(exc, TvpackError) else 1
+            if as_json:
+                _echo_json_error(type(exc).__name__, _one_line(exc), code)
             click.echo(f"tvpack: error: {_one_line(exc)}", err=True)
-            ctx.exit(getattr(exc, "exit_code", 1) if isinstance(exc, TvpackError) else 1)
+            ctx.exit(code)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _echo_json_error(kind: str, message: str, exit_code: int) -> None:
+    """With ``--json``, a failure is JSON on stdout too (the one line still goes to stderr), for every command
+    alike: ``{"ok": false, "error": {"type": ..., "message": ..., "exit_code": ...}}``."""
+    error = {"type": kind, "message": message, "exit_code": exit_code}
+    click.echo(json.dumps({"ok": False, "error": error}, indent=2))
 
 
 def _echo_err(line: str) -> None:

@@ -191,20 +191,13 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     at least one signature must also be valid for them and cover exactly the bundle's files; the
     signer is named. Signatures are checked first, from the manifest's hashes: no second read.
     FILE may be oci://HOST/REPO[:TAG]: its layers are fetched into a temporary directory and checked alike."""
-    from ..errors import TvpackError
     from ..signing import trust_policy, verify_signed
     from .oci import verify_registry_image
 
-    try:
-        policy, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
-        signed = verify_registry_image(file, policy, plain_http=plain_http, progress=progress) if is_oci(file) \
-            else verify_signed(file, policy, progress=progress)
-        report = signed.contents
-    except TvpackError as exc:
-        if not as_json:
-            raise
-        echo_json({"ok": False, "path": str(file), "error": exc.format()})
-        click.get_current_context().exit(exc.exit_code)
+    trust, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+    signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
+        else verify_signed(file, trust, progress=progress)
+    report = signed.contents
     if as_json:
         echo_json(signed.to_dict())
         return
@@ -214,11 +207,17 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
 
 
 def _signed_summary(report) -> str:
-    if report.valid:
-        return "signed by " + ", ".join(report.signers)
+    """Who signed, and every signature that is not valid (one of two can be bad while the other passes)."""
     if not report.checks:
         return "unsigned"
-    return f"{len(report.checks)} signature(s) not checked (give --key PUB or --ca-root PEM)"
+    if not report.checked:
+        return f"{len(report.checks)} signature(s) not checked (give --key PUB or --ca-root PEM)"
+    said = ["signed by " + ", ".join(report.signers)] if report.valid else []
+    invalid = [c for c in report.checks if c.verified is None]
+    if invalid:
+        said.append(f"{len(invalid)} of {len(report.checks)} signatures not valid: "
+                    + "; ".join(f"{c.name}: {c.problem}" for c in invalid))
+    return "; ".join(said)
 
 
 @main.command("install")
@@ -248,13 +247,13 @@ def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca
     from ..signing import install_signed, trust_policy
     from .oci import install_from_registry
 
-    policy = trust_policy(keys, ca_roots, torch_home=torch_home)
     from ..channels import ReleaseOptions
 
+    trust = trust_policy(keys, ca_roots, torch_home=torch_home)
     options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json),
                "release": ReleaseOptions(allow_rollback=allow_rollback, allow_expired=allow_expired)}
-    signed = install_from_registry(file, policy, plain_http=plain_http, **options) if is_oci(file) \
-        else install_signed(file, policy, **options)
+    signed = install_from_registry(file, trust, plain_http=plain_http, **options) if is_oci(file) \
+        else install_signed(file, trust, **options)
     report = signed.installed
     if as_json:
         echo_json({**signed.to_dict(), "bundle": file} if is_oci(file) else signed.to_dict())

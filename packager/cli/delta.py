@@ -1,6 +1,8 @@
 """``tvpack inventory`` and ``tvpack split``: what a site holds, and bundles cut for removable media."""
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from ..fsutil import human_bytes
@@ -64,5 +66,5 @@ def split_cmd(file, size, output, as_json):
         return
     for part in parts:
         click.echo(f"{part}  ({human_bytes(part.stat().st_size)})")
-    click.echo(f"{len(parts)} parts and {listing}; check a copy with: cd {listing.parent} && sha256sum -c "
-               f"{listing.name}")
+    click.echo(f"{len(parts)} parts and {listing}; check a copy with: cd {shlex.quote(str(listing.parent))} && "
+               f"sha256sum -c {shlex.quote(listing.name)}")

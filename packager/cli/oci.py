@@ -22,6 +22,45 @@ platform_option = click.option(
     help="The platform the image config names (container runtimes pull a single-platform image only onto "
          "matching nodes); the layers are data and the same for every platform.")
 
+registry_options_list = [
+    click.option("--offline", is_flag=True, default=None,
+                 help="Never connect: refuse at once (env TVPACK_OFFLINE=1)."),
+    click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+                 metavar="SECONDS", help="Seconds to wait for a connection to the registry."),
+    click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                 metavar="SECONDS", help="Seconds without an answer before a request is retried (once)."),
+    click.option("--retries", type=click.IntRange(0, 100), default=4, show_default=True,
+                 help="Further attempts on connection errors, 429 and 5xx."),
+    click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
+                 metavar="BYTES", help="A layer, manifest, token or error body arriving slower than BYTES per "
+                                       "second for --speed-time seconds (or no answer for that long) is retried "
+                                       "(0: never)."),
+    click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                 metavar="SECONDS", help="The window --speed-limit is measured over."),
+    click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                 help="Give up when the registry's requests (the layers apart: each gets SECONDS of its own) "
+                      "take longer than SECONDS in all (default: no limit)."),
+]
+
+
+def registry_options(func):
+    """--offline and the timeouts of the registry client, shared by push, pull and login."""
+    for option in reversed(registry_options_list):
+        func = option(func)
+    return func
+
+
+def registry_client(reference_or_host: str, *, plain_http: bool, offline=None, connect_timeout: float = 10.0,
+                    read_timeout: float = 30.0, retries: int = 4, speed_limit: float = 1024,
+                    speed_time: float = 30.0, max_time: float | None = None):
+    """The client for a command's registry, with the command's options (offline: None reads TVPACK_OFFLINE)."""
+    from ..transport.oci import Policy, RegistryClient, parse_reference
+
+    host = parse_reference(reference_or_host).host if is_oci(reference_or_host) else reference_or_host
+    policy = Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries,
+                    speed_limit=speed_limit, speed_time=speed_time, max_time=max_time)
+    return RegistryClient(host, plain_http=plain_http, policy=policy, offline=True if offline else None)
+
 
 def is_oci(text) -> bool:
     return isinstance(text, str) and text.startswith("oci://")
@@ -50,7 +89,8 @@ def _print_push(report, as_json: bool) -> None:
 @platform_option
 @json_option
 @quiet_option
-def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, quiet):
+@registry_options
+def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, quiet, **network):
     """Push a bundle to an OCI registry as an image: one uncompressed tar layer per checkpoint
     (hub/checkpoints/<file>) and one for the bundle manifest.
 
@@ -66,8 +106,9 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, 
     from ..oci import push_bundle
 
     _check_reference(reference)
+    client = registry_client(reference, plain_http=plain_http, **network)
     report = push_bundle(bundle_file, reference, platform=platform, plain_http=plain_http, mount_from=mount_from,
-                         progress=progress_enabled(quiet or as_json))
+                         progress=progress_enabled(quiet or as_json), client=client)
     _print_push(report, as_json)
 
 
@@ -78,7 +119,8 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, 
 @plain_http_option
 @json_option
 @quiet_option
-def pull_cmd(reference, output, plain_http, as_json, quiet):
+@registry_options
+def pull_cmd(reference, output, plain_http, as_json, quiet, **network):
     """Pull an image pushed by tvpack back into a bundle file, byte for byte the bundle pushed.
 
     Every layer's digest, its tar and each checkpoint's sha256 are checked as they stream in;
@@ -87,7 +129,8 @@ def pull_cmd(reference, output, plain_http, as_json, quiet):
     from ..oci import pull
 
     _check_reference(reference)
-    report = pull(reference, output, plain_http=plain_http, progress=progress_enabled(quiet or as_json))
+    report = pull(reference, output, plain_http=plain_http, progress=progress_enabled(quiet or as_json),
+                  client=registry_client(reference, plain_http=plain_http, **network))
     if as_json:
         echo_json(report.to_dict())
         return
@@ -100,7 +143,8 @@ def pull_cmd(reference, output, plain_http, as_json, quiet):
 @click.option("-u", "--username", default=None, help="User name (asked for when not given).")
 @click.option("--password-stdin", is_flag=True, help="Read the password (or token) from standard input.")
 @plain_http_option
-def login_cmd(host, username, password_stdin, plain_http):
+@registry_options
+def login_cmd(host, username, password_stdin, plain_http, **network):
     """Check credentials against a registry, then store them in the containers auth file
     (REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json), where podman, skopeo and
     tvpack look first. ~/.docker/config.json is read too but never written.
@@ -126,7 +170,8 @@ def login_cmd(host, username, password_stdin, plain_http):
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
         raise UsageError("a user name and a password are required")
-    path = login(host, username, password, plain_http=plain_http)
+    checker = registry_client(host, plain_http=plain_http, **network)
+    path = login(host, username, password, plain_http=plain_http, policy=checker.policy, offline=checker.offline)
     click.echo(f"login succeeded: credentials for {host} stored in {path}")
 
 
@@ -144,9 +189,10 @@ def bundle_to_registry(reference: str, *, plain_http: bool, as_json: bool, progr
     from ..oci import image_of_plan, push
 
     _check_reference(reference)
+    client = registry_client(reference, plain_http=plain_http, offline=select.get("offline"))  # --offline: refuses
     plan = plan_bundle(progress=progress, **select)
     with image_of_plan(plan, sign=sign) as image:
-        report = push(image, reference, plain_http=plain_http, progress=progress)
+        report = push(image, reference, plain_http=plain_http, progress=progress, client=client)
     _print_push(report, as_json)
 
 
@@ -158,17 +204,17 @@ def open_registry_image(reference: str, *, plain_http: bool):
     return open_image(reference, plain_http=plain_http)
 
 
-def install_from_registry(reference: str, policy, *, plain_http: bool, **options):
+def install_from_registry(reference: str, trust, *, plain_http: bool, **options):
     """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers."""
     from ..oci import install
 
     _check_reference(reference)
-    return install(reference, policy=policy, plain_http=plain_http, **options)
+    return install(reference, trust=trust, plain_http=plain_http, **options)
 
 
-def verify_registry_image(reference: str, policy, *, plain_http: bool, progress: bool):
+def verify_registry_image(reference: str, trust, *, plain_http: bool, progress: bool):
     """For ``tvpack verify oci://REF``: the (signed) bundle verification over the image's layers."""
     from ..oci import verify
 
     _check_reference(reference)
-    return verify(reference, policy=policy, plain_http=plain_http, progress=progress)
+    return verify(reference, trust=trust, plain_http=plain_http, progress=progress)

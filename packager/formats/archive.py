@@ -205,11 +205,12 @@ class TarArchive:
         self.members: list[Member] = []
         self._scan()
 
-    def fail(self, problem: str):
+    def fail(self, problem: str, *, spans=()):
         # In a split bundle, damage is almost always one badly copied part: name the part to copy
         # again (hashing every part against NAME.sha256, on failure only) rather than the symptom.
+        # ``spans``: (start, end) byte ranges that failed their check, when known (members whose hash is wrong).
         diagnose = getattr(self.source, "diagnose", None)
-        verdict = diagnose() if diagnose is not None else None
+        verdict = diagnose(spans) if diagnose is not None else None
         if verdict:
             raise VolumeError(verdict)
         raise BundleError(f"{self.path.name}: {problem}")

@@ -591,6 +591,9 @@ def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | 
         if "candidates exhausted" in reason or "no valid chain" in reason or "issuer" in reason:
             raise SignatureError(f"certificate {subject} does not chain to a trusted CA root") from None
         raise SignatureError(f"certificate chain of {subject} refused: {reason}") from None
+    if _is_ca(leaf):  # as Sigstore and the web PKI: a CA issues certificates, it does not sign artefacts
+        raise SignatureError(f"certificate {subject} is a CA certificate (basicConstraints CA:TRUE): a signature "
+                             "must be made with an end-entity (CA:FALSE) certificate")
     if not _usage_allows_signing(leaf):
         raise SignatureError(f"certificate {subject} may not sign code (key usage must allow digitalSignature and "
                              "extended key usage, when given, codeSigning)")
@@ -602,6 +605,15 @@ def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | 
     return Verified("certificate", Signer(_fingerprint(public_key), subject), algorithm, parsed.name,
                     dict(parsed.resources), tuple(c.subject.rfc4514_string() for c in chain),
                     root.channels if root is not None else None)
+
+
+def _is_ca(cert) -> bool:
+    from cryptography import x509
+
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _usage_allows_signing(leaf) -> bool:

@@ -414,9 +414,19 @@ class FileSource:
         got = self.readinto_at(buf, offset)
         return bytes(buf[:got])
 
-    def diagnose(self) -> str | None:
-        """A single file has no parts to blame."""
-        return None
+    def diagnose(self, spans=()) -> str | None:
+        """A single file has no parts to blame, unless it is named as a part (``NAME.NNN``) with no ``NAME.sha256``
+        beside it: then it is one part of a split bundle, copied without the others."""
+        suffix = _PART_SUFFIX.search(self.name)
+        if suffix is None:
+            return None
+        stem, index = self.name[:suffix.start()], int(suffix.group(1))
+        if self.path.with_name(listing_name(stem)).exists():
+            return None
+        others = [part_name(stem, i) for i in range(3) if i != index][:2]
+        return (f"{self.name} is {'the first part' if index == 0 else f'part {index + 1}'} of a split bundle, not a "
+                f"whole bundle: the other parts ({', '.join(others)}, ...) and {listing_name(stem)} are missing "
+                f"beside it: copy them all into {self.path.parent}")
 
     def check_all(self) -> None:
         """Nothing to check beyond what the bundle's own hashes check."""
@@ -487,6 +497,7 @@ class Volumes:
         self._fds: list[int | None] = [None] * len(self.parts)
         self._lock = threading.Lock()
         self._closed = False
+        self._last_byte: int | None = None  # of the latest read: where a reader that just failed was looking
 
     def _where(self, index: int) -> str:
         return _where(index, len(self.parts), self.name)
@@ -529,6 +540,8 @@ class Volumes:
             if got < n:
                 raise VolumeError(f"{self._where(index)}, became short while the bundle was being read: copy it again")
             done += n
+        if done:
+            self._last_byte = offset + done - 1
         return done
 
     def read_at(self, n: int, offset: int) -> bytes:
@@ -550,7 +563,34 @@ class Volumes:
             offset += got
         return hasher.hexdigest()
 
-    def diagnose(self) -> str | None:
+    def diagnose(self, spans=()) -> str | None:
+        """Called when reading the bundle failed: the one-line verdict naming the part to blame. The first part that
+        does not match ``NAME.sha256`` (see :meth:`_bad_part`). When every part matches, the part where reading
+        failed does not belong to this bundle (a part of another split whose line in ``NAME.sha256`` was rewritten
+        to match): the part that every failed span (``(start, end)`` of members whose hash is wrong) shares, else
+        the one the latest read was in. None when nothing says where."""
+        verdict = self._bad_part()
+        if verdict:
+            return verdict
+        sets = [set(range(start // self.part_size, min(max(start, end - 1) // self.part_size, len(self.parts) - 1) + 1))
+                for start, end in spans]
+        suspects = sorted(set.intersection(*sets) or set.union(*sets)) if sets else []
+        if not suspects and self._last_byte is not None:
+            suspects = [min(self._last_byte // self.part_size, len(self.parts) - 1)]
+        if not suspects:
+            return None
+        listing = self.listing_path.name
+        if len(suspects) == 1:
+            who, verb, each = self._where(suspects[0]), "does", "it matches its line"
+        else:
+            who = f"one of parts {suspects[0] + 1}..{suspects[-1] + 1} of {len(self.parts)} " \
+                  f"({part_name(self.name, suspects[0])} .. {part_name(self.name, suspects[-1])})"
+            verb, each = "does", "each matches its line"
+        return (f"{who}, {verb} not belong to this bundle: the archive breaks inside, although {each} in {listing} "
+                f"(a part of another split with its line rewritten to match, or a bundle damaged before it was "
+                f"split): copy the parts and {listing} of one split again")
+
+    def _bad_part(self) -> str | None:
         """Hash every part against ``NAME.sha256``; the one-line verdict naming the first bad part
         (and the part whose bytes it holds, when it holds another listed part's), or None when every
         part matches (then any fault is in the bundle itself, not in the copy)."""
@@ -572,7 +612,7 @@ class Volumes:
 
     def check_all(self) -> None:
         """Raise :class:`VolumeError` naming the first part that does not match ``NAME.sha256``."""
-        verdict = self.diagnose()
+        verdict = self._bad_part()
         if verdict:
             raise VolumeError(verdict)
 

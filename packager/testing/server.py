@@ -29,6 +29,7 @@ import email.utils
 import posixpath
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -233,6 +234,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
     owner: "MirrorServer"
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up or resets mid-answer (a cancelled fetch, a timeout, a test's fault) is normal for a
+        server: nothing to log. Anything else is a bug of this server, and socketserver's traceback says so."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class MirrorServer:

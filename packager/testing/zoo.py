@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -107,6 +108,16 @@ def _save_hashed(state_dict: dict, dest_dir: Path, stem: str, sep: str = "-") ->
     return final, sha
 
 
+@contextmanager
+def _quantizing_quietly():
+    """Building an int8 model makes quantized tensors, and torch warns (a UserWarning, once per process) that
+    creating them is deprecated. Here that is the point of the exercise: silence exactly that warning, here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized")
+        yield
+
+
 def build_zoo(root: Path | None = None) -> dict:
     """Build every zoo file under ``root`` (idempotent, locked); returns the zoo index."""
     root = Path(root) if root is not None else zoo_dir()
@@ -122,7 +133,8 @@ def build_zoo(root: Path | None = None) -> dict:
         files = {}
         for key, recipe in _recipes().items():
             torch.manual_seed(recipe["seed"])
-            model = recipe["build"]().eval()
+            with _quantizing_quietly():
+                model = recipe["build"]().eval()
             num_params = sum(p.numel() for p in model.parameters())
             path, sha = _save_hashed(model.state_dict(), root / MIRROR_SUBDIR, f"zoo_{key}", recipe.get("sep", "-"))
             files[key] = {"file": path.name, "sha256": sha, "size": path.stat().st_size, "num_params": num_params}
@@ -193,7 +205,7 @@ def synthesize_checkpoint(member: WeightsEnum, dest_dir: str | os.PathLike, *, s
     if "quantize" in inspect.signature(builder).parameters and "backend" in member.meta:
         kwargs["quantize"] = True
     torch.manual_seed(seed)
-    with _weights_not_loaded() as captured:
+    with _weights_not_loaded() as captured, _quantizing_quietly():
         model = builder(weights=member, progress=False, **kwargs)
     # the last load is the whole model's (torchvision loads backbones, if ever, before it)
     state_dict = captured[-1] if captured else model.state_dict()

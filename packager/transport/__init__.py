@@ -1,8 +1,8 @@
 """Transport: one transfer of bytes to or from a kind of store, picked by url scheme.
 
 Reading (:func:`transfer`) streams an object into a part file, hashing while it streams, resuming
-and retrying (:mod:`.stream` holds the machinery; :mod:`.http`, :mod:`.file`, :mod:`.s3` the
-stores). Writing (:func:`open_target`) publishes verified objects to a directory or a bucket.
+and retrying: one engine (:mod:`.engine`, over the machinery of :mod:`.stream`) reads every
+:class:`~.engine.Source` (:mod:`.http`, :mod:`.file`, :mod:`.s3`, OCI blobs). Writing (:func:`open_target`) publishes verified objects to a directory or a bucket.
 :mod:`.urls` maps a weights url to its mirror locations. Importing this package never imports
 torch, requests or boto3.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import DownloadError, MirrorError, UsageError
+from .engine import Body, NoticeFn, Source, fetch, stream
 from .stream import (
     DEFAULT_POLICY,
     Cancel,
@@ -26,37 +27,44 @@ from .stream import (
     part_state_path,
 )
 
-__all__ = ["DEFAULT_POLICY", "Cancel", "Cancelled", "Policy", "Result", "Verifier", "discard_part", "open_part",
-           "open_target", "part_state_path", "transfer"]
+__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Policy", "Result", "Source", "Verifier", "discard_part",
+           "fetch", "open_part", "open_target", "part_state_path", "source_of", "stream", "transfer"]
+
+
+def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
+    """The :class:`~.engine.Source` that reads ``url`` (http(s)://, s3://, file:// or a path)."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        from .http import HttpSource
+
+        return HttpSource(url, session, max_redirects=policy.max_redirects)
+    if parsed.scheme == "s3":
+        try:
+            from .s3 import S3Source
+        except ImportError:
+            raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
+        return S3Source(url, policy)
+    if parsed.scheme in ("file", ""):
+        from .file import FileSource
+
+        return FileSource(url, Path(unquote(parsed.path) if parsed.scheme == "file" else url))
+    raise DownloadError(f"{url}: unsupported url scheme {parsed.scheme!r}")
 
 
 def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
              session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None,
-             cancel: Cancel | None = None) -> Result:
+             cancel: Cancel | None = None, notify: NoticeFn | None = None) -> Result:
     """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
 
-    Raises DownloadError (after retries, or at once for a 4xx and other errors that cannot heal),
+    One engine for every scheme (:func:`.engine.fetch` over :func:`source_of`). Raises
+    DownloadError (after retries, or at once for a 4xx and other errors that cannot heal),
     IntegrityError (bytes wrong: the part is removed), CacheError (the disk cannot take it),
     Cancelled (``cancel`` was set: stopped between chunks or by aborting a blocked read). On
-    DownloadError and Cancelled the part is kept so that a later call resumes it.
+    DownloadError and Cancelled the part is kept so that a later call resumes it. ``notify`` is
+    told, in one line, what each retry waits for.
     """
-    parsed = urlparse(url)
-    if parsed.scheme in ("http", "https"):
-        from .http import transfer_http
-
-        return transfer_http(url, part, verifier, policy, session, on_bytes, on_total, cancel)
-    if parsed.scheme == "s3":
-        try:
-            from .s3 import transfer_s3
-        except ImportError:
-            raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
-        return transfer_s3(url, part, verifier, policy, on_bytes, on_total, cancel)
-    if parsed.scheme in ("file", ""):
-        from .file import transfer_file
-
-        source = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
-        return transfer_file(url, source, part, verifier, policy, on_bytes, on_total, cancel)
-    raise DownloadError(f"{url}: unsupported url scheme {parsed.scheme!r}")
+    return fetch(source_of(url, policy=policy, session=session), part, verifier, policy, on_bytes=on_bytes,
+                 on_total=on_total, cancel=cancel, notify=notify)
 
 
 def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,

@@ -1,4 +1,4 @@
-"""Local files: ``file://`` urls and plain paths (a directory mirror), read and written."""
+"""Local files: ``file://`` urls and plain paths (a directory mirror), read (a source of the engine) and written."""
 from __future__ import annotations
 
 import hashlib
@@ -7,62 +7,48 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from ..fsutil import atomic_write_text, fsync_dir, hash_file, reserve_space, temp_path
-from .stream import (
-    Pipeline,
-    Result,
-    StoredObject,
-    discard_part,
-    disk_error,
-    finish,
-    open_part,
-    prehash,
-    write_state,
-)
+from ..fsutil import atomic_write_text, fsync_dir, hash_file, temp_path
+from .engine import Body, fetch
+from .stream import Result, StoredObject
 
 
-def transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total, cancel=None) -> Result:
-    try:
-        src = open(source, "rb")
-    except FileNotFoundError:
-        raise DownloadError(f"{url}: no such file") from None
-    except OSError as exc:
-        raise DownloadError(f"{url}: cannot read: {exc.strerror or exc}") from None
-    with src:
-        total = os.fstat(src.fileno()).st_size
-        if verifier.size is not None and total != verifier.size:
-            raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
-        offset = prehash(part, verifier, policy.chunk_size)
-        if offset > total:
-            discard_part(part)
-            offset = 0
-            verifier.reset()
-        first = offset
-        if on_total is not None:
-            on_total(total, offset)
-        with reserve_space(part, total - offset) as reservation:
+def transfer_file(url, source: Path, part, verifier, policy, on_bytes, on_total, cancel=None, notify=None) -> Result:
+    return fetch(FileSource(url, source), part, verifier, policy, on_bytes=on_bytes, on_total=on_total,
+                 cancel=cancel, notify=notify)
+
+
+class FileSource:
+    """A local file as a :class:`~.engine.Source`; its size and mtime are the validator."""
+
+    def __init__(self, url: str, path: Path):
+        self.url = url
+        self.path = path
+
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
+        try:
+            src = open(self.path, "rb")
+        except FileNotFoundError:
+            raise DownloadError(f"{self.url}: no such file") from None
+        except OSError as exc:
+            raise DownloadError(f"{self.url}: cannot read: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(src.fileno())
+            version = f"{st.st_size}-{st.st_mtime_ns}"
+            if offset > st.st_size or (validator is not None and validator != version):
+                offset = 0  # the file is not the one the part was taken from
+            src.seek(offset)
+        except BaseException:
+            src.close()
+            raise
+        return Body(offset, st.st_size, version, self._reader(src), close=src.close)
+
+    def _reader(self, src):
+        def read_into(view) -> int:
             try:
-                write_state(part, {"url": url, "total": total})
-                f = open_part(part, "ab" if offset else "wb")
+                return src.readinto(view)
             except OSError as exc:
-                raise disk_error(exc, part) from exc
-            with f:
-                src.seek(offset)
-                try:
-                    Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel,
-                             reservation=reservation).run(src.readinto)
-                except OSError as exc:
-                    raise disk_error(exc, part) from exc
-                try:
-                    digest = finish(part, f, verifier)
-                except IntegrityError:
-                    if first:  # perhaps the old part: once more from zero
-                        discard_part(part)
-                        return transfer_file(url, source, part, verifier, policy, on_bytes, on_total, cancel)
-                    raise
-                except OSError as exc:
-                    raise disk_error(exc, part) from exc
-    return Result(url, digest, verifier.count, first, 1)
+                raise DownloadError(f"{self.url}: cannot read: {exc.strerror or exc}") from None
+        return read_into
 
 
 # -- writing: a directory as an object store ---------------------------------------------------

@@ -1,6 +1,6 @@
-"""http(s) sources: GET with Range resume, retries with backoff, Retry-After honoured.
+"""http(s) sources of the engine (:mod:`.engine`): GET with Range resume, Retry-After honoured.
 
-Retries (exponential backoff with full jitter) cover connection errors, read timeouts, truncated
+Retries (the engine's, exponential backoff with full jitter) cover connection errors, read timeouts, truncated
 bodies, 408/429 and 5xx; any other 4xx fails at once. A resumed transfer asks for
 ``Range: bytes=<have>-`` with ``If-Range`` (a strong ETag, else Last-Modified) and accepts a 206
 only when its ``Content-Range`` starts where the part ends; a 200 means the server ignored the
@@ -11,8 +11,9 @@ What cannot heal fails at once, naming the cause: a certificate that does not ve
 to trust a private CA), a redirect loop (at most ``Policy.max_redirects`` hops, one chain), a
 proxy that refuses connections (named as the proxy, not as the mirror). A body that is not the
 checkpoint (an HTML error page served with status 200) is described by its type and first bytes.
-A :class:`~.stream.Watchdog` shuts the socket down under a blocked read when the run is
-cancelled, the bytes trickle below the minimum speed, or the time allowed per file is up.
+The engine's :class:`~.stream.Watchdog` shuts the socket down (:func:`aborter`) under a blocked
+read when the run is cancelled, the bytes trickle below the minimum speed, or the time allowed per
+file is up.
 """
 from __future__ import annotations
 
@@ -23,27 +24,12 @@ import ssl
 import threading
 import time
 
-from ..errors import DownloadError, IntegrityError
-from ..fsutil import reserve_space
-from .stream import (
-    Cancelled,
-    Pipeline,
-    Restart,
-    Result,
-    Retryable,
-    Watchdog,
-    check_deadline,
-    deadline_of,
-    discard_part,
-    disk_error,
-    finish,
-    open_part,
-    prehash,
-    read_state,
-    write_state,
-)
+from urllib.parse import urlsplit
 
-USER_AGENT = "tvpack"
+from ..errors import DownloadError
+from .engine import Body, fetch
+from .stream import USER_AGENT, Restart, Result, Retryable
+
 
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
@@ -85,64 +71,101 @@ def default_session():
     return session
 
 
-def transfer_http(url, part, verifier, policy, session, on_bytes, on_total, cancel=None) -> Result:
+def transfer_http(url, part, verifier, policy, session, on_bytes, on_total, cancel=None, notify=None) -> Result:
+    return fetch(HttpSource(url, session, max_redirects=policy.max_redirects), part, verifier, policy,
+                 on_bytes=on_bytes, on_total=on_total, cancel=cancel, notify=notify)
+
+
+class HttpSource:
+    """An http(s) url as a :class:`~.engine.Source`: a GET with ``Range`` and ``If-Range``.
+
+    A 206 whose ``Content-Range`` starts at the offset continues the object; a 200 starts it over
+    (the range was ignored, or ``If-Range`` found the object changed); 408, 429 and 5xx may heal
+    (Retry-After honoured); any other status fails at once (:meth:`refuse`). ``headers`` go with
+    every request (an OCI registry's Authorization: requests drops it when a redirect leaves the
+    host). ``if_range``: False for content-addressed objects, whose name is their validator.
+    """
+
+    def __init__(self, url: str, session=None, *, headers: dict | None = None, max_redirects: int = 10,
+                 if_range: bool = True):
+        self.url = url  # for messages
+        self.location = url  # what is fetched
+        self.session = session or default_session()
+        self.headers = headers or {}
+        self.max_redirects = max_redirects
+        self.if_range = if_range
+
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
+        response = self.get(self._headers(offset, validator), timeout)
+        try:
+            return self._body(response, offset)
+        except BaseException:
+            response.close()
+            raise
+
+    def _headers(self, offset: int, validator: str | None) -> dict:
+        headers = {**self.headers, "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if validator and self.if_range:
+                headers["If-Range"] = validator
+        return headers
+
+    def get(self, headers: dict, timeout: tuple[float, float]):
+        """The response to one GET (streamed), or Retryable / DownloadError."""
+        import requests
+
+        self.session.max_redirects = self.max_redirects
+        try:
+            return self.session.get(self.location, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
+        except requests.exceptions.ReadTimeout:
+            raise Retryable(f"no answer from {urlsplit(self.location).netloc} for {timeout[1]:g}s") from None
+        except _transient() as exc:
+            fatal = self.fatal(exc)
+            if fatal is not None:
+                raise fatal from None
+            raise Retryable(_describe(exc)) from None
+
+    def fatal(self, exc: BaseException) -> Exception | None:
+        """The error for a failed request that no retry heals (certificate, redirect loop, dead proxy), else None."""
+        return _fatal(self.url, exc)
+
+    def refuse(self, response) -> Exception:
+        """The error for a status that no retry heals (a 4xx but 408 and 429)."""
+        return DownloadError(f"{self.url}: HTTP {response.status_code} {response.reason or ''}".rstrip())
+
+    def _body(self, response, offset: int) -> Body:
+        status = response.status_code
+        if status in (408, 429) or status >= 500:
+            raise Retryable(f"HTTP {status}", _parse_retry_after(response.headers.get("Retry-After")))
+        if status == 416 and offset:
+            raise Restart()
+        if status >= 400:
+            raise self.refuse(response)
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if status == 206 and offset:
+            content_range = _parse_content_range(response.headers.get("Content-Range"))
+            if content_range is None or content_range[0] != offset:
+                raise Restart()
+            start, total = offset, content_range[2]
+        elif status == 200:
+            start, total = 0, length
+        else:
+            raise DownloadError(f"{self.url}: unexpected HTTP {status}")
+        etag = response.headers.get("ETag")
+        validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+        return Body(start, total, validator, _reader(response, length), abort=aborter(response.raw),
+                    close=response.close, content_type=response.headers.get("Content-Type"),
+                    peek=lambda: _peek(response))
+
+
+def _transient():
     import requests
     import urllib3
 
-    session = session or default_session()
-    session.max_redirects = policy.max_redirects
-    transient = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
-                 ConnectionError, TimeoutError)
-    deadline = deadline_of(policy)
-    attempt = 0
-    first_offset = None
-    restarted = False
-    while True:
-        if cancel is not None:
-            cancel.check()
-        check_deadline(url, policy, deadline)
-        offset = prehash(part, verifier, policy.chunk_size)
-        if offset == 0:
-            discard_part(part)
-        if first_offset is None:
-            first_offset = offset
-        try:
-            result = _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total, cancel, deadline)
-            return Result(url, result, verifier.count, first_offset, attempt + 1)
-        except Restart:
-            discard_part(part)
-            if restarted:
-                raise DownloadError(f"{url}: server keeps answering ranges inconsistently") from None
-            restarted = True
-            continue
-        except IntegrityError:
-            # A resumed transfer that fails verification may owe it to the old part: once more
-            # from zero before blaming the source.
-            discard_part(part)
-            if offset > 0 and not restarted:
-                restarted = True
-                continue
-            raise
-        except Retryable as exc:
-            reason, retry_after = exc.reason, exc.retry_after
-        except transient as exc:
-            if cancel is not None and cancel.cancelled:
-                raise Cancelled() from None
-            fatal = _fatal(url, exc)
-            if fatal is not None:
-                raise fatal from None
-            reason, retry_after = _describe(exc), None
-        attempt += 1
-        if attempt > policy.retries:
-            raise DownloadError(f"{url}: {reason} (gave up after {attempt} attempts)")
-        if retry_after is not None and retry_after > policy.max_retry_after:
-            raise DownloadError(f"{url}: {reason}; server asks to retry after {retry_after:.0f}s")
-        delay = policy.delay(attempt, retry_after)
-        check_deadline(url, policy, deadline, delay)
-        if cancel is not None:
-            cancel.sleep(delay)
-        else:
-            time.sleep(delay)
+    return (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+            ConnectionError, TimeoutError)
 
 
 def _fatal(url: str, exc: BaseException) -> DownloadError | None:
@@ -243,37 +266,8 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {exc}"
 
 
-_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
-
-
-def _received(count: int, head: bytes, content_type: str | None) -> str | None:
-    """"1234 bytes of text/html starting '<!DOCTYPE html>...'" when what came looks like a page
-    (a text type, or printable first bytes), else None: a checkpoint is binary."""
-    kind = (content_type or "").split(";")[0].strip().lower()
-    try:
-        start = head.decode("utf-8")
-        printable = bool(start) and all(c.isprintable() or c.isspace() for c in start)
-    except UnicodeDecodeError:
-        start, printable = head.decode("utf-8", "replace"), False
-    if not (kind.startswith(_TEXT_TYPES) or printable):
-        return None
-    start = " ".join(start.split())[:40]
-    return f"{count} bytes of {kind or 'unknown type'}" + (f" starting {start!r}" if start else "") + \
-        " (an error page or login portal served instead of the file?)"
-
-
-def _explain(exc: IntegrityError, verifier, content_type: str | None) -> IntegrityError:
-    """The same refusal, saying what was received when it looks like an error page."""
-    what = _received(verifier.count, verifier.head, content_type)
-    if what is None:
-        return exc
-    message = exc.message.rsplit(": expected ", 1)[0]
-    return IntegrityError(message, expected=exc.expected, got=what, hint=exc.hint)
-
-
-def _socket_of(response):
-    """The socket under a streamed requests response (to shut it down from another thread)."""
-    raw = response.raw
+def socket_of(raw):
+    """The socket under a urllib3 response (requests' ``response.raw``, botocore's raw stream)."""
     sock = getattr(getattr(raw, "_connection", None), "sock", None)
     if sock is None:
         fp = getattr(getattr(raw, "_fp", None), "fp", None)
@@ -281,105 +275,18 @@ def _socket_of(response):
     return sock
 
 
-def _aborter(response):
-    sock = _socket_of(response)
+def aborter(raw):
+    """``abort()`` for a body read from ``raw``: shut its socket down (not close: that wakes a
+    thread blocked in recv on it), from any thread."""
+    sock = socket_of(raw)
 
     def abort() -> None:
-        # shutdown (not close) wakes a thread blocked in recv on this socket
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
     return abort
-
-
-def _http_attempt(url, part, verifier, policy, session, offset, on_bytes, on_total, cancel, deadline) -> str:
-    state = read_state(part) if offset else {}
-    headers = {"Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if state.get("url") == url:
-            etag = state.get("etag")
-            if etag and not etag.startswith("W/"):
-                headers["If-Range"] = etag
-            elif state.get("last_modified"):
-                headers["If-Range"] = state["last_modified"]
-    timeout = (policy.connect_timeout, policy.read_timeout)
-    response = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
-    try:
-        status = response.status_code
-        if status in (408, 429) or status >= 500:
-            raise Retryable(f"HTTP {status}", _parse_retry_after(response.headers.get("Retry-After")))
-        if status == 416 and offset:
-            raise Restart()
-        if status >= 400:
-            raise DownloadError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
-        content_type = response.headers.get("Content-Type")
-        length = response.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        if status == 206 and offset:
-            content_range = _parse_content_range(response.headers.get("Content-Range"))
-            if content_range is None or content_range[0] != offset:
-                raise Restart()
-            total = content_range[2]
-            mode = "ab"
-        elif status == 200:
-            if offset:  # range ignored or file changed upstream: a clean full download
-                verifier.reset()
-                if on_total is not None:
-                    on_total(length, -offset)  # tell the progress bar to take the bytes back
-                offset = 0
-            total = length
-            mode = "wb"
-        else:
-            raise DownloadError(f"{url}: unexpected HTTP {status}")
-        if total is not None and verifier.size is not None and total != verifier.size:
-            got = None
-            if status == 200:
-                got = _received(total, _peek(response), content_type)  # an error page? say what it was
-            raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=got or f"{total} bytes")
-        if on_total is not None:
-            on_total(total, offset)
-        with reserve_space(part, (total - offset) if total is not None else None) as reservation:
-            try:
-                write_state(part, {
-                    "url": url,
-                    "etag": response.headers.get("ETag"),
-                    "last_modified": response.headers.get("Last-Modified"),
-                    "total": total,
-                })
-                f = open_part(part, mode)
-            except OSError as exc:
-                raise disk_error(exc, part) from exc
-            with f, Watchdog(url, policy, cancel, deadline, _aborter(response)) as watchdog:
-                pipeline = Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel, reservation=reservation)
-                try:
-                    pipeline.run(_http_filler(response, policy.chunk_size, watchdog, length))
-                except IntegrityError as exc:
-                    raise _explain(exc, verifier, content_type) from None
-                except http.client.IncompleteRead:
-                    watchdog.raise_if_fired()
-                    raise Retryable("connection closed early") from None
-                except OSError as exc:
-                    watchdog.raise_if_fired()
-                    if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
-                        raise
-                    raise disk_error(exc, part) from exc
-                except Exception:
-                    watchdog.raise_if_fired()
-                    raise
-                watchdog.raise_if_fired()
-                if total is not None and verifier.count < total:
-                    raise Retryable("connection closed early")
-                try:
-                    return finish(part, f, verifier)
-                except IntegrityError as exc:
-                    raise _explain(exc, verifier, content_type) from None
-                except OSError as exc:
-                    raise disk_error(exc, part) from exc
-    finally:
-        response.close()
 
 
 def _peek(response, n: int = 64) -> bytes:
@@ -389,19 +296,12 @@ def _peek(response, n: int = 64) -> bytes:
         return b""
 
 
-_FILL_SECONDS = 0.5
-_FILL_SOON = 256 * 1024  # hand over a buffer this full when the socket runs dry (stalls keep little in memory)
-
-
-def _http_filler(response, chunk_size: int, watchdog, length: int | None):
-    """``fill(buffer) -> n`` reading the body into ``buffer``, reporting bytes as they arrive.
-
-    Each read returns what has arrived (never waits for a whole buffer), so the watchdog sees a
-    trickle however large the buffer, and a buffer is handed on once the socket runs dry (a stall
-    leaves little unwritten). A plain body (not chunked, not encoded) is read straight into the
-    buffer by the socket file's ``readinto1`` (no copy), its length enforced here; a chunked one
-    through http.client's ``read1`` (it de-chunks); anything else through urllib3's ``read``.
-    """
+def _reader(response, length: int | None):
+    """``read_into(view) -> n`` over the body, returning what has arrived (never waiting for a whole
+    buffer); a failure that may heal becomes Retryable. A plain body (not chunked, not encoded) is
+    read straight into the buffer by the socket file's ``readinto1`` (no copy), its length enforced
+    here; a chunked one through http.client's ``read1`` (it de-chunks); anything else through
+    urllib3's ``read``."""
     fp = getattr(response.raw, "_fp", None)
     encoding = response.headers.get("Content-Encoding", "identity").lower()
     plain = encoding in ("", "identity")
@@ -409,7 +309,7 @@ def _http_filler(response, chunk_size: int, watchdog, length: int | None):
     if plain and fp is not None and not getattr(fp, "chunked", True) and hasattr(sock_file, "readinto1"):
         remaining = [length]
 
-        def read_plain(view) -> int:
+        def read(view) -> int:
             if remaining[0] is not None:
                 if not remaining[0]:
                     return 0
@@ -418,46 +318,26 @@ def _http_filler(response, chunk_size: int, watchdog, length: int | None):
             if remaining[0] is not None:
                 remaining[0] -= k
             return k
-        return _filler(read_plain, watchdog)
-    if plain and fp is not None and hasattr(fp, "read1"):
-        def read_chunked(view) -> int:
+    elif plain and fp is not None and hasattr(fp, "read1"):
+        def read(view) -> int:
             data = fp.read1(len(view))
             view[: len(data)] = data
             return len(data)
-        return _filler(read_chunked, watchdog)
-    read = response.raw.read
-
-    def read_other(view) -> int:
-        data = read(len(view), decode_content=False)
-        view[: len(data)] = data
-        return len(data)
-    return _filler(read_other, watchdog)
+    else:
+        def read(view) -> int:
+            data = response.raw.read(len(view), decode_content=False)
+            view[: len(data)] = data
+            return len(data)
+    return retryable(read)
 
 
-def _filler(read, watchdog):
-    """``fill(buffer)`` from ``read(view) -> bytes read`` (0 at the end), which returns what has arrived."""
-    deferred: list[BaseException] = []
+def retryable(read):
+    """``read`` with the failures of a connection raised as Retryable."""
+    transient = _transient()
 
-    def fill(buf: bytearray) -> int:
-        if deferred:
-            raise deferred.pop()
-        n = 0
-        started = time.monotonic()
-        with memoryview(buf) as view:
-            while n < len(buf):
-                want = len(buf) - n
-                try:
-                    k = read(view[n:])
-                except Exception as exc:
-                    if not n:
-                        raise
-                    deferred.append(exc)  # hand over the bytes we have first: they are kept for a resume
-                    break
-                if not k:
-                    break
-                n += k
-                watchdog.fed(k)
-                if n >= _FILL_SOON and (k < want or time.monotonic() - started > _FILL_SECONDS):
-                    break  # the socket ran dry, or a slow link: write what came, so the part keeps up
-        return n
-    return fill
+    def read_into(view) -> int:
+        try:
+            return read(view)
+        except (*transient, OSError) as exc:  # a read only reads: any OSError is the connection's
+            raise Retryable(_describe(exc)) from None
+    return read_into

@@ -25,20 +25,9 @@ from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlparse
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from ..fsutil import reserve_space
-from .stream import (
-    Pipeline,
-    Result,
-    StoredObject,
-    chunks_filler,
-    discard_part,
-    disk_error,
-    finish,
-    open_part,
-    prehash,
-    read_state,
-    write_state,
-)
+from .engine import Body, fetch
+from .http import aborter, retryable
+from .stream import Result, Retryable, StoredObject
 
 MiB = 1024 * 1024
 # Objects of at least this size go up in parts; S3 wants parts of 5 MiB..5 GiB, at most 10000.
@@ -104,12 +93,16 @@ def _boto3():
     return boto3
 
 
-def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64):
-    """A (cached, thread-safe) S3 client for ``endpoint_url`` or the configured/environment one."""
+def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64,
+           timeouts: tuple[float, float] | None = None):
+    """A (cached, thread-safe) S3 client for ``endpoint_url`` or the configured/environment one.
+
+    ``timeouts`` (connect, read): a client for the engine's reads, which makes one attempt per call
+    (the engine retries); without, botocore's own retries (writes, heads, listings)."""
     endpoint = endpoint_url or _default_endpoint
     # boto3 reads the environment itself; the key follows it so tests and long-lived processes
     # that change AWS_* variables get a fresh client.
-    key = (endpoint, max_pool_connections, *(os.environ.get(name) for name in (
+    key = (endpoint, max_pool_connections, timeouts, *(os.environ.get(name) for name in (
         "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_REGION")))
     with _clients_lock:
         found = _clients.get(key)
@@ -117,10 +110,11 @@ def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64):
             boto3 = _boto3()
             from botocore.config import Config
 
+            connect, read = timeouts or (10, 60)
             config = Config(
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=60,
+                retries={"max_attempts": 1 if timeouts else 5, "mode": "standard"},
+                connect_timeout=connect,
+                read_timeout=read,
                 max_pool_connections=max_pool_connections,
             )
             session = boto3.session.Session()
@@ -285,13 +279,16 @@ def open_url(url: str, *, offset: int = 0, endpoint_url: str | None = None) -> t
     return _Reader(chunks), total
 
 
-def read_bytes(url: str, *, endpoint_url: str | None = None) -> bytes | None:
-    """A small object's content, or None when it does not exist."""
+def read_bytes(url: str, *, endpoint_url: str | None = None, cap: int = 16 << 20) -> bytes | None:
+    """A small object's content (a mirror index, a checksum file: at most ``cap`` bytes, more is a
+    DownloadError), or None when it does not exist."""
+    from .bodies import capped_join
+
     try:
         chunks, _, _ = open_stream(url, endpoint_url=endpoint_url)
     except ObjectNotFound:
         return None
-    return b"".join(chunks)
+    return capped_join(chunks, cap, "an object read whole (a mirror index or checksum file)", url)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -436,45 +433,93 @@ def _upload_part(s3, url, bucket, key, upload_id, number, data, checksum, progre
     return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
 
 
-# -- reading: a transfer into a part file --------------------------------------------------------
-def transfer_s3(url, part, verifier, policy, on_bytes, on_total, cancel=None) -> Result:
-    offset = prehash(part, verifier, policy.chunk_size)
-    state = read_state(part) if offset else {}
-    etag = state.get("etag") if state.get("url") == url else None
-    if offset and not etag:  # nothing to prove the object is unchanged: start over
-        discard_part(part)
-        verifier.reset()
-        offset = 0
-    try:
-        chunks, total, etag = open_stream(url, offset=offset, etag=etag, chunk_size=policy.chunk_size)
-    except DownloadError:
-        if not offset:
-            raise
-        discard_part(part)  # the object changed (or the range failed): once more from zero
-        verifier.reset()
-        offset = 0
-        chunks, total, etag = open_stream(url, chunk_size=policy.chunk_size)
-    if verifier.size is not None and total != verifier.size:
-        raise IntegrityError(f"{url}: wrong size", expected=f"{verifier.size} bytes", got=f"{total} bytes")
-    if on_total is not None:
-        on_total(total, offset)
-    with reserve_space(part, total - offset) as reservation:
+# -- reading: a source of the engine ---------------------------------------------------------------
+def transfer_s3(url, part, verifier, policy, on_bytes, on_total, cancel=None, notify=None) -> Result:
+    return fetch(S3Source(url, policy), part, verifier, policy, on_bytes=on_bytes, on_total=on_total,
+                 cancel=cancel, notify=notify)
+
+
+class S3Source:
+    """An S3 object as a :class:`~.engine.Source`: ranged GETs, its ETag the validator (``If-Match``).
+
+    The engine retries (one policy for every store), so the reading client makes one attempt per
+    call, with the policy's timeouts; a connection that fails, times out or answers 5xx is
+    Retryable, a missing object or a refusal is not."""
+
+    def __init__(self, url: str, policy, endpoint_url: str | None = None):
+        self.url = url
+        self.policy = policy
+        self.endpoint_url = endpoint_url
+
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
+        s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, self.policy.read_timeout))
+        if offset and not validator:  # nothing proves the object is unchanged: start over
+            offset = 0
         try:
-            write_state(part, {"url": url, "etag": etag, "total": total})
-            f = open_part(part, "ab" if offset else "wb")
-        except OSError as exc:
-            raise disk_error(exc, part) from exc
-        with f:
-            try:
-                Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel,
-                         reservation=reservation).run(chunks_filler(iter(chunks)))
-            except OSError as exc:
-                raise disk_error(exc, part) from exc
-            try:
-                digest = finish(part, f, verifier)
-            except OSError as exc:
-                raise disk_error(exc, part) from exc
-    return Result(url, digest, verifier.count, offset, 1)
+            resp = self._get(s3, offset, validator)
+        except _Changed:
+            offset, resp = 0, self._get(s3, 0, None)  # replaced since the part began: once more from zero
+        if resp is None:  # the part already holds the whole object
+            info = head(self.url, endpoint_url=self.endpoint_url)
+            if info is None or info.size != offset:
+                raise DownloadError(f"{self.url}: the server refused the byte range (asked from {offset})")
+            return Body(offset, offset, info.etag, lambda view: 0)
+        content_range = resp.get("ContentRange")  # "bytes 100-999/1000"
+        total = int(content_range.rsplit("/", 1)[1]) if content_range else int(resp["ContentLength"]) + offset
+        if offset and not content_range:
+            resp["Body"].close()
+            raise DownloadError(f"{self.url}: the server ignored the byte range (asked from {offset})")
+        body = resp["Body"]
+        raw = getattr(body, "_raw_stream", None)
+        return Body(offset, total, str(resp.get("ETag", "")).strip('"'), _body_reader(body, raw),
+                    abort=aborter(raw), close=body.close)
+
+    def _get(self, s3, offset: int, etag: str | None):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs = {"Bucket": parse_url(self.url)[0], "Key": parse_url(self.url)[1]}
+        if offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+        try:
+            return s3.get_object(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            code, status = _status(exc)
+            if offset and (code in ("PreconditionFailed", "412") or status == 412):
+                raise _Changed() from None
+            if offset and code == "InvalidRange":
+                return None
+            if status >= 500 or status in (408, 429) or _is_connection_error(exc):
+                raise Retryable(f"S3 {status or type(exc).__name__}") from None
+            raise _translate(exc, self.url, "read", reading=True) from exc
+
+
+class _Changed(Exception):
+    """The object is not the one the part was taken from (If-Match failed)."""
+
+
+def _is_connection_error(exc) -> bool:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
+
+
+def _body_reader(body, raw):
+    """``read_into(view)`` returning what has arrived (urllib3's ``read1``), so the watchdog sees a trickle."""
+    from botocore.exceptions import BotoCoreError
+
+    read1 = getattr(raw, "read1", None)
+
+    def read(view) -> int:
+        try:
+            data = read1(len(view)) if read1 is not None else body.read(min(len(view), READ_CHUNK))
+        except BotoCoreError as exc:
+            raise Retryable(f"reading failed: {exc}") from None
+        view[: len(data)] = data
+        return len(data)
+    return retryable(read)
 
 
 # -- writing: a bucket prefix as a mirror destination ---------------------------------------------

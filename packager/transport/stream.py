@@ -23,15 +23,17 @@ import json
 import os
 import queue
 import random
+import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from ..errors import CacheError, DownloadError, IntegrityError
-from ..fsutil import SpaceReservation, atomic_write_json, share_with_group
+from ..fsutil import SpaceReservation, atomic_write_json, human_bytes, share_with_group
 
 MiB = 1 << 20
 CHUNK_SIZE = 4 * MiB
@@ -189,6 +191,38 @@ class Cancel:
         """``time.sleep`` that ends early (raising :class:`Cancelled`) when the run is cancelled."""
         if self._event.wait(max(0.0, seconds)):
             raise Cancelled()
+
+
+@contextmanager
+def cancelled_by_interrupt(cancel: Cancel):
+    """Within the block, Ctrl-C (SIGINT) and a SIGTERM that raises also set ``cancel``: transfers running
+    on worker threads (which a KeyboardInterrupt never reaches) stop at once, while the main thread
+    unwinds as before. Outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        before = previous[signum]
+        if before == signal.SIG_IGN:
+            return
+        cancel.cancel()
+        if callable(before):
+            before(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:  # SIGTERM with its default action: do it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield cancel
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def deadline_of(policy: Policy) -> float | None:
@@ -398,7 +432,7 @@ class Pipeline:
     def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4, *,
                  cancel: Cancel | None = None, reservation: SpaceReservation | None = None):
         self.f = f
-        self._behind = _WriteBehind(f)
+        self._behind = _WriteBehind(f) if hasattr(f, "fileno") else None  # a file, not a caller's write
         self.verifier = verifier
         self.on_bytes = on_bytes
         self.cancel = cancel
@@ -424,7 +458,8 @@ class Pipeline:
 
     def _write(self, view) -> None:
         self.f.write(view)
-        self._behind.wrote(len(view))
+        if self._behind is not None:
+            self._behind.wrote(len(view))
         if self.reservation is not None:
             self.reservation.wrote(len(view))
         if self.on_bytes is not None:
@@ -481,28 +516,6 @@ class Pipeline:
             raise error
 
 
-def chunks_filler(chunks):
-    """``fill(buffer) -> n`` over an iterator of byte strings (an S3 body)."""
-    pending = memoryview(b"")
-
-    def fill(buf: bytearray) -> int:
-        nonlocal pending
-        n = 0
-        while n < len(buf):
-            if not len(pending):
-                data = next(chunks, b"")
-                if not data:
-                    break
-                pending = memoryview(data)
-            k = min(len(pending), len(buf) - n)
-            buf[n:n + k] = pending[:k]
-            pending = pending[k:]
-            n += k
-        return n
-
-    return fill
-
-
 def finish(part: Path, f, verifier: Verifier) -> str:
     f.flush()
     os.fsync(f.fileno())
@@ -513,11 +526,18 @@ def finish(part: Path, f, verifier: Verifier) -> str:
         raise
 
 
-def disk_error(exc: OSError, part: Path) -> CacheError:
-    if exc.errno == errno.ENOSPC:
+def disk_error(exc: OSError, part: Path, needed: int | None = None) -> CacheError:
+    """The one error for a write that failed: CacheError naming the directory (and, when the disk
+    is full, the bytes the transfer needed)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         discard_part(part)  # free the space again
-        return CacheError(f"disk full while writing {part.parent}")
+        return disk_full(part.parent, needed)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CacheError(f"cannot write to {part.parent}: {exc.strerror}")
     return CacheError(f"cannot write {part}: {exc.strerror or exc}")
+
+
+def disk_full(directory: Path, needed: int | None = None) -> CacheError:
+    need = f" (needs {human_bytes(needed)})" if needed else ""
+    return CacheError(f"disk full while writing {directory}{need}")
 
