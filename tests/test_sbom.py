@@ -132,7 +132,7 @@ def test_swag_weights_carry_their_licence_and_torchvision_docs():
     assert {r["type"] for r in swag["externalReferences"]} >= {"distribution", "documentation"}
     resnet = by_name["ResNet50_Weights.IMAGENET1K_V2"]
     assert "licenses" not in resnet
-    assert resnet["modelCard"]["modelParameters"]["modelArchitecture"] == "torchvision.models.resnet50"
+    assert resnet["modelCard"]["modelParameters"]["modelArchitecture"] == "torchvision.models.resnet.resnet50"
     assert resnet["modelCard"]["modelParameters"]["datasets"] == [{"type": "dataset", "name": "ImageNet-1K"}]
     assert any(r["type"] == "build-meta" for r in resnet["externalReferences"])
 
