@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # nginx for the mirror tests (moto's S3 server comes with the test extra); the CNCF distribution registry,
-# htpasswd, skopeo and umoci for the OCI tests and benchmarks
-SYSTEM_PACKAGES := nginx-light docker-registry apache2-utils skopeo umoci
+# htpasswd, skopeo and umoci for the OCI tests and benchmarks; podman, runc and busybox-static for the container
+# runtime tests (tests/test_podman.py)
+SYSTEM_PACKAGES := nginx-light docker-registry apache2-utils skopeo umoci podman runc busybox-static
 system-deps:
-	@missing=""; for tool in nginx docker-registry htpasswd skopeo umoci; do \
+	@missing=""; for tool in nginx docker-registry htpasswd skopeo umoci podman runc busybox; do \
 	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing=1; done; \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 

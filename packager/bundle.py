@@ -34,16 +34,15 @@ from . import cache, channels
 from .channels import ReleaseOptions
 from .errors import BundleError, CacheError, OfflineError, UsageError
 from .formats.archive import (
-    BLOCK,
-    RECORD,
     Member,
+    Span,
     TarArchive,
+    TarLayout,
     copy_file,
     copy_hashing,
     each_member,
-    round_up,
     source_date_epoch,
-    tar_header,
+    tar_layout,
     write_all,
 )
 from .formats.checkpoint import check_checkpoint
@@ -815,24 +814,30 @@ def _write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: 
         raise
 
 
+def _layout(manifest_bytes: bytes, unique, signatures, mtime: int) -> TarLayout:
+    """Where every member of the archive goes: the manifest, each checkpoint, the signatures (one computation of
+    the tar layout, :func:`~packager.formats.archive.tar_layout`, for the writers and the part count)."""
+    return tar_layout([(manifest_path_for(manifest_bytes), len(manifest_bytes)),
+                       *((arcname, size) for arcname, _p, size, _s in unique),
+                       *((arcname, len(data)) for arcname, data in signatures)], mtime)
+
+
 def _archive_size(manifest_bytes: bytes, unique, signatures, mtime: int) -> int:
-    """The exact size of the archive :func:`_write_archive` writes (headers are pure functions)."""
-    end = len(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime)) + round_up(len(manifest_bytes))
-    end += sum(len(tar_header(arcname, size, mtime)) + round_up(size) for arcname, _p, size, _s in unique)
-    end += sum(len(tar_header(arcname, len(data), mtime)) + round_up(len(data)) for arcname, data in signatures)
-    return end + 2 * BLOCK + (-(end + 2 * BLOCK) % RECORD)
+    """The exact size of the archive :func:`_write_archive` writes."""
+    return _layout(manifest_bytes, unique, signatures, mtime).size
 
 
 def _write_archive(sink, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
-    """Manifest first, then each checkpoint, the signatures, and the end-of-archive zeros padded to a whole record."""
-    sink.write(tar_header(manifest_path_for(manifest_bytes), len(manifest_bytes), mtime))
-    sink.write(manifest_bytes + bytes(-len(manifest_bytes) % BLOCK))
-    for arcname, path, size, sha in unique:
-        _write_checkpoint(sink, arcname, path, size, sha, mtime, bar)
-    for arcname, data in signatures:
-        sink.write(tar_header(arcname, len(data), mtime) + data + bytes(-len(data) % BLOCK))
-    end = sink.tell() + 2 * BLOCK
-    sink.write(bytes(2 * BLOCK + (-end % RECORD)))
+    """Each member along the layout (header, data, zero padding), then the end-of-archive zeros padded to a record."""
+    layout = _layout(manifest_bytes, unique, signatures, mtime)
+    contents = [manifest_bytes, *unique, *(data for _arcname, data in signatures)]
+    for span, content in zip(layout, contents):
+        if isinstance(content, bytes):
+            sink.write(span.header + content + bytes(span.padding))
+        else:
+            _arcname, path, _size, sha = content
+            _write_checkpoint(sink, span, path, sha, bar)
+    sink.write(bytes(layout.trailer))
 
 
 class _FileSink:
@@ -875,12 +880,13 @@ class _SplitSink:
         return copy_hashing(src_fd, self.writer.write, size, bar)
 
 
-def _write_checkpoint(sink, arcname: str, path: Path, size: int, sha: str, mtime: int, bar) -> None:
+def _write_checkpoint(sink, span: Span, path: Path, sha: str, bar) -> None:
+    size = span.size
     with open(path, "rb", buffering=0) as src:
         st = os.fstat(src.fileno())
         if st.st_size != size:
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-        sink.write(tar_header(arcname, size, mtime))
+        sink.write(span.header)
         # The manifest's hash is only as good as the index entry behind it: copy in the kernel
         # when the index vouches for exactly this file (size and mtime), else hash while copying.
         entry = cache.index_entry(path)
@@ -891,7 +897,7 @@ def _write_checkpoint(sink, arcname: str, path: Path, size: int, sha: str, mtime
         after = os.fstat(src.fileno())
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-    sink.write(bytes(-size % BLOCK))
+    sink.write(bytes(span.padding))
 
 
 __all__ = ["Bundle", "BundlePlan", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle",

@@ -556,7 +556,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                 on_bytes, on_total = _progress_callbacks(bar, run.bars.total, received)
                 try:
                     result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total,
-                                      cancel=run.cancel)
+                                      cancel=run.cancel, notify=run.notify)
                 except IntegrityError as exc:
                     integrity = integrity or exc
                     errors.append(exc.format())

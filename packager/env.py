@@ -107,3 +107,16 @@ def docker_config_dir() -> str | None:
 def home_dir() -> str | None:
     """``HOME``: where ``~/.docker`` and ``~/.config/containers`` are (the password database otherwise)."""
     return _path_var("HOME")
+
+
+# -- registry mirrors: the containers-registries.conf podman, CRI-O, skopeo and buildah share -------------
+
+def containers_registries_conf() -> str | None:
+    """``CONTAINERS_REGISTRIES_CONF``: the registries.conf to read instead of the user's or the system's."""
+    return _path_var("CONTAINERS_REGISTRIES_CONF")
+
+
+def xdg_config_home() -> str | None:
+    """``XDG_CONFIG_HOME``: the user's registries.conf is ``$XDG_CONFIG_HOME/containers/registries.conf``
+    (default ``~/.config``)."""
+    return _path_var("XDG_CONFIG_HOME")

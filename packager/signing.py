@@ -47,7 +47,7 @@ from .bundle import Bundle, InstallReport, VerifyReport, install_bundle, open_bu
 from .cache import manifests_dir, tvpack_dir, verify_cache
 from .errors import BundleError, SignatureError
 from .formats import signature as sigfmt
-from .formats.archive import BLOCK, RECORD, round_up, source_date_epoch, tar_header
+from .formats.archive import BLOCK, round_up, source_date_epoch, tar_layout
 from .formats.manifest import MANIFEST_DIR, MAX_MANIFEST, decode_manifest, manifest_path_for, parse_manifest
 from .formats.signature import SIGNATURES_DIR, Info, Resource, Trust, Verified
 from .formats.volumes import FileSource, open_source
@@ -449,19 +449,18 @@ def sign_bundle(path, signer: Signer, *, label: str | None = None) -> SignResult
             name = _choose_name(opened, signer, label)
             data = signer.sign(opened.manifest_bytes, opened.files)
             this_id = opened.manifest_id
-        header = tar_header(name, len(data), source_date_epoch())
-        if len(header) != BLOCK:  # names are short enough for ustar; a pax record would break step 2's atomicity
+        layout = tar_layout([(name, len(data))], source_date_epoch(), start=end)  # after the last member
+        (span,) = layout.spans
+        if len(span.header) != BLOCK:  # names are short enough for ustar; a pax record would break step 2's atomicity
             raise SignatureError(f"signature name {name!r} needs a pax header")
-        body = data + bytes(-len(data) % BLOCK)
-        new_size = end + BLOCK + len(body) + 2 * BLOCK
-        new_size += -new_size % RECORD
+        new_size = layout.size
         try:
             if new_size > before.st_size:
                 os.ftruncate(fd, new_size)
                 os.fsync(fd)
-            _pwrite_all(fd, header, end)
+            _pwrite_all(fd, span.header, span.offset)
             os.fsync(fd)
-            _pwrite_all(fd, body, end + BLOCK)
+            _pwrite_all(fd, data + bytes(span.padding), span.data_offset)
             os.fsync(fd)
         except OSError as exc:
             raise SignatureError(f"cannot append the signature to {path}: {exc.strerror or exc}") from None

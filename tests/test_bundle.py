@@ -26,7 +26,7 @@ from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 
 from packager import bundle as B
 from packager.errors import BundleError, CacheError, OfflineError
-from packager.formats.archive import tar_header
+from packager.formats.archive import tar_header, tar_layout
 from packager.formats.manifest import encode_manifest, manifest_path_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -136,6 +136,26 @@ def test_tar_header_long_names_and_huge_sizes_parse_with_tarfile():
         assert (info.name, info.size, info.mtime, info.mode, info.uid, info.uname) == (
             path, size, 1700000000, 0o644, 0, "")
 
+
+def test_tar_layout_is_where_tarfile_finds_every_member(tmp_path):
+    """The one computation of the tar layout (headers, data offsets, padding, end blocks, record padding)
+    against an independent reader, for short, long (ustar prefix) and pax names; ``start`` continues a tar."""
+    members = [("hub/tvpack/manifests/0123456789abcdef.json", 700), ("hub/checkpoints/" + "a" * 90 + ".pth", 512),
+               ("hub/" + "d" * 120 + "/" + "f" * 99, 0), ("hub/checkpoints/" + "x" * 240 + ".pth", 1025)]
+    layout = tar_layout(members, 1700000000)
+    assert [(s.path, s.size) for s in layout] == members and layout.start == 0
+    assert layout.size % (20 * 512) == 0 and layout.trailer >= 1024 and layout.end == layout.spans[-1].end
+    data = bytearray(layout.size)
+    for span in layout:
+        data[span.offset:span.data_offset] = span.header
+        data[span.data_offset:span.data_offset + span.size] = bytes([len(span.path) % 251 + 1]) * span.size
+        assert span.end - span.data_offset - span.size == span.padding < 512 and span.end % 512 == 0
+    (tmp_path / "t.tar").write_bytes(bytes(data))
+    with tarfile.open(tmp_path / "t.tar") as tf:
+        assert [(m.name, m.size, m.offset_data, m.mtime) for m in tf.getmembers()] == \
+            [(s.path, s.size, s.data_offset, 1700000000) for s in layout]
+    more = tar_layout([("hub/tvpack/signatures/0123456789abcdef.sig", 3)], 0, start=layout.end, record=False)
+    assert more.spans[0].offset == layout.end and more.size == more.end + 1024 and more.end % 512 == 0
 
 def test_verify_accepts_a_good_bundle_api_and_cli(small_bundle, cli):
     report = B.verify_bundle(small_bundle)

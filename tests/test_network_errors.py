@@ -194,7 +194,10 @@ def test_a_trickling_server_is_cut_off_by_the_minimum_speed_and_the_time_limit(t
         started = time.monotonic()
         proc = _fetch(lock, server.url, "--speed-limit", "2000", "--speed-time", "1", "--retries", "1",
                       TORCH_HOME=tmp_path / "home")
-        line = _one_error_line(proc)
+        notices = [line for line in proc.stderr.splitlines() if "; retrying in " in line]
+        assert len(notices) == 1 and "too slow" in notices[0] and "(attempt 2 of 2)" in notices[0], proc.stderr
+        line = _one_error_line(proc.__class__(proc.args, proc.returncode, proc.stdout,
+                                              proc.stderr.replace(notices[0] + "\n", "")))
         assert "too slow" in line and "under the minimum of 2000 bytes/s over 1s" in line
         assert "gave up after 2 attempts" in line
         assert time.monotonic() - started < 15
@@ -224,3 +227,71 @@ def test_a_mirror_without_a_scheme_is_a_usage_error_suggesting_http(tmp_path, sp
     proc = run_tvpack("fetch", "--lock", lock, "--mirror", spec, "--no-upstream", "-q", cwd=tmp_path,
                       env={"TORCH_HOME": str(tmp_path / "home")})
     assert proc.returncode == 1 and "no such file" in proc.stderr
+
+
+def test_an_s3_mirror_that_never_answers_says_so_and_gives_up_at_the_time_limit(tmp_path):
+    """S3 reads follow the fetch model: the read timeout, a notice naming what is waited for, --max-time."""
+    pytest.importorskip("boto3")
+    lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=10_000), tmp_path / "tvpack.lock")
+    asked = threading.Event()
+    release = threading.Event()
+
+    class Silent(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.set()
+            release.wait()  # accepted, never answered
+
+        def log_message(self, *args):
+            pass
+
+    with _Served(Silent) as server:
+        try:
+            proc = run_tvpack("fetch", "--lock", tmp_path / "tvpack.lock", "--mirror", "s3://bucket/mirror",
+                              "--no-upstream", "-q", "--read-timeout", "1", "--retries", "100", "--max-time", "15", timeout=120,
+                              env={"TORCH_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.port}",
+                                   "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"})
+        finally:
+            release.set()
+    assert asked.is_set() and proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tvpack: ")]
+    assert f"no answer from 127.0.0.1:{server.port} for 1s; retrying in" in lines[0], proc.stderr
+    assert lines[-1].startswith("tvpack: error: ") and "not complete within 15s" in lines[-1], proc.stderr
+
+
+def test_an_s3_mirror_without_credentials_falls_through_to_the_next_mirror(tmp_path):
+    """Issue 19's first bug: reading an s3:// mirror without credentials is a DownloadError like any
+    unreachable mirror, so the directory mirror after it is tried."""
+    pytest.importorskip("boto3")
+    refs = synth_refs(tmp_path / "m", count=1, size=10_000)
+    lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
+    nowhere = str(tmp_path / "nowhere")
+    proc = run_tvpack("fetch", "--lock", lock, "--mirror", "s3://bucket/mirror", "--mirror", tmp_path / "m",
+                      "--no-upstream", "-q",
+                      env={"TORCH_HOME": str(tmp_path / "home"), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                           "AWS_SESSION_TOKEN": "", "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+                           "AWS_CONFIG_FILE": nowhere, "AWS_EC2_METADATA_DISABLED": "true",
+                           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "home" / "hub" / "checkpoints" / refs[0].filename).is_file()
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x.pth", "http://[::1"])
+def test_a_redirect_to_an_unusable_location_fails_at_once_in_one_line(tmp_path, location):
+    lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=1000), tmp_path / "tvpack.lock")
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.server.requests += 1
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with _Served(Redirect) as server:
+        proc = _fetch(lock, f"http://127.0.0.1:{server.port}", TORCH_HOME=tmp_path / "home")
+        line = _one_error_line(proc)
+        assert "redirected to an unsupported or malformed location" in line, line
+        assert server.server.requests == 1  # not retried

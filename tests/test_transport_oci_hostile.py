@@ -114,6 +114,27 @@ def test_a_token_realm_on_another_host_gets_only_that_hosts_own_credentials(reg,
     assert auths(other)[-1] == ALICE.basic()
 
 
+# -- 16.3 offline means offline ------------------------------------------------------------------------------
+
+def test_an_offline_client_sends_nothing_blob_gets_included(reg, no_creds, tmp_path):
+    from packager.errors import OfflineError
+
+    data = b"layer" * 100
+    reg.blobs[digest_of(data)] = data
+    client = client_of(reg, offline=True)
+    refusal = rf"offline mode \(TVPACK_OFFLINE=1 or --offline\): not connecting to {reg.host}"
+    for call in (client.ping, lambda: client.get_manifest("r", "v1"), lambda: client.tags("r"),
+                 lambda: client.push_blob("r", data, size=len(data), digest=digest_of(data)),
+                 lambda: client.pull_blob("r", digest_of(data), tmp_path / "blob", size=len(data)),
+                 lambda: client.stream_blob("r", digest_of(data), lambda chunk: None, size=len(data))):
+        with pytest.raises(OfflineError, match=refusal):
+            call()
+    assert reg.seen() == [] and not (tmp_path / "blob").exists()
+    client.offline = False  # the same client, back online
+    client.pull_blob("r", digest_of(data), tmp_path / "blob", size=len(data))
+    assert (tmp_path / "blob").read_bytes() == data
+
+
 # -- 16.7 bounded reads -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, action, expected", [
@@ -201,6 +222,15 @@ def test_odd_redirects_are_one_line_naming_the_cause(reg, no_creds, location, ex
     with pytest.raises(OCIError) as err:
         client_of(reg).get_manifest("r", "v1")
     assert expected in err.value.message and "bug" not in err.value.message
+
+
+@pytest.mark.parametrize("location", ["file:///tmp/upload", "ftp://127.0.0.1/up", "http://[::1/up"])
+def test_an_upload_location_that_is_not_http_is_one_line(reg, no_creds, location):
+    reg.upload_location = location
+    with pytest.raises(OCIError) as err:
+        client_of(reg).push_blob("r", b"x", size=1, digest=digest_of(b"x"))
+    assert err.value.message == (f"oci://{reg.host}/r@{digest_of(b'x')}: the registry opened an upload session "
+                                 f"at {location!r}, which is not an http(s) url")
 
 
 @pytest.mark.parametrize("body, expected", [

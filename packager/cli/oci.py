@@ -22,6 +22,12 @@ platform_option = click.option(
     help="The platform the image config names (container runtimes pull a single-platform image only onto "
          "matching nodes); the layers are data and the same for every platform.")
 
+format_option = click.option(
+    "--format", "image_format", type=click.Choice(["image", "modelpack"]), default="image", show_default=True,
+    help="image: one uncompressed tar layer per checkpoint (what containerd and podman image volumes and COPY --from "
+         "read); modelpack: a CNCF ModelPack artifact, one raw layer per checkpoint (CRI-O, KServe, modctl). "
+         "pull, install and inspect read both.")
+
 registry_options_list = [
     click.option("--offline", is_flag=True, default=None,
                  help="Never connect: refuse at once (env TVPACK_OFFLINE=1)."),
@@ -87,10 +93,11 @@ def _print_push(report, as_json: bool) -> None:
 @plain_http_option
 @mount_from_option
 @platform_option
+@format_option
 @json_option
 @quiet_option
 @registry_options
-def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, quiet, **network):
+def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_format, as_json, quiet, **network):
     """Push a bundle to an OCI registry as an image: one uncompressed tar layer per checkpoint
     (hub/checkpoints/<file>) and one for the bundle manifest.
 
@@ -108,7 +115,7 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, as_json, 
     _check_reference(reference)
     client = registry_client(reference, plain_http=plain_http, **network)
     report = push_bundle(bundle_file, reference, platform=platform, plain_http=plain_http, mount_from=mount_from,
-                         progress=progress_enabled(quiet or as_json), client=client)
+                         progress=progress_enabled(quiet or as_json), client=client, format=image_format)
     _print_push(report, as_json)
 
 
@@ -183,16 +190,16 @@ def _check_reference(reference: str) -> None:
 
 # -- the oci:// side of commands in cli/bundle.py -------------------------------------------------------
 def bundle_to_registry(reference: str, *, plain_http: bool, as_json: bool, progress: bool, sign=None,
-                       **select) -> None:
+                       image_format: str = "image", **select) -> None:
     """``tvpack bundle SELECTORS -o oci://REF``: the image straight from the cache, no bundle file."""
     from ..bundle import plan_bundle
-    from ..oci import image_of_plan, push
+    from ..oci import image_of_plan, push_as
 
     _check_reference(reference)
     client = registry_client(reference, plain_http=plain_http, offline=select.get("offline"))  # --offline: refuses
     plan = plan_bundle(progress=progress, **select)
     with image_of_plan(plan, sign=sign) as image:
-        report = push(image, reference, plain_http=plain_http, progress=progress, client=client)
+        report = push_as(image, reference, format=image_format, plain_http=plain_http, progress=progress, client=client)
     _print_push(report, as_json)
 
 

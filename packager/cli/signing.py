@@ -74,15 +74,30 @@ def signature_lines(report) -> list[str]:
 @click.option("--label", default=None, metavar="LABEL",
               help="Name the signature <manifest-id>.LABEL.sig (default: <manifest-id>.sig, or the key's "
                    "fingerprint when that is taken).")
+@click.option("--plain-http", is_flag=True, help="Talk to an oci:// registry over plain HTTP.")
 @json_option
-def sign_cmd(file, key, cert_chain, label, as_json):
+def sign_cmd(file, key, cert_chain, label, plain_http, as_json):
     """Sign a bundle: append an OpenSSF model signing (OMS) signature over its manifest and files.
 
     The checkpoint bytes are neither read nor rewritten: the signature lists the sha256 values the
     manifest states, and is appended as hub/tvpack/signatures/<manifest-id>.sig. Anyone can check
     it with `tvpack verify FILE --key PUB`, or after `tar -xf FILE -C DIR` with the OMS tool:
     `model_signing verify key DIR --signature DIR/hub/tvpack/signatures/<id>.sig --public_key PUB`.
+
+    FILE may be oci://HOST/REPO[:TAG|@DIGEST], an image pushed by tvpack: the signature is attached
+    to the image's manifest digest as an OCI 1.1 referrer (the digest does not change); install, pull,
+    verify and inspect of the image find it.
     """
+    if file.startswith("oci://"):
+        from ..oci import attach_signature
+
+        attached = attach_signature(file, load_signer(key, cert_chain), label=label, plain_http=plain_http)
+        if as_json:
+            echo_json(attached.to_dict())
+        else:
+            click.echo(f"signed {attached.reference}: {attached.signature} by {attached.signer}, attached as "
+                       f"{attached.digest} ({attached.via})")
+        return
     from ..signing import sign_bundle
 
     result = sign_bundle(file, load_signer(key, cert_chain), label=label)

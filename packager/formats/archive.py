@@ -3,6 +3,9 @@
 Writing is deterministic (mtime from ``SOURCE_DATE_EPOCH`` or 0, uid/gid 0, no user or group
 names, mode 0644, ustar headers with pax records only for long names or sizes over 8 GiB). Each
 member's bytes are copied by the kernel (``copy_file_range``) where it can.
+Where each member goes (header offset and bytes, data offset, size, padding, end of archive) is computed once,
+by :func:`tar_layout`: the bundle writer, split volumes, OCI layers and pulls, and signature appends iterate its
+:class:`TarLayout` rather than adding up headers and paddings themselves.
 
 Reading (:class:`TarArchive`) accepts regular files only (no links, devices, FIFOs or
 directories), relative paths under ``hub/`` without ``..``, each member once, zero padding and a
@@ -18,9 +21,9 @@ import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 from ..errors import BundleError, VolumeError
 
@@ -107,6 +110,81 @@ def tar_header(path: str, size: int, mtime: int) -> bytes:
         pad = -len(records) % BLOCK
         out = _ustar_block(b"././@PaxHeader", b"", len(records), mtime, b"x") + records + bytes(pad)
     return out + _ustar_block(split[0], split[1], ustar_size, mtime, b"0")
+
+
+# -- the layout: where each member lies -------------------------------------------------------------
+@dataclass(frozen=True)
+class Span:
+    """Where one member lies in a tar as tvpack writes it: its header block(s) at ``offset``, its data right
+    after them, then zeros to the next block."""
+
+    path: str
+    size: int
+    offset: int  # of its first header block
+    header: bytes = field(repr=False)
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + len(self.header)
+
+    @property
+    def padding(self) -> int:
+        return -self.size % BLOCK
+
+    @property
+    def end(self) -> int:
+        """Where the next member's header starts."""
+        return self.data_offset + self.size + self.padding
+
+
+@dataclass(frozen=True)
+class TarLayout:
+    """The whole shape of a tar tvpack writes, computed once (:func:`tar_layout`): each member's span in order,
+    then ``trailer`` zero bytes from ``end`` to ``size`` (the end-of-archive blocks, and for a bundle the padding
+    to a whole record). Every writer of tvpack's tars (bundle files, split volumes, OCI layers, pulls, signature
+    appends) iterates this instead of adding up headers and paddings itself."""
+
+    spans: tuple[Span, ...]
+    start: int  # where the first member's header goes
+    end: int  # where the end-of-archive blocks go
+    size: int  # where the archive ends
+
+    @property
+    def trailer(self) -> int:
+        return self.size - self.end
+
+    def __iter__(self):
+        return iter(self.spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def span(self, path: str) -> Span:
+        for span in self.spans:
+            if span.path == path:
+                return span
+        raise KeyError(path)
+
+
+END_OF_ARCHIVE = 2 * BLOCK  # the two zero blocks that close a tar
+
+
+def tar_layout(members: Iterable[tuple], mtime: int = 0, *, start: int = 0, record: bool = True) -> TarLayout:
+    """The layout of a tar of ``members`` in this order, each ``(path, size)`` or ``(path, size, mtime)`` (header
+    lengths do not depend on the mtime, only the header bytes do). ``start``: the offset of the first header (an
+    append after existing members); ``record``: pad the end to a whole tar record (a bundle file) rather than stop
+    after the end-of-archive blocks (an OCI layer)."""
+    spans, offset = [], start
+    for member in members:
+        path, size = member[0], member[1]
+        header = tar_header(path, size, member[2] if len(member) > 2 else mtime)
+        span = Span(path, size, offset, header)
+        spans.append(span)
+        offset = span.end
+    size = offset + END_OF_ARCHIVE
+    if record:
+        size += -size % RECORD
+    return TarLayout(tuple(spans), start, offset, size)
 
 
 def source_date_epoch() -> int:

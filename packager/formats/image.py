@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..errors import OCIError
-from .archive import BLOCK, RECORD, path_problem, round_up, tar_header
+from .archive import BLOCK, END_OF_ARCHIVE, TarLayout, path_problem, tar_header, tar_layout
 from .manifest import MANIFEST_NAME, is_checkpoint_path
 
 IMAGE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -45,7 +45,7 @@ A_CONTENT = "org.tvpack.content"  # per layer: "checkpoint" or "manifest"
 A_PATH = "org.tvpack.path"  # per checkpoint layer: hub/checkpoints/<file>
 A_SHA256 = "org.tvpack.sha256"  # per checkpoint layer: the checkpoint's sha256 (hex), as in the bundle manifest
 
-END = 2 * BLOCK  # the end-of-archive marker closing every layer
+END = END_OF_ARCHIVE  # the end-of-archive marker closing every layer
 MAX_MANIFEST_LAYER = 80 << 20  # the bundle manifest (64 MiB at most) plus signatures
 DEFAULT_PLATFORM = "linux/amd64"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -58,21 +58,25 @@ def canonical_json(document) -> bytes:
 
 
 # -- layers ------------------------------------------------------------------------------------------
-def member_span(path: str, size: int) -> int:
-    """Bytes one member takes in a layer or a bundle: header (its length does not depend on the mtime),
-    data, zero padding."""
-    return len(tar_header(path, size, 0)) + round_up(size)
+def layer_layout(members: Iterable[tuple], mtime: int = 0) -> TarLayout:
+    """Where each of ``members`` (``(path, size[, mtime])``) lies in a layer: their spans, then the end-of-archive
+    blocks (no padding to a record)."""
+    return tar_layout(members, mtime, record=False)
+
+
+def bundle_layout(members: Iterable[tuple], mtime: int = 0) -> TarLayout:
+    """Where each member lies in the bundle file: as bundle.py writes it, padded to a tar record."""
+    return tar_layout(members, mtime)
 
 
 def layer_size(members: Iterable[tuple[str, int]]) -> int:
-    """Bytes of a layer holding ``(path, size)`` members: their spans and the end-of-archive blocks."""
-    return sum(member_span(path, size) for path, size in members) + END
+    """Bytes of a layer holding ``(path, size)`` members."""
+    return layer_layout(members).size
 
 
 def bundle_size(members: Iterable[tuple[str, int]]) -> int:
-    """Bytes of the bundle with these members: as bundle.py writes it, padded to a tar record."""
-    end = sum(member_span(path, size) for path, size in members) + END
-    return end + (-end % RECORD)
+    """Bytes of the bundle with these members."""
+    return bundle_layout(members).size
 
 
 def bundle_order(paths: Iterable[str]) -> list[str]:
@@ -267,6 +271,6 @@ __all__ = [
     "A_CONTENT", "A_FORMAT", "A_FORMAT_VERSION", "A_MANIFEST_ID", "A_PATH", "A_SHA256", "A_WEIGHTS", "DEFAULT_PLATFORM",
     "END", "FORMAT", "IMAGE_CONFIG", "IMAGE_INDEX", "IMAGE_MANIFEST", "LAYER_FORMAT", "LAYER_TAR", "MAX_MANIFEST_LAYER",
     "TITLE", "ImageInfo", "LayerInfo", "bundle_order", "bundle_size", "canonical_json", "check_header",
-    "encode_config", "encode_image_manifest", "header_mtime", "layer_size", "member_span",
+    "bundle_layout", "encode_config", "encode_image_manifest", "header_mtime", "layer_layout", "layer_size",
     "parse_image_manifest", "parse_platform",
 ]

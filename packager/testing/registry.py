@@ -34,6 +34,7 @@ __all__ = ["DistributionRegistry", "TokenServer", "self_signed_cert"]
 
 # 127.0.0.1 - - [25/Nov/2026:16:50:00 +0000] "PUT /v2/r/blobs/uploads/x?digest=... HTTP/1.1" 201 0 "" "tvpack"
 _ACCESS_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" ([0-9]{3}) ([0-9]+|-) ')
+_AGENT_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" ([0-9]{3}) (?:[0-9]+|-) "[^"]*" "([^"]*)"')
 
 
 def self_signed_cert(workdir: Path, name: str = "registry") -> tuple[Path, Path]:
@@ -186,10 +187,12 @@ class DistributionRegistry(ChildServer):
 
     ``users``: htpasswd basic auth. ``token_server``: bearer-token auth through a :class:`TokenServer`.
     ``tls``: HTTPS with a self-signed certificate (``ca_cert`` is the file to trust).
+    ``proxy``: a pull-through cache of the registry at that URL (``proxy: {remoteurl: ...}``), as a Harbor
+    proxy-cache project or a site mirror is; its access log and upstream's tell who fetched what.
     """
 
     def __init__(self, workdir, *, users: dict[str, str] | None = None, tls: bool = False,
-                 token_server: TokenServer | None = None, binary: str | None = None):
+                 token_server: TokenServer | None = None, binary: str | None = None, proxy: str | None = None):
         self.binary = binary or find_binary("docker-registry")
         self.workdir = Path(workdir).resolve() / f"registry-{secrets.token_hex(3)}"
         self.workdir.mkdir(parents=True)
@@ -197,6 +200,7 @@ class DistributionRegistry(ChildServer):
         self.users = dict(users or {})
         self.tls = tls
         self.token_server = token_server
+        self.proxy = proxy
         self.port = free_port()
         self.log = self.workdir / "registry.log"
         self.conf = self.workdir / "config.yml"
@@ -224,6 +228,8 @@ class DistributionRegistry(ChildServer):
                         "maintenance": {"uploadpurging": {"enabled": False}}},
             "http": {"addr": self.host, "secret": secrets.token_hex(16)},
         }
+        if self.proxy:
+            config["proxy"] = {"remoteurl": self.proxy}
         if self.tls:
             config["http"]["tls"] = {"certificate": str(self.ca_cert), "key": str(self._key)}
         if self.users:
@@ -252,6 +258,12 @@ class DistributionRegistry(ChildServer):
         text = settled_text(self.log)
         return [(m.group(1), m.group(2), int(m.group(3)), int(m.group(4)) if m.group(4).isdigit() else 0)
                 for m in _ACCESS_LINE.finditer(text)]
+
+    def user_agents(self) -> list[tuple[str, str, int, str]]:
+        """``(method, path, status, user agent)`` for every access-log line so far (once the log is quiet):
+        a pull-through cache's requests upstream carry distribution's agent, tvpack's carry ``tvpack``."""
+        text = settled_text(self.log)
+        return [(m.group(1), m.group(2), int(m.group(3)), m.group(4)) for m in _AGENT_LINE.finditer(text)]
 
     def uploads(self, repository: str | None = None) -> list[tuple[str, str, int, int]]:
         """Requests that move blob bytes in or open an upload (POST/PATCH/PUT to ``/blobs/uploads``)."""

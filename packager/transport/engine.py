@@ -101,12 +101,20 @@ class Source(Protocol):
 # -- one retry policy -----------------------------------------------------------------------------
 
 def timeouts(policy: Policy, deadline: float | None) -> tuple[float, float]:
-    """(connect, read) timeouts for an open, cut down to what is left of the deadline."""
-    connect, read = policy.connect_timeout, policy.read_timeout
+    """(connect, read) timeouts for an open, cut down to what is left of the deadline.
+
+    With a minimum speed, a source silent for ``speed_time`` seconds is below it whether or not it
+    has answered yet: the wait for an answer ends there too (and the notice says so)."""
+    connect, read = policy.connect_timeout, read_timeout(policy)
     if deadline is not None:
         left = max(0.1, deadline - time.monotonic())
         connect, read = min(connect, left), min(read, left)
     return connect, read
+
+
+def read_timeout(policy: Policy) -> float:
+    """Seconds a source may stay silent: the read timeout, or ``speed_time`` when a minimum speed is set."""
+    return min(policy.read_timeout, policy.speed_time) if policy.speed_limit > 0 else policy.read_timeout
 
 
 class Retrier:
@@ -117,6 +125,7 @@ class Retrier:
         self.url, self.policy, self.cancel, self.notify = url, policy, cancel, notify
         self.deadline = deadline_of(policy)
         self.attempt = 0
+        self.stalls = 0
         self.restarted = False
 
     def check(self) -> None:
@@ -135,8 +144,10 @@ class Retrier:
         if self.cancel is not None and self.cancel.cancelled:
             raise Cancelled()
         self.attempt += 1
+        self.stalls += exc.stalled
         policy, reason, retry_after = self.policy, exc.reason, exc.retry_after
-        if self.attempt > policy.retries:
+        stall_limit = policy.stall_retries if policy.stall_retries is not None else policy.retries
+        if self.attempt > policy.retries or self.stalls > stall_limit:
             raise DownloadError(f"{self.url}: {reason} (gave up after {self.attempt} attempts)")
         if retry_after is not None and retry_after > policy.max_retry_after:
             raise DownloadError(f"{self.url}: {reason}; server asks to retry after {retry_after:.0f}s")
@@ -196,18 +207,16 @@ def fetch(source: Source, part: Path, verifier: Verifier, policy: Policy = DEFAU
     Raises DownloadError (after retries, or at once when it cannot heal), IntegrityError (the part
     is removed), CacheError (the disk cannot take it), Cancelled (the part is kept to resume)."""
     retrier = Retrier(source.url, policy, cancel, notify)
-    first_offset = None
+    starts: list[int] = []  # where each body began: the first is what this call resumed from
     while True:
         retrier.check()
         offset = prehash(part, verifier, policy.chunk_size)
         if offset == 0:
             discard_part(part)
-        if first_offset is None:
-            first_offset = offset
         try:
             digest = _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel,
-                                    retrier.deadline)
-            return Result(source.url, digest, verifier.count, first_offset, retrier.attempt + 1)
+                                    retrier.deadline, starts)
+            return Result(source.url, digest, verifier.count, starts[0], retrier.attempt + 1)
         except Restart:
             discard_part(part)
             retrier.restart("server keeps answering ranges inconsistently")
@@ -232,14 +241,15 @@ def _validator_of(part: Path, url: str) -> str | None:
     return etag if etag and not etag.startswith("W/") else state.get("last_modified")
 
 
-def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline) -> str:
+def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline, starts) -> str:
     body = open_body(source, offset, _validator_of(part, source.url) if offset else None, timeouts(policy, deadline),
                      cancel)
+    starts.append(body.offset)
     try:
         if body.offset != offset:  # range ignored or object changed: a clean full download
             verifier.reset()
             if on_total is not None:
-                on_total(None if body.total is None else body.total, -offset)  # take the bytes back
+                on_total(body.total, -offset)  # take the bytes back
             offset = 0
         check_size(source.url, verifier, body)
         if on_total is not None:
@@ -286,7 +296,10 @@ def pump(url: str, body: Body, pipeline: Pipeline, policy: Policy, cancel: Cance
             raise explain(exc, pipeline.verifier, body.content_type) from None
         except OSError as exc:
             watchdog.raise_if_fired()
-            raise write_error(exc) from exc
+            error = write_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         except Exception:
             watchdog.raise_if_fired()
             raise
@@ -314,11 +327,16 @@ def stream(source: Source, write: Callable[[bytes], object], verifier: Verifier,
     retrier = Retrier(source.url, policy, cancel, notify)
     verifier.reset()
     validator = None
+    from_zero = False  # the source could not continue a range: read from byte 0 and skip what was fed
     while True:
         retrier.check()
         fed = verifier.count
         try:
-            body = open_body(source, fed, validator, timeouts(policy, retrier.deadline), cancel)
+            body = open_body(source, 0 if from_zero else fed, validator, timeouts(policy, retrier.deadline), cancel)
+        except Restart:
+            retrier.restart("server keeps answering ranges inconsistently")
+            from_zero = True
+            continue
         except Retryable as exc:
             retrier.wait(exc)
             continue

@@ -119,8 +119,9 @@ class HttpSource:
         try:
             return self.session.get(self.location, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
         except requests.exceptions.ReadTimeout:
-            raise Retryable(f"no answer from {urlsplit(self.location).netloc} for {timeout[1]:g}s") from None
-        except _transient() as exc:
+            raise Retryable(f"no answer from {urlsplit(self.location).netloc} for {timeout[1]:g}s",
+                            stalled=True) from None
+        except (*_transient(), ValueError) as exc:
             fatal = self.fatal(exc)
             if fatal is not None:
                 raise fatal from None
@@ -173,6 +174,9 @@ def _fatal(url: str, exc: BaseException) -> DownloadError | None:
     import requests
 
     text = str(exc)
+    if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+                        requests.exceptions.MissingSchema, ValueError)):  # only a redirect can be this bad
+        return DownloadError(f"{url}: redirected to an unsupported or malformed location ({str(exc)[:200]})")
     if isinstance(exc, requests.exceptions.TooManyRedirects):
         last = getattr(getattr(exc, "response", None), "url", None)
         return DownloadError(f"{url}: redirect loop (more than {_max_redirects(exc)} redirects"

@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlparse
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from .engine import Body, fetch
+from .engine import Body, fetch, read_timeout
 from .http import aborter, retryable
 from .stream import Result, Retryable, StoredObject
 
@@ -117,8 +117,11 @@ def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64,
                 read_timeout=read,
                 max_pool_connections=max_pool_connections,
             )
-            session = boto3.session.Session()
-            found = session.client("s3", endpoint_url=endpoint, config=config)
+            try:
+                session = boto3.session.Session()
+                found = session.client("s3", endpoint_url=endpoint, config=config)
+            except Exception as exc:  # noqa: BLE001 - botocore's configuration errors (a missing profile...)
+                raise MirrorError(f"cannot set up S3 access: {exc}") from None
             _clients[key] = found
         return found
 
@@ -135,8 +138,8 @@ def _translate(exc: Exception, url: str, action: str, *, reading: bool) -> Excep
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     base = DownloadError if reading else MirrorError
-    if isinstance(exc, NoCredentialsError):
-        return MirrorError(f"cannot {action} {url}: no S3 credentials",
+    if isinstance(exc, NoCredentialsError):  # reading: a DownloadError, so the next mirror is tried
+        return base(f"cannot {action} {url}: no S3 credentials",
                            hint="set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
     if isinstance(exc, ClientError):
         code, status = _status(exc)
@@ -452,7 +455,10 @@ class S3Source:
         self.endpoint_url = endpoint_url
 
     def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
-        s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, self.policy.read_timeout))
+        try:
+            s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, read_timeout(self.policy)))
+        except MirrorError as exc:  # boto3 missing: this mirror cannot be read, the next one may
+            raise DownloadError(f"{self.url}: {exc.message}", hint=exc.hint) from None
         if offset and not validator:  # nothing proves the object is unchanged: start over
             offset = 0
         try:
@@ -491,8 +497,25 @@ class S3Source:
             if offset and code == "InvalidRange":
                 return None
             if status >= 500 or status in (408, 429) or _is_connection_error(exc):
-                raise Retryable(f"S3 {status or type(exc).__name__}") from None
+                raise Retryable(self._reason(exc, status), stalled=_is_timeout(exc)) from None
             raise _translate(exc, self.url, "read", reading=True) from exc
+
+
+    def _reason(self, exc, status: int) -> str:
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+        endpoint = urlparse(str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")).netloc or "the S3 endpoint"
+        if isinstance(exc, ReadTimeoutError):
+            return f"no answer from {endpoint} for {read_timeout(self.policy):g}s"
+        if isinstance(exc, ConnectTimeoutError):
+            return f"connect timeout to {endpoint}"
+        return f"S3 {status}" if status else f"cannot reach {endpoint} ({type(exc).__name__})"
+
+
+def _is_timeout(exc) -> bool:
+    from botocore.exceptions import ReadTimeoutError
+
+    return isinstance(exc, ReadTimeoutError)
 
 
 class _Changed(Exception):

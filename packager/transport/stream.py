@@ -61,6 +61,7 @@ class Policy:
     speed_time: float = 30.0
     max_time: float | None = None
     max_redirects: int = 10
+    stall_retries: int | None = None  # retries after stalls (no answer, too slow), if fewer than ``retries``
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based retry count)."""
@@ -301,16 +302,19 @@ class Watchdog:
             raise Cancelled()
         if self.reason == "deadline":
             check_deadline(self.url, self.policy, self.deadline)
-        raise Retryable(self.reason)
+        raise Retryable(self.reason, stalled=True)
 
 
 # -- the transfer ----------------------------------------------------------------------------------
 
 class Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
+    """A failure another attempt may heal; ``stalled``: the source did not answer, or too slowly."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, *, stalled: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.stalled = stalled
 
 
 class Restart(Exception):

@@ -1,6 +1,8 @@
 """The OCI distribution client: :mod:`.reference` (references, digests, media types), :mod:`.auth`
-(credentials, login, challenges, tokens) and :mod:`.client` (:class:`RegistryClient`: manifests,
-tags, uploads, ping, blob reads). Importing this package never imports torch."""
+(credentials, login, challenges, tokens), :mod:`.session` (how a request is sent: retries and notices,
+credentials scoped to their origin, redirects, caps, the watchdog), :mod:`.client`
+(:class:`RegistryClient`: ping, manifests, tags, uploads) and :mod:`.blobs` (blob GETs, a source of
+the transfer engine). Importing this package never imports torch."""
 from __future__ import annotations
 
 from .auth import Auth, Credentials, auth_file_for_login, credential_files, find_credentials, save_login

@@ -34,13 +34,16 @@ def notice(message: str) -> None:
 def reading_policy(policy) -> Policy:
     """The engine's policy for blob GETs of a client's policy (:class:`~.client.Policy`).
 
-    The wait for an answer is bounded by ``speed_time`` too: a registry that accepts the connection
-    and says nothing is reported ("no answer from HOST for 30s; retrying") as soon as a drip would be."""
+    As for every source of the engine, the wait for an answer is bounded by ``speed_time`` too: a
+    registry that accepts the connection and says nothing is reported ("no answer from HOST for 30s;
+    retrying") as soon as a drip would be; as for the client's own requests, a blob that stalls is
+    retried ``stall_retries`` times only."""
     speed_limit, speed_time = getattr(policy, "speed_limit", 1024.0), getattr(policy, "speed_time", 30.0)
-    read_timeout = min(policy.read_timeout, speed_time) if speed_limit > 0 else policy.read_timeout
-    return Policy(connect_timeout=policy.connect_timeout, read_timeout=read_timeout, retries=policy.retries,
+    return Policy(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout, retries=policy.retries,
                   backoff=policy.backoff, max_backoff=policy.max_backoff, chunk_size=policy.read_size,
-                  speed_limit=speed_limit, speed_time=speed_time, max_time=getattr(policy, "max_time", None))
+                  speed_limit=speed_limit, speed_time=speed_time, max_time=getattr(policy, "max_time", None),
+                  max_redirects=getattr(policy, "max_redirects", 10),
+                  stall_retries=getattr(policy, "stall_retries", None))
 
 
 class BlobSource(HttpSource):
@@ -54,7 +57,8 @@ class BlobSource(HttpSource):
     content_addressed = True
 
     def __init__(self, client, repository: str, digest: str):
-        super().__init__(client.base + client._url(repository, "blobs", digest), client.session, if_range=False)
+        super().__init__(client.base + client._url(repository, "blobs", digest), client.session, if_range=False,
+                         max_redirects=getattr(client.policy, "max_redirects", 10))
         self.url = f"oci://{client.host}/{repository}@{digest}"
         self.client = client
         self.repository = repository
@@ -126,7 +130,7 @@ def pull_blob(client, repository: str, digest: str, dest, *, size: int | None = 
     progress = _Reported(on_bytes)
     try:
         result = fetch(source, part, verifier, policy, on_bytes=progress, on_total=progress.present,
-                       cancel=cancel, notify=getattr(client, "notify", None) or notice)
+                       cancel=cancel or getattr(client, "cancel", None), notify=getattr(client, "notify", None) or notice)
     except IntegrityError as exc:
         raise _refused(exc, source.url, digest, size) from None
     os.replace(part, dest)
@@ -168,6 +172,7 @@ def stream_blob(client, repository: str, digest: str, write: Callable[[bytes], o
     source = BlobSource(client, repository, digest)
     try:
         stream(source, write, _verifier(source.url, digest, size), reading_policy(client.policy),
-               on_bytes=on_bytes, cancel=cancel, notify=getattr(client, "notify", None) or notice)
+               on_bytes=on_bytes, cancel=cancel or getattr(client, "cancel", None),
+               notify=getattr(client, "notify", None) or notice)
     except IntegrityError as exc:
         raise _refused(exc, source.url, digest, size) from None

@@ -190,7 +190,7 @@ class RegistryClient:
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self._sockets = Sockets()
-        adapter = watched_adapter(self._sockets)
+        adapter = watched_adapter(self._sockets, lambda url: self._refuse_offline(url, f"oci://{self.host}"))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.auth = Auth(host, credentials, plain_http=plain_http)
@@ -211,6 +211,11 @@ class RegistryClient:
             connect, read = min(connect, left), min(read, left)
         return connect, read
 
+    def _refuse_offline(self, url: str, what: str) -> None:
+        if self.offline:
+            raise OfflineError(f"{what}: offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to "
+                               f"{netloc(url)}")
+
     def _answer_limit(self, timeouts: tuple[float, float], body) -> float | None:
         """Seconds a whole answer's status line and headers may take: connect + read timeout for a
         request without a body (an upload's body may take long to send: only the deadline bounds it)."""
@@ -230,9 +235,7 @@ class RegistryClient:
         a body is read by the caller, with a cap. Raises OfflineError, OCIError (one line) or _Retry."""
         import requests
 
-        if self.offline:
-            raise OfflineError(f"{what}: offline mode (TVPACK_OFFLINE=1 or --offline): not connecting to "
-                               f"{netloc(url)}")
+        self._refuse_offline(url, what)
         owner = origin(auth_url or self.base)
         for _hop in range(self.policy.max_redirects + 1):
             timeouts = self._timeouts(what, read_timeout)
@@ -583,7 +586,16 @@ class RegistryClient:
         if not location:
             raise OCIError(f"{what}: the registry opened an upload session without a Location")
         # registries may answer with a path only: relative to the url that answered (RFC 9110)
-        return urljoin(getattr(response, "url", None) or self.base + "/", location)
+        try:
+            target = urljoin(getattr(response, "url", None) or self.base + "/", location)
+            parts = urlsplit(target)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OCIError(f"{what}: the registry opened an upload session at {location[:200]!r}, "
+                           "which is not an http(s) url")
+        return target
 
     @staticmethod
     def _with_digest(location: str, digest: str) -> str:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import weakref
+from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 from ...errors import OCIError
@@ -148,8 +149,10 @@ class Sockets:
             timer.cancel()
 
 
-def watched_adapter(sockets: Sockets):
-    """A ``requests`` adapter whose connections report their sockets to ``sockets`` when they connect."""
+def watched_adapter(sockets: Sockets, before_send: Callable[[str], None]):
+    """A ``requests`` adapter whose connections report their sockets to ``sockets`` when they connect;
+    ``before_send(url)`` is called first for every request on the session (the client refuses there
+    when offline: blob GETs of the transfer engine share the session, so they pass there too)."""
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -168,6 +171,10 @@ def watched_adapter(sockets: Sockets):
              "https": type("SecurePool", (HTTPSConnectionPool,), {"ConnectionCls": Secure})}
 
     class Adapter(HTTPAdapter):
+        def send(self, request, *args, **kwargs):
+            before_send(request.url)
+            return super().send(request, *args, **kwargs)
+
         def init_poolmanager(self, *args, **kwargs) -> None:
             super().init_poolmanager(*args, **kwargs)
             self.poolmanager.pool_classes_by_scheme = pools

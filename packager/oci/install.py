@@ -1,0 +1,178 @@
+"""Install, verify and inspect the bundle an image holds, through the bundle reader and
+:mod:`packager.signing` (see :mod:`packager.oci`)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .. import bundle as bundles
+from .. import cache, signing
+from ..errors import OCIError
+from ..formats.image import LayerInfo, bundle_layout, check_header, layer_layout
+from ..formats.volumes import FileSource
+from ..fsutil import reserve_space
+from ..home import hub_dir, tvpack_cache_dir
+from ..transport.oci import RegistryClient
+from ..transport.stream import cancelled_by_interrupt
+from .image import ImageSource
+from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image
+from .staging import rmdir_quietly, unlink_quietly, write_error
+from .staging import staging as staging_dir
+
+# -- inspect and install ------------------------------------------------------------------------------
+def _pieces(image: RemoteImage, data_of: Callable[[str, int], object]) -> list[tuple[int, object]]:
+    """The pieces of the bundle an image holds; ``data_of(path, size)`` gives each checkpoint's data."""
+    pieces: list[tuple[int, object]] = []
+    layout = bundle_layout(((path, image.size_of(path)) for path in image.order), image.mtime)
+    for span in layout:
+        data = image.inline[span.path] if span.path in image.inline else data_of(span.path, span.size)
+        pieces += [(len(span.header), span.header), (span.size, data), (span.padding, bytes(span.padding))]
+    return pieces + [(layout.trailer, bytes(layout.trailer))]
+
+
+def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "bundles.Bundle":
+    """The bundle an image holds, opened without fetching a checkpoint (only the image manifest and the
+    manifest layer): entries, manifest, sizes; reading a checkpoint is an :class:`OCIError`."""
+    image = read_image(ref, client=client, plain_http=plain_http)
+    return bundles.open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
+
+
+class _LazyLayer:
+    """A checkpoint's data in a layer fetched on the first read (install_bundle reads the data of what
+    it installs, and refuses a conflict before reading anything); one fetch at a time, as the
+    registry client serves one thread."""
+
+    def __init__(self, fetch: Callable[[], tuple[FileSource, int]], lock: threading.Lock):
+        self._fetch, self._lock = fetch, lock
+        self._source: FileSource | None = None
+        self._base = 0
+
+    def readinto_at(self, view, offset: int) -> int:
+        if self._source is None:
+            with self._lock:
+                if self._source is None:
+                    self._source, self._base = self._fetch()
+        return self._source.readinto_at(view, self._base + offset)
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+
+
+@contextlib.contextmanager
+def _fetching(image: RemoteImage, client: RegistryClient, hub: Path | None, progress: bool, *,
+              staging_hub: Path | None = None):
+    """An :class:`ImageSource` over ``image``: a checkpoint already under ``hub`` with the right sha256 is read
+    where it is; any other layer is fetched when first read (digest-checked, resumable), its tar checked around
+    the data, into this run's private staging directory under ``staging_hub`` (default ``hub``; see
+    :func:`packager.oci.staging.staging`). Staged layers are removed at the end (kept after an interrupt, for the
+    next run on the image to continue)."""
+    staging_hub = staging_hub if staging_hub is not None else hub
+    with staging_dir(staging_hub, image.reference.digest.split(":")[1],
+                     notify=lambda message: print(f"tvpack: {message}", file=sys.stderr, flush=True)) as staging:
+        with _fetching_into(image, client, staging, hub, progress) as source:
+            yield source
+
+
+@contextlib.contextmanager
+def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hub: Path | None, progress: bool):
+    owned: list = []
+    staged: list[Path] = []
+    lock = threading.Lock()
+    bar = progress_bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
+    where = str(image.reference)
+    cancel = client.cancel  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
+
+    def fetch(path: str, size: int, layer: LayerInfo) -> tuple[FileSource, int]:
+        blob = staging / f"{layer.digest.split(':')[1]}.tar"
+        part = blob.with_name(blob.name + ".part")
+        staged.extend((blob, part))
+        if blob.is_file():  # kept by an interrupted run: pull_blob checks a complete part before a request
+            os.replace(blob, part)
+        try:
+            client.pull_blob(image.reference.repository, layer.digest, blob, size=layer.size, part=part,
+                             on_bytes=bar.update if bar is not None else None, cancel=cancel)
+        except OSError as exc:  # writing the staged layer (reading the registry raises OCIError)
+            unlink_quietly(part)
+            raise write_error(exc, staging) from None
+        source = FileSource(blob)
+        owned.append(source)
+        if image.raw:  # a ModelPack layer is the checkpoint itself, its digest (checked) the checkpoint's sha256
+            return source, 0
+        (span,) = layer_layout([(path, size)]).spans
+        check_header(source.read_at(len(span.header), 0), path, size, where)
+        tail = source.read_at(layer.size - span.data_offset - size, span.data_offset + size)
+        if tail.count(0) != len(tail):
+            raise OCIError(f"{where}: not a tvpack layer: non-zero bytes after {path} in its layer")
+        return source, span.data_offset
+
+    def data_of(path: str, size: int):
+        layer = image.layers[path]
+        dest = hub.joinpath(*path.split("/")[1:]) if hub is not None else None
+        if dest is not None and dest.is_file() and not dest.is_symlink() \
+                and cache.file_sha256(dest) == image.expected[path][1]:
+            if bar is not None:
+                bar.update(layer.size)
+            source = FileSource(dest)  # already there: install_bundle finds it unchanged
+        else:
+            source = _LazyLayer(functools.partial(fetch, path, size, layer), lock)
+            to_fetch.append(layer.size)
+        owned.append(source)
+        return source, 0
+
+    to_fetch: list[int] = []
+    keep = False
+    try:
+        with cancelled_by_interrupt(cancel), ImageSource(where, _pieces(image, data_of)) as source, \
+                reserve_space(staging / "layer", sum(to_fetch)):
+            yield source
+    except KeyboardInterrupt:
+        keep = True
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for source in owned:
+            source.close()
+        if not keep:
+            for blob in staged:
+                unlink_quietly(blob)
+            rmdir_quietly(staging)  # empty unless an adopted run left layers of no use now: prune takes those
+
+
+def install(ref, *, trust=None, torch_home=None, force: bool = False, plain_http: bool = False,
+            progress: bool = False, client: RegistryClient | None = None) -> "signing.SignedInstallReport":
+    """Install the bundle an image holds into ``<hub dir>/checkpoints``, as
+    :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``trust``,
+    then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
+    layers: a checkpoint the cache already holds with the right sha256 is not fetched; any other layer is
+    fetched when install_bundle first reads it (after the signature checks; a conflict it refuses costs no
+    transfer), into this run's staging directory (:func:`packager.oci.staging.staging`); a second install of the same
+    image waits for the first and then finds its files in place."""
+    ref = as_reference(ref)
+    client = client_for(ref, client, plain_http)
+    image = read_image(ref, client=client)
+    hub = hub_dir(torch_home)
+    with _fetching(image, client, hub, progress) as source:
+        return signing.install_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY,
+                                      torch_home=torch_home, force=force, progress=progress)
+
+
+def verify(ref, *, trust=None, plain_http: bool = False, progress: bool = False,
+           client: RegistryClient | None = None) -> "signing.SignedVerifyReport":
+    """:func:`packager.signing.verify_signed` of the bundle an image holds (signatures, structure, every
+    sha256, the weights-only pickle check), its layers fetched into a temporary directory of tvpack's
+    cache and removed afterwards."""
+    ref = as_reference(ref)
+    client = client_for(ref, client, plain_http)
+    image = read_image(ref, client=client)
+    with _fetching(image, client, None, progress, staging_hub=tvpack_cache_dir() / "oci-verify") as source:
+        return signing.verify_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY, progress=progress)
+
+
+__all__ = ["install", "open_image", "verify"]
