@@ -18,12 +18,8 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
-<<<<<<< HEAD
-from .oci import is_oci, plain_http_option
 from .channels import release_line, release_option
-=======
 from .oci import format_option, is_oci, plain_http_option
->>>>>>> main
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -65,13 +61,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @plain_http_option
 @format_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-<<<<<<< HEAD
                all_weights, site_file, split_size, sign_key, cert_chain, channel, sequence, expires, revokes,
-               lock_timeout, as_json, quiet, plain_http):
-=======
-               all_weights, site_file, split_size, sign_key, cert_chain, lock_timeout, as_json, quiet, plain_http,
-               image_format):
->>>>>>> main
+               lock_timeout, as_json, quiet, plain_http, image_format):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
@@ -91,12 +82,9 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     if is_oci(output) and (site_file is not None or split_size is not None):
         raise click.UsageError("--for and --split write files; an OCI image shares layers with what a registry "
                                "already holds instead")
-<<<<<<< HEAD
-    release = release_option(channel, sequence, expires, revokes)
-=======
     if image_format != "image" and not is_oci(output):
         raise click.UsageError("--format is the layout of an image written to -o oci://...")
->>>>>>> main
+    release = release_option(channel, sequence, expires, revokes)
     signer = load_signer(sign_key, cert_chain) if sign_key else None  # before writing: a wrong password fails fast
     part_size = parse_size(split_size) if split_size is not None else None
     site = None
