@@ -181,7 +181,7 @@ def test_sign_appends_in_place_reading_only_headers(bundles, keys, tmp_path, cli
     assert result.signature == sigfmt.signature_path(manifest_id) and result.added == len(after) - len(original)
     assert len(after) % (20 * 512) == 0
     names = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
-    assert names[-1] == result.signature and len(names) == 4
+    assert names[-1] == result.signature and len(names) == 5  # manifest, 2 checkpoints, ML-BOM, signature
     # verify names the signer; JSON too
     ok = cli("verify", path, "--key", keys / "p256.pub")
     assert ok.exit_code == 0 and f"signed by key {signer.signer.fingerprint}" in ok.stdout
@@ -464,6 +464,7 @@ def test_refuses_a_swapped_checkpoint_with_a_consistently_rewritten_manifest(bun
     new_manifest = encode_manifest(document)
     checkpoints = sorted([(n, d) for n, d in members[1:] if n.startswith("hub/checkpoints/") and n != old_path]
                          + [(item["path"], evil)])
+    checkpoints += [(n, d) for n, d in members[1:] if n.startswith("hub/tvpack/sbom/")]  # the ML-BOM, unchanged
     old_sig = [(n, d) for n, d in members if n.startswith(sigfmt.SIGNATURES_DIR)]
     hostile = write_tar(tmp_path / "hostile.tvpack", [(manifest_path_for(new_manifest), new_manifest), *checkpoints,
                                                      *old_sig])

@@ -226,19 +226,26 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
     """
     from ..cache import HubLayout, scan_hub
 
+    from ..channels import revoked_files
+
     hub = scan_hub(HubLayout.of(torch_home), registry=registry, use_registry=not no_registry)
     info = hub.cache
+    revoked = revoked_files(info.hub_dir)  # kept in <hub>/tvpack/revoked/, never loaded
     if as_json:
-        echo_json({**info.to_dict(), **installed_json(hub)})
+        echo_json({**info.to_dict(), **installed_json(hub), "revoked": [r.to_dict() for r in revoked]})
         return
     rows = [[f.name, ",".join(f.weights) or "-", human_bytes(f.size), f.status,
              f.to_dict()["modified"].replace("T", " ")] for f in info.files]
+    rows += [[r.path.name, r.reason, human_bytes(r.size), "revoked", r.record.at.replace("T", " ")] for r in revoked]
     if rows:
         click.echo(table(["file", "weights", "size", "status", "modified"], rows, right=[2]))
         click.echo("")
     counts = ", ".join(f"{n} {s}" for s, n in info.counts().items() if n)
     click.echo(f"{plural(len(info.files), 'file')}, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
                + (f" ({counts})" if counts else ""))
+    if revoked:
+        click.echo(f"{len(revoked)} revoked, {human_bytes(sum(r.size for r in revoked))} kept in "
+                   f"{revoked[0].path.parent} (tvpack cache prune --revoked deletes them)")
     if hub.weights or hub.problems:
         click.echo("")
         echo_installed(hub)
@@ -368,13 +375,17 @@ def _print_removals(removals, dry_run: bool, noun: str) -> None:
 
 @cache_group.command("prune")
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed and the bytes freed.")
+@click.option("--revoked", is_flag=True, help="Also delete the revoked checkpoints kept in <hub>/tvpack/revoked/.")
 @torch_home_option
 @json_option
-def prune_cmd(dry_run, torch_home, as_json):
+def prune_cmd(dry_run, revoked, torch_home, as_json):
     """Remove abandoned partial downloads, temporary files and lock files of runs that died holding them."""
     from ..cache import prune_cache
+    from ..channels import prune_revoked
+    from ..home import hub_dir
 
     removals = prune_cache(torch_home=torch_home, dry_run=dry_run)
+    removals += prune_revoked(hub_dir(torch_home), dry_run=dry_run) if revoked else []
     if as_json:
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
