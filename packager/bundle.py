@@ -32,7 +32,7 @@ from typing import BinaryIO, Iterable, Mapping, Sequence
 
 from . import cache, channels
 from .channels import ReleaseOptions
-from .errors import BundleError, CacheError, OfflineError, UsageError
+from .errors import BundleError, CacheError, OfflineError, SelectorError, UsageError
 from .formats.archive import (
     Member,
     Span,

@@ -326,3 +326,14 @@ def reserve_space(part, needed: int | None):
 __all__ = ["SpaceReservation", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir",
            "group_shared", "hash_file", "human_bytes", "make_dirs", "pid_alive", "remove_stale_temps", "reserve_space",
            "share_with_group", "short_name", "temp_path"]
+
+
+def quiet_for(path: Path, now: float) -> float:
+    """Seconds since anything in directory ``path`` (or the directory itself) changed."""
+    try:
+        times = [path.stat().st_mtime]
+        with os.scandir(path) as entries:
+            times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
+    except OSError:
+        return 0.0
+    return now - max(times)

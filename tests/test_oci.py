@@ -20,9 +20,9 @@ from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
 
 from packager import cache, oci, signing
 from packager.errors import BundleError, CacheError, OCIError
-from packager.fsutil import human_bytes
 from packager.formats import image as I
 from packager.formats.archive import tar_header
+from packager.fsutil import human_bytes
 from packager.transport.oci import OCI_MANIFEST, Policy, RegistryClient, digest_of
 
 B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import ZOO_REGISTRY, need_binary, run_tvpack
 
-B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 from packager import signing
 from packager.transport.oci import Policy, RegistryClient
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -258,10 +258,9 @@ def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca
     split bundle. A channel release (bundle --channel) must be signed by a key trusted for its channel, newer
     than or the same as the channel's release here, and not expired (see `tvpack channels`).
     """
+    from ..channels import ReleaseOptions
     from ..signing import install_signed, trust_policy
     from .oci import install_from_registry
-
-    from ..channels import ReleaseOptions
 
     trust = trust_policy(keys, ca_roots, torch_home=torch_home)
     options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json),

@@ -225,7 +225,6 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
             broken      a dangling symlink (its target is gone)
     """
     from ..cache import HubLayout, scan_hub
-
     from ..channels import revoked_files
 
     hub = scan_hub(HubLayout.of(torch_home), registry=registry, use_registry=not no_registry)

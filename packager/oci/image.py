@@ -13,8 +13,15 @@ from typing import Sequence
 from ..bundle import BundlePlan, open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import MemberFile, TarLayout
-from ..formats.image import DEFAULT_PLATFORM, LAYER_FORMAT, bundle_layout, bundle_order, check_header, layer_layout, \
-    parse_platform
+from ..formats.image import (
+    DEFAULT_PLATFORM,
+    LAYER_FORMAT,
+    bundle_layout,
+    bundle_order,
+    check_header,
+    layer_layout,
+    parse_platform,
+)
 from ..formats.manifest import MANIFEST_NAME, decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from ..formats.volumes import FileSource, open_source
 
@@ -214,7 +221,7 @@ def image_of_plan(plan: "BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=
         for source in sources:
             source.close()
         raise
-    layers.append(_manifest_layer(plan.manifest_bytes, signatures, plan.mtime))
+    layers.append(_manifest_layer(plan.manifest_bytes, [*plan.extra, *signatures], plan.mtime))  # extra: the ML-BOM
     manifest_id = MANIFEST_NAME.fullmatch(plan.manifest_path).group(1)
     return Image(manifest_id, _weights_of(plan.manifest_bytes), tuple(layers), platform, sources)
 
