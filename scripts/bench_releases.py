@@ -48,10 +48,13 @@ def rchar() -> int:
 
 
 def run(work: Path, args) -> int:
-    from packager import bundle as B
+    import importlib
+
     from packager import cache, channels, signing
     from packager.formats.release import Release
     from packager.formats.sbom import add_bom
+
+    B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
     selectors = checkpoints_for(work, args)
     home = work / "home"

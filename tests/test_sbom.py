@@ -3,6 +3,7 @@ validator, covered by signatures (an edit fails verify), ``tvpack sbom`` over a 
 and nothing of it imported by ``list`` / ``fetch --dry-run``."""
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -11,10 +12,11 @@ import sys
 import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 
-from packager import bundle as B
 from packager.formats.manifest import build_manifest
 from packager.formats.sbom import SBOM_DIR, bom_of, build_bom, sbom_path
 from packager.snapshot import describe, resolve
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 
