@@ -8,6 +8,7 @@ import importlib
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,17 @@ def test_push_modelpack_then_pull_install_inspect(registry, made, tmp_path):
     for layer in weights:
         data = blob(client, "models/small", layer["digest"], tmp_path)
         assert data == (made["home"] / layer["annotations"]["org.cncf.model.filepath"]).read_bytes()
-    (config_layer,) = [layer for layer in manifest["layers"] if layer not in weights]
-    assert config_layer["mediaType"] == "application/vnd.cncf.model.weight.config.v1.raw"
-    assert config_layer["annotations"]["org.cncf.model.filepath"] == manifest_path
+    # then the bundle manifest, then the bundle's other members (its ML-BOM): weight-config layers, each its own bytes
+    config_layers = [layer for layer in manifest["layers"] if layer not in weights]
+    assert [layer["mediaType"] for layer in config_layers] == ["application/vnd.cncf.model.weight.config.v1.raw"] * 2
+    assert config_layers[0]["annotations"]["org.cncf.model.filepath"] == manifest_path
+    with tarfile.open(made["small"]) as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+    (bom_path,) = [path for path in members if path.startswith("hub/tvpack/sbom/") and path.endswith(".cdx.json")]
+    assert config_layers[1]["annotations"]["org.cncf.model.filepath"] == bom_path
+    for layer in config_layers:
+        data = blob(client, "models/small", layer["digest"], tmp_path)
+        assert data == members[layer["annotations"]["org.cncf.model.filepath"]]
     config = json.loads(blob(client, "models/small", manifest["config"]["digest"], tmp_path))
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())

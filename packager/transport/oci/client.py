@@ -680,7 +680,8 @@ class RegistryClient:
     def manifest_digest(self, repository: str, reference: str,
                         accept: tuple[str, ...] | list[str] = MANIFEST_MEDIA_TYPES) -> str | None:
         """HEAD a manifest: its digest if the tag or digest exists, else None (a cheap re-push check)."""
-        what = f"oci://{self.host}/{repository}:{reference}"
+        at = "@" if reference.startswith("sha256:") else ":"
+        what = f"oci://{self.host}/{repository}{at}{reference}"
         response = self._request("HEAD", self._url(repository, "manifests", reference), what=what,
                                  repository=repository, headers={"Accept": ", ".join(accept)}, ok=(200, 404))
         response.close()
