@@ -244,6 +244,18 @@ def test_one_line_errors(client, registry, tmp_path):
         assert expected in str(err.value) and "\n" not in err.value.format()
 
 
+def test_manifest_check_names_a_digest_reference_with_an_at(registry):
+    # a failed HEAD of oci://host/repo@sha256:... (push's re-push check) spells it as get_manifest does
+    digest = digest_of(b"{}")
+    down = RegistryClient(f"127.0.0.1:{free_port()}", plain_http=True, policy=FAST)
+    for check in (down.manifest_digest, down.get_manifest):
+        with pytest.raises(OCIError) as err:
+            check("models/zoo", digest)
+        assert f"/models/zoo@{digest}" in str(err.value) and f"zoo:{digest}" not in str(err.value)
+    with pytest.raises(OCIError, match="/models/zoo:v1"):
+        down.manifest_digest("models/zoo", "v1")
+
+
 def free_port() -> int:
     from packager.testing.servers import free_port as port
 
