@@ -244,7 +244,7 @@ def test_one_line_errors(client, registry, tmp_path):
         assert expected in str(err.value) and "\n" not in err.value.format()
 
 
-def test_manifest_check_names_a_digest_reference_with_an_at(registry):
+def test_manifest_check_names_a_digest_reference_with_an_at():
     # a failed HEAD of oci://host/repo@sha256:... (push's re-push check) spells it as get_manifest does
     digest = digest_of(b"{}")
     down = RegistryClient(f"127.0.0.1:{free_port()}", plain_http=True, policy=FAST)
