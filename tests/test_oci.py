@@ -481,6 +481,32 @@ def test_a_pull_in_small_reads_is_byte_identical(registry, made, tmp_path):
     assert out.read_bytes() == made["small"].read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["image", "modelpack"])
+def test_a_pull_with_jobs_1_or_4_gives_the_same_bundle_each_layer_fetched_once(registry, made, tmp_path, fmt):
+    ref = ref_of(registry, tag=fmt)
+    pushed = run_tvpack("push", made["other"], ref, "--format", fmt, "--plain-http", "--json", "-q")
+    assert pushed.returncode == 0, pushed.stderr
+    manifest, _ = client_manifest(registry, "models/small", fmt)
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    assert len(layers) >= 3  # two checkpoints (independent layers to fetch at once), then the bundle manifest...
+    for jobs in ("1", "4"):
+        before = len(registry.requests())
+        out = tmp_path / f"jobs{jobs}.tvpack"
+        pulled = run_tvpack("pull", ref, "-o", out, "--plain-http", "--jobs", jobs, "-q")
+        assert pulled.returncode == 0, pulled.stderr
+        assert out.read_bytes() == made["other"].read_bytes()
+        gets = [path for method, path, status, _ in registry.requests()[before:]
+                if method == "GET" and "/blobs/" in path and status == 200]
+        assert sorted(path.rsplit("/", 1)[-1] for path in gets if path.rsplit("/", 1)[-1] in layers) == sorted(
+            layers)  # every layer fetched exactly once
+    assert run_tvpack("pull", ref, "-o", tmp_path / "x", "--jobs", "0", "--plain-http").returncode == 2
+
+
+def client_manifest(reg, repository: str, tag: str) -> tuple[dict, RegistryClient]:
+    client = RegistryClient(reg.host, plain_http=True, policy=FAST)
+    return json.loads(client.get_manifest(repository, tag).data), client
+
+
 def test_an_interrupted_pull_is_continued_by_the_next(registry, made, tmp_path):
     oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
     out = tmp_path / "out" / "small.tvpack"

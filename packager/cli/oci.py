@@ -123,11 +123,13 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_for
 @click.argument("reference", metavar="oci://HOST/REPO[:TAG|@DIGEST]")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               callback=output_file_callback, help="The bundle to write (replaced atomically).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Layers fetched at once.")
 @plain_http_option
 @json_option
 @quiet_option
 @registry_options
-def pull_cmd(reference, output, plain_http, as_json, quiet, **network):
+def pull_cmd(reference, output, jobs, plain_http, as_json, quiet, **network):
     """Pull an image pushed by tvpack back into a bundle file, byte for byte the bundle pushed.
 
     Every layer's digest, its tar and each checkpoint's sha256 are checked as they stream in;
@@ -137,7 +139,7 @@ def pull_cmd(reference, output, plain_http, as_json, quiet, **network):
 
     _check_reference(reference)
     report = pull(reference, output, plain_http=plain_http, progress=progress_enabled(quiet or as_json),
-                  client=registry_client(reference, plain_http=plain_http, **network))
+                  client=registry_client(reference, plain_http=plain_http, **network), jobs=jobs)
     if as_json:
         echo_json(report.to_dict())
         return

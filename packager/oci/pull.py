@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
 from ..transport.oci import RegistryClient
+from ..transport.stream import cancelled_by_interrupt
 from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
 from .staging import unlink_quietly, write_error
 
@@ -112,7 +114,8 @@ class _RawWriter(_LayerWriter):
         self.pos += len(data)
 
 
-def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar, raw: bool = False) -> str:
+def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar, raw: bool = False,
+                  update=None, cancel=None) -> str:
     """One checkpoint layer streamed into its member of the bundle being written; the checkpoint's sha256."""
     kind = _RawWriter if raw else _LayerWriter
     writers = [kind(fd, span, where)]
@@ -123,21 +126,23 @@ def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: st
 
     try:
         stream_blob(client, repository, layer.digest, lambda data: writers[-1].write(data), restart=restart,
-                    size=layer.size, on_bytes=bar.update if bar is not None else None)
+                    size=layer.size, on_bytes=update or (bar.update if bar is not None else None), cancel=cancel)
     finally:
         writers[-1].close()
     return writers[-1].finish()
 
 
 def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
-         client: RegistryClient | None = None) -> PullReport:
+         client: RegistryClient | None = None, jobs: int = 4) -> PullReport:
     """Write the bundle an image holds to ``output`` (a temp file beside it, renamed when complete and
     checked): byte for byte the bundle that was pushed. Every layer is checked as it streams in (its
     digest, its tar, the checkpoint's sha256 against the bundle manifest); nothing is left on failure.
 
     An interrupted pull (Ctrl-C, SIGTERM) keeps its temp file; the next pull of the same image to the same
     ``output`` takes it over and fetches only the layers whose checkpoint is not already there in full
-    (each one re-hashed and compared with the bundle manifest before it counts)."""
+    (each one re-hashed and compared with the bundle manifest before it counts).
+
+    Up to ``jobs`` layers are fetched at once, each written at its own offsets of the temp file."""
     ref = as_reference(ref)
     client = client_for(ref, client, plain_http)
     # 1. the image manifest and its manifest layer, checked: where every member of the bundle goes
@@ -155,6 +160,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         # 3. each member at its place, then the end of the archive
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if adopted else os.O_EXCL), 0o644)
         try:
+            missing = []
             for span in layout:
                 if span.path in image.inline:
                     _write_at(fd, span.header + image.inline[span.path] + bytes(span.padding), span.offset)
@@ -162,7 +168,8 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
                     if bar is not None:
                         bar.update(image.layers[span.path].size)
                 else:
-                    _pull_layer(fd, span, image, client, bar)
+                    missing.append(span)
+            _pull_layers(fd, missing, image, client, bar, jobs)
             _write_at(fd, bytes(layout.trailer), layout.end)
             os.ftruncate(fd, layout.size)
             os.fsync(fd)
@@ -201,11 +208,38 @@ def _temp_file(output: Path, image: RemoteImage) -> tuple[Path, bool]:
     return (tmp, True) if tmp is not None else (temp_path(output, suffix), False)
 
 
-def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar) -> None:
+def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jobs: int) -> None:
+    """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets).
+    Ctrl-C (or SIGTERM) sets the client's :class:`Cancel`, which stops every transfer on the pool's threads;
+    the first failure cancels the others and is the one raised."""
+    if len(spans) <= 1 or jobs <= 1:
+        for span in spans:
+            _pull_layer(fd, span, image, client, bar)
+        return
+    cancel = client.cancel
+    lock = threading.Lock()
+    update = None if bar is None else lambda n: _locked(lock, bar.update, n)
+    with cancelled_by_interrupt(cancel), ThreadPoolExecutor(max_workers=jobs,
+                                                            thread_name_prefix="tvpack-oci-pull") as pool:
+        futures = [pool.submit(_pull_layer, fd, span, image, client, bar, update, cancel) for span in spans]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            cancel.cancel()  # the others stop at their next read; the pool waits for them before this unwinds
+            raise
+
+
+def _locked(lock: threading.Lock, call, n: int) -> None:
+    with lock:
+        call(n)
+
+
+def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar, update=None, cancel=None) -> None:
     """One checkpoint's layer streamed into its place in ``fd``: digest, tar and the checkpoint's sha256 checked."""
     where = str(image.reference)
     layer = image.layers[span.path]
-    sha = _stream_layer(client, image.reference.repository, layer, fd, span, where, bar, image.raw)
+    sha = _stream_layer(client, image.reference.repository, layer, fd, span, where, bar, image.raw, update, cancel)
     if sha != layer.sha256:
         raise OCIError(f"{where}: {span.path} refused: its sha256 is {sha}, the bundle manifest says {layer.sha256}")
 
