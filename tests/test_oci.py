@@ -513,7 +513,7 @@ def test_an_interrupted_pull_is_continued_by_the_next(registry, made, tmp_path):
     checkpoints = {layer["digest"] for layer in image_manifest(registry)["layers"]
                    if layer["annotations"][I.A_PATH].startswith("hub/checkpoints/")}
 
-    class StopsAfterOneLayer(RegistryClient):
+    class StopsAfterOneLayer(RegistryClient):  # one layer in full, then Ctrl-C (jobs=1: in that order)
         streamed: list[str] = []
 
         def stream_blob(self, repository, digest, sink, **kwargs):
@@ -524,7 +524,7 @@ def test_an_interrupted_pull_is_continued_by_the_next(registry, made, tmp_path):
             return super().stream_blob(repository, digest, sink, **kwargs)
 
     with pytest.raises(KeyboardInterrupt):
-        oci.pull(ref_of(registry), out, client=StopsAfterOneLayer(registry.host, plain_http=True))
+        oci.pull(ref_of(registry), out, client=StopsAfterOneLayer(registry.host, plain_http=True), jobs=1)
     (kept,) = out.parent.iterdir()
     assert kept.name.startswith(".small.tvpack.") and kept.name.endswith(".tvpack-pull") and not out.exists()
     gets = len(blob_gets(registry))
@@ -537,7 +537,7 @@ def test_an_interrupted_pull_is_continued_by_the_next(registry, made, tmp_path):
     out.unlink()
     StopsAfterOneLayer.streamed.clear()
     with pytest.raises(KeyboardInterrupt):
-        oci.pull(ref_of(registry), out, client=StopsAfterOneLayer(registry.host, plain_http=True))
+        oci.pull(ref_of(registry), out, client=StopsAfterOneLayer(registry.host, plain_http=True), jobs=1)
     (kept,) = out.parent.iterdir()
     at = kept.stat().st_size - 2000  # inside the checkpoint written last (its padding is under 512 bytes)
     with open(kept, "r+b") as f:
