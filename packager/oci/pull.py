@@ -15,6 +15,7 @@ from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
 from ..transport.oci import RegistryClient
+from ..transport.oci.mirrors import MirroredClient
 from ..transport.stream import cancelled_by_interrupt
 from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
 from .staging import unlink_quietly, write_error
@@ -212,22 +213,39 @@ def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jo
     """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets).
     Ctrl-C (or SIGTERM) sets the client's :class:`Cancel`, which stops every transfer on the pool's threads;
     the first failure cancels the others and is the one raised."""
-    if len(spans) <= 1 or jobs <= 1:
+    if len(spans) <= 1 or jobs <= 1 or type(client) not in (RegistryClient, MirroredClient):  # a caller's own: as is
         for span in spans:
             _pull_layer(fd, span, image, client, bar)
         return
     cancel = client.cancel
     lock = threading.Lock()
     update = None if bar is None else lambda n: _locked(lock, bar.update, n)
+    local = threading.local()
+
+    def one(span: Span) -> None:  # a client is not thread-safe: one per worker, sharing the Cancel
+        if not hasattr(local, "client"):
+            local.client = _sibling(client)
+        _pull_layer(fd, span, image, local.client, bar, update, cancel)
+
     with cancelled_by_interrupt(cancel), ThreadPoolExecutor(max_workers=jobs,
                                                             thread_name_prefix="tvpack-oci-pull") as pool:
-        futures = [pool.submit(_pull_layer, fd, span, image, client, bar, update, cancel) for span in spans]
+        futures = [pool.submit(one, span) for span in spans]
         try:
             for future in as_completed(futures):
                 future.result()
         except BaseException:
             cancel.cancel()  # the others stop at their next read; the pool waits for them before this unwinds
             raise
+
+
+def _sibling(client):
+    """A client like ``client`` (host, credentials, policy, offline, notices, Cancel) with its own session."""
+    if isinstance(client, MirroredClient):
+        return MirroredClient(client.repository, [(e, _sibling(c)) for e, c in client.endpoints], client.notify)
+    auth = client.auth
+    credentials = auth.credentials or (True if getattr(auth, "_files", False) else None)
+    return RegistryClient(client.host, plain_http=client.plain_http, credentials=credentials, policy=client.policy,
+                          offline=client.offline, notify=client.notify, cancel=client.cancel)
 
 
 def _locked(lock: threading.Lock, call, n: int) -> None:
