@@ -15,7 +15,6 @@ from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
 from ..transport.oci import RegistryClient
-from ..transport.oci.mirrors import MirroredClient
 from ..transport.stream import cancelled_by_interrupt
 from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
 from .staging import unlink_quietly, write_error
@@ -213,7 +212,9 @@ def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jo
     """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets).
     Ctrl-C (or SIGTERM) sets the client's :class:`Cancel`, which stops every transfer on the pool's threads;
     the first failure cancels the others and is the one raised."""
-    if len(spans) <= 1 or jobs <= 1 or type(client) not in (RegistryClient, MirroredClient):  # a caller's own: as is
+    # through mirrors (registries.conf), one at a time: a mirror given up on is skipped once, with one notice;
+    # a caller's own client class is used as it is
+    if len(spans) <= 1 or jobs <= 1 or type(client) is not RegistryClient:
         for span in spans:
             _pull_layer(fd, span, image, client, bar)
         return
@@ -240,8 +241,6 @@ def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jo
 
 def _sibling(client):
     """A client like ``client`` (host, credentials, policy, offline, notices, Cancel) with its own session."""
-    if isinstance(client, MirroredClient):
-        return MirroredClient(client.repository, [(e, _sibling(c)) for e, c in client.endpoints], client.notify)
     auth = client.auth
     credentials = auth.credentials or (True if getattr(auth, "_files", False) else None)
     return RegistryClient(client.host, plain_http=client.plain_http, credentials=credentials, policy=client.policy,
