@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """OCI registry benchmarks: tvpack push / pull against ``skopeo copy`` of the same image, measured in one run.
 
-    python scripts/bench_oci.py [--size-gb 1.3] [--files 4] [--repeat 3] [--keep]
+    python scripts/bench_oci.py [--size-gb 1.3] [--files 4] [--repeat 3] [--jobs 4] [--keep]
 
 Synthesizes a ~1.3 GB bundle (the checkpoints of scripts/bench_bundle.py) and runs the CNCF distribution
 registry (Debian's docker-registry) on loopback. Whole processes are timed, page cache warm, ``sync`` before
@@ -34,7 +34,9 @@ MiB = 1 << 20
 
 
 def main() -> int:
-    args = data_arguments(__doc__.splitlines()[0]).parse_args()
+    parser = data_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=4, help="tvpack pull --jobs (layers fetched at once)")
+    args = parser.parse_args()
     for tool in ("docker-registry", "skopeo"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed (apt-get install docker-registry skopeo)")
@@ -105,7 +107,7 @@ def run(work: Path, args) -> int:
         times = {"tvpack": [], "skopeo": []}
         for _ in range(args.repeat):
             rm(pulled)
-            times["tvpack"].append(timed_child(tvpack("pull", ref, "-o", pulled), env))
+            times["tvpack"].append(timed_child(tvpack("pull", ref, "-o", pulled, "--jobs", args.jobs), env))
             rm(pulled_layout)
             times["skopeo"].append(timed_child(["skopeo", "copy", "-q", "--src-tls-verify=false",
                                                 f"docker://{reg.host}/bench/models:v1", f"oci:{pulled_layout}:v1"],
