@@ -873,6 +873,6 @@ def test_sigterm_during_bundle_removes_its_temp_file(tmp_path):
     wait_for(lambda: any(out.parent.iterdir()) or proc.poll() is not None, what="the bundle's temp file")
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     assert list(out.parent.iterdir()) == [], "the temp file of the interrupted bundle was left behind"

@@ -280,7 +280,7 @@ def test_a_lock_never_released_does_not_hang_fetch(mirror_server, torch_home, mo
         worker = threading.Thread(target=lambda: done.append(cache.fetch(
             refs=[ref], mirrors=[mirror_server.url], upstream=False)))
         worker.start()
-        worker.join(timeout=30)
+        worker.join(timeout=180)
         assert done and hashlib.sha256(done[0][0].read_bytes()).hexdigest() == ref.sha256
     finally:
         held.release(force=True)
