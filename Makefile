@@ -8,14 +8,14 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test demo bench sweep lint clean system-deps
+.PHONY: install test demo bench sweep lint clean system-deps docs docs-build
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,docs]'
 	touch $(STAMP)
 
 # nginx for the mirror tests (moto's S3 server comes with the test extra); the CNCF distribution registry,
@@ -27,8 +27,17 @@ system-deps:
 	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing=1; done; \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
-test: install system-deps
+# the docs site is built with --strict (a broken link or a page left out of the nav fails); tests/test_docs.py
+# runs every command block of README.md and docs/*.md as written
+test: install system-deps docs-build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+docs-build: install
+	$(PY) -m mkdocs build --strict -q
+
+# serve the docs site at http://127.0.0.1:8000 (reloads on edit)
+docs: install
+	$(PY) -m mkdocs serve
 
 demo: install
 	$(PY) scripts/demo.py

@@ -5,6 +5,7 @@ torchvision a working offline cache::
 
     hub/tvpack/manifests/<id>.json     first member: JSON manifest, id = sha256(manifest)[:16]
     hub/checkpoints/<basename(url)>    each checkpoint, byte-identical to the downloaded file
+    hub/tvpack/sbom/<sha[:16]>.cdx.json   the CycloneDX ML-BOM (formats/sbom.py), listed in the manifest
     hub/tvpack/signatures/<id>[.<label>].sig   OMS signatures, if any (made after the manifest: see signing.py)
 
 Writing is deterministic (members sorted, mtime from ``SOURCE_DATE_EPOCH`` or 0, uid/gid 0, no
@@ -22,13 +23,15 @@ files with ``weights_only=False``, so a poisoned pickle would run code there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Iterable, Mapping, Sequence
 
-from . import cache
+from . import cache, channels
+from .channels import ReleaseOptions
 from .errors import BundleError, CacheError, OfflineError, SelectorError, UsageError
 from .formats.archive import (
     Member,
@@ -57,6 +60,8 @@ from .formats.manifest import (
     parse_manifest,
     site_files,
 )
+from .formats.release import Release
+from .formats.sbom import add_bom
 from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
 from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
@@ -100,8 +105,6 @@ class InstallReport:
         return {"bundle": str(self.bundle), "manifest": str(self.manifest),
                 "files": [{"path": str(p.path), "status": p.status, "size": p.size, "weights": list(p.weights)}
                           for p in self.files]}
-
-
 
 
 # -- the archive of a bundle ---------------------------------------------------------------------------
@@ -163,7 +166,6 @@ class _Archive(TarArchive):
             self.fail(f"signature {member.path!r} of {member.size} bytes is implausibly large")
         if len(self.signatures) >= MAX_SIGNATURES:
             self.fail(f"more than {MAX_SIGNATURES} signatures")
-
 
 
 def _check_member_pickle(archive: _Archive, member: Member) -> None:
@@ -372,145 +374,195 @@ def _stage_file(dest: Path) -> tuple[Path, int]:
     return tmp, fd
 
 
-def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
-                   check=None) -> InstallReport:
-    """Verify a bundle and place its files under the hub directory; see :func:`install`.
-    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse.
+@dataclass(frozen=True)
+class FileStep:
+    """What install does with one archive member: ``action`` is install, unchanged, repaired or replaced."""
 
-    All or nothing as :func:`packager.loader.load_model` sees it: every new file, the manifest
-    included, is written and fsynced under a temporary name first (a full disk fails here, before
-    any final name changes), then the checkpoints are renamed into place and the manifest last;
-    if a rename fails, the files placed so far are put back as they were.
+    member: Member
+    dest: Path
+    action: str
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """Everything install decided before reading any payload byte (step 1); the steps after it only carry it out."""
+
+    hub: Path
+    files: tuple[FileStep, ...]  # the archive's checkpoints, in archive order
+    present: tuple[tuple[str, Path], ...]  # a delta bundle's checkpoints found at the site: (archive path, file)
+    manifest_dest: Path
+    weights_of: Mapping[str, tuple[str, ...]]  # archive path -> the weights that use it
+    signers: tuple | None = None  # the valid signatures the check found (formats.signature.Verified), if it ran
+    extras: tuple[Member, ...] = ()  # small tvpack members (the ML-BOM): staged as the manifest is
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """Step 3's result: the temp files written, each under its final directory, none yet under its final name."""
+
+    checkpoints: tuple[tuple[FileStep, Path | None], ...]  # temp file, None when unchanged
+    moves: tuple[tuple[Path, Path], ...]  # (destination, temp file), in placing order: the manifest last
+
+
+def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
+                   check=None, release: ReleaseOptions | None = None) -> InstallReport:
+    """Verify a bundle and place its files under the hub directory; see :func:`install`.
+    ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse, and may
+    return the valid signatures it found (the release checks need to know who signed).
+
+    The steps: 0. ``check``; 1. plan (:func:`_plan_install`: every decision, refusals of conflicts and of a delta
+    bundle's missing site files); 2. release checks (:func:`packager.channels.check_install`: no revoked checkpoint comes back; a
+    channel release passes its channel's rules, ``release`` holding the operator's overrides); 3. stage (:func:`_stage_install`: every new file,
+    the manifest included, written and fsynced under a temporary name, every sha256 and the weights-only pickle
+    check; a full disk fails here, before any final name changes); 4. place (:func:`_place`: the checkpoints
+    renamed into place and the manifest last; if a rename fails, the files placed so far are put back as they
+    were); 5. record (:func:`_record_install`: the verification index; then the channel record and the
+    revocations, :func:`packager.channels.commit_release`). All or nothing as
+    :func:`packager.loader.load_model` sees it.
     """
     archive = _open_archive(path)
     temps: list[Path] = []
-    space = contextlib.ExitStack()
     try:
-        if check is not None:
-            check(Bundle(_path_of(path), archive))
-        hub = _hub_dir(torch_home)
-        weights_of: dict[str, list[str]] = {}
-        for entry in archive.entries:
-            weights_of.setdefault(entry.path, []).append(entry.name)
-        # 0. a delta bundle: what it expects at the site must be there, exactly, before anything is written
-        present = _check_site(archive, hub)
-        # 1. decide per file (refuse conflicts before writing anything)
-        plan = []
-        for member in archive.payload:
-            dest = _destination(hub, member.path)
-            expected = archive.expected[member.path][1]
-            action = "install"
-            if dest.is_symlink() or dest.exists():
-                if dest.is_dir() and not dest.is_symlink():
-                    raise BundleError(f"cannot install {dest}: a directory is in the way")
-                current = _current_sha(dest)
-                if current == expected:
-                    action = "unchanged"
-                elif _proves_corrupt(dest, current):
-                    action = "repaired"  # damaged by its own name's hash: nothing of value is lost
-                elif not force:
-                    raise BundleError(_conflict(dest, current, expected))
-                else:
-                    action = "replaced"
-            plan.append((member, dest, action))
-        # 2. one pass over the payload: hash everything, write what is new into temp files (refused at once when
-        # the file system cannot hold them beside what is there: the old copy of a replaced file goes last)
-        needed = sum(member.size for member, _dest, action in plan if action != "unchanged")
-        space.enter_context(reserve_space(hub / "checkpoints" / "new", needed + len(archive.manifest_bytes)
-                                          + sum(m.size for m in archive.signatures)))
-        for _member, dest, action in plan:
-            if action != "unchanged":
-                _makedirs(dest.parent)
-
-        def stage(member: Member, dest: Path, action: str, pool) -> tuple[Path | None, str]:
-            if action == "unchanged":
-                return None, archive.hash_member(member, pool, bar=bar)
-            tmp, fd = _stage_file(dest)
-            temps.append(tmp)
-            try:
-                digest = archive.hash_member(member, pool, sink=fd, bar=bar)
-                os.fsync(fd)  # the bytes are on disk before any name points at them
-                return tmp, digest
-            except OSError as exc:
-                raise CacheError(f"cannot write {dest}: {exc.strerror or exc}") from None
-            finally:
-                os.close(fd)
-
-        bar = _progress(progress, sum(m.size for m in archive.payload), "install")
-        try:
-            outcomes = each_member(plan, stage)
-        finally:
-            if bar is not None:
-                bar.close()
-        staged = [(member, dest, action, tmp) for (member, dest, action), (tmp, _sha) in zip(plan, outcomes)]
-        _refuse_mismatches(archive, ((member, sha) for (member, _d, _a), (_t, sha) in zip(plan, outcomes)))
-        # 3. every checkpoint must load weights-only before anything gets its final name
-        for member, _dest, _action, tmp in staged:
-            if is_checkpoint_path(member.path):
-                if tmp is not None:
-                    check_checkpoint(str(tmp), member.path)
-                else:
-                    _check_member_pickle(archive, member)
-        # 4. the manifest, staged too: a full disk fails now, with nothing placed yet
-        manifest_dest = _destination(hub, archive.manifest_path)
-        _makedirs(manifest_dest.parent)
-        manifest_tmp = None
-        if not (manifest_dest.is_file() and manifest_dest.read_bytes() == archive.manifest_bytes):
-            manifest_tmp, fd = _stage_file(manifest_dest)
-            temps.append(manifest_tmp)
-            try:
-                write_all(fd, memoryview(archive.manifest_bytes))
-                os.fsync(fd)
-            except OSError as exc:
-                raise CacheError(f"cannot write the bundle manifest {manifest_dest}: {exc.strerror or exc}") from None
-            finally:
-                os.close(fd)
-        # its signatures go beside it (packager.signing checks them against it), staged the same way
-        signature_moves = [move for move in (_stage_signature(archive, member, hub, temps)
-                                             for member in archive.signatures) if move is not None]
-        # 5. place: checkpoints first, the manifest last (the loader trusts what it lists)
-        _place([(dest, tmp) for _m, dest, _a, tmp in staged if tmp is not None] + signature_moves
-               + ([(manifest_dest, manifest_tmp)] if manifest_tmp is not None else []), temps)
-        cache.record_install(hub, manifest_dest.stem)  # this manifest is now current for its weights (even unchanged)
-        first_entry = {}
-        for entry in archive.entries:
-            first_entry.setdefault(entry.path, entry)
-        placed = []
-        for member, dest, action, _tmp in staged:
-            entry = first_entry.get(member.path)
-            cache.record_verified(dest, archive.expected[member.path][1], weights=entry and entry.name,
-                                  url=entry and entry.url)
-            placed.append(Placed(dest, "installed" if action == "install" else action, member.size,
-                                 tuple(weights_of.get(member.path, ()))))
-        for member_path, dest in present:
-            entry = first_entry[member_path]
-            cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
-            placed.append(Placed(dest, "present", entry.size, tuple(weights_of[member_path])))
-        return InstallReport(_path_of(path), manifest_dest, tuple(placed))
+        with contextlib.ExitStack() as held:
+            signers = check(Bundle(_path_of(path), archive)) if check is not None else None  # 0
+            plan = _plan_install(archive, _hub_dir(torch_home), force, signers)  # 1
+            decision = channels.check_install(plan.hub, archive.manifest, archive.manifest_id,  # 2
+                                              {**archive.expected, **archive.site_files}, plan.signers,
+                                              release or ReleaseOptions(), held)
+            staged = _stage_install(archive, plan, temps, held, progress)  # 3
+            _place(list(staged.moves), temps)  # 4
+            placed = _record_install(archive, plan, staged)  # 5
+            if decision is not None:
+                channels.commit_release(plan.hub, decision)
+            cache.record_install(plan.hub, plan.manifest_dest.stem)  # now current for its weights (even unchanged)
+            return InstallReport(_path_of(path), plan.manifest_dest, placed)
     finally:
         for tmp in temps:
             _unlink(tmp)
-        space.close()
         archive.source.close()
 
 
-def _stage_signature(archive: _Archive, member: Member, hub: Path, temps: list[Path]) -> tuple[Path, Path] | None:
-    """A signature member written under a temp name beside its destination; None when the same bytes are there."""
-    dest = _destination(hub, member.path)
-    data = archive._read(member.offset, member.size)
+def _plan_install(archive: _Archive, hub: Path, force: bool, signers) -> InstallPlan:
+    """Step 1: decide per file, refusing conflicts (and a delta bundle's missing site files) before any write."""
+    weights_of: dict[str, list[str]] = {}
+    for entry in archive.entries:
+        weights_of.setdefault(entry.path, []).append(entry.name)
+    present = _check_site(archive, hub)
+    steps = []
+    for member in (m for m in archive.payload if is_checkpoint_path(m.path)):
+        dest = _destination(hub, member.path)
+        expected = archive.expected[member.path][1]
+        action = "install"
+        if dest.is_symlink() or dest.exists():
+            if dest.is_dir() and not dest.is_symlink():
+                raise BundleError(f"cannot install {dest}: a directory is in the way")
+            current = _current_sha(dest)
+            if current == expected:
+                action = "unchanged"
+            elif _proves_corrupt(dest, current):
+                action = "repaired"  # damaged by its own name's hash: nothing of value is lost
+            elif not force:
+                raise BundleError(_conflict(dest, current, expected))
+            else:
+                action = "replaced"
+        steps.append(FileStep(member, dest, action))
+    return InstallPlan(hub, tuple(steps), tuple(present), _destination(hub, archive.manifest_path),
+                       {path: tuple(names) for path, names in weights_of.items()},
+                       tuple(signers) if signers is not None else None,
+                       tuple(m for m in archive.payload if not is_checkpoint_path(m.path)))
+
+
+def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held: contextlib.ExitStack,
+                   progress: bool) -> _Staged:
+    """Step 3: one pass over the payload hashes everything and writes what is new into temp files (refused at once
+    when the file system cannot hold them beside what is there: the old copy of a replaced file goes last); every
+    checkpoint must load weights-only; then the manifest and its signatures are staged the same way."""
+    needed = sum(step.member.size for step in plan.files if step.action != "unchanged")
+    held.enter_context(reserve_space(plan.hub / "checkpoints" / "new", needed + len(archive.manifest_bytes)
+                                     + sum(m.size for m in (*archive.signatures, *plan.extras))))
+    for step in plan.files:
+        if step.action != "unchanged":
+            _makedirs(step.dest.parent)
+
+    def stage(step: FileStep, pool) -> tuple[Path | None, str]:
+        if step.action == "unchanged":
+            return None, archive.hash_member(step.member, pool, bar=bar)
+        tmp, fd = _stage_file(step.dest)
+        temps.append(tmp)
+        try:
+            digest = archive.hash_member(step.member, pool, sink=fd, bar=bar)
+            os.fsync(fd)  # the bytes are on disk before any name points at them
+            return tmp, digest
+        except OSError as exc:
+            raise CacheError(f"cannot write {step.dest}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    bar = _progress(progress, sum(step.member.size for step in plan.files), "install")
+    try:
+        outcomes = each_member([(step,) for step in plan.files], stage)
+    finally:
+        if bar is not None:
+            bar.close()
+    _refuse_mismatches(archive, ((step.member, sha) for step, (_t, sha) in zip(plan.files, outcomes)))
+    staged = tuple((step, tmp) for step, (tmp, _sha) in zip(plan.files, outcomes))
+    for step, tmp in staged:  # every checkpoint must load weights-only before anything gets its final name
+        if is_checkpoint_path(step.member.path):
+            if tmp is not None:
+                check_checkpoint(str(tmp), step.member.path)
+            else:
+                _check_member_pickle(archive, step.member)
+    manifest_tmp = _stage_bytes(plan.manifest_dest, archive.manifest_bytes, temps, "the bundle manifest")
+    # its signatures go beside it (packager.signing checks them against it), staged the same way
+    signature_moves = []  # the extra members (their sha256 checked here) and the signatures, beside the manifest
+    for member in (*plan.extras, *archive.signatures):
+        dest, data = _destination(plan.hub, member.path), archive._read(member.offset, member.size)
+        if member in plan.extras and hashlib.sha256(data).hexdigest() != archive.expected[member.path][1]:
+            archive.fail(f"sha256 mismatch for {member.path!r} (the archive is corrupt or altered)",
+                         spans=[(member.offset, member.offset + member.size)])
+        tmp = _stage_bytes(dest, data, temps, "the bundle member")
+        if tmp is not None:
+            signature_moves.append((dest, tmp))
+    # placing order: checkpoints first, the manifest last (the loader trusts what it lists)
+    moves = [(step.dest, tmp) for step, tmp in staged if tmp is not None] + signature_moves \
+        + ([(plan.manifest_dest, manifest_tmp)] if manifest_tmp is not None else [])
+    return _Staged(staged, tuple(moves))
+
+
+def _stage_bytes(dest: Path, data: bytes, temps: list[Path], what: str) -> Path | None:
+    """``data`` written and fsynced under a temp name beside ``dest``; None when ``dest`` already holds it."""
+    _makedirs(dest.parent)
     if dest.is_file() and not dest.is_symlink() and dest.read_bytes() == data:
         return None
-    _makedirs(dest.parent)
     tmp, fd = _stage_file(dest)
     temps.append(tmp)
     try:
         write_all(fd, memoryview(data))
         os.fsync(fd)
     except OSError as exc:
-        raise CacheError(f"cannot write the signature {dest}: {exc.strerror or exc}") from None
+        raise CacheError(f"cannot write {what} {dest}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    return dest, tmp
+    return tmp
+
+
+def _record_install(archive: _Archive, plan: InstallPlan, staged: _Staged) -> tuple[Placed, ...]:
+    """Step 5: the verification index learns every file placed or found; the report says what happened to each."""
+    first_entry = {}
+    for entry in archive.entries:
+        first_entry.setdefault(entry.path, entry)
+    placed = []
+    for step, _tmp in staged.checkpoints:
+        entry = first_entry.get(step.member.path)
+        cache.record_verified(step.dest, archive.expected[step.member.path][1], weights=entry and entry.name,
+                              url=entry and entry.url)
+        placed.append(Placed(step.dest, "installed" if step.action == "install" else step.action, step.member.size,
+                             plan.weights_of.get(step.member.path, ())))
+    for member_path, dest in plan.present:
+        entry = first_entry[member_path]
+        cache.record_verified(dest, entry.sha256, weights=entry.name, url=entry.url)
+        placed.append(Placed(dest, "present", entry.size, plan.weights_of[member_path]))
+    return tuple(placed)
 
 
 def _place(moves: list[tuple[Path, Path]], temps: list[Path]) -> None:
@@ -589,13 +641,8 @@ def _check_site(archive: _Archive, hub: Path) -> list[tuple[str, Path]]:
 
 
 def install(path, *, torch_home=None, force: bool = False, progress: bool = False) -> list[Path]:
-    """Install a bundle into ``<hub dir>/checkpoints`` (``torch_home``: as ``--torch-home``).
-
-    Verifies first (structure, every sha256, the weights-only pickle check), then places each
-    checkpoint atomically (temp file + rename), skips files already there with the same sha256,
-    refuses to replace a different file unless ``force``, records the verification index and keeps
-    the manifest under ``<hub dir>/tvpack/manifests/``. Returns the checkpoint paths.
-    """
+    """Install a bundle into ``<hub dir>/checkpoints`` (``torch_home``: as ``--torch-home``), as
+    :func:`install_bundle` does; returns the paths of the files placed or found."""
     report = install_bundle(path, torch_home=torch_home, force=force, progress=progress)
     return [placed.path for placed in report.files]
 
@@ -612,7 +659,6 @@ def _makedirs(path: Path) -> None:
         make_dirs(path)  # shared with the group where the cache is (a team's setgid TORCH_HOME)
     except OSError as exc:
         raise BundleError(f"cannot create {path}: {exc.strerror or exc}") from None
-
 
 
 def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list[WeightsRef]:
@@ -639,6 +685,7 @@ class BundlePlan:
     files: tuple[tuple[str, Path, int, str], ...]  # (archive path, cached file, size, sha256), sorted: carried
     mtime: int  # of every member (SOURCE_DATE_EPOCH or 0)
     at_site: tuple[tuple[str, int, str], ...] = ()  # (archive path, size, sha256): a delta bundle's, not carried
+    extra: tuple[tuple[str, bytes], ...] = ()  # small tvpack members (the ML-BOM), after the checkpoints
 
     @property
     def manifest_path(self) -> str:
@@ -648,16 +695,18 @@ class BundlePlan:
     def listed(self) -> dict[str, tuple[int, str]]:
         """{archive path: (size, sha256)} of every file the manifest lists, carried or not: what a signature covers."""
         return dict(sorted([*((a, (size, sha)) for a, _p, size, sha in self.files),
-                            *((a, (size, sha)) for a, size, sha in self.at_site)]))
+                            *((a, (size, sha)) for a, size, sha in self.at_site),
+                            *((a, (len(data), hashlib.sha256(data).hexdigest())) for a, data in self.extra)]))
 
 
 def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
                 all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
                 mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
                 offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-                progress: bool = False, site=None) -> BundlePlan:
+                progress: bool = False, site=None, release: Release | None = None) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
-    with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks."""
+    with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
+    a release of a channel (the manifest's ``"release"``)."""
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -681,18 +730,23 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
     infos = describe(selected, registry=registry)
     manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
                               at_site=at_site)
+    if release is not None:
+        manifest["release"] = release.checked_against({sha for _path, _size, sha in files.values()}).to_dict()
+    bom = add_bom(manifest, source_date_epoch())  # the ML-BOM, listed in the manifest: every signature covers it
     unique = sorted({(f"{CHECKPOINT_DIR}/{p.name}", p, size, sha) for p, size, sha in files.values()
                      if p.name not in at_site})
     expected = sorted({(f"{CHECKPOINT_DIR}/{p.name}", size, sha) for p, size, sha in files.values()
                        if p.name in at_site})
-    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch(), tuple(expected))
+    return BundlePlan(encode_manifest(manifest), tuple(unique), source_date_epoch(), tuple(expected),
+                      (bom,))
 
 
 def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
            all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False, site=None, split: int | None = None, sign=None) -> Path:
+           progress: bool = False, site=None, split: int | None = None, sign=None,
+           release: Release | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -714,6 +768,9 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     ``sign(manifest_bytes, {archive path: (size, sha256)})`` returns ``[(archive path, bytes)]`` of signature
     members, written after the checkpoints in the same pass (:meth:`packager.signing.Signer.members`); they cover
     every file the manifest lists, those a delta bundle expects at the site included.
+
+    ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
+    carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -724,9 +781,10 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
-                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site)
+                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
-    signatures = list(sign(manifest_bytes, plan.listed)) if sign else []
+    # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
+    signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]
     if split is not None:
         total = _archive_size(manifest_bytes, unique, signatures, mtime)
         if -(-total // split) > MAX_PARTS:

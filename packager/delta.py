@@ -82,12 +82,20 @@ def _installed_manifests(hub: Path) -> list[inv.InstalledManifest]:
     return [inv.InstalledManifest(m.manifest_id, tuple(e.name for e in m.entries)) for m in info.manifests if m.ok]
 
 
-def inventory(*, torch_home=None, deep: bool = False, created: str | None = None) -> inv.Inventory:
+def inventory(*, torch_home=None, deep: bool = False, created: str | None = None,
+              allow_empty: bool = False) -> inv.Inventory:
     """What the TORCH_HOME here holds: each checkpoint's size and sha256 (the verification index's
     when the file is unchanged since it was hashed, else hashed now; ``deep`` hashes every file
     again), the installed manifests, and the versions of tvpack, torch and torchvision (read from
-    package metadata: torch is not imported)."""
+    package metadata: torch is not imported).
+
+    A TORCH_HOME without a hub directory is refused unless ``allow_empty``: a mistyped path would
+    otherwise describe an empty site, and the bundle made for it would carry everything."""
     hub = hub_dir(torch_home)
+    if not allow_empty and not hub.is_dir():
+        what = "does not exist" if not hub.parent.exists() else f"holds no torch.hub cache ({hub} is not a directory)"
+        raise BundleError(f"{hub.parent} {what}: check the path, or pass --allow-empty (allow_empty=True) to "
+                          f"describe a site that holds nothing yet")
     files = _checkpoint_files(cache.HubLayout(hub).checkpoints)
     with ThreadPoolExecutor(max_workers=HASH_JOBS) as pool:
         try:

@@ -248,6 +248,11 @@ def atomic_write_json(dest, data, *, indent: int | None = None, sort_keys: bool 
 
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 part``, ``2 parts``, ``0 checkpoint files``: a count and its noun, agreed (``many`` for irregular ones)."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
+
+
 def human_bytes(n: int | float | None) -> str:
     """``83.7 MB``: decimal units, as du --si and the progress bars show them."""
     if n is None:
@@ -321,3 +326,14 @@ def reserve_space(part, needed: int | None):
 __all__ = ["SpaceReservation", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir",
            "group_shared", "hash_file", "human_bytes", "make_dirs", "pid_alive", "remove_stale_temps", "reserve_space",
            "share_with_group", "short_name", "temp_path"]
+
+
+def quiet_for(path: Path, now: float) -> float:
+    """Seconds since anything in directory ``path`` (or the directory itself) changed."""
+    try:
+        times = [path.stat().st_mtime]
+        with os.scandir(path) as entries:
+            times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
+    except OSError:
+        return 0.0
+    return now - max(times)

@@ -41,7 +41,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from . import home
+from . import channels, home
 from .bundle import open_bundle
 from .cache import HubLayout, index_entry, record_verified, scan_hub
 from .discovery import get_registry
@@ -220,7 +220,7 @@ class InstalledSource(Source):
         return _not_installed_hint(self.hub, name, registry)
 
     def checkpoint_path(self, entry: Entry) -> Path:
-        return HubLayout(self.hub).checkpoint(entry.filename)
+        return channels.unrevoked(self.hub, entry)  # <hub>/checkpoints/<file>; a revoked checkpoint is refused
 
     def state_dict(self, entry: Entry, *, map_location="cpu") -> dict:
         # The bytes hashed are the bytes loaded: one open file is hashed (or matched to the index by inode and

@@ -332,6 +332,11 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
         raise UsageError("--key and --ca-root check a bundle's signatures: they go with --from-bundle")
     if refs is None:
         refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    target = open_target(to, endpoint_url=endpoint_url)
+    if not dry_run:
+        # Credentials and the bucket (or a writable directory) are checked before anything is fetched: a
+        # missing key should not cost a download of every checkpoint first.
+        target.prepare()
     with contextlib.ExitStack() as stack:
         if endpoint_url:
             # The endpoint also serves s3:// mirrors the missing checkpoints come from.
@@ -339,8 +344,7 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
         items, missing = items_from_cache(list(refs), torch_home=torch_home, mirrors=mirrors,
                                           upstream=upstream, offline=offline, jobs=jobs, progress=progress,
                                           dry_run=dry_run)
-    target_for_names = open_target(to, endpoint_url=endpoint_url)
-    planned = [ExportResult((ref.name,), mirror_path(ref.url), target_for_names.location(mirror_path(ref.url)),
+    planned = [ExportResult((ref.name,), mirror_path(ref.url), target.location(mirror_path(ref.url)),
                             ref.size_hint, ref.sha256, "would fetch") for ref in missing]
     return export_items(items, to, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run, progress=progress,
                         multipart_threshold=multipart_threshold, part_size=part_size, extra_results=planned)

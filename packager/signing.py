@@ -284,6 +284,7 @@ def _checker(trust: TrustPolicy, found: list):
         if trust:
             require_signed(report, trust, opened.path.name)
         found.append(report)
+        return report.valid  # who signed: install's release checks need it
     return check
 
 
@@ -314,12 +315,12 @@ def verify_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, progress: bool 
 
 
 def install_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, torch_home=None, force: bool = False,
-                   progress: bool = False) -> SignedInstallReport:
+                   progress: bool = False, release=None) -> SignedInstallReport:
     """:func:`packager.bundle.install_bundle`, refused before anything is written unless a signature is valid for
     ``trust`` (when it trusts anything). Signatures are installed beside the manifest."""
     found: list[SignatureReport] = []
     installed = install_bundle(path, torch_home=torch_home, force=force, progress=progress,
-                               check=_checker(trust, found))
+                               check=_checker(trust, found), release=release)
     return SignedInstallReport(installed, found[0])
 
 

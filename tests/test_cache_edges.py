@@ -31,12 +31,12 @@ def test_an_edit_that_restores_size_and_mtime_is_caught_by_ls_load_and_predict(z
     import torch
     import torchvision
 
-    from packager import bundle
+    import packager
 
     home = tmp_path / "home"
-    made = bundle.bundle(["zoo_mobilenet_v3_small"], tmp_path / "b.tvpack", registry=[ZOO_REGISTRY],
-                         torch_home=tmp_path / "src", mirrors=[str(zoo_root)], upstream=False)
-    bundle.install(made, torch_home=home)
+    made = packager.bundle(["zoo_mobilenet_v3_small"], tmp_path / "b.tvpack", registry=[ZOO_REGISTRY],
+                           torch_home=tmp_path / "src", mirrors=[str(zoo_root)], upstream=False)
+    packager.install(made, torch_home=home)
     image = tmp_path / "img.png"
     torchvision.io.write_png(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8), str(image))
     predict = ["predict", home, "zoo_mobilenet_v3_small", image, "--registry", ZOO_REGISTRY]

@@ -7,6 +7,7 @@ Release bundles are made here from a real zoo bundle by putting a release into i
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import subprocess
@@ -17,11 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import ZOO_REGISTRY, tvpack_env
 
-from packager import bundle as B
 from packager import loader, signing
 from packager.cache import HubLayout, scan_hub
 from packager.errors import LoadError
 from packager.formats.manifest import decode_manifest, encode_manifest, manifest_path_for
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 # the variants' urls differ from the zoo's own: the loader says so, and uses the bundle's description
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::packager.loader.DriftWarning")]

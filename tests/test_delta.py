@@ -8,6 +8,7 @@ identity with the unsplit bundle, reading in place, and every damaged copy named
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -20,12 +21,13 @@ import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
 from test_signature import pki  # noqa: F401 - a fixture
 
-from packager import bundle as B
 from packager import delta
 from packager.errors import BundleError, LoadError, VolumeError
 from packager.formats import inventory as inv
 from packager.formats.archive import BLOCK
 from packager.formats.manifest import decode_manifest, parse_manifest
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -152,16 +154,32 @@ def test_inventory_deep_hashes_again(half_site, tmp_path, cli):
     assert inv.parse((tmp_path / "SITE.json").read_bytes()).checkpoint(victim.name) == deep
 
 
-def test_inventory_of_an_empty_site(tmp_path, cli):
-    result = cli("inventory", "--torch-home", tmp_path / "nothing", "-o", tmp_path / "SITE.json")
+def test_inventory_of_a_missing_torch_home_is_an_error_unless_allow_empty(tmp_path, cli):
+    """A mistyped --torch-home used to give an empty inventory, and so a full bundle where a delta was meant."""
+    typo, site_json = tmp_path / "nothing", tmp_path / "SITE.json"
+    proc = run_tvpack("inventory", "--torch-home", typo, "-o", site_json)
+    assert proc.returncode == 1 and not site_json.exists()
+    assert proc.stderr.strip() == (f"tvpack: error: {typo} does not exist: check the path, or pass --allow-empty "
+                                   "(allow_empty=True) to describe a site that holds nothing yet")
+    with pytest.raises(BundleError, match="does not exist"):
+        delta.inventory(torch_home=typo)
+    (tmp_path / "no-hub").mkdir()
+    with pytest.raises(BundleError, match="holds no torch.hub cache"):
+        delta.inventory(torch_home=tmp_path / "no-hub")
+    assert not typo.exists()
+
+    result = cli("inventory", "--torch-home", typo, "--allow-empty", "-o", site_json)
     assert result.exit_code == 0 and "0 checkpoints" in result.output
-    assert inv.parse((tmp_path / "SITE.json").read_bytes()).checkpoints == ()
+    assert inv.parse(site_json.read_bytes()).checkpoints == ()
+    assert delta.inventory(torch_home=typo, allow_empty=True).checkpoints == ()
+    (typo / "hub").mkdir(parents=True)  # a cache that holds nothing yet is a site, not a typo
+    assert delta.inventory(torch_home=typo).checkpoints == ()
 
 
 # -- the delta bundle ----------------------------------------------------------------------------------
 def test_delta_bundle_carries_exactly_the_other_half(update, zoo):
     _site, path = update
-    names = members_of(path)
+    names = [n for n in members_of(path) if not n.startswith("hub/tvpack/sbom/")]  # every bundle has its ML-BOM
     assert sorted(names[1:]) == sorted(f"hub/checkpoints/{file_of(zoo, n)}" for n in OTHER)
     with B.open_bundle(path) as opened:
         assert sorted(e.name for e in opened.entries) == sorted(SELECTION)
@@ -169,7 +187,7 @@ def test_delta_bundle_carries_exactly_the_other_half(update, zoo):
         assert list(opened.site_files) == sorted(f"hub/checkpoints/{file_of(zoo, n)}" for n in HALF)
         assert opened.manifest["at_site"] == list(opened.site_files)
     report = B.verify_bundle(path)
-    assert report.at_site == 4 and report.members == 5
+    assert report.at_site == 4 and report.members == 6  # the manifest, 4 checkpoints, the ML-BOM
 
 
 def test_inspect_and_verify_show_carried_and_expected(update, zoo, cli):
@@ -369,7 +387,7 @@ def test_at_site_files_are_listed_but_not_members(update):
     _site, path = update
     manifest = _manifest(update)
     entries, files = parse_manifest(manifest)
-    assert set(manifest["at_site"]) < set(files) and len(files) == len(SELECTION)
+    assert set(manifest["at_site"]) < set(files) and len(files) == len(SELECTION) + 1  # + the ML-BOM
     assert {e.path for e in entries if e.at_site} == set(manifest["at_site"])
     with B.open_bundle(path) as opened:
         assert {m.path for m in opened.members[1:]} == set(files) - set(manifest["at_site"])
@@ -681,9 +699,9 @@ def test_a_signed_delta_bundle_covers_the_files_expected_at_the_site(connected, 
     assert result.exit_code == 0 and "signed by" in result.output, result.output
     first = out.with_name("update.tar.000")
     with B.open_bundle(first) as opened:
-        assert len(opened.signatures) == 1 and len(opened.site_files) == 4 and len(opened.files) == 8
+        assert len(opened.signatures) == 1 and len(opened.site_files) == 4 and len(opened.files) == 9  # + ML-BOM
         info = sigfmt.describe(opened.open_member(opened.signatures[0].path).read())
-        assert {p for p in info.resources if p.startswith("hub/checkpoints/")} == set(opened.files)
+        assert {p for p in info.resources if not p.startswith("hub/tvpack/manifests/")} == set(opened.files)
         delta_id = opened.manifest_id
     assert cli("verify", first, "--key", keys / "p256.pub").exit_code == 0
     assert cli("verify", first, "--key", keys / "other.pub").exit_code == 1

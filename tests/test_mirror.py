@@ -467,3 +467,43 @@ def test_no_lock_file_is_left_in_a_published_directory(cli, tiny, tmp_path):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
+
+
+def test_s3_destination_is_checked_before_anything_is_fetched(cli, tiny, moto_s3, bucket, monkeypatch, tmp_path):
+    """Missing credentials or a missing bucket fail at once: nothing fetched into the cache first."""
+    home = tmp_path / "home"
+    control = cli("mirror", *tiny.names, *tiny.source_args(home), "--to", f"s3://{bucket}/m")
+    assert control.exit_code == 0, control.output  # with the fixture's credentials
+    home2 = tmp_path / "home2"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup for credentials
+    result = cli("mirror", *tiny.names, *tiny.source_args(home2), "--to", f"s3://{bucket}/m")
+    assert result.exit_code == 1 and "no S3 credentials" in result.output
+    assert not (home2 / "hub" / "checkpoints").exists() or not any((home2 / "hub" / "checkpoints").iterdir())
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    result = cli("mirror", *tiny.names, *tiny.source_args(home2), "--to", "s3://no-such-bucket-here/m")
+    assert result.exit_code == 1 and "no such bucket" in result.output
+    assert not (home2 / "hub" / "checkpoints").exists() or not any((home2 / "hub" / "checkpoints").iterdir())
+
+
+def test_endpoint_url_on_every_command_that_reads_s3_mirrors(cli, tiny, moto_s3, bucket, monkeypatch, tmp_path):
+    dest = f"s3://{bucket}/mirror"
+    assert cli("mirror", *tiny.names, *tiny.source_args(tmp_path / "src"), "--to", dest).exit_code == 0
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # from here on only --endpoint-url says where the server is
+    source = ["--registry", tiny.module, "--mirror", dest, "--no-upstream", "--endpoint-url", moto_s3.endpoint]
+    fetch = cli("fetch", *tiny.names, *source, "--torch-home", tmp_path / "a", "-q")
+    assert fetch.exit_code == 0, fetch.output
+    lock = cli("lock", *tiny.names, *source, "--torch-home", tmp_path / "b", "-o", tmp_path / "tvpack.lock")
+    assert lock.exit_code == 0, lock.output
+    made = cli("bundle", *tiny.names, *source, "--torch-home", tmp_path / "c", "-o", tmp_path / "b.tar")
+    assert made.exit_code == 0, made.output
+    for home in ("a", "b", "c"):
+        for f in tiny.files.values():
+            assert sha256_of(tmp_path / home / "hub" / "checkpoints" / f["filename"]) == f["sha256"]
+    # the option lasts one command: without it (and without AWS_ENDPOINT_URL) the next one goes elsewhere
+    from packager.transport import s3
+
+    assert s3.configure(endpoint_url=None) is None

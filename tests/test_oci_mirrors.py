@@ -3,6 +3,7 @@ pull-through cache (``proxy: {remoteurl}``) in front of the real registry, mirro
 wrong bytes, credentials that stay with their host, pushes to the location only, blocked registries."""
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import ZOO_REGISTRY, need_server, run_tvpack
 
-from packager import bundle as B
 from packager import oci
 from packager.testing.registry import DistributionRegistry
 from packager.testing.servers import free_port
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,7 +19,6 @@ import pytest
 from conftest import ROOT, ZOO_REGISTRY, need_binary
 from podman import podman, podman_session  # noqa: F401  (fixtures)
 
-from packager import bundle as B
 from packager import oci
 
 pytestmark = pytest.mark.timeout(600)
@@ -81,6 +80,8 @@ import json, sys, warnings, torch
 import packager.testing.zoo as zoo
 from packager import load_model
 from packager.loader import LoaderWarning
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 warnings.simplefilter("error", LoaderWarning)  # a drift or cache warning would fail the load
 
 def total(model):

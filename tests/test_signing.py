@@ -5,6 +5,7 @@ Keys come from openssl (the ``pki`` fixture of test_signature); bundles from the
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -19,11 +20,12 @@ import pytest
 from conftest import ROOT, ZOO_REGISTRY, _missing, need_binary, run_tvpack
 from test_signature import MODEL_SIGNING, pki  # noqa: F401 - pki is a fixture
 
-from packager import bundle as B
 from packager import signing
 from packager.errors import BundleError, SignatureError
 from packager.formats import signature as sigfmt
 from packager.formats.manifest import decode_manifest, encode_manifest, manifest_path_for, parse_manifest
+
+B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -179,7 +181,7 @@ def test_sign_appends_in_place_reading_only_headers(bundles, keys, tmp_path, cli
     assert result.signature == sigfmt.signature_path(manifest_id) and result.added == len(after) - len(original)
     assert len(after) % (20 * 512) == 0
     names = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
-    assert names[-1] == result.signature and len(names) == 4
+    assert names[-1] == result.signature and len(names) == 5  # manifest, 2 checkpoints, ML-BOM, signature
     # verify names the signer; JSON too
     ok = cli("verify", path, "--key", keys / "p256.pub")
     assert ok.exit_code == 0 and f"signed by key {signer.signer.fingerprint}" in ok.stdout
@@ -462,6 +464,7 @@ def test_refuses_a_swapped_checkpoint_with_a_consistently_rewritten_manifest(bun
     new_manifest = encode_manifest(document)
     checkpoints = sorted([(n, d) for n, d in members[1:] if n.startswith("hub/checkpoints/") and n != old_path]
                          + [(item["path"], evil)])
+    checkpoints += [(n, d) for n, d in members[1:] if n.startswith("hub/tvpack/sbom/")]  # the ML-BOM, unchanged
     old_sig = [(n, d) for n, d in members if n.startswith(sigfmt.SIGNATURES_DIR)]
     hostile = write_tar(tmp_path / "hostile.tvpack", [(manifest_path_for(new_manifest), new_manifest), *checkpoints,
                                                      *old_sig])

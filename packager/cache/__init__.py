@@ -14,7 +14,6 @@ The rooms of the package:
 * :mod:`.scan`: ``cache ls`` (:func:`scan_cache`) and the one reader of installed state (:func:`scan_hub`);
 * :mod:`.verify`, :mod:`.prune`: ``cache verify``, ``cache prune`` and ``cache rm``;
 * :mod:`.lockfile`: writing ``tvpack.lock``;
-* :mod:`.staging`: the OCI installs' private staging directories.
 
 A cache that is read-only to us (a read-only mount, another user's directory) serves every file
 that is present and verified without writing anything; only what must be written fails, in one
@@ -29,25 +28,45 @@ from __future__ import annotations
 
 from ..fsutil import hash_file
 from .fetching import (
-    CANCEL_GRACE, LOCK_WAIT, STALE_FOREIGN_PART, FetchResult, ensure_cached, fetch, fetch_results, lock_timeout, plan,
+    CANCEL_GRACE,
+    LOCK_WAIT,
+    STALE_FOREIGN_PART,
+    FetchResult,
+    ensure_cached,
+    fetch,
+    fetch_results,
+    lock_timeout,
+    plan,
 )
 from .index import INDEX_LOCK_WAIT, INDEX_VERSION, _load_index, _update_index, file_sha256, index_entry, record_verified
-from .layout import (
-    _HOST, PART_SUFFIX, STAGING_DIR, TORCH_HUB_PARTIAL, HubLayout, index_path, locks_dir, manifests_dir, tvpack_dir,
-)
 from .installed import (
-    InstalledWeights, ManifestInfo, current_weights, read_manifest, read_manifests, record_install,
+    InstalledWeights,
+    ManifestInfo,
+    current_weights,
+    read_manifest,
+    read_manifests,
+    record_install,
+)
+from .layout import (
+    _HOST,
+    PART_SUFFIX,
+    STAGING_DIR,
+    TORCH_HUB_PARTIAL,
+    HubLayout,
+    index_path,
+    locks_dir,
+    manifests_dir,
+    tvpack_dir,
 )
 from .lockfile import write_lockfile
 from .prune import Removal, prune_cache, remove_from_cache
 from .scan import STATUSES, CachedFile, CacheInfo, HubInfo, scan_cache, scan_hub
-from .staging import staging, staging_root
 from .verify import VerifyResult, verify_cache
 
 __all__ = [
     "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult", "lock_timeout",
     "file_sha256", "record_verified", "index_entry", "hash_file",
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
-    "prune_cache", "remove_from_cache", "Removal", "staging", "staging_root", "STAGING_DIR",
+    "prune_cache", "remove_from_cache", "Removal", "STAGING_DIR",
     "HubLayout", "write_lockfile", "scan_hub", "HubInfo", "ManifestInfo", "InstalledWeights", "record_install",
 ]

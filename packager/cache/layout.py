@@ -32,6 +32,7 @@ _HOST = (re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host")[:40]
 _STEM_MAX = 200 - (1 + 40 + 1 + 10 + 1 + 8 + len(PART_SUFFIX))
 _DEAD_TEMP_AGE = 60.0  # seconds a dead process's temp file must be quiet before it counts as abandoned
 STAGING_DIR = "oci-layers"  # under <hub>/tvpack: one directory per run, for the layers of the image it installs
+STAGING_NAME = re.compile(r"^(?P<key>[0-9a-f]{16,64})\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})$")  # <key>.<pid>.<token>
 
 
 def _stem(filename: str) -> str:

@@ -10,6 +10,7 @@ from ..snapshot import resolve
 from .fetching import fetch_results
 from .index import file_sha256
 
+
 def write_lockfile(selectors: Iterable[str], output, *, registry: Sequence[str] = (), all_weights: bool = False,
                    with_backbones: bool = False, torch_home=None, mirrors: Sequence[str] | None = None,
                    upstream: bool = True, offline: bool | None = None, jobs: int = 4,

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CacheError, UsageError
-from ..fsutil import make_dirs, pid_alive
+from ..fsutil import make_dirs, pid_alive, quiet_for
 from ..locking import FileLock, Holder
 from ..transport import discard_part, part_state_path
 from .fetching import STALE_FOREIGN_PART, _part_abandoned, _parts_of
 from .index import _load_index, _update_index
-from .layout import _DEAD_TEMP_AGE, _PART_NAME, _TEMP_NAME, PART_SUFFIX, TORCH_HUB_PARTIAL, HubLayout, _lock
+from .layout import _DEAD_TEMP_AGE, _PART_NAME, _TEMP_NAME, PART_SUFFIX, STAGING_NAME, TORCH_HUB_PARTIAL, HubLayout, _lock
 from .scan import _dangling, _listing
-from .staging import _STAGING_NAME, _quiet_for, staging_root
 from .verify import _files_for
 
 
@@ -142,7 +141,7 @@ def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[
     """Staging directories of OCI installs nobody runs: the image's lock is free (taken into ``held``) and the
     owner is gone, or nothing in them changed for ``min_age`` seconds."""
     out: list[Removal] = []
-    root = staging_root(hub)
+    root = HubLayout(hub).staging
     try:
         names = sorted(os.listdir(root))
         make_dirs(HubLayout(hub).locks)
@@ -151,11 +150,11 @@ def _abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[
     now = time.time()
     taken: set[str] = set()  # images whose lock we took (one lock serves all their directories)
     for name in names:
-        match = _STAGING_NAME.match(name)
+        match = STAGING_NAME.match(name)
         path = root / name
         if match is None or not path.is_dir() or path.is_symlink():
             continue
-        quiet = _quiet_for(path, now)
+        quiet = quiet_for(path, now)
         if pid_alive(int(match["pid"])) and quiet <= min_age:
             continue
         if match["key"] not in taken:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import bundle, cache, delta, loader, mirror, oci, registry, signing  # noqa: F401 - each registers its commands
+from . import bundle, cache, channels, delta, doctor, loader, mirror, oci, registry, signing  # noqa: F401 - each registers its commands
 from .app import main
 
 

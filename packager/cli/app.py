@@ -9,7 +9,7 @@ import threading
 
 import click
 
-from .. import __version__, env
+from .. import env
 from ..errors import TvpackError
 from ._common import JSON_WRITTEN, echo_json
 
@@ -107,8 +107,29 @@ def _one_line(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__}: {exc} (this is a bug; rerun with --debug for the traceback)"
 
 
+def versions() -> dict:
+    from ..formats.inventory import current_versions
+
+    v = current_versions()
+    return {"tvpack": v.tvpack, "torch": v.torch, "torchvision": v.torchvision, "python": v.python}
+
+
+def version_line() -> str:
+    """``tvpack 0.1.0, torch 2.14.1, torchvision 0.29.1, Python 3.13.5``: package metadata, no torch import."""
+    v = versions()
+    return ", ".join(f"{label} {v[key] or 'not installed'}" for key, label in
+                     (("tvpack", "tvpack"), ("torch", "torch"), ("torchvision", "torchvision"), ("python", "Python")))
+
+
+def _print_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
 @click.group(cls=TvpackGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="tvpack")
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_print_version,
+              help="Show the versions of tvpack, torch, torchvision and Python (no torch import), and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors (also TVPACK_DEBUG=1).")
 @click.option("--live-registry", is_flag=True,
               help="Discover torchvision's weights live (imports torch) instead of reading the registry snapshot"

@@ -5,10 +5,11 @@ import os
 
 import click
 
-from ..fsutil import human_bytes
+from ..fsutil import human_bytes, plural
 from ._common import (
     all_option,
     echo_json,
+    endpoint_url_option,
     json_option,
     lock_timeout_option,
     output_file_callback,
@@ -20,6 +21,7 @@ from ._common import (
     with_backbones_option,
 )
 from .app import main
+from .channels import release_line, release_option
 from .oci import format_option, is_oci, plain_http_option
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
 
@@ -36,6 +38,7 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @registry_option
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
               help="Fetch missing weights from this mirror first (repeatable; env TVPACK_MIRROR).")
+@endpoint_url_option
 @click.option("--no-upstream", is_flag=True, help="Never fall back to download.pytorch.org.")
 @click.option("--no-fetch", is_flag=True, help="Use only what is cached; missing weights are an error.")
 @click.option("--offline", is_flag=True, help="Never use the network (also TVPACK_OFFLINE=1).")
@@ -50,14 +53,20 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
               help="Sign the bundle with this EC private key (PEM) as it is written.")
 @cert_chain_option
+@click.option("--channel", metavar="NAME", help="Make a release of this channel (needs --sequence); a site installs "
+              "it only signed by a key it trusts for NAME, never an older or an expired one.")
+@click.option("--sequence", type=click.IntRange(min=0), metavar="N", help="The release's number in its channel.")
+@click.option("--expires", metavar="WHEN", help="When the release expires: 90d, 12h, 2w or an ISO-8601 date/time.")
+@click.option("--revoke", "revokes", multiple=True, metavar="SHA256[=REASON]",
+              help="The release revokes this checkpoint at every site that installs it (repeatable).")
 @lock_timeout_option
 @json_option
 @quiet_option
 @plain_http_option
 @format_option
 def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, site_file, split_size, sign_key, cert_chain, lock_timeout, as_json, quiet, plain_http,
-               image_format):
+               all_weights, site_file, split_size, sign_key, cert_chain, channel, sequence, expires, revokes,
+               lock_timeout, as_json, quiet, plain_http, image_format):
     """Write the selected weights, their transform specs and meta into one archive.
 
     The archive is a TORCH_HOME overlay: `tar -xf FILE -C "$TORCH_HOME"` alone gives
@@ -69,6 +78,7 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     """
     from ..bundle import bundle, open_bundle
     from ..cache import lock_timeout as waiting_for_locks
+    from ..formats.manifest import is_checkpoint_path
     from ..formats.volumes import parse_size
 
     if cert_chain and not sign_key:
@@ -78,6 +88,7 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
                                "already holds instead")
     if image_format != "image" and not is_oci(output):
         raise click.UsageError("--format is the layout of an image written to -o oci://...")
+    release = release_option(channel, sequence, expires, revokes)
     signer = load_signer(sign_key, cert_chain) if sign_key else None  # before writing: a wrong password fails fast
     part_size = parse_size(split_size) if split_size is not None else None
     site = None
@@ -96,16 +107,17 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
                                       sign=signer.members if signer else None, selectors=selectors,
                                       all_weights=all_weights, registry=registry, torch_home=torch_home,
                                       mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
-                                      offline=True if offline else None, with_backbones=with_backbones)
+                                      offline=True if offline else None, with_backbones=with_backbones,
+                                      release=release)
         path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
                       mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
                       offline=True if offline else None, with_backbones=with_backbones,
                       progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
-                      site=site, split=part_size)
+                      site=site, split=part_size, release=release)
     with open_bundle(path) as opened:
         signed = f"; signed by {signer.signer}" if signer else ""
         at_site = len(opened.site_files)
-        carried = len(opened.files) - at_site
+        carried = sum(is_checkpoint_path(p) for p in opened.files) - at_site
         saved = sum(size for size, _sha in opened.site_files.values())
         if as_json:
             echo_json({"path": str(path), "manifest_id": opened.manifest_id, "size": opened.file_size,
@@ -116,11 +128,14 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
             return
         where = str(path)
         if part_size is not None:
-            where = (f"{len(opened.parts)} parts of at most {split_size} ({opened.parts[0].name} .. "
+            where = (f"{plural(len(opened.parts), 'part')} of at most {split_size} ({opened.parts[0].name} .. "
                      f"{opened.parts[-1].name}) and {path.name}")
         delta = f", {at_site} expected at the site ({human_bytes(saved)} not carried)" if site is not None else ""
-        click.echo(f"wrote {where}: {len(opened.entries)} weights, {carried} checkpoint files carried{delta}, "
+        click.echo(f"wrote {where}: {len(opened.entries)} weights, {plural(carried, 'checkpoint file')} carried{delta}, "
                    f"{human_bytes(opened.file_size)} (manifest {opened.manifest_id}){signed}")
+        if release is not None:
+            click.echo(release_line(release) + ("" if signer else "; unsigned: sign it (tvpack sign) before "
+                                                "shipping, sites refuse an unsigned release"))
 
 
 @main.command("inspect")
@@ -140,6 +155,8 @@ def inspect_cmd(file, as_json, plain_http):
 
         return inspect_installed(file, as_json)
     from ..bundle import open_bundle
+    from ..formats.manifest import is_checkpoint_path
+    from ..formats.release import release_of
     from ..signing import bundle_signatures
     from .oci import open_registry_image
 
@@ -152,16 +169,20 @@ def inspect_cmd(file, as_json, plain_http):
                  e.headline_metric or "", e.transform_summary] for e in opened.entries]
         click.echo(table(["weights", "model(s)", "file", "size", "where", "metric", "transforms"], rows, right=[3]))
         made = opened.created_by
-        files = f"{len(opened.files)} files, {human_bytes(opened.size)}"
+        checkpoints = sum(is_checkpoint_path(p) for p in opened.files)  # not the ML-BOM
+        files = f"{plural(checkpoints, 'file')}, {human_bytes(opened.size)}"
         if site:
             saved = sum(size for size, _sha in site.values())
-            files = (f"{len(opened.files) - len(site)} files carried ({human_bytes(opened.size)}) and {len(site)} "
+            files = (f"{plural(checkpoints - len(site), 'file')} carried ({human_bytes(opened.size)}) and {len(site)} "
                      f"expected at the site ({human_bytes(saved)} saved)")
         if len(opened.parts) > 1:
-            files += f", in {len(opened.parts)} parts {opened.parts[0].name} .. {opened.parts[-1].name}"
+            files += f", in {plural(len(opened.parts), 'part')} {opened.parts[0].name} .. {opened.parts[-1].name}"
         click.echo(f"\n{len(opened.entries)} weights in {files}; manifest {opened.manifest_id}; made by tvpack "
                    f"{made.get('packager', '?')} with torch {made.get('torch', '?')}, torchvision "
                    f"{made.get('torchvision', '?')}")
+        release = release_of(opened.manifest)
+        if release is not None:
+            click.echo(release_line(release))
         report = bundle_signatures(opened)
         click.echo(f"signatures: {len(report.checks)}" if report.checks else "signatures: none (unsigned)")
         for line in signature_lines(report):
@@ -171,10 +192,11 @@ def inspect_cmd(file, as_json, plain_http):
 @main.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False))
 @trust_options
+@torch_home_option
 @json_option
 @quiet_option
 @plain_http_option
-def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
+def verify_cmd(file, keys, ca_roots, torch_home, as_json, quiet, plain_http):
     """Check a bundle: structure, manifest, every sha256, and that every checkpoint loads with
     torch.load(weights_only=True). Exit status 0 only if all hold.
 
@@ -185,15 +207,16 @@ def verify_cmd(file, keys, ca_roots, as_json, quiet, plain_http):
     from ..signing import trust_policy, verify_signed
     from .oci import verify_registry_image
 
-    trust, progress = trust_policy(keys, ca_roots), progress_enabled(quiet or as_json)
+    trust, progress = trust_policy(keys, ca_roots, torch_home=torch_home), progress_enabled(quiet or as_json)
     signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
         else verify_signed(file, trust, progress=progress)
     report = signed.contents
     if as_json:
         echo_json(signed.to_dict())
         return
-    site = f"; {report.at_site} files expected at the site are checked by install there" if report.at_site else ""
-    click.echo(f"ok: {file}: {report.weights} weights, {report.members - 1} files, {human_bytes(report.bytes)}"
+    site = (f"; {plural(report.at_site, 'file')} expected at the site {'is' if report.at_site == 1 else 'are'} "
+            "checked by install there") if report.at_site else ""
+    click.echo(f"ok: {file}: {report.weights} weights, {plural(report.members - 1, 'file')}, {human_bytes(report.bytes)}"
                f" verified (manifest {report.manifest_id}){site}; {_signed_summary(signed.signatures)}")
 
 
@@ -215,11 +238,13 @@ def _signed_summary(report) -> str:
 @click.argument("file", type=click.Path(dir_okay=False))
 @torch_home_option
 @click.option("--force", is_flag=True, help="Replace cached files whose contents differ from the bundle's.")
+@click.option("--allow-rollback", is_flag=True, help="Install a release older than the channel's here (recorded).")
+@click.option("--allow-expired", is_flag=True, help="Install a release past its expiry (recorded).")
 @trust_options
 @json_option
 @quiet_option
 @plain_http_option
-def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet, plain_http):
+def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca_roots, as_json, quiet, plain_http):
     """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
@@ -230,13 +255,16 @@ def install_cmd(file, torch_home, force, keys, ca_roots, as_json, quiet, plain_h
     checkpoints not already cached are fetched, then checked and placed exactly as from a file.
     A delta bundle (bundle --for) is refused, with nothing written, unless every checkpoint it
     expects at the site is there with its sha256. FILE may be the first part or the .sha256 of a
-    split bundle.
+    split bundle. A channel release (bundle --channel) must be signed by a key trusted for its channel, newer
+    than or the same as the channel's release here, and not expired (see `tvpack channels`).
     """
+    from ..channels import ReleaseOptions
     from ..signing import install_signed, trust_policy
     from .oci import install_from_registry
 
     trust = trust_policy(keys, ca_roots, torch_home=torch_home)
-    options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json)}
+    options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json),
+               "release": ReleaseOptions(allow_rollback=allow_rollback, allow_expired=allow_expired)}
     signed = install_from_registry(file, trust, plain_http=plain_http, **options) if is_oci(file) \
         else install_signed(file, trust, **options)
     report = signed.installed

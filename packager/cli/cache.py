@@ -5,10 +5,11 @@ import time
 
 import click
 
-from ..fsutil import human_bytes
+from ..fsutil import human_bytes, plural
 from ._common import (
     all_option,
     echo_json,
+    endpoint_url_option,
     json_option,
     lock_timeout_option,
     output_file_callback,
@@ -28,6 +29,7 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 def _network_options(func):
     """Mirror, timeout and retry options shared by fetch and lock."""
     options = [
+        endpoint_url_option,
         click.option("--mirror", "mirrors", multiple=True, metavar="URL",
                      help="Try this mirror first: http(s)://, file:// or a directory holding models/... "
                           "as download.pytorch.org does (repeatable, in order; env TVPACK_MIRROR)."),
@@ -223,20 +225,26 @@ def ls_cmd(torch_home, registry, no_registry, as_json):
             broken      a dangling symlink (its target is gone)
     """
     from ..cache import HubLayout, scan_hub
+    from ..channels import revoked_files
 
     hub = scan_hub(HubLayout.of(torch_home), registry=registry, use_registry=not no_registry)
     info = hub.cache
+    revoked = revoked_files(info.hub_dir)  # kept in <hub>/tvpack/revoked/, never loaded
     if as_json:
-        echo_json({**info.to_dict(), **installed_json(hub)})
+        echo_json({**info.to_dict(), **installed_json(hub), "revoked": [r.to_dict() for r in revoked]})
         return
     rows = [[f.name, ",".join(f.weights) or "-", human_bytes(f.size), f.status,
              f.to_dict()["modified"].replace("T", " ")] for f in info.files]
+    rows += [[r.path.name, r.reason, human_bytes(r.size), "revoked", r.record.at.replace("T", " ")] for r in revoked]
     if rows:
         click.echo(table(["file", "weights", "size", "status", "modified"], rows, right=[2]))
         click.echo("")
     counts = ", ".join(f"{n} {s}" for s, n in info.counts().items() if n)
-    click.echo(f"{len(info.files)} files, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
+    click.echo(f"{plural(len(info.files), 'file')}, {human_bytes(info.size)} in {info.hub_dir / 'checkpoints'}"
                + (f" ({counts})" if counts else ""))
+    if revoked:
+        click.echo(f"{len(revoked)} revoked, {human_bytes(sum(r.size for r in revoked))} kept in "
+                   f"{revoked[0].path.parent} (tvpack cache prune --revoked deletes them)")
     if hub.weights or hub.problems:
         click.echo("")
         echo_installed(hub)
@@ -325,7 +333,7 @@ def verify_cmd(selectors, deep, jobs, signatures, keys, ca_roots, torch_home, re
         for r in results:
             if not quiet or not r.ok:
                 click.echo(f"{'ok' if r.ok else 'BAD':<4} {r.path.name}  {r.detail or r.sha256}")
-        click.echo(f"{len(results)} files, {human_bytes(sum(r.size for r in results))} verified; {len(bad)} bad",
+        click.echo(f"{plural(len(results), 'file')}, {human_bytes(sum(r.size for r in results))} verified; {len(bad)} bad",
                    err=quiet)
     if bad:
         raise IntegrityError(f"{len(bad)} of {len(results)} cached files failed verification",
@@ -351,33 +359,37 @@ def _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as
                            + (f.detail or "signed in manifest " + ", ".join(f.signed_in)))
     bad = [m.manifest_id for m in report.manifests if m.problem] + [f.path.name for f in report.files if not f.ok]
     if not as_json:
-        click.echo(f"{len(report.manifests)} manifests, {len(report.files)} files checked against their signatures; "
-                   f"{len(bad)} bad", err=quiet)
+        click.echo(f"{plural(len(report.manifests), 'manifest')}, {plural(len(report.files), 'file')} checked against "
+                   f"their signatures; {len(bad)} bad", err=quiet)
     if bad:
         raise SignatureError(f"{len(bad)} installed manifest(s) or file(s) fail the signature check: {', '.join(bad)}")
 
 
-def _print_removals(removals, dry_run: bool, verb: str) -> None:
+def _print_removals(removals, dry_run: bool, noun: str) -> None:
     for item in removals:
         click.echo(f"{'would remove' if dry_run else 'removed'}  {item.path}  {human_bytes(item.size)}  ({item.reason})")
     total = sum(item.size for item in removals)
-    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({len(removals)} {verb})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(total)} ({plural(len(removals), noun)})")
 
 
 @cache_group.command("prune")
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed and the bytes freed.")
+@click.option("--revoked", is_flag=True, help="Also delete the revoked checkpoints kept in <hub>/tvpack/revoked/.")
 @torch_home_option
 @json_option
-def prune_cmd(dry_run, torch_home, as_json):
+def prune_cmd(dry_run, revoked, torch_home, as_json):
     """Remove abandoned partial downloads, temporary files and lock files of runs that died holding them."""
     from ..cache import prune_cache
+    from ..channels import prune_revoked
+    from ..home import hub_dir
 
     removals = prune_cache(torch_home=torch_home, dry_run=dry_run)
+    removals += prune_revoked(hub_dir(torch_home), dry_run=dry_run) if revoked else []
     if as_json:
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
         return
-    _print_removals(removals, dry_run, "files")
+    _print_removals(removals, dry_run, "file")
 
 
 @cache_group.command("rm")
@@ -395,4 +407,4 @@ def rm_cmd(selectors, dry_run, torch_home, registry, as_json):
         echo_json({"dry_run": dry_run, "removed": [r.to_dict() for r in removals],
                    "bytes": sum(r.size for r in removals)})
         return
-    _print_removals(removals, dry_run, "files")
+    _print_removals(removals, dry_run, "file")

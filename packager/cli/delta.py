@@ -5,7 +5,7 @@ import shlex
 
 import click
 
-from ..fsutil import human_bytes
+from ..fsutil import human_bytes, plural
 from ._common import echo_json, json_option, output_file_callback, torch_home_option
 from .app import main
 
@@ -19,7 +19,9 @@ def _output_or_stdout(ctx, param, value):
 @click.option("--deep", is_flag=True, help="Hash every checkpoint again instead of trusting the verification index.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
               callback=_output_or_stdout, help="Where to write the inventory (SITE.json); '-' for standard output.")
-def inventory_cmd(torch_home, deep, output):
+@click.option("--allow-empty", is_flag=True,
+              help="Describe a TORCH_HOME that does not exist yet as an empty site (else a missing one is an error).")
+def inventory_cmd(torch_home, deep, output, allow_empty):
     """List what this site's TORCH_HOME holds, for a delta bundle made elsewhere.
 
     Every checkpoint with its size and sha256 (from the verification index when the file is
@@ -30,14 +32,14 @@ def inventory_cmd(torch_home, deep, output):
     from ..delta import inventory, write_inventory
     from ..formats.inventory import encode
 
-    site = inventory(torch_home=torch_home, deep=deep)
+    site = inventory(torch_home=torch_home, deep=deep, allow_empty=allow_empty)
     if output == "-":
         click.echo(encode(site).decode("ascii"), nl=False)
         return
     path = write_inventory(site, output)
     v = site.versions
-    click.echo(f"wrote {path}: {len(site.checkpoints)} checkpoints ({human_bytes(site.total_size)}), "
-               f"{len(site.manifests)} installed manifest{'' if len(site.manifests) == 1 else 's'} in {site.torch_home}; "
+    click.echo(f"wrote {path}: {plural(len(site.checkpoints), 'checkpoint')} ({human_bytes(site.total_size)}), "
+               f"{plural(len(site.manifests), 'installed manifest')} in {site.torch_home}; "
                f"tvpack {v.tvpack}, torch "
                f"{v.torch or 'not installed'}, torchvision {v.torchvision or 'not installed'}")
 
@@ -66,5 +68,5 @@ def split_cmd(file, size, output, as_json):
         return
     for part in parts:
         click.echo(f"{part}  ({human_bytes(part.stat().st_size)})")
-    click.echo(f"{len(parts)} parts and {listing}; check a copy with: cd {shlex.quote(str(listing.parent))} && "
+    click.echo(f"{plural(len(parts), 'part')} and {listing}; check a copy with: cd {shlex.quote(str(listing.parent))} && "
                f"sha256sum -c {shlex.quote(listing.name)}")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ..fsutil import human_bytes
+from ..fsutil import human_bytes, plural
 from ._common import echo_json, json_option, output_file_callback, progress_enabled
 from .app import main
 
@@ -83,7 +83,7 @@ def _print_push(report, as_json: bool) -> None:
     elif report.status == "tagged":
         click.echo(f"tagged: {report.reference} (every blob was already there)")
     else:
-        click.echo(f"pushed {report.reference}: {len(report.blobs)} blobs ({done}), "
+        click.echo(f"pushed {report.reference}: {plural(len(report.blobs), 'blob')} ({done}), "
                    f"{human_bytes(report.uploaded)} uploaded of {human_bytes(report.size)}")
 
 

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from ..fsutil import human_bytes
 from ._common import echo_json, json_option
 from .app import main
 
@@ -105,4 +106,6 @@ def sign_cmd(file, key, cert_chain, label, plain_http, as_json):
         echo_json(result.to_dict())
         return
     click.echo(f"signed {file}: {result.signature} by {result.signer}"
-               + (f" ({result.algorithm})" if result.algorithm else "") + f", {result.added} bytes added")
+               + (f" ({result.algorithm})" if result.algorithm else "")
+               + (f", the file grew by {human_bytes(result.added)}" if result.added else
+                  ", the file kept its size (the signature fits in the archive's end padding)"))

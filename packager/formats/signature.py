@@ -29,6 +29,11 @@ What ``model_signing verify`` does with files that are not in the statement (fou
 - Consequence: OMS does not check what sits in ``hub/tvpack/signatures/``; tvpack's own check (``check_covers``
   against the bundle's member list) must: the bundle reader should allow only ``*.sig`` members there.
 
+**Channel limits.** A trusted key or CA root file may begin, before its first ``-----BEGIN``, with a line
+``tvpack-channels: prod, staging``: that key (or every signer chaining to that root) may then sign releases of
+those channels only (:mod:`packager.channels` refuses the others). PEM readers (OpenSSL, ``cryptography``) skip
+text before the block, so the file stays an ordinary PEM file. Without the line, a key may sign any channel.
+
 Signers are named by ``fingerprint``: ``SHA256:<hex>`` where hex = sha256 of the public key's PEM
 (SubjectPublicKeyInfo) -- which is ``sha256sum key.pub`` of an ``openssl ec -pubout`` file and the
 ``publicKey.hint`` OMS writes into key signatures, so ``describe`` can name the key without having it.
@@ -110,6 +115,7 @@ class Verified:
     name: str
     resources: Mapping[str, str]
     chain: tuple[str, ...] = ()  # certificate subjects, leaf first, root last (certificate method)
+    channels: frozenset[str] | None = None  # the release channels the trusted key or root may sign; None: any
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class PublicKey:
     key: Any = field(repr=False, compare=False)  # cryptography EllipticCurvePublicKey
     fingerprint: str
     algorithm: str
+    channels: frozenset[str] | None = None  # from a "tvpack-channels:" line; None: any channel
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ class CARoot:
     certificate: Any = field(repr=False, compare=False)  # cryptography x509.Certificate
     subject: str
     fingerprint: str  # SHA256 of the DER certificate, hex
+    channels: frozenset[str] | None = None  # from a "tvpack-channels:" line; None: any channel
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,24 @@ def load_public_key(pem: bytes) -> PublicKey:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"not a PEM public key: {_first_line(exc)}") from None
-    return PublicKey(key, _fingerprint(key), _algorithm(key, "public key"))
+    return PublicKey(key, _fingerprint(key), _algorithm(key, "public key"), channel_limit(pem))
+
+
+_CHANNELS_LINE = re.compile(rb"^tvpack-channels:(.*)$", re.MULTILINE)
+_CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def channel_limit(pem: bytes) -> frozenset[str] | None:
+    """The channels a ``tvpack-channels: a, b`` line before the PEM block allows; None when there is no such line."""
+    head = pem.split(b"-----BEGIN", 1)[0]
+    lines = _CHANNELS_LINE.findall(head)
+    if not lines:
+        return None
+    names = [n.strip() for line in lines for n in line.decode("utf-8", "replace").split(",") if n.strip()]
+    bad = [n for n in names if not _CHANNEL_NAME.fullmatch(n)]
+    if bad or not names:
+        raise SignatureError(f"tvpack-channels: {bad[0] if bad else '(empty)'!r} is not a channel name")
+    return frozenset(names)
 
 
 def load_ca_roots(pem: bytes) -> tuple[CARoot, ...]:
@@ -206,7 +231,8 @@ def load_ca_roots(pem: bytes) -> tuple[CARoot, ...]:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise SignatureError(f"not a PEM CA certificate: {_first_line(exc)}") from None
-    return tuple(CARoot(c, c.subject.rfc4514_string(), c.fingerprint(hashes.SHA256()).hex()) for c in certs)
+    limit = channel_limit(pem)
+    return tuple(CARoot(c, c.subject.rfc4514_string(), c.fingerprint(hashes.SHA256()).hex(), limit) for c in certs)
 
 
 def load_ca_root(pem: bytes) -> CARoot:
@@ -527,7 +553,8 @@ def _verify_key(parsed: _Parsed, trust: Trust) -> Verified:
         raise SignatureError(f"signed by key SHA256:{parsed.key_hint}, which is not a trusted key")
     for key in hinted or trust.keys:
         if _check_envelope(key.key, parsed):
-            return Verified("key", Signer(key.fingerprint), key.algorithm, parsed.name, dict(parsed.resources))
+            return Verified("key", Signer(key.fingerprint), key.algorithm, parsed.name, dict(parsed.resources),
+                            channels=key.channels)
     if hinted:
         raise SignatureError(f"bad signature: the envelope does not verify with key {hinted[0].fingerprint}")
     raise SignatureError("bad signature: it verifies with none of the trusted keys")
@@ -574,8 +601,10 @@ def _verify_certificate(parsed: _Parsed, trust: Trust, now: datetime.datetime | 
     algorithm = _algorithm(public_key, f"key of certificate {subject}")
     if not _check_envelope(public_key, parsed):
         raise SignatureError(f"bad signature: the envelope does not verify with the key of certificate {subject}")
+    root = next((r for r in trust.ca_roots if r.certificate == chain[-1]), None)
     return Verified("certificate", Signer(_fingerprint(public_key), subject), algorithm, parsed.name,
-                    dict(parsed.resources), tuple(c.subject.rfc4514_string() for c in chain))
+                    dict(parsed.resources), tuple(c.subject.rfc4514_string() for c in chain),
+                    root.channels if root is not None else None)
 
 
 def _is_ca(cert) -> bool:

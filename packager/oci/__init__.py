@@ -43,8 +43,7 @@ from .digests import DigestCache
 from .image import Image, ImageMember, ImageSource, Layer, hash_layer, image_of_bundle, image_of_plan
 from .install import install, open_image, verify
 from .pull import PullReport, pull
-from .push import AttachReport, BlobResult, PushReport, attach_signature, push, push_as, push_bundle, \
-    push_modelpack
+from .push import AttachReport, BlobResult, PushReport, attach_signature, push, push_as, push_bundle, push_modelpack
 from .remote import RemoteImage, is_oci_reference, read_image
 from .staging import staging, staging_root
 

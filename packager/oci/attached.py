@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 
-from ..errors import OCIError, SignatureError
+from ..errors import OCIError
 from ..formats.image import IMAGE_MANIFEST, TITLE, canonical_json
-from ..formats.manifest import decode_manifest, parse_manifest
 from ..formats.signature import manifest_id_of_signature
-from ..transport.oci import OCI_INDEX, digest_of
+from ..transport.oci import digest_of
 from ..transport.oci.referrers import referrers, tag_index
 
 SIGSTORE_BUNDLE = "application/vnd.dev.sigstore.bundle.v0.3+json"

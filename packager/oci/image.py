@@ -10,11 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .. import bundle as bundles
+from ..bundle import BundlePlan, open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import MemberFile, TarLayout
-from ..formats.image import DEFAULT_PLATFORM, LAYER_FORMAT, bundle_layout, bundle_order, check_header, layer_layout, \
-    parse_platform
+from ..formats.image import (
+    DEFAULT_PLATFORM,
+    LAYER_FORMAT,
+    bundle_layout,
+    bundle_order,
+    check_header,
+    layer_layout,
+    parse_platform,
+)
 from ..formats.manifest import MANIFEST_NAME, decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from ..formats.volumes import FileSource, open_source
 
@@ -196,7 +203,7 @@ def _weights_of(manifest_bytes: bytes) -> tuple[str, ...]:
     return tuple(sorted(e.name for e in entries))
 
 
-def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
+def image_of_plan(plan: "BundlePlan", *, platform: str = DEFAULT_PLATFORM, sign=None) -> Image:
     """The image of the bundle ``plan`` describes, its checkpoints read from the cache (no bundle file).
     ``sign`` as for :func:`packager.bundle.bundle`: its signature members go into the manifest layer."""
     parse_platform(platform)
@@ -214,7 +221,7 @@ def image_of_plan(plan: "bundles.BundlePlan", *, platform: str = DEFAULT_PLATFOR
         for source in sources:
             source.close()
         raise
-    layers.append(_manifest_layer(plan.manifest_bytes, signatures, plan.mtime))
+    layers.append(_manifest_layer(plan.manifest_bytes, [*plan.extra, *signatures], plan.mtime))  # extra: the ML-BOM
     manifest_id = MANIFEST_NAME.fullmatch(plan.manifest_path).group(1)
     return Image(manifest_id, _weights_of(plan.manifest_bytes), tuple(layers), platform, sources)
 
@@ -223,7 +230,7 @@ def image_of_bundle(path, *, platform: str = DEFAULT_PLATFORM) -> Image:
     """The image of a bundle file (or split volumes). The bundle must be laid out as tvpack writes
     bundles (member order, headers, end padding): only then is a pull of the image byte-identical to it."""
     parse_platform(platform)
-    with bundles.open_bundle(path) as opened:
+    with open_bundle(path) as opened:
         members = list(opened.members)
         shas = {e.path: e.sha256 for e in opened.entries}
         manifest_id = opened.manifest_id

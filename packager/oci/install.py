@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .. import bundle as bundles
 from .. import cache, signing
+from ..bundle import Bundle, open_bundle
 from ..errors import OCIError
 from ..formats.image import LayerInfo, bundle_layout, check_header, layer_layout
 from ..formats.volumes import FileSource
@@ -24,6 +24,7 @@ from .remote import RemoteImage, as_reference, client_for, progress_bar, read_im
 from .staging import rmdir_quietly, unlink_quietly, write_error
 from .staging import staging as staging_dir
 
+
 # -- inspect and install ------------------------------------------------------------------------------
 def _pieces(image: RemoteImage, data_of: Callable[[str, int], object]) -> list[tuple[int, object]]:
     """The pieces of the bundle an image holds; ``data_of(path, size)`` gives each checkpoint's data."""
@@ -35,11 +36,11 @@ def _pieces(image: RemoteImage, data_of: Callable[[str, int], object]) -> list[t
     return pieces + [(layout.trailer, bytes(layout.trailer))]
 
 
-def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "bundles.Bundle":
+def open_image(ref, *, plain_http: bool = False, client: RegistryClient | None = None) -> "Bundle":
     """The bundle an image holds, opened without fetching a checkpoint (only the image manifest and the
     manifest layer): entries, manifest, sizes; reading a checkpoint is an :class:`OCIError`."""
     image = read_image(ref, client=client, plain_http=plain_http)
-    return bundles.open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
+    return open_bundle(ImageSource(str(image.reference), _pieces(image, lambda path, size: None)))
 
 
 class _LazyLayer:
@@ -146,7 +147,8 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
 
 
 def install(ref, *, trust=None, torch_home=None, force: bool = False, plain_http: bool = False,
-            progress: bool = False, client: RegistryClient | None = None) -> "signing.SignedInstallReport":
+            progress: bool = False, client: RegistryClient | None = None,
+            release=None) -> "signing.SignedInstallReport":
     """Install the bundle an image holds into ``<hub dir>/checkpoints``, as
     :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``trust``,
     then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
@@ -160,7 +162,7 @@ def install(ref, *, trust=None, torch_home=None, force: bool = False, plain_http
     hub = hub_dir(torch_home)
     with _fetching(image, client, hub, progress) as source:
         return signing.install_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY,
-                                      torch_home=torch_home, force=force, progress=progress)
+                                      torch_home=torch_home, force=force, progress=progress, release=release)
 
 
 def verify(ref, *, trust=None, plain_http: bool = False, progress: bool = False,

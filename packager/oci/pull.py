@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import bundle as bundles
+from ..bundle import open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
@@ -213,7 +213,7 @@ def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar) -> None:
 def _bundle_weights(path: Path, where: str) -> tuple[str, ...]:
     """The weights of the bundle pulled into ``path``, once the bundle reader accepts it."""
     try:
-        with bundles.open_bundle(path) as opened:
+        with open_bundle(path) as opened:
             return tuple(e.name for e in opened.entries)
     except BundleError as exc:
         raise OCIError(f"{where}: the image does not make a valid bundle: {exc.message}") from None

@@ -8,8 +8,7 @@ from typing import Callable, Sequence
 from ..errors import BundleError, OCIError, SignatureError, UsageError
 from ..formats import modelpack
 from ..formats.archive import MemberFile
-from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, canonical_json, encode_config, \
-    encode_image_manifest
+from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, canonical_json, encode_config, encode_image_manifest
 from ..formats.manifest import decode_manifest, parse_manifest
 from ..transport.oci import OCI_INDEX, Reference, RegistryClient, digest_of
 from ..transport.oci.referrers import referrers, referrers_tag, tag_index

@@ -8,10 +8,21 @@ from dataclasses import dataclass
 
 from ..errors import BundleError, OCIError
 from ..formats.archive import TarArchive
-from ..formats.image import IMAGE_INDEX, IMAGE_MANIFEST, MAX_MANIFEST_LAYER, ImageInfo, LayerInfo, bundle_order, \
-    check_header, layer_layout, layer_size, parse_image_manifest
-from ..formats.modelpack import is_modelpack, parse_config, parse_manifest as parse_modelpack
+from ..formats.image import (
+    IMAGE_INDEX,
+    IMAGE_MANIFEST,
+    MAX_MANIFEST_LAYER,
+    ImageInfo,
+    LayerInfo,
+    bundle_order,
+    check_header,
+    layer_layout,
+    layer_size,
+    parse_image_manifest,
+)
 from ..formats.manifest import decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
+from ..formats.modelpack import is_modelpack, parse_config
+from ..formats.modelpack import parse_manifest as parse_modelpack
 from ..transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, parse_reference
 from ..transport.oci.mirrors import MirroredClient, mirrored_client, push_target
 from .attached import attached_signatures

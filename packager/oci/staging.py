@@ -2,14 +2,13 @@
 
 ``<hub>/tvpack/oci-layers/<image digest hex>.<pid>.<token>/``: one directory per run, written by that run only,
 under the image's lock (``<hub>/tvpack/locks/oci-<image digest hex>.lock``, the name ``cache prune`` takes too).
-This module needs nothing above the values layer, so the cache's prune can use :func:`abandoned_staging`
-without an import cycle.
+The names and the paths are the cache's layout (:class:`packager.cache.HubLayout`); finding the directories
+of dead runs is ``cache prune``'s job.
 """
 from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import time
 from contextlib import contextmanager
@@ -17,33 +16,21 @@ from pathlib import Path
 from typing import Callable
 
 from .. import env
+from ..cache.layout import STAGING_DIR, STAGING_NAME, HubLayout
 from ..errors import CacheError
-from ..fsutil import make_dirs, pid_alive
+from ..fsutil import make_dirs, pid_alive, quiet_for
 from ..locking import FileLock, describe_holder
 
-STAGING_DIR = "oci-layers"  # under <hub>/tvpack: one directory per run, for the layers of the image it installs
-_STAGING_NAME = re.compile(r"^(?P<key>[0-9a-f]{16,64})\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})$")
 LOCK_WAIT = 900.0  # seconds to wait for another run on the same image before going ahead without the lock
 _DEAD_AGE = 60.0  # without the lock, a dead owner's directory is adopted once nothing in it changed for this long
 
 
 def staging_root(hub: Path) -> Path:
-    return hub / "tvpack" / STAGING_DIR
+    return HubLayout(hub).staging
 
 
 def _lock(hub: Path, key: str) -> FileLock:
-    return FileLock(hub / "tvpack" / "locks" / f"oci-{key}.lock")
-
-
-def _quiet_for(path: Path, now: float) -> float:
-    """Seconds since anything in directory ``path`` (or the directory itself) changed."""
-    try:
-        times = [path.stat().st_mtime]
-        with os.scandir(path) as entries:
-            times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
-    except OSError:
-        return 0.0
-    return now - max(times)
+    return FileLock(HubLayout(hub).lock(f"oci-{key}"))
 
 
 def _hold(hub: Path, key: str, notify: Callable[[str], None] | None, timeout: float | None) -> FileLock | None:
@@ -68,14 +55,14 @@ def _adopt_or_make(root: Path, key: str, held: bool) -> Path:
     mine = root / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
     now = time.time()
     for old in sorted(root.iterdir()):
-        match = _STAGING_NAME.match(old.name)
+        match = STAGING_NAME.match(old.name)
         if match is None or match["key"] != key:
             continue
         pid = int(match["pid"])
         if held:  # nobody else works on this image (where locks work): an earlier run of ours, or a dead one
             free = pid == os.getpid() or not pid_alive(pid)
         else:
-            free = not pid_alive(pid) and _quiet_for(old, now) > _DEAD_AGE
+            free = not pid_alive(pid) and quiet_for(old, now) > _DEAD_AGE
         if free:
             try:
                 os.rename(old, mine)
@@ -102,7 +89,7 @@ def staging(hub: Path, key: str, *, notify: Callable[[str], None] | None = None,
     root = staging_root(hub)
     try:
         make_dirs(root)
-        make_dirs(hub / "tvpack" / "locks")
+        make_dirs(HubLayout(hub).locks)
     except OSError as exc:
         raise CacheError(f"cannot create {root}: {exc.strerror or exc}") from None
     lock = _hold(hub, key, notify, lock_timeout if lock_timeout is not None else env.lock_timeout())
@@ -111,40 +98,6 @@ def staging(hub: Path, key: str, *, notify: Callable[[str], None] | None = None,
     finally:
         if lock is not None:
             lock.release()
-
-
-def abandoned_staging(hub: Path, min_age: float, held: list[FileLock]) -> list[tuple[Path, int, str]]:
-    """Staging directories nobody runs, as (path, bytes, reason): the image's lock is free (taken into ``held``,
-    to be released by the caller after removing them) and the owner is gone, or nothing in them changed for
-    ``min_age`` seconds. For ``cache prune``."""
-    out: list[tuple[Path, int, str]] = []
-    root = staging_root(hub)
-    try:
-        names = sorted(os.listdir(root))
-        make_dirs(hub / "tvpack" / "locks")
-    except OSError:
-        return out
-    now = time.time()
-    taken: set[str] = set()  # images whose lock we took (one lock serves all their directories)
-    for name in names:
-        match = _STAGING_NAME.match(name)
-        path = root / name
-        if match is None or not path.is_dir() or path.is_symlink():
-            continue
-        if pid_alive(int(match["pid"])) and _quiet_for(path, now) <= min_age:
-            continue
-        if match["key"] not in taken:
-            lock = _lock(hub, match["key"])
-            try:
-                if not lock.acquire(timeout=0):
-                    continue  # an install of that image is running
-            except OSError:
-                continue
-            held.append(lock)
-            taken.add(match["key"])
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        out.append((path, size, "layers of an interrupted OCI install"))
-    return out
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -168,5 +121,5 @@ def rmdir_quietly(path: Path) -> None:
         pass
 
 
-__all__ = ["LOCK_WAIT", "STAGING_DIR", "abandoned_staging", "rmdir_quietly", "staging", "staging_root",
+__all__ = ["LOCK_WAIT", "STAGING_DIR", "rmdir_quietly", "staging", "staging_root",
            "unlink_quietly", "write_error"]

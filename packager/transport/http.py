@@ -23,7 +23,6 @@ import socket
 import ssl
 import threading
 import time
-
 from urllib.parse import urlsplit
 
 from ..errors import DownloadError

@@ -48,10 +48,12 @@ class ObjectNotFound(DownloadError):
     """The bucket or key does not exist (a mirror without that file: try the next one)."""
 
 
-def configure(*, endpoint_url: str | None = None) -> None:
-    """Process-wide default endpoint (the CLI's ``--endpoint-url``); None restores boto3's own."""
+def configure(*, endpoint_url: str | None = None) -> str | None:
+    """Process-wide default endpoint (the CLI's ``--endpoint-url``); None restores boto3's own. Returns the
+    previous setting."""
     global _default_endpoint
-    _default_endpoint = endpoint_url or None
+    previous, _default_endpoint = _default_endpoint, endpoint_url or None
+    return previous
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from ... import env
 from ...errors import OCIError
 from ...fsutil import atomic_write_json
 
+
 @dataclass(frozen=True)
 class Credentials:
     """A user name and password (or token) for one registry, and the file they came from."""
