@@ -703,10 +703,12 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
                 all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
                 mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
                 offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-                progress: bool = False, site=None, release: Release | None = None) -> BundlePlan:
+                progress: bool = False, site=None, release: Release | None = None, policy=None,
+                lock_timeout: float | None = None) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
     with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
-    a release of a channel (the manifest's ``"release"``)."""
+    a release of a channel (the manifest's ``"release"``); ``policy`` (a transport ``Policy``) and ``lock_timeout``
+    go to the fetch of what is missing (:func:`packager.cache.ensure_cached`)."""
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -717,7 +719,8 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
             raise BundleError(f"{other.name} and {ref.name} both use the file name {ref.filename} for different urls")
     try:
         paths = cache.ensure_cached(selected, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                                    offline=True if not fetch else offline, jobs=jobs, progress=progress)
+                                    offline=True if not fetch else offline, jobs=jobs, progress=progress,
+                                    policy=policy, lock_timeout=lock_timeout)
     except OfflineError as exc:
         if fetch:
             raise
@@ -746,7 +749,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
            progress: bool = False, site=None, split: int | None = None, sign=None,
-           release: Release | None = None) -> Path:
+           release: Release | None = None, policy=None, lock_timeout: float | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -771,6 +774,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
 
     ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
     carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
+    ``policy`` and ``lock_timeout``: how missing checkpoints are fetched (see :func:`plan_bundle`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -781,7 +785,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
-                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release)
+                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release,
+                       policy=policy, lock_timeout=lock_timeout)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
     # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
     signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]

@@ -503,7 +503,9 @@ def test_endpoint_url_on_every_command_that_reads_s3_mirrors(cli, tiny, moto_s3,
     for home in ("a", "b", "c"):
         for f in tiny.files.values():
             assert sha256_of(tmp_path / home / "hub" / "checkpoints" / f["filename"]) == f["sha256"]
-    # the option lasts one command: without it (and without AWS_ENDPOINT_URL) the next one goes elsewhere
-    from packager.transport import s3
-
-    assert s3.configure(endpoint_url=None) is None
+    # the option lasts one command (a value passed down, no process-wide setting): without it, and without
+    # AWS_ENDPOINT_URL, the next command in the same process does not reach the server
+    alone = cli("fetch", *tiny.names, *source[:-2], "--torch-home", tmp_path / "d", "-q", "--retries", "0",
+                "--connect-timeout", "1")
+    assert alone.exit_code == 1, alone.output
+    assert not (tmp_path / "d" / "hub" / "checkpoints").exists() or not any((tmp_path / "d" / "hub" / "checkpoints").iterdir())

@@ -11,7 +11,6 @@ interrupted) is taken over by the next fetch and resumed with a Range request.
 """
 from __future__ import annotations
 
-import contextvars
 import os
 import re
 import secrets
@@ -37,27 +36,12 @@ from .layout import _HOST, _PART_NAME, PART_SUFFIX, HubLayout, _lock, _makedirs,
 
 STALE_FOREIGN_PART = 3600.0  # seconds before another host's part file counts as abandoned
 LOCK_WAIT = 900.0  # seconds to wait for another fetch of the same file before going ahead anyway
-_lock_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("tvpack_lock_timeout", default=None)
-
-
-@contextmanager
-def lock_timeout(seconds: float | None):
-    """Within the block, a fetch waiting for another process's lock on a file gives up after
-    ``seconds`` with a :class:`CacheError` naming the holder (None: ``TVPACK_LOCK_TIMEOUT``, else
-    wait up to ``LOCK_WAIT`` and then go ahead without the lock). For callers that reach the cache
-    through other layers (``bundle``, ``mirror``)."""
-    token = _lock_timeout.set(seconds)
-    try:
-        yield
-    finally:
-        _lock_timeout.reset(token)
 
 
 def _resolve_lock_timeout(explicit: float | None) -> float | None:
-    if explicit is not None:
-        return explicit
-    scoped = _lock_timeout.get()
-    return scoped if scoped is not None else env.lock_timeout()
+    """``lock_timeout=`` as given (every function that takes locks passes it down), else ``TVPACK_LOCK_TIMEOUT``;
+    None: wait up to ``LOCK_WAIT`` and then go ahead without the lock."""
+    return explicit if explicit is not None else env.lock_timeout()
 
 
 @contextmanager
@@ -562,7 +546,7 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
     ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises OfflineError naming
     what is missing. ``dry_run`` transfers nothing and returns where files would be.
     ``lock_timeout``: seconds to wait for another process fetching the same file before giving up
-    (None: see :func:`lock_timeout`).
+    (None: ``TVPACK_LOCK_TIMEOUT``, else up to ``LOCK_WAIT`` and then without the lock).
     """
     return [r.path for r in fetch_results(
         selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,

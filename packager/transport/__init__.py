@@ -43,7 +43,7 @@ def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
             from .s3 import S3Source
         except ImportError:
             raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
-        return S3Source(url, policy)
+        return S3Source(url, policy, policy.s3_endpoint_url)
     if parsed.scheme in ("file", ""):
         from .file import FileSource
 
