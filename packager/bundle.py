@@ -661,10 +661,11 @@ def _makedirs(path: Path) -> None:
         raise BundleError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
-def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list[WeightsRef]:
+def _select_refs(selectors, refs, all_weights, registry, with_backbones, live=None) -> list[WeightsRef]:
     if refs is not None:
         return list(refs)
-    return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones,
+                   live=live)
 
 
 def _refuse_cache_output(output: Path, hub: Path) -> None:
@@ -704,12 +705,13 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
                 mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
                 offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
                 progress: bool = False, site=None, release: Release | None = None, policy=None,
-                lock_timeout: float | None = None) -> BundlePlan:
+                lock_timeout: float | None = None, live: bool | None = None) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
     with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
     a release of a channel (the manifest's ``"release"``); ``policy`` (a transport ``Policy``) and ``lock_timeout``
-    go to the fetch of what is missing (:func:`packager.cache.ensure_cached`)."""
-    selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
+    go to the fetch of what is missing (:func:`packager.cache.ensure_cached`); ``live``: torchvision's catalog
+    discovered live, not read from the snapshot (:func:`packager.snapshot.get_catalog`)."""
+    selected = _select_refs(selectors, refs, all_weights, registry, with_backbones, live)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
     by_file: dict[str, WeightsRef] = {}
@@ -730,7 +732,7 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
         path = Path(paths[ref.name])
         files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
     at_site = {p.name for p, _size, sha in files.values() if site is not None and site.has(p.name, sha)}
-    infos = describe(selected, registry=registry)
+    infos = describe(selected, registry=registry, live=live)
     manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
                               at_site=at_site)
     if release is not None:
@@ -749,7 +751,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
            progress: bool = False, site=None, split: int | None = None, sign=None,
-           release: Release | None = None, policy=None, lock_timeout: float | None = None) -> Path:
+           release: Release | None = None, policy=None, lock_timeout: float | None = None,
+           live: bool | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -774,7 +777,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
 
     ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
     carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
-    ``policy`` and ``lock_timeout``: how missing checkpoints are fetched (see :func:`plan_bundle`).
+    ``policy`` and ``lock_timeout``: how missing checkpoints are fetched; ``live``: see :func:`plan_bundle`.
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -786,7 +789,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
                        with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release,
-                       policy=policy, lock_timeout=lock_timeout)
+                       policy=policy, lock_timeout=lock_timeout, live=live)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
     # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
     signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]

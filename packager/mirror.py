@@ -304,7 +304,8 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
                   upstream: bool = True, offline: bool | None = None, with_backbones: bool = False,
                   jobs: int = 4, endpoint_url: str | None = None, dry_run: bool = False, progress: bool = False,
                   multipart_threshold: int | None = None, part_size: int | None = None,
-                  keys: Iterable = (), ca_roots: Iterable = (), lock_timeout: float | None = None) -> MirrorReport:
+                  keys: Iterable = (), ca_roots: Iterable = (), lock_timeout: float | None = None,
+                  live: bool | None = None) -> MirrorReport:
     """Export weights to a mirror at ``to``: a directory, ``file://`` url or ``s3://bucket/prefix``.
 
     The checkpoints come from the local cache (``selectors`` / ``refs`` / ``all_weights``; what
@@ -316,7 +317,7 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
     A bundle's signatures are checked as ``install`` checks them, before anything is published:
     against ``keys`` / ``ca_roots`` when given, else the configured trust policy (when one exists).
     ``endpoint_url`` serves ``to`` and the s3:// mirrors missing checkpoints are fetched from; ``lock_timeout``:
-    seconds to wait for another process fetching the same file (see :func:`packager.cache.fetch`).
+    seconds to wait for another process fetching the same file; ``live``: see :func:`packager.cache.fetch`.
     """
     selectors = list(selectors)
     keys, ca_roots = list(keys), list(ca_roots)
@@ -333,7 +334,8 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
     if keys or ca_roots:
         raise UsageError("--key and --ca-root check a bundle's signatures: they go with --from-bundle")
     if refs is None:
-        refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+        refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
+                       live=live)
     target = open_target(to, endpoint_url=endpoint_url)
     if not dry_run:
         # Credentials and the bucket (or a writable directory) are checked before anything is fetched: a

@@ -489,6 +489,23 @@ def test_s3_destination_is_checked_before_anything_is_fetched(cli, tiny, moto_s3
     assert not (home2 / "hub" / "checkpoints").exists() or not any((home2 / "hub" / "checkpoints").iterdir())
 
 
+def test_the_s3_endpoint_is_a_value_passed_down_to_the_fetch(cli, tiny, moto_s3, bucket, monkeypatch, tmp_path):
+    """The library takes the endpoint as a value (the transfer Policy), as --endpoint-url gives it: no
+    process-wide setting, so two fetches in one process may read two endpoints."""
+    from packager.cache import fetch
+    from packager.errors import DownloadError
+    from packager.transport import Policy
+
+    dest = f"s3://{bucket}/mirror"
+    assert cli("mirror", *tiny.names, *tiny.source_args(tmp_path / "src"), "--to", dest).exit_code == 0
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    common = {"registry": [tiny.module], "mirrors": [dest], "upstream": False}
+    paths = fetch(tiny.names, torch_home=tmp_path / "a", policy=Policy(s3_endpoint_url=moto_s3.endpoint), **common)
+    assert [sha256_of(p) for p in paths] == [f["sha256"] for f in tiny.files.values()]
+    with pytest.raises(DownloadError):  # the same fetch without it: AWS's endpoint, unreachable here
+        fetch(tiny.names, torch_home=tmp_path / "b", policy=Policy(retries=0, connect_timeout=1), **common)
+
+
 def test_endpoint_url_on_every_command_that_reads_s3_mirrors(cli, tiny, moto_s3, bucket, monkeypatch, tmp_path):
     dest = f"s3://{bucket}/mirror"
     assert cli("mirror", *tiny.names, *tiny.source_args(tmp_path / "src"), "--to", dest).exit_code == 0

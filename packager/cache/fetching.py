@@ -364,12 +364,12 @@ def _progress_callbacks(bar, total_bar, received: list[int]):
     return on_bytes, on_total
 
 
-def _select(selectors, refs, all_weights, registry, lock, with_backbones) -> list[WeightsRef]:
+def _select(selectors, refs, all_weights, registry, lock, with_backbones, live) -> list[WeightsRef]:
     if refs is not None:
         return list(refs)
     if lock is not None:
         return select_locked(read_lockfile(lock), selectors)
-    return resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    return resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones, live=live)
 
 
 def _dedupe(refs: Sequence[WeightsRef]) -> list[WeightsRef]:
@@ -462,12 +462,13 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
                   mirrors: Sequence[str] | None = None, upstream: bool = True, jobs: int = 4,
                   lock=None, offline: bool | None = None, with_backbones: bool = False,
                   dry_run: bool = False, progress: bool = False, policy: Policy | None = None,
-                  raise_errors: bool = True, lock_timeout: float | None = None) -> list[FetchResult]:
+                  raise_errors: bool = True, lock_timeout: float | None = None,
+                  live: bool | None = None) -> list[FetchResult]:
     """Like :func:`fetch`, returning one :class:`FetchResult` per weights.
 
     With ``raise_errors=False`` failures are returned as ``status="failed"`` results instead.
     """
-    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones)
+    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones, live)
     offline = env.offline() if offline is None else offline
     if mirrors is not None:
         mirrors = [os.fspath(m) for m in mirrors]
@@ -536,7 +537,7 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
           registry: Sequence[str] = (), torch_home=None, mirrors: Sequence[str] | None = None,
           upstream: bool = True, jobs: int = 4, lock=None, offline: bool | None = None,
           with_backbones: bool = False, dry_run: bool = False, progress: bool = False,
-          policy: Policy | None = None, lock_timeout: float | None = None) -> list[Path]:
+          policy: Policy | None = None, lock_timeout: float | None = None, live: bool | None = None) -> list[Path]:
     """Fetch weights into the torch.hub cache; returns the final paths, in the order of the refs.
 
     ``selectors`` are resolved through the registry (torchvision plus ``registry`` modules);
@@ -546,13 +547,14 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
     ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises OfflineError naming
     what is missing. ``dry_run`` transfers nothing and returns where files would be.
     ``lock_timeout``: seconds to wait for another process fetching the same file before giving up
-    (None: ``TVPACK_LOCK_TIMEOUT``, else up to ``LOCK_WAIT`` and then without the lock).
+    (None: ``TVPACK_LOCK_TIMEOUT``, else up to ``LOCK_WAIT`` and then without the lock). ``live``: discover
+    torchvision's catalog live instead of reading the snapshot (see :func:`packager.snapshot.get_catalog`).
     """
     return [r.path for r in fetch_results(
         selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
         mirrors=mirrors, upstream=upstream, jobs=jobs, lock=lock, offline=offline,
         with_backbones=with_backbones, dry_run=dry_run, progress=progress, policy=policy,
-        lock_timeout=lock_timeout)]
+        lock_timeout=lock_timeout, live=live)]
 
 
 def ensure_cached(refs: Sequence[WeightsRef], *, torch_home=None, mirrors: Sequence[str] | None = None,

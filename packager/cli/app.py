@@ -38,6 +38,12 @@ def settings(ctx: click.Context | None = None) -> Settings:
     return found if found is not None else Settings(debug=env.debug(), live_registry=env.no_snapshot())
 
 
+def live_registry() -> bool | None:
+    """``live=`` for the library (:func:`packager.snapshot.get_catalog`): True with ``--live-registry``, else None
+    (the library decides: a user module or torchvision already imported reads live)."""
+    return True if settings().live_registry else None
+
+
 def _raise_terminated(signum, frame):
     raise Terminated()
 

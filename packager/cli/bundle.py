@@ -20,7 +20,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
-from .app import main
+from .app import live_registry, main
 from .channels import release_line, release_option
 from .oci import format_option, is_oci, plain_http_option
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
@@ -99,7 +99,8 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, endpoint_url, n
         for note in version_notes(site):
             click.echo(f"tvpack: note: {note}", err=True)
     # how missing weights are fetched: the S3 endpoint of s3:// mirrors, how long to wait for another process
-    fetching = {"policy": Policy(s3_endpoint_url=endpoint_url) if endpoint_url else None, "lock_timeout": lock_timeout}
+    fetching = {"policy": Policy(s3_endpoint_url=endpoint_url) if endpoint_url else None, "lock_timeout": lock_timeout,
+                "live": live_registry()}  # and the catalog: the snapshot, or discovered live (--live-registry)
     if is_oci(output):
         from .oci import bundle_to_registry
 

@@ -20,7 +20,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
-from .app import main
+from .app import live_registry, main
 from .signing import trust_options
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-file lines.")
@@ -120,7 +120,7 @@ def fetch_cmd(selectors, all_weights, torch_home, registry, endpoint_url, mirror
         upstream=not no_upstream, jobs=jobs, lock=lockfile, offline=offline, with_backbones=with_backbones,
         dry_run=dry_run, progress=progress_enabled(quiet) and not as_json, raise_errors=False,
         policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url),
-        lock_timeout=lock_timeout,
+        lock_timeout=lock_timeout, live=live_registry(),
     )
     bad = [r for r in results if r.status in ("failed", "missing")]
     if as_json:
@@ -189,7 +189,7 @@ def lock_cmd(selectors, output, all_weights, torch_home, registry, endpoint_url,
         torch_home=torch_home, mirrors=_mirrors(mirrors), upstream=not no_upstream, offline=offline, jobs=jobs,
         progress=progress_enabled(quiet) and not as_json,
         policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url),
-        lock_timeout=lock_timeout,
+        lock_timeout=lock_timeout, live=live_registry(),
     )
     refs = read_lockfile(path)
     if as_json:

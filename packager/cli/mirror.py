@@ -15,7 +15,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
-from .app import main
+from .app import live_registry, main
 from .signing import trust_options
 
 
@@ -75,6 +75,7 @@ def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, 
         torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
         with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
         progress=progress_enabled(quiet or as_json), keys=keys, ca_roots=ca_roots, lock_timeout=lock_timeout,
+        live=live_registry(),
     )
     if as_json:
         echo_json(report.to_dict())
