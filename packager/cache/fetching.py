@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 from .. import env
 from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
-from ..fsutil import fsync_dir, pid_alive
+from ..fsutil import SpaceLedger, fsync_dir, pid_alive
 from ..locking import describe_holder
 from ..registry import WeightsRef
 from ..snapshot import resolve
@@ -266,13 +266,15 @@ def _check_present(path: Path, ref: WeightsRef) -> tuple[str, str | None, int | 
 
 class _Run:
     """What the transfers of one fetch share: the cancel flag, the lock timeout, the stderr
-    notices, and the cache directories, made (once) only when something has to be written."""
+    notices, the disk space promised to transfers in progress (the ledger), and the cache directories, made
+    (once) only when something has to be written."""
 
     def __init__(self, hub: Path, bars: "_Bars", lock_timeout: float | None):
         self.hub = hub
         self.bars = bars
         self.lock_timeout = lock_timeout
         self.cancel = Cancel()
+        self.ledger = SpaceLedger()
         self._prepared = False
         self._mutex = threading.Lock()
 
@@ -318,7 +320,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                 on_bytes, on_total = _progress_callbacks(bar, run.bars.total, received)
                 try:
                     result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total,
-                                      cancel=run.cancel, notify=run.notify)
+                                      cancel=run.cancel, notify=run.notify, ledger=run.ledger)
                 except IntegrityError as exc:
                     integrity = integrity or exc
                     errors.append(exc.format())
