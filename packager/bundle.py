@@ -664,8 +664,7 @@ def _makedirs(path: Path) -> None:
 def _select_refs(selectors, refs, all_weights, registry, with_backbones, live=None) -> list[WeightsRef]:
     if refs is not None:
         return list(refs)
-    return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones,
-                   live=live)
+    return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones, live=live)
 
 
 def _refuse_cache_output(output: Path, hub: Path) -> None:
@@ -708,9 +707,7 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
                 lock_timeout: float | None = None, live: bool | None = None) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
     with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
-    a release of a channel (the manifest's ``"release"``); ``policy`` (a transport ``Policy``) and ``lock_timeout``
-    go to the fetch of what is missing (:func:`packager.cache.ensure_cached`); ``live``: torchvision's catalog
-    discovered live, not read from the snapshot (:func:`packager.snapshot.get_catalog`)."""
+    a release of a channel (the manifest's ``"release"``); ``policy``, ``lock_timeout``, ``live`` as in :func:`cache.fetch`."""
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones, live)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -751,8 +748,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
            progress: bool = False, site=None, split: int | None = None, sign=None,
-           release: Release | None = None, policy=None, lock_timeout: float | None = None,
-           live: bool | None = None) -> Path:
+           release: Release | None = None, policy=None, lock_timeout: float | None = None, live: bool | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -777,7 +773,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
 
     ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
     carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
-    ``policy`` and ``lock_timeout``: how missing checkpoints are fetched; ``live``: see :func:`plan_bundle`.
+    ``policy``, ``lock_timeout`` and ``live``: how the selection is resolved and fetched (:func:`packager.cache.fetch`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
