@@ -661,10 +661,10 @@ def _makedirs(path: Path) -> None:
         raise BundleError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
-def _select_refs(selectors, refs, all_weights, registry, with_backbones) -> list[WeightsRef]:
+def _select_refs(selectors, refs, all_weights, registry, with_backbones, live=None) -> list[WeightsRef]:
     if refs is not None:
         return list(refs)
-    return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    return resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones, live=live)
 
 
 def _refuse_cache_output(output: Path, hub: Path) -> None:
@@ -703,11 +703,12 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
                 all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
                 mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
                 offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-                progress: bool = False, site=None, release: Release | None = None) -> BundlePlan:
+                progress: bool = False, site=None, release: Release | None = None, policy=None,
+                lock_timeout: float | None = None, live: bool | None = None) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
     with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
-    a release of a channel (the manifest's ``"release"``)."""
-    selected = _select_refs(selectors, refs, all_weights, registry, with_backbones)
+    a release of a channel (the manifest's ``"release"``); ``policy``, ``lock_timeout``, ``live`` as in :func:`cache.fetch`."""
+    selected = _select_refs(selectors, refs, all_weights, registry, with_backbones, live)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
     by_file: dict[str, WeightsRef] = {}
@@ -717,7 +718,8 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
             raise BundleError(f"{other.name} and {ref.name} both use the file name {ref.filename} for different urls")
     try:
         paths = cache.ensure_cached(selected, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                                    offline=True if not fetch else offline, jobs=jobs, progress=progress)
+                                    offline=True if not fetch else offline, jobs=jobs, progress=progress,
+                                    policy=policy, lock_timeout=lock_timeout)
     except OfflineError as exc:
         if fetch:
             raise
@@ -727,7 +729,7 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
         path = Path(paths[ref.name])
         files[ref.name] = (path, os.stat(path).st_size, cache.file_sha256(path))
     at_site = {p.name for p, _size, sha in files.values() if site is not None and site.has(p.name, sha)}
-    infos = describe(selected, registry=registry)
+    infos = describe(selected, registry=registry, live=live)
     manifest = build_manifest(infos, {name: (size, sha) for name, (_path, size, sha) in files.items()},
                               at_site=at_site)
     if release is not None:
@@ -746,7 +748,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
            mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
            offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
            progress: bool = False, site=None, split: int | None = None, sign=None,
-           release: Release | None = None) -> Path:
+           release: Release | None = None, policy=None, lock_timeout: float | None = None, live: bool | None = None) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
     Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
@@ -771,6 +773,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
 
     ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
     carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
+    ``policy``, ``lock_timeout`` and ``live``: how the selection is resolved and fetched (:func:`packager.cache.fetch`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -781,7 +784,8 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
                        mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
-                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release)
+                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release,
+                       policy=policy, lock_timeout=lock_timeout, live=live)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
     # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
     signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]

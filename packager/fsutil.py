@@ -278,10 +278,6 @@ class SpaceReservation:
         self.remaining = max(0, self.remaining - n)
 
 
-_reservations: list[SpaceReservation] = []
-_reservations_mutex = threading.Lock()
-
-
 def _existing_dir(path: Path) -> Path:
     """``path`` or its nearest ancestor that exists (a directory about to be created is on its file system)."""
     while not path.exists() and path.parent != path:
@@ -289,41 +285,54 @@ def _existing_dir(path: Path) -> Path:
     return path
 
 
-@contextmanager
-def reserve_space(part, needed: int | None):
+class SpaceLedger:
+    """What the transfers of one run (a fetch of many files) have yet to write, per file system: held by the run
+    and passed to each transfer, so N parallel transfers cannot each count the same free bytes."""
+
+    def __init__(self):
+        self._open: list[SpaceReservation] = []
+        self._mutex = threading.Lock()
+
+    @contextmanager
+    def reserve(self, part, needed: int | None):
+        """See :func:`reserve_space`."""
+        if not needed:
+            yield None
+            return
+        where = _existing_dir(Path(part).parent)
+        try:
+            free = shutil.disk_usage(where).free
+            device = os.stat(where).st_dev
+        except OSError:
+            yield None
+            return
+        with self._mutex:
+            promised = sum(r.remaining for r in self._open if r.device == device)
+            if free - promised < needed:
+                busy = f", {human_bytes(promised)} of them promised to transfers in progress" if promised else ""
+                raise CacheError(f"not enough disk space in {Path(part).parent}: need {human_bytes(needed)}, "
+                                 f"{human_bytes(free)} free{busy}")
+            reservation = SpaceReservation(device, needed)
+            self._open.append(reservation)
+        try:
+            yield reservation
+        finally:
+            with self._mutex:
+                self._open.remove(reservation)
+
+
+def reserve_space(part, needed: int | None, ledger: SpaceLedger | None = None):
     """Reserve ``needed`` bytes beside ``part`` (a file about to be written) for the duration of the block,
     or raise CacheError before anything is written.
 
-    Free space is compared with what this process's other reservations on the same file system have
-    yet to write, so N parallel transfers cannot each count the same free bytes. Yields the
-    :class:`SpaceReservation` (None when the size or the free space is unknown).
+    Free space is compared with what the other reservations of ``ledger`` (the run's; None: this one alone) on
+    the same file system have yet to write. Yields the :class:`SpaceReservation` (None when the size or the
+    free space is unknown).
     """
-    if not needed:
-        yield None
-        return
-    where = _existing_dir(Path(part).parent)
-    try:
-        free = shutil.disk_usage(where).free
-        device = os.stat(where).st_dev
-    except OSError:
-        yield None
-        return
-    with _reservations_mutex:
-        promised = sum(r.remaining for r in _reservations if r.device == device)
-        if free - promised < needed:
-            busy = f", {human_bytes(promised)} of them promised to transfers in progress" if promised else ""
-            raise CacheError(f"not enough disk space in {Path(part).parent}: need {human_bytes(needed)}, "
-                             f"{human_bytes(free)} free{busy}")
-        reservation = SpaceReservation(device, needed)
-        _reservations.append(reservation)
-    try:
-        yield reservation
-    finally:
-        with _reservations_mutex:
-            _reservations.remove(reservation)
+    return (ledger if ledger is not None else SpaceLedger()).reserve(part, needed)
 
 
-__all__ = ["SpaceReservation", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir",
+__all__ = ["SpaceLedger", "SpaceReservation", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir",
            "group_shared", "hash_file", "human_bytes", "make_dirs", "pid_alive", "remove_stale_temps", "reserve_space",
            "share_with_group", "short_name", "temp_path"]
 

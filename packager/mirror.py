@@ -7,7 +7,6 @@ target (:func:`packager.transport.open_target`: a directory or ``s3://bucket/pre
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -25,7 +24,7 @@ from .errors import BundleError, IntegrityError, MirrorError, TvpackError, Usage
 from .home import checkpoints_dir
 from .registry import filename_from_url
 from .snapshot import resolve
-from .transport import open_target, s3
+from .transport import Policy, open_target
 from .transport.urls import mirror_path
 
 # -- export ------------------------------------------------------------------------------------
@@ -131,7 +130,8 @@ def _file_opener(path: Path) -> Callable[[], BinaryIO]:
 
 
 def items_from_cache(refs, *, torch_home=None, mirrors=None, upstream=True, offline=None, jobs=4,
-                     progress=False, dry_run=False) -> tuple[list[ExportItem], list]:
+                     progress=False, dry_run=False, policy: Policy | None = None,
+                     lock_timeout: float | None = None) -> tuple[list[ExportItem], list]:
     """Export items for ``refs`` from the local cache, fetching what is missing (unless dry_run).
 
     Returns ``(items, missing_refs)``; ``missing_refs`` is non-empty only with ``dry_run``.
@@ -145,7 +145,7 @@ def items_from_cache(refs, *, torch_home=None, mirrors=None, upstream=True, offl
         missing = []
         present = list(refs)
         paths = ensure_cached(present, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                              offline=offline, jobs=jobs, progress=progress)
+                              offline=offline, jobs=jobs, progress=progress, policy=policy, lock_timeout=lock_timeout)
     items = []
     for ref in present:
         path = Path(paths[ref.name])
@@ -304,7 +304,8 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
                   upstream: bool = True, offline: bool | None = None, with_backbones: bool = False,
                   jobs: int = 4, endpoint_url: str | None = None, dry_run: bool = False, progress: bool = False,
                   multipart_threshold: int | None = None, part_size: int | None = None,
-                  keys: Iterable = (), ca_roots: Iterable = ()) -> MirrorReport:
+                  keys: Iterable = (), ca_roots: Iterable = (), lock_timeout: float | None = None,
+                  live: bool | None = None) -> MirrorReport:
     """Export weights to a mirror at ``to``: a directory, ``file://`` url or ``s3://bucket/prefix``.
 
     The checkpoints come from the local cache (``selectors`` / ``refs`` / ``all_weights``; what
@@ -315,6 +316,8 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
 
     A bundle's signatures are checked as ``install`` checks them, before anything is published:
     against ``keys`` / ``ca_roots`` when given, else the configured trust policy (when one exists).
+    ``endpoint_url`` serves ``to`` and the s3:// mirrors missing checkpoints are fetched from; ``lock_timeout``:
+    seconds to wait for another process fetching the same file; ``live``: see :func:`packager.cache.fetch`.
     """
     selectors = list(selectors)
     keys, ca_roots = list(keys), list(ca_roots)
@@ -331,19 +334,18 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
     if keys or ca_roots:
         raise UsageError("--key and --ca-root check a bundle's signatures: they go with --from-bundle")
     if refs is None:
-        refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+        refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
+                       live=live)
     target = open_target(to, endpoint_url=endpoint_url)
     if not dry_run:
         # Credentials and the bucket (or a writable directory) are checked before anything is fetched: a
         # missing key should not cost a download of every checkpoint first.
         target.prepare()
-    with contextlib.ExitStack() as stack:
-        if endpoint_url:
-            # The endpoint also serves s3:// mirrors the missing checkpoints come from.
-            stack.enter_context(s3.configured(endpoint_url=endpoint_url))
-        items, missing = items_from_cache(list(refs), torch_home=torch_home, mirrors=mirrors,
-                                          upstream=upstream, offline=offline, jobs=jobs, progress=progress,
-                                          dry_run=dry_run)
+    # The endpoint also serves s3:// mirrors the missing checkpoints come from.
+    policy = Policy(s3_endpoint_url=endpoint_url) if endpoint_url else None
+    items, missing = items_from_cache(list(refs), torch_home=torch_home, mirrors=mirrors, upstream=upstream,
+                                      offline=offline, jobs=jobs, progress=progress, dry_run=dry_run,
+                                      policy=policy, lock_timeout=lock_timeout)
     planned = [ExportResult((ref.name,), mirror_path(ref.url), target.location(mirror_path(ref.url)),
                             ref.size_hint, ref.sha256, "would fetch") for ref in missing]
     return export_items(items, to, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run, progress=progress,

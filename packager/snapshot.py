@@ -147,7 +147,8 @@ def get_catalog(modules: Sequence[str] = (), *, live: bool | None = None) -> Cat
     """torchvision's catalog plus each user registry module in ``modules`` and ``$TVPACK_REGISTRY``
     (always discovered live).
 
-    torchvision's part comes from the snapshot, unless ``live``, ``TVPACK_NO_SNAPSHOT=1``, a user module
+    torchvision's part comes from the snapshot, unless ``live`` (the CLI's ``--live-registry``), else (None)
+    ``TVPACK_NO_SNAPSHOT=1``, a user module
     is given, or ``torchvision.models`` is already imported in this process: then the live objects are
     at hand and are the truth (they see in-process changes: a user module or a test pointing a member at
     another url).
@@ -165,22 +166,22 @@ def get_catalog(modules: Sequence[str] = (), *, live: bool | None = None) -> Cat
 
 
 def resolve(selectors: Iterable[str], *, registry: Sequence[str] = (), all_weights: bool = False,
-            with_backbones: bool = False) -> list[WeightsRef]:
+            with_backbones: bool = False, live: bool | None = None) -> list[WeightsRef]:
     """Public API: selectors (``resnet50``, ``resnet50:all``, ``'resnet*'``,
-    ``ResNet50_Weights.IMAGENET1K_V2``) to WeightsRefs, through :func:`get_catalog`."""
+    ``ResNet50_Weights.IMAGENET1K_V2``) to WeightsRefs, through :func:`get_catalog` (``live`` as there)."""
     selectors = list(selectors)
     if not selectors and not all_weights:
         raise UsageError("no weights selected: give one or more selectors or --all")
-    return get_catalog(registry).resolve(selectors, all_weights=all_weights, with_backbones=with_backbones)
+    return get_catalog(registry, live=live).resolve(selectors, all_weights=all_weights, with_backbones=with_backbones)
 
 
-def describe(refs: Sequence[WeightsRef], *, registry: Sequence[str] = ()) -> list[WeightsInfo]:
+def describe(refs: Sequence[WeightsRef], *, registry: Sequence[str] = (), live: bool | None = None) -> list[WeightsInfo]:
     """The WeightsInfo (transform spec and meta as data) of each ref, from the catalog; a ref the
     catalog lacks (a lockfile's weights from a module not given as --registry) is described live
     from its recorded module, as torchvision's ``get_weight`` would import it."""
     from .discovery import describe_live
 
-    catalog = get_catalog(registry)
+    catalog = get_catalog(registry, live=live)
     out = []
     for ref in refs:
         try:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import ZOO_REGISTRY
+
+from packager.errors import SelectorError
 
 
 def test_help_is_fast_and_does_not_import_torch(tvpack):
@@ -64,6 +67,20 @@ def test_debug_shows_traceback(tvpack):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     proc = tvpack("list", "resnt50", env={"TVPACK_DEBUG": "1"})
     assert "Traceback" in proc.stderr
+
+
+def test_global_options_are_settings_of_one_command_not_of_the_process(cli, torch_home):
+    """--debug and --live-registry travel as a value (click's context object), never written to os.environ: a
+    later command in the same process (a notebook, a service calling main) has neither unless given again."""
+    try:
+        with pytest.raises(SelectorError):  # --debug: the error itself, traceback and all
+            cli("--debug", "--live-registry", "list", "resnt50")
+        assert "TVPACK_DEBUG" not in os.environ and "TVPACK_NO_SNAPSHOT" not in os.environ
+        result = cli("list", "resnt50")  # no --debug: one line, exit 1
+        assert result.exit_code == 1 and result.output.startswith("tvpack: error: unknown model 'resnt50'")
+    finally:
+        os.environ.pop("TVPACK_DEBUG", None)
+        os.environ.pop("TVPACK_NO_SNAPSHOT", None)
 
 
 def test_malformed_mirror_fails_at_once_with_exit_2(cli, torch_home):

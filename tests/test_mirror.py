@@ -489,6 +489,23 @@ def test_s3_destination_is_checked_before_anything_is_fetched(cli, tiny, moto_s3
     assert not (home2 / "hub" / "checkpoints").exists() or not any((home2 / "hub" / "checkpoints").iterdir())
 
 
+def test_the_s3_endpoint_is_a_value_passed_down_to_the_fetch(cli, tiny, moto_s3, bucket, monkeypatch, tmp_path):
+    """The library takes the endpoint as a value (the transfer Policy), as --endpoint-url gives it: no
+    process-wide setting, so two fetches in one process may read two endpoints."""
+    from packager.cache import fetch
+    from packager.errors import DownloadError
+    from packager.transport import Policy
+
+    dest = f"s3://{bucket}/mirror"
+    assert cli("mirror", *tiny.names, *tiny.source_args(tmp_path / "src"), "--to", dest).exit_code == 0
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    common = {"registry": [tiny.module], "mirrors": [dest], "upstream": False}
+    paths = fetch(tiny.names, torch_home=tmp_path / "a", policy=Policy(s3_endpoint_url=moto_s3.endpoint), **common)
+    assert [sha256_of(p) for p in paths] == [f["sha256"] for f in tiny.files.values()]
+    with pytest.raises(DownloadError):  # the same fetch without it: AWS's endpoint, unreachable here
+        fetch(tiny.names, torch_home=tmp_path / "b", policy=Policy(retries=0, connect_timeout=1), **common)
+
+
 def test_endpoint_url_on_every_command_that_reads_s3_mirrors(cli, tiny, moto_s3, bucket, monkeypatch, tmp_path):
     dest = f"s3://{bucket}/mirror"
     assert cli("mirror", *tiny.names, *tiny.source_args(tmp_path / "src"), "--to", dest).exit_code == 0
@@ -503,7 +520,9 @@ def test_endpoint_url_on_every_command_that_reads_s3_mirrors(cli, tiny, moto_s3,
     for home in ("a", "b", "c"):
         for f in tiny.files.values():
             assert sha256_of(tmp_path / home / "hub" / "checkpoints" / f["filename"]) == f["sha256"]
-    # the option lasts one command: without it (and without AWS_ENDPOINT_URL) the next one goes elsewhere
-    from packager.transport import s3
-
-    assert s3.configure(endpoint_url=None) is None
+    # the option lasts one command (a value passed down, no process-wide setting): without it, and without
+    # AWS_ENDPOINT_URL, the next command in the same process does not reach the server
+    alone = cli("fetch", *tiny.names, *source[:-2], "--torch-home", tmp_path / "d", "-q", "--retries", "0",
+                "--connect-timeout", "1")
+    assert alone.exit_code == 1, alone.output
+    assert not (tmp_path / "d" / "hub" / "checkpoints").exists() or not any((tmp_path / "d" / "hub" / "checkpoints").iterdir())

@@ -35,7 +35,6 @@ from .fetching import (
     ensure_cached,
     fetch,
     fetch_results,
-    lock_timeout,
     plan,
 )
 from .index import INDEX_LOCK_WAIT, INDEX_VERSION, _load_index, _update_index, file_sha256, index_entry, record_verified
@@ -64,7 +63,7 @@ from .scan import STATUSES, CachedFile, CacheInfo, HubInfo, scan_cache, scan_hub
 from .verify import VerifyResult, verify_cache
 
 __all__ = [
-    "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult", "lock_timeout",
+    "fetch", "fetch_results", "ensure_cached", "plan", "FetchResult",
     "file_sha256", "record_verified", "index_entry", "hash_file",
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
     "prune_cache", "remove_from_cache", "Removal", "STAGING_DIR",

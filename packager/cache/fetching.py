@@ -11,7 +11,6 @@ interrupted) is taken over by the next fetch and resumed with a Range request.
 """
 from __future__ import annotations
 
-import contextvars
 import os
 import re
 import secrets
@@ -26,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 from .. import env
 from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
-from ..fsutil import fsync_dir, pid_alive
+from ..fsutil import SpaceLedger, fsync_dir, pid_alive
 from ..locking import describe_holder
 from ..registry import WeightsRef
 from ..snapshot import resolve
@@ -37,27 +36,12 @@ from .layout import _HOST, _PART_NAME, PART_SUFFIX, HubLayout, _lock, _makedirs,
 
 STALE_FOREIGN_PART = 3600.0  # seconds before another host's part file counts as abandoned
 LOCK_WAIT = 900.0  # seconds to wait for another fetch of the same file before going ahead anyway
-_lock_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("tvpack_lock_timeout", default=None)
-
-
-@contextmanager
-def lock_timeout(seconds: float | None):
-    """Within the block, a fetch waiting for another process's lock on a file gives up after
-    ``seconds`` with a :class:`CacheError` naming the holder (None: ``TVPACK_LOCK_TIMEOUT``, else
-    wait up to ``LOCK_WAIT`` and then go ahead without the lock). For callers that reach the cache
-    through other layers (``bundle``, ``mirror``)."""
-    token = _lock_timeout.set(seconds)
-    try:
-        yield
-    finally:
-        _lock_timeout.reset(token)
 
 
 def _resolve_lock_timeout(explicit: float | None) -> float | None:
-    if explicit is not None:
-        return explicit
-    scoped = _lock_timeout.get()
-    return scoped if scoped is not None else env.lock_timeout()
+    """``lock_timeout=`` as given (every function that takes locks passes it down), else ``TVPACK_LOCK_TIMEOUT``;
+    None: wait up to ``LOCK_WAIT`` and then go ahead without the lock."""
+    return explicit if explicit is not None else env.lock_timeout()
 
 
 @contextmanager
@@ -282,13 +266,15 @@ def _check_present(path: Path, ref: WeightsRef) -> tuple[str, str | None, int | 
 
 class _Run:
     """What the transfers of one fetch share: the cancel flag, the lock timeout, the stderr
-    notices, and the cache directories, made (once) only when something has to be written."""
+    notices, the disk space promised to transfers in progress (the ledger), and the cache directories, made
+    (once) only when something has to be written."""
 
     def __init__(self, hub: Path, bars: "_Bars", lock_timeout: float | None):
         self.hub = hub
         self.bars = bars
         self.lock_timeout = lock_timeout
         self.cancel = Cancel()
+        self.ledger = SpaceLedger()
         self._prepared = False
         self._mutex = threading.Lock()
 
@@ -334,7 +320,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                 on_bytes, on_total = _progress_callbacks(bar, run.bars.total, received)
                 try:
                     result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total,
-                                      cancel=run.cancel, notify=run.notify)
+                                      cancel=run.cancel, notify=run.notify, ledger=run.ledger)
                 except IntegrityError as exc:
                     integrity = integrity or exc
                     errors.append(exc.format())
@@ -380,12 +366,12 @@ def _progress_callbacks(bar, total_bar, received: list[int]):
     return on_bytes, on_total
 
 
-def _select(selectors, refs, all_weights, registry, lock, with_backbones) -> list[WeightsRef]:
+def _select(selectors, refs, all_weights, registry, lock, with_backbones, live) -> list[WeightsRef]:
     if refs is not None:
         return list(refs)
     if lock is not None:
         return select_locked(read_lockfile(lock), selectors)
-    return resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    return resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones, live=live)
 
 
 def _dedupe(refs: Sequence[WeightsRef]) -> list[WeightsRef]:
@@ -478,12 +464,13 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
                   mirrors: Sequence[str] | None = None, upstream: bool = True, jobs: int = 4,
                   lock=None, offline: bool | None = None, with_backbones: bool = False,
                   dry_run: bool = False, progress: bool = False, policy: Policy | None = None,
-                  raise_errors: bool = True, lock_timeout: float | None = None) -> list[FetchResult]:
+                  raise_errors: bool = True, lock_timeout: float | None = None,
+                  live: bool | None = None) -> list[FetchResult]:
     """Like :func:`fetch`, returning one :class:`FetchResult` per weights.
 
     With ``raise_errors=False`` failures are returned as ``status="failed"`` results instead.
     """
-    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones)
+    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones, live)
     offline = env.offline() if offline is None else offline
     if mirrors is not None:
         mirrors = [os.fspath(m) for m in mirrors]
@@ -552,7 +539,7 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
           registry: Sequence[str] = (), torch_home=None, mirrors: Sequence[str] | None = None,
           upstream: bool = True, jobs: int = 4, lock=None, offline: bool | None = None,
           with_backbones: bool = False, dry_run: bool = False, progress: bool = False,
-          policy: Policy | None = None, lock_timeout: float | None = None) -> list[Path]:
+          policy: Policy | None = None, lock_timeout: float | None = None, live: bool | None = None) -> list[Path]:
     """Fetch weights into the torch.hub cache; returns the final paths, in the order of the refs.
 
     ``selectors`` are resolved through the registry (torchvision plus ``registry`` modules);
@@ -562,13 +549,14 @@ def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = 
     ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises OfflineError naming
     what is missing. ``dry_run`` transfers nothing and returns where files would be.
     ``lock_timeout``: seconds to wait for another process fetching the same file before giving up
-    (None: see :func:`lock_timeout`).
+    (None: ``TVPACK_LOCK_TIMEOUT``, else up to ``LOCK_WAIT`` and then without the lock). ``live``: discover
+    torchvision's catalog live instead of reading the snapshot (see :func:`packager.snapshot.get_catalog`).
     """
     return [r.path for r in fetch_results(
         selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
         mirrors=mirrors, upstream=upstream, jobs=jobs, lock=lock, offline=offline,
         with_backbones=with_backbones, dry_run=dry_run, progress=progress, policy=policy,
-        lock_timeout=lock_timeout)]
+        lock_timeout=lock_timeout, live=live)]
 
 
 def ensure_cached(refs: Sequence[WeightsRef], *, torch_home=None, mirrors: Sequence[str] | None = None,

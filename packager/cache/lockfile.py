@@ -14,9 +14,11 @@ from .index import file_sha256
 def write_lockfile(selectors: Iterable[str], output, *, registry: Sequence[str] = (), all_weights: bool = False,
                    with_backbones: bool = False, torch_home=None, mirrors: Sequence[str] | None = None,
                    upstream: bool = True, offline: bool | None = None, jobs: int = 4,
-                   progress: bool = False, policy=None, lock_timeout: float | None = None) -> Path:
+                   progress: bool = False, policy=None, lock_timeout: float | None = None,
+                   live: bool | None = None) -> Path:
     """Resolve selectors, fetch whatever is missing, and pin each file's sha256 and size."""
-    refs = resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones)
+    refs = resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones,
+                   live=live)
     results = fetch_results(refs=refs, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
                             offline=offline, jobs=jobs, progress=progress, policy=policy, lock_timeout=lock_timeout)
     pinned = []

@@ -33,18 +33,8 @@ torch_home_option = click.option(
     "--torch-home", "torch_home", type=click.Path(file_okay=False), default=None, callback=_nonempty_dir,
     help="Use this directory as TORCH_HOME (default: as torch.hub resolves it).",
 )
-def _configure_endpoint(ctx, param, value):
-    """--endpoint-url for this command's s3:// urls (mirrors to read from): set now, restored when it ends."""
-    if value:
-        from ..transport import s3
-
-        previous = s3.configure(endpoint_url=value)
-        ctx.call_on_close(lambda: s3.configure(endpoint_url=previous))
-    return value
-
-
-endpoint_url_option = click.option(
-    "--endpoint-url", metavar="URL", default=None, expose_value=False, callback=_configure_endpoint,
+endpoint_url_option = click.option(  # passed down as a value (the transfer Policy's s3_endpoint_url)
+    "--endpoint-url", "endpoint_url", metavar="URL", default=None,
     help="S3 endpoint for s3:// mirrors in this command (default: AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, else AWS).",
 )
 registry_option = click.option(

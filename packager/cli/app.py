@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 
 import click
 
@@ -18,6 +19,29 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, timeout, systemd) raised in the main thread: it unwinds exactly as
     Ctrl-C does, so every cleanup that Ctrl-C runs (part files kept, temp files removed, workers
     stopped) runs for it too; exit 143 (128 + SIGTERM)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The group's options, built once and carried in click's context object (``ctx.obj``) to whoever reads
+    them; never written to ``os.environ``. ``debug``: tracebacks (``--debug`` or ``TVPACK_DEBUG=1``);
+    ``live_registry``: discover torchvision's catalog live (``--live-registry`` or ``TVPACK_NO_SNAPSHOT=1``)."""
+
+    debug: bool = False
+    live_registry: bool = False
+
+
+def settings(ctx: click.Context | None = None) -> Settings:
+    """The settings of the running command (the environment's alone outside a ``tvpack`` invocation)."""
+    ctx = ctx if ctx is not None else click.get_current_context(silent=True)
+    found = ctx.find_object(Settings) if ctx is not None else None
+    return found if found is not None else Settings(debug=env.debug(), live_registry=env.no_snapshot())
+
+
+def live_registry() -> bool | None:
+    """``live=`` for the library (:func:`packager.snapshot.get_catalog`): True with ``--live-registry``, else None
+    (the library decides: a user module or torchvision already imported reads live)."""
+    return True if settings().live_registry else None
 
 
 def _raise_terminated(signum, frame):
@@ -55,7 +79,7 @@ class TvpackGroup(click.Group):
             if _broken_pipe(exc):
                 _silence_stdout()
                 ctx.exit(128 + signal.SIGPIPE)
-            if env.debug():
+            if settings(ctx).debug:
                 raise
             code = getattr(exc, "exit_code", 1) if isinstance(exc, TvpackError) else 1
             if as_json and not ctx.meta.get(JSON_WRITTEN):  # a report that says what failed is already out
@@ -134,7 +158,8 @@ def _print_version(ctx, param, value):
 @click.option("--live-registry", is_flag=True,
               help="Discover torchvision's weights live (imports torch) instead of reading the registry snapshot"
                    " (also TVPACK_NO_SNAPSHOT=1).")
-def main(debug: bool, live_registry: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, debug: bool, live_registry: bool) -> None:
     """Fetch, verify, bundle and load torchvision pre-trained checkpoints offline.
 
     \b
@@ -149,7 +174,4 @@ def main(debug: bool, live_registry: bool) -> None:
     TVPACK_REGISTRY, TVPACK_MIRROR, TVPACK_OFFLINE, TVPACK_DEBUG, TVPACK_NO_SNAPSHOT,
     TVPACK_TRUSTED_KEYS, TVPACK_SIGNING_KEY_PASSWORD, TVPACK_LOCK_TIMEOUT.
     """
-    if debug:
-        os.environ["TVPACK_DEBUG"] = "1"
-    if live_registry:
-        os.environ["TVPACK_NO_SNAPSHOT"] = "1"
+    ctx.obj = Settings(debug=debug or env.debug(), live_registry=live_registry or env.no_snapshot())

@@ -20,7 +20,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
-from .app import main
+from .app import live_registry, main
 from .channels import release_line, release_option
 from .oci import format_option, is_oci, plain_http_option
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
@@ -64,8 +64,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 @quiet_option
 @plain_http_option
 @format_option
-def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no_fetch, offline, with_backbones,
-               all_weights, site_file, split_size, sign_key, cert_chain, channel, sequence, expires, revokes,
+def bundle_cmd(selectors, output, torch_home, registry, mirrors, endpoint_url, no_upstream, no_fetch, offline,
+               with_backbones, all_weights, site_file, split_size, sign_key, cert_chain, channel, sequence, expires, revokes,
                lock_timeout, as_json, quiet, plain_http, image_format):
     """Write the selected weights, their transform specs and meta into one archive.
 
@@ -77,9 +77,9 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
     the same bytes as an unsplit bundle; every command reads the parts in place.
     """
     from ..bundle import bundle, open_bundle
-    from ..cache import lock_timeout as waiting_for_locks
     from ..formats.manifest import is_checkpoint_path
     from ..formats.volumes import parse_size
+    from ..transport import Policy
 
     if cert_chain and not sign_key:
         raise click.UsageError("--cert-chain goes with --sign-key")
@@ -98,22 +98,24 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, no_upstream, no
         site = read_site(site_file)
         for note in version_notes(site):
             click.echo(f"tvpack: note: {note}", err=True)
-    with waiting_for_locks(lock_timeout):  # fetching missing weights may wait for another process
-        if is_oci(output):
-            from .oci import bundle_to_registry
+    # how missing weights are fetched: the S3 endpoint of s3:// mirrors, how long to wait for another process
+    fetching = {"policy": Policy(s3_endpoint_url=endpoint_url) if endpoint_url else None, "lock_timeout": lock_timeout,
+                "live": live_registry()}  # and the catalog: the snapshot, or discovered live (--live-registry)
+    if is_oci(output):
+        from .oci import bundle_to_registry
 
-            return bundle_to_registry(output, plain_http=plain_http, as_json=as_json, image_format=image_format,
-                                      progress=progress_enabled(quiet or as_json),
-                                      sign=signer.members if signer else None, selectors=selectors,
-                                      all_weights=all_weights, registry=registry, torch_home=torch_home,
-                                      mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
-                                      offline=True if offline else None, with_backbones=with_backbones,
-                                      release=release)
-        path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
-                      mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
-                      offline=True if offline else None, with_backbones=with_backbones,
-                      progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
-                      site=site, split=part_size, release=release)
+        return bundle_to_registry(output, plain_http=plain_http, as_json=as_json, image_format=image_format,
+                                  progress=progress_enabled(quiet or as_json),
+                                  sign=signer.members if signer else None, selectors=selectors,
+                                  all_weights=all_weights, registry=registry, torch_home=torch_home,
+                                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                                  offline=True if offline else None, with_backbones=with_backbones,
+                                  release=release, **fetching)
+    path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
+                  offline=True if offline else None, with_backbones=with_backbones,
+                  progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
+                  site=site, split=part_size, release=release, **fetching)
     with open_bundle(path) as opened:
         signed = f"; signed by {signer.signer}" if signer else ""
         at_site = len(opened.site_files)

@@ -20,7 +20,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
-from .app import main
+from .app import live_registry, main
 from .signing import trust_options
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-file lines.")
@@ -59,11 +59,11 @@ def _network_options(func):
     return func
 
 
-def _policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time):
+def _policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url=None):
     from ..transport import Policy
 
     return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries,
-                  speed_limit=speed_limit, speed_time=speed_time, max_time=max_time)
+                  speed_limit=speed_limit, speed_time=speed_time, max_time=max_time, s3_endpoint_url=endpoint_url)
 
 
 def _mirrors(mirrors):
@@ -94,7 +94,7 @@ def _describe(result) -> str:
 @click.option("--dry-run", is_flag=True, help="Show the plan (cached, to download, bytes); transfer nothing.")
 @json_option
 @quiet_option
-def fetch_cmd(selectors, all_weights, torch_home, registry, mirrors, no_upstream, jobs, offline,
+def fetch_cmd(selectors, all_weights, torch_home, registry, endpoint_url, mirrors, no_upstream, jobs, offline,
               connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, lock_timeout, lockfile,
               with_backbones, dry_run, as_json, quiet):
     """Download weights into the torch.hub cache, verified, so torchvision never downloads.
@@ -119,8 +119,8 @@ def fetch_cmd(selectors, all_weights, torch_home, registry, mirrors, no_upstream
         selectors, all_weights=all_weights, registry=registry, torch_home=torch_home, mirrors=_mirrors(mirrors),
         upstream=not no_upstream, jobs=jobs, lock=lockfile, offline=offline, with_backbones=with_backbones,
         dry_run=dry_run, progress=progress_enabled(quiet) and not as_json, raise_errors=False,
-        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
-        lock_timeout=lock_timeout,
+        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url),
+        lock_timeout=lock_timeout, live=live_registry(),
     )
     bad = [r for r in results if r.status in ("failed", "missing")]
     if as_json:
@@ -173,7 +173,7 @@ def _print_plan(results) -> None:
 @with_backbones_option
 @json_option
 @quiet_option
-def lock_cmd(selectors, output, all_weights, torch_home, registry, mirrors, no_upstream, jobs, offline,
+def lock_cmd(selectors, output, all_weights, torch_home, registry, endpoint_url, mirrors, no_upstream, jobs, offline,
              connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, lock_timeout, with_backbones,
              as_json, quiet):
     """Pin weights to their exact bytes: write a lockfile (url, size, full sha256 per file).
@@ -188,8 +188,8 @@ def lock_cmd(selectors, output, all_weights, torch_home, registry, mirrors, no_u
         selectors, output, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
         torch_home=torch_home, mirrors=_mirrors(mirrors), upstream=not no_upstream, offline=offline, jobs=jobs,
         progress=progress_enabled(quiet) and not as_json,
-        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
-        lock_timeout=lock_timeout,
+        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url),
+        lock_timeout=lock_timeout, live=live_registry(),
     )
     refs = read_lockfile(path)
     if as_json:

@@ -14,7 +14,7 @@ import click
 from .. import env
 from ..fsutil import plural
 from ._common import echo_json, json_option, torch_home_option
-from .app import main, version_line, versions
+from .app import main, settings, version_line, versions
 
 # what `make test` (Makefile: system-deps) and the container tests need from the system
 TEST_TOOLS = ("nginx", "docker-registry", "htpasswd", "skopeo", "umoci", "podman")
@@ -100,8 +100,8 @@ def _s3() -> dict:
 def _snapshot() -> dict:
     from ..snapshot import snapshot_path, source_key
 
-    if env.no_snapshot():
-        return {"state": "off", "line": "off (TVPACK_NO_SNAPSHOT=1): every command discovers torchvision live"}
+    if settings().live_registry:
+        return {"state": "off", "line": "off (--live-registry or TVPACK_NO_SNAPSHOT=1): every command discovers torchvision live"}
     key = source_key()
     if key is None:
         return {"state": "no-torchvision", "line": "torchvision is not installed"}

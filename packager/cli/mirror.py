@@ -15,7 +15,7 @@ from ._common import (
     torch_home_option,
     with_backbones_option,
 )
-from .app import main
+from .app import live_registry, main
 from .signing import trust_options
 
 
@@ -64,20 +64,19 @@ def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, 
       tvpack mirror --all --to s3://ml-artifacts/torchvision --jobs 8
       tvpack mirror --from-bundle vision.tvpack --to s3://ml-artifacts/torchvision
     """
-    from ..cache import lock_timeout as waiting_for_locks
     from ..mirror import export_mirror
 
     if bundle_file is not None and (selectors or all_weights):
         raise click.UsageError("--from-bundle publishes the whole bundle: give no SELECTOR or --all")
     if bundle_file is None and not selectors and not all_weights:
         raise click.UsageError("give SELECTOR..., --all or --from-bundle FILE")
-    with waiting_for_locks(lock_timeout):
-        report = export_mirror(
-            selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
-            torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
-            with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
-            progress=progress_enabled(quiet or as_json), keys=keys, ca_roots=ca_roots,
-        )
+    report = export_mirror(
+        selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
+        torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
+        with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
+        progress=progress_enabled(quiet or as_json), keys=keys, ca_roots=ca_roots, lock_timeout=lock_timeout,
+        live=live_registry(),
+    )
     if as_json:
         echo_json(report.to_dict())
         return

@@ -6,7 +6,7 @@ import click
 from ..fsutil import human_bytes
 from ..registry import FAMILIES
 from ._common import echo_json, json_option, registry_option, table, torch_home_option
-from .app import main
+from .app import live_registry, main
 
 
 @main.command("list")
@@ -26,7 +26,7 @@ def list_cmd(patterns, family, cached, all_weights, torch_home, registry, as_jso
     from ..home import checkpoints_dir
     from ..snapshot import get_catalog
 
-    catalog = get_catalog(registry)
+    catalog = get_catalog(registry, live=live_registry())
     selectors = [p if (":" in p or "." in p) else f"{p}:all" for p in patterns]
     refs = catalog.resolve(selectors, all_weights=all_weights or not patterns)
     refs.sort(key=lambda r: r.name)

@@ -43,7 +43,7 @@ def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
             from .s3 import S3Source
         except ImportError:
             raise DownloadError(f"{url}: s3:// mirrors need the s3 extra (pip install 'tvpack[s3]')") from None
-        return S3Source(url, policy)
+        return S3Source(url, policy, policy.s3_endpoint_url)
     if parsed.scheme in ("file", ""):
         from .file import FileSource
 
@@ -53,7 +53,7 @@ def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
 
 def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
              session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None,
-             cancel: Cancel | None = None, notify: NoticeFn | None = None) -> Result:
+             cancel: Cancel | None = None, notify: NoticeFn | None = None, ledger=None) -> Result:
     """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
 
     One engine for every scheme (:func:`.engine.fetch` over :func:`source_of`). Raises
@@ -61,10 +61,10 @@ def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAU
     IntegrityError (bytes wrong: the part is removed), CacheError (the disk cannot take it),
     Cancelled (``cancel`` was set: stopped between chunks or by aborting a blocked read). On
     DownloadError and Cancelled the part is kept so that a later call resumes it. ``notify`` is
-    told, in one line, what each retry waits for.
+    told, in one line, what each retry waits for. ``ledger``: the run's :class:`~packager.fsutil.SpaceLedger`.
     """
     return fetch(source_of(url, policy=policy, session=session), part, verifier, policy, on_bytes=on_bytes,
-                 on_total=on_total, cancel=cancel, notify=notify)
+                 on_total=on_total, cancel=cancel, notify=notify, ledger=ledger)
 
 
 def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from ..errors import DownloadError, IntegrityError
-from ..fsutil import reserve_space
+from ..fsutil import SpaceLedger, reserve_space
 from .stream import (
     DEFAULT_POLICY,
     Cancel,
@@ -201,8 +201,9 @@ def open_body(source: Source, offset: int, validator: str | None, timeout: tuple
 
 def fetch(source: Source, part: Path, verifier: Verifier, policy: Policy = DEFAULT_POLICY, *,
           on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None, cancel: Cancel | None = None,
-          notify: NoticeFn | None = None) -> Result:
-    """Stream ``source`` into ``part`` (continuing what is there), fsync and verify it.
+          notify: NoticeFn | None = None, ledger: SpaceLedger | None = None) -> Result:
+    """Stream ``source`` into ``part`` (continuing what is there), fsync and verify it; the disk space it needs
+    is reserved in ``ledger`` (the run's, shared by its parallel transfers; None: this transfer's own).
 
     Raises DownloadError (after retries, or at once when it cannot heal), IntegrityError (the part
     is removed), CacheError (the disk cannot take it), Cancelled (the part is kept to resume)."""
@@ -215,7 +216,7 @@ def fetch(source: Source, part: Path, verifier: Verifier, policy: Policy = DEFAU
             discard_part(part)
         try:
             digest = _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel,
-                                    retrier.deadline, starts)
+                                    retrier.deadline, starts, ledger)
             return Result(source.url, digest, verifier.count, starts[0], retrier.attempt + 1)
         except Restart:
             discard_part(part)
@@ -241,7 +242,8 @@ def _validator_of(part: Path, url: str) -> str | None:
     return etag if etag and not etag.startswith("W/") else state.get("last_modified")
 
 
-def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline, starts) -> str:
+def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, cancel, deadline, starts,
+                   ledger) -> str:
     body = open_body(source, offset, _validator_of(part, source.url) if offset else None, timeouts(policy, deadline),
                      cancel)
     starts.append(body.offset)
@@ -255,7 +257,7 @@ def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, c
         if on_total is not None:
             on_total(body.total, offset)
         need = (body.total - offset) if body.total is not None else None
-        with reserve_space(part, need) as reservation:
+        with reserve_space(part, need, ledger) as reservation:
             try:
                 if not getattr(source, "content_addressed", False):  # else its name is its validator
                     write_state(part, {"url": source.url, "validator": body.validator, "total": body.total})

@@ -39,34 +39,12 @@ MIN_PART_SIZE = 5 * MiB
 READ_CHUNK = 1 * MiB
 SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
 
-_default_endpoint: str | None = None
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
 class ObjectNotFound(DownloadError):
     """The bucket or key does not exist (a mirror without that file: try the next one)."""
-
-
-def configure(*, endpoint_url: str | None = None) -> str | None:
-    """Process-wide default endpoint (the CLI's ``--endpoint-url``); None restores boto3's own. Returns the
-    previous setting."""
-    global _default_endpoint
-    previous, _default_endpoint = _default_endpoint, endpoint_url or None
-    return previous
-
-
-@contextlib.contextmanager
-def configured(*, endpoint_url: str | None = None):
-    """:func:`configure` for the duration of a ``with`` block (then the previous setting)."""
-    global _default_endpoint
-    previous = _default_endpoint
-    if endpoint_url:
-        _default_endpoint = endpoint_url
-    try:
-        yield
-    finally:
-        _default_endpoint = previous
 
 
 def is_s3_url(url: str) -> bool:
@@ -97,11 +75,11 @@ def _boto3():
 
 def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64,
            timeouts: tuple[float, float] | None = None):
-    """A (cached, thread-safe) S3 client for ``endpoint_url`` or the configured/environment one.
+    """A (cached, thread-safe) S3 client for ``endpoint_url`` or, None, the environment's (boto3 reads it).
 
     ``timeouts`` (connect, read): a client for the engine's reads, which makes one attempt per call
     (the engine retries); without, botocore's own retries (writes, heads, listings)."""
-    endpoint = endpoint_url or _default_endpoint
+    endpoint = endpoint_url or None
     # boto3 reads the environment itself; the key follows it so tests and long-lived processes
     # that change AWS_* variables get a fresh client.
     key = (endpoint, max_pool_connections, timeouts, *(os.environ.get(name) for name in (

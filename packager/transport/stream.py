@@ -62,6 +62,7 @@ class Policy:
     max_time: float | None = None
     max_redirects: int = 10
     stall_retries: int | None = None  # retries after stalls (no answer, too slow), if fewer than ``retries``
+    s3_endpoint_url: str | None = None  # for s3:// sources (--endpoint-url); None: boto3's own (AWS_ENDPOINT_URL...)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based retry count)."""
