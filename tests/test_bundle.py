@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack
+from conftest import ROOT, ZOO_REGISTRY, need_binary, run_tvpack, wait_for
 
 from packager.errors import BundleError, CacheError, OfflineError
 from packager.formats.archive import tar_header, tar_layout
@@ -810,10 +810,8 @@ def test_a_killed_bundle_leaves_a_temp_that_the_next_run_removes_and_ls_does_not
 def test_special_files_are_refused_at_once(tmp_path):
     fifo = tmp_path / "bundle.fifo"
     os.mkfifo(fifo)
-    started = time.monotonic()
-    proc = run_tvpack("inspect", fifo, timeout=30)
+    proc = run_tvpack("inspect", fifo, timeout=300)  # opening a FIFO to read would block until a writer came
     assert proc.returncode == 1 and "is a FIFO, not a bundle file" in proc.stderr
-    assert time.monotonic() - started < 20
     with open(tmp_path / "b.tar", "wb") as f:
         f.write(b"x")
     proc = subprocess.run(f"cat {tmp_path / 'b.tar'} | {sys.executable} -m packager inspect /dev/stdin", shell=True,
@@ -876,11 +874,9 @@ def test_sigterm_during_bundle_removes_its_temp_file(tmp_path):
            "TORCH_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "packager", "bundle", "big_model", "--no-fetch", "-o", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not any(out.parent.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    wait_for(lambda: any(out.parent.iterdir()) or proc.poll() is not None, what="the bundle's temp file")
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     assert list(out.parent.iterdir()) == [], "the temp file of the interrupted bundle was left behind"

@@ -127,7 +127,7 @@ def test_a_resumed_fetch_counts_only_the_bytes_it_received(mirror_server, tmp_pa
         wait_for(lambda: len([p for p in _checkpoints(home).glob("*.tvpack-part") if p.stat().st_size > MB // 2])
                  == 2 if _checkpoints(home).is_dir() else False, what="two part files")
         proc.send_signal(signal.SIGINT)  # parts keep every byte received
-        proc.wait(timeout=30)
+        proc.wait(timeout=300)
     finally:
         proc.kill()
         proc.wait()
@@ -168,7 +168,7 @@ def test_a_closed_stdout_ends_quietly(mirror_server, tmp_path):
                                 stderr=subprocess.PIPE)
         proc.stdout.close()  # `| head -1` that has already exited
         err = proc.stderr.read()
-        proc.wait(timeout=60)
+        proc.wait(timeout=300)
         assert err == b"", err
         assert proc.returncode == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE
 

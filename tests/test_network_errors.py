@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ssl
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -94,13 +93,12 @@ def test_an_untrusted_certificate_fails_at_once_and_says_how_to_trust_it(tmp_pat
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     with _Served(Files, context) as served:
         url = f"https://127.0.0.1:{served.port}"
-        started = time.monotonic()
         proc = _fetch(lock, url, TORCH_HOME=tmp_path / "home")
         line = _one_error_line(proc)
         assert "certificate verify failed: self-signed certificate" in line
         assert "set REQUESTS_CA_BUNDLE to your CA bundle" in line
         assert served.server.connections == 1  # not retried: no retry can heal it
-        assert time.monotonic() - started < 20
+        assert "retrying in" not in proc.stderr and "gave up after" not in line
         # and the advice works
         proc = _fetch(lock, url, TORCH_HOME=tmp_path / "home", REQUESTS_CA_BUNDLE=tmp_path / "cert.pem")
         assert proc.returncode == 0, proc.stderr
@@ -133,12 +131,11 @@ def test_a_redirect_loop_is_one_short_chain_not_retried(tmp_path):
 def test_a_dead_proxy_is_named_as_the_proxy(mirror_server, tmp_path):
     lock = dump_lockfile(synth_refs(mirror_server.root, count=1, size=1000), tmp_path / "tvpack.lock")
     proxy = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     proc = _fetch(lock, mirror_server.url, TORCH_HOME=tmp_path / "home", HTTP_PROXY=proxy, http_proxy=proxy,
                   NO_PROXY="", no_proxy="")
     line = _one_error_line(proc)
     assert f"the proxy {proxy} refused the connection" in line and "HTTP_PROXY" in line
-    assert "gave up after" not in line and time.monotonic() - started < 20  # a dead proxy is not retried
+    assert "gave up after" not in line and "retrying in" not in proc.stderr  # a dead proxy is not retried
     mirror_server.settle()
     assert mirror_server.requests() == []
 
@@ -191,7 +188,6 @@ def test_a_trickling_server_is_cut_off_by_the_minimum_speed_and_the_time_limit(t
     lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=200_000), tmp_path / "tvpack.lock")
     with MirrorServer(tmp_path / "m") as server:
         server.add_fault("slow", rate=200)  # ~200 bytes a second: never silent long enough for a read timeout
-        started = time.monotonic()
         proc = _fetch(lock, server.url, "--speed-limit", "2000", "--speed-time", "1", "--retries", "1",
                       TORCH_HOME=tmp_path / "home")
         notices = [line for line in proc.stderr.splitlines() if "; retrying in " in line]
@@ -200,12 +196,9 @@ def test_a_trickling_server_is_cut_off_by_the_minimum_speed_and_the_time_limit(t
                                               proc.stderr.replace(notices[0] + "\n", "")))
         assert "too slow" in line and "under the minimum of 2000 bytes/s over 1s" in line
         assert "gave up after 2 attempts" in line
-        assert time.monotonic() - started < 15
-        started = time.monotonic()
         proc = _fetch(lock, server.url, "--speed-limit", "0", "--max-time", "1.5", TORCH_HOME=tmp_path / "home")
         line = _one_error_line(proc)
         assert "not complete within 1.5s" in line
-        assert time.monotonic() - started < 15
         # what was received is kept, to resume from
         parts = list((tmp_path / "home" / "hub" / "checkpoints").glob("*.tvpack-part"))
         assert parts and parts[0].stat().st_size > 0

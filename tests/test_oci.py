@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack
+from conftest import ROOT, ZOO_REGISTRY, need_binary, need_server, run_tvpack, wait_for
 
 from packager import cache, oci, signing
 from packager.errors import BundleError, CacheError, OCIError
@@ -609,6 +609,7 @@ class StallingFront:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.stalled = threading.Event()
+        self.stalls = 0  # stalled GETs received: a second one is a retry after a read timeout
         self._release = threading.Event()
         owner = self
 
@@ -626,6 +627,7 @@ class StallingFront:
 
             def do_GET(self):
                 if self.path.endswith(f"/blobs/{stall}"):
+                    owner.stalls += 1
                     owner.stalled.set()
                     owner._release.wait()  # the connection stays open, silent
                     return
@@ -673,17 +675,21 @@ def test_ctrl_c_stops_a_stalled_oci_blob_get_at_once(registry, made, tmp_path, c
     import signal
 
     oci.push_bundle(made["small"], ref_of(registry), plain_http=True)
-    where = ["-o", str(tmp_path / "x")] if command == "pull" else ["--torch-home", str(tmp_path / "home")]
+    # pull: no read timeout or speed limit can end the wait, only the signal; install has no such options: its
+    # read timeout (30 s, then retries) would end in "gave up", exit 1, never 130
+    where = (["-o", str(tmp_path / "x"), "--read-timeout", "3600", "--speed-limit", "0"] if command == "pull"
+             else ["--torch-home", str(tmp_path / "home")])
     with StallingFront(registry.host, checkpoint_layer(registry)["digest"]) as front:
         proc = subprocess.Popen([sys.executable, "-m", "packager", command, ref_of(front), *where,
                                  "--plain-http"], env={**os.environ, "PYTHONPATH": str(ROOT)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert front.stalled.wait(60), "the blob GET never arrived"
+            assert wait_for(front.stalled.is_set, what="the blob GET")
             proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=15)  # the default read timeout alone would be 30 s
+            _, stderr = proc.communicate(timeout=600)  # bounds a hang only
         finally:
             proc.kill()
+    assert front.stalls == 1  # stopped during the first GET: not retried after a read timeout
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "tvpack: interrupted", stderr
 
