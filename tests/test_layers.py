@@ -1,7 +1,7 @@
 """The floor plan: packager's modules import only downward, never in a circle.
 
 Every import counts, including those inside functions (a lazy import hides a cycle, it does not
-remove it). The layers are the README's "How it is built"; a new module must be given one here.
+remove it). The layers are docs/design.md's floor plan; a new module must be given one here.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _layer(module: str) -> int:
         if module in members or any(m.endswith(".*") and (module == m[:-2] or module.startswith(m[:-1]))
                                     for m in members):
             return index
-    raise AssertionError(f"{module} has no layer: add it to tests/test_layers.py and the README's floor plan")
+    raise AssertionError(f"{module} has no layer: add it to tests/test_layers.py and the floor plan in docs/design.md")
 
 
 def test_every_module_has_a_layer():
