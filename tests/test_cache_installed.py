@@ -73,6 +73,7 @@ def variant(base: Path, out: Path, *, release: dict | None = None, bump: float =
         checkpoints[item["path"]] = data
     if release is not None:
         document["release"] = release
+    document["members"] = {}  # the ML-BOM describes the base's checkpoints: a variant carries none
     manifest = encode_manifest(document)
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in [(manifest_path_for(manifest), manifest), *sorted(checkpoints.items())]:

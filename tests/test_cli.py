@@ -130,6 +130,7 @@ FAILING_JSON = {
     "predict": (["predict", "nope.tar", "resnet50", "x.png"], "BadParameter", 2),
     "cache ls": (["cache", "ls", "--torch-home", "afile"], "BadParameter", 2),
     "channels": (["channels", "--torch-home", "afile"], "BadParameter", 2),
+    "doctor": (["doctor", "--torch-home", "afile"], "BadParameter", 2),
     "cache verify": (["cache", "verify", "nosuch"], "SelectorError", 1),
     "cache prune": (["cache", "prune", "--torch-home", "afile"], "BadParameter", 2),
     "cache rm": (["cache", "rm", "nosuch"], "SelectorError", 1),

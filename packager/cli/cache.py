@@ -257,7 +257,7 @@ def _why_current(hub, weights) -> str:
     if weights.reason == "installed":
         return "installed last, " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.record.installed))
     if weights.reason == "identical":
-        return f"described alike by {len(weights.manifests)} manifests"
+        return f"described alike by {plural(len(weights.manifests), 'manifest')}"
     if weights.reason == "ambiguous":
         return "AMBIGUOUS: " + ", ".join(weights.manifests)
     return "only manifest" + (f" ({manifest.release})" if manifest and manifest.release else "")
@@ -297,7 +297,7 @@ def echo_installed(hub) -> None:
             click.echo(f"tvpack: {weights.problem}")
     for line in hub.problems:
         click.echo(f"tvpack: {line}")
-    click.echo(f"{len(hub.weights)} weights installed from {sum(m.ok for m in hub.manifests)} manifests in "
+    click.echo(f"{len(hub.weights)} weights installed from {plural(sum(m.ok for m in hub.manifests), 'manifest')} in "
                f"{hub.layout.manifests}")
 
 
