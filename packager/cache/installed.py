@@ -156,7 +156,10 @@ def _same(a: BundleEntry, b: BundleEntry) -> bool:
 def _choose(name: str, candidates: list[tuple[ManifestInfo, BundleEntry]]) -> InstalledWeights:
     ids = tuple(m.manifest_id for m, _e in candidates)
     if len(candidates) == 1 or all(_same(candidates[0][1], e) for _m, e in candidates[1:]):
-        return InstalledWeights(name, ids, ids[0], "only" if len(ids) == 1 else "identical", candidates[0][1])
+        # alike: any would load the same bytes; the most recently installed speaks for them (its signatures count)
+        recorded = [(m.record.installed, i) for i, (m, _e) in enumerate(candidates) if m.record is not None]
+        pick = max(recorded)[1] if recorded else 0
+        return InstalledWeights(name, ids, ids[pick], "only" if len(ids) == 1 else "identical", candidates[pick][1])
     releases = [m.release for m, _e in candidates]
     if all(r is not None for r in releases) and len({r.channel for r in releases}) == 1:
         top = max(r.sequence for r in releases)
