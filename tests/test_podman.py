@@ -169,7 +169,7 @@ def test_podman_build_copy_from_the_image_makes_a_model_cache_image(podman, push
     podman.build(tag, f"FROM {base}\nCOPY --from={name} /hub /opt/torch/hub\nENV TORCH_HOME=/opt/torch\n")
     proc = podman.run(tag, "/bin/busybox", "sh", "-c", "cd /opt/torch && /bin/busybox sha256sum hub/checkpoints/*")
     seen = dict(reversed(line.split()) for line in proc.stdout.strip().splitlines())
-    assert seen == {path: sha for path, sha in shas.items() if sha}
+    assert seen == {path: sha for path, sha in shas.items() if path.startswith("hub/checkpoints/")}
     assert podman.run(tag, "/bin/busybox", "sh", "-c", "echo $TORCH_HOME").stdout.strip() == "/opt/torch"
     # the model-cache image's /opt/torch is a TORCH_HOME vanilla torchvision loads from, offline
     home = read_only_view(podman.mount(tag) / "opt/torch")
