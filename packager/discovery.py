@@ -117,7 +117,7 @@ class Registry:
         self.modules = tuple(modules)
         self.models: dict[str, LiveModel] = {}
         self.enums: dict[str, type] = {}
-        self._infos: dict[tuple[str, str, str], WeightsInfo] = {}
+        self._infos: dict[tuple[str, str, str], tuple[dict, WeightsInfo]] = {}
         if torchvision:
             self._discover_torchvision()
         for name in self.modules:
@@ -224,9 +224,12 @@ class Registry:
             for member in enum:
                 ref = self.ref(member)
                 memo = (key, member.name, member.url)
-                info = self._infos.get(memo)
-                if info is None or info.ref != ref:
-                    info = self._infos[memo] = _weights_info(ref, member)
+                seen, info = self._infos.get(memo, (None, None))
+                # a shallow copy of the meta it was made from: an in-place edit of a member's meta
+                # (a test's monkeypatch.setitem) makes it stale; equal values compare by identity first
+                if info is None or info.ref != ref or seen != member.meta:
+                    info = _weights_info(ref, member)
+                    self._infos[memo] = (dict(member.meta), info)
                 weights[(key, member.name)] = info
         models = {}
         for name, model in self.models.items():
@@ -268,9 +271,14 @@ def describe_live(ref: WeightsRef) -> WeightsInfo:
     return _weights_info(ref, member)
 
 
-@lru_cache(maxsize=8)
 def live_registry(modules: tuple[str, ...], *, torchvision: bool = True) -> Registry:
-    """The live registry of exactly ``modules`` (plus torchvision), cached."""
+    """The live registry of exactly ``modules`` (plus torchvision), cached: one object per arguments,
+    however they are spelled."""
+    return _live_registry(tuple(modules), bool(torchvision))
+
+
+@lru_cache(maxsize=8)
+def _live_registry(modules: tuple[str, ...], torchvision: bool) -> Registry:
     return Registry(modules, torchvision=torchvision)
 
 
