@@ -32,6 +32,7 @@ from typing import BinaryIO, Iterable, Mapping, Sequence
 
 from . import cache, channels
 from .channels import ReleaseOptions
+from .config import Config, config_from
 from .errors import BundleError, CacheError, OfflineError, SelectorError, UsageError
 from .formats.archive import (
     Member,
@@ -67,6 +68,7 @@ from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, 
 from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename, parse_selector, select_described
+from .report import Reporter, reporter_for
 from .snapshot import describe, resolve
 from .spec import build_transforms, meta_from_json
 
@@ -289,14 +291,6 @@ def _path_of(path) -> Path:
     return Path(getattr(path, "path", path))
 
 
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
-
-
 def _refuse_mismatches(archive, hashed) -> None:
     """``hashed``: (member, sha256 read) pairs. Refuse, in one line, when any differs from the manifest; the spans
     of those members let a split bundle name the part to blame."""
@@ -306,8 +300,9 @@ def _refuse_mismatches(archive, hashed) -> None:
                      spans=[(m.offset, m.offset + m.size) for m in bad])
 
 
-def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
-    """Every structural check, every sha256 and the weights-only pickle check of each checkpoint.
+def verify_bundle(path, *, progress: bool = False, check=None, reporter: Reporter | None = None) -> VerifyReport:
+    """Every structural check, every sha256 and the weights-only pickle check of each checkpoint; progress goes to
+    ``reporter`` (:mod:`packager.report`; ``progress=True``: bars on stderr).
 
     Returns a report when all hold; raises :class:`BundleError` (one line) at the first failure.
     ``check(bundle)`` (e.g. the signature check of :mod:`packager.signing`) runs on the opened bundle
@@ -317,13 +312,12 @@ def verify_bundle(path, *, progress: bool = False, check=None) -> VerifyReport:
     try:
         if check is not None:
             check(Bundle(_path_of(path), archive))
-        bar = _progress(progress, sum(m.size for m in archive.payload), "verify")
+        bar = reporter_for(reporter, progress).progress(sum(m.size for m in archive.payload), "verify")
         try:
             digests = each_member([(m,) for m in archive.payload],
                                    lambda member, pool: archive.hash_member(member, pool, bar=bar))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         _refuse_mismatches(archive, zip(archive.payload, digests))
         for member in archive.payload:
             if is_checkpoint_path(member.path):
@@ -404,8 +398,8 @@ class _Staged:
     moves: tuple[tuple[Path, Path], ...]  # (destination, temp file), in placing order: the manifest last
 
 
-def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False,
-                   check=None, release: ReleaseOptions | None = None) -> InstallReport:
+def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool = False, check=None,
+                   release: ReleaseOptions | None = None, reporter: Reporter | None = None) -> InstallReport:
     """Verify a bundle and place its files under the hub directory; see :func:`install`.
     ``check(bundle)`` runs on the opened bundle before anything is read or written; it raises to refuse, and may
     return the valid signatures it found (the release checks need to know who signed).
@@ -429,7 +423,7 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
             decision = channels.check_install(plan.hub, archive.manifest, archive.manifest_id,  # 2
                                               {**archive.expected, **archive.site_files}, plan.signers,
                                               release or ReleaseOptions(), held)
-            staged = _stage_install(archive, plan, temps, held, progress)  # 3
+            staged = _stage_install(archive, plan, temps, held, reporter_for(reporter, progress))  # 3
             _place(list(staged.moves), temps)  # 4
             placed = _record_install(archive, plan, staged)  # 5
             if decision is not None:
@@ -473,7 +467,7 @@ def _plan_install(archive: _Archive, hub: Path, force: bool, signers) -> Install
 
 
 def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held: contextlib.ExitStack,
-                   progress: bool) -> _Staged:
+                   reporter: Reporter) -> _Staged:
     """Step 3: one pass over the payload hashes everything and writes what is new into temp files (refused at once
     when the file system cannot hold them beside what is there: the old copy of a replaced file goes last); every
     checkpoint must load weights-only; then the manifest and its signatures are staged the same way."""
@@ -498,12 +492,11 @@ def _stage_install(archive: _Archive, plan: InstallPlan, temps: list[Path], held
         finally:
             os.close(fd)
 
-    bar = _progress(progress, sum(step.member.size for step in plan.files), "install")
+    bar = reporter.progress(sum(step.member.size for step in plan.files), "install")
     try:
         outcomes = each_member([(step,) for step in plan.files], stage)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     _refuse_mismatches(archive, ((step.member, sha) for step, (_t, sha) in zip(plan.files, outcomes)))
     staged = tuple((step, tmp) for step, (tmp, _sha) in zip(plan.files, outcomes))
     for step, tmp in staged:  # every checkpoint must load weights-only before anything gets its final name
@@ -640,10 +633,11 @@ def _check_site(archive: _Archive, hub: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def install(path, *, torch_home=None, force: bool = False, progress: bool = False) -> list[Path]:
+def install(path, *, torch_home=None, force: bool = False, progress: bool = False,
+            reporter: Reporter | None = None) -> list[Path]:
     """Install a bundle into ``<hub dir>/checkpoints`` (``torch_home``: as ``--torch-home``), as
     :func:`install_bundle` does; returns the paths of the files placed or found."""
-    report = install_bundle(path, torch_home=torch_home, force=force, progress=progress)
+    report = install_bundle(path, torch_home=torch_home, force=force, progress=progress, reporter=reporter)
     return [placed.path for placed in report.files]
 
 
@@ -700,14 +694,15 @@ class BundlePlan:
 
 
 def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
-                all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
-                mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
-                offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-                progress: bool = False, site=None, release: Release | None = None, policy=None,
-                lock_timeout: float | None = None, live: bool | None = None) -> BundlePlan:
+                all_weights: bool = False, registry: Sequence[str] = (), torch_home=None, fetch: bool = True,
+                with_backbones: bool = False, site=None, release: Release | None = None,
+                config: Config | None = None, **keywords) -> BundlePlan:
     """Select, fetch what is missing into the cache (see :func:`bundle`) and describe the bundle;
     with ``site`` (see :func:`bundle`), a delta bundle that carries only what the site lacks; with ``release``,
-    a release of a channel (the manifest's ``"release"``); ``policy``, ``lock_timeout``, ``live`` as in :func:`cache.fetch`."""
+    a release of a channel (the manifest's ``"release"``); ``config`` (or its fields as keywords) as in
+    :func:`packager.cache.fetch`."""
+    config = config_from(config, **keywords)
+    live = config.live
     selected = _select_refs(selectors, refs, all_weights, registry, with_backbones, live)
     if not selected:
         raise BundleError("nothing to bundle: the selection is empty")
@@ -717,9 +712,8 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
         if other.url != ref.url:
             raise BundleError(f"{other.name} and {ref.name} both use the file name {ref.filename} for different urls")
     try:
-        paths = cache.ensure_cached(selected, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                                    offline=True if not fetch else offline, jobs=jobs, progress=progress,
-                                    policy=policy, lock_timeout=lock_timeout)
+        paths = cache.ensure_cached(selected, torch_home=torch_home,
+                                    config=config if fetch else config.but(offline=True))
     except OfflineError as exc:
         if fetch:
             raise
@@ -744,15 +738,14 @@ def plan_bundle(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | N
 
 
 def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[WeightsRef] | None = None,
-           all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
-           mirrors: Sequence[str] | None = None, upstream: bool = True, fetch: bool = True,
-           offline: bool | None = None, with_backbones: bool = False, jobs: int = 4,
-           progress: bool = False, site=None, split: int | None = None, sign=None,
-           release: Release | None = None, policy=None, lock_timeout: float | None = None, live: bool | None = None) -> Path:
+           all_weights: bool = False, registry: Sequence[str] = (), torch_home=None, fetch: bool = True,
+           with_backbones: bool = False, site=None, split: int | None = None, sign=None,
+           release: Release | None = None, config: Config | None = None, **keywords) -> Path:
     """Write a bundle of the selected weights to ``output``; returns its path.
 
-    Missing checkpoints are fetched through the cache (``mirrors``, then upstream) unless
-    ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
+    Missing checkpoints are fetched through the cache as ``config`` says (:class:`packager.config.Config`, or its
+    fields as keywords: mirrors, then upstream; ``jobs``, ``policy``, ``lock_timeout``, ``live``, ``reporter``)
+    unless ``fetch=False`` or offline (``offline`` or ``TVPACK_OFFLINE``): then missing weights are an
     :class:`~packager.errors.OfflineError` naming them. The archive is written to a temp file
     beside ``output`` and renamed into place only when complete.
 
@@ -773,7 +766,6 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
 
     ``release``: a :class:`~packager.formats.release.Release` (channel, sequence, expires, revokes) the manifest
     carries, so every signature covers it; a site installs it only signed (see :mod:`packager.channels`).
-    ``policy``, ``lock_timeout`` and ``live``: how the selection is resolved and fetched (:func:`packager.cache.fetch`).
     """
     if output is None:
         raise BundleError("no output file given (-o FILE)")
@@ -782,10 +774,9 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
         raise UsageError(f"invalid part size {split!r}: must be a positive number of bytes")
     _refuse_cache_output(output, _hub_dir(torch_home))
     remove_stale_temps(output)  # what a killed earlier run of the same bundle left behind
+    config = config_from(config, **keywords)
     plan = plan_bundle(selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
-                       mirrors=mirrors, upstream=upstream, fetch=fetch, offline=offline,
-                       with_backbones=with_backbones, jobs=jobs, progress=progress, site=site, release=release,
-                       policy=policy, lock_timeout=lock_timeout, live=live)
+                       fetch=fetch, with_backbones=with_backbones, site=site, release=release, config=config)
     manifest_bytes, mtime, unique = plan.manifest_bytes, plan.mtime, plan.files
     # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
     signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]
@@ -797,7 +788,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
         for index in range(-(-total // split)):
             remove_stale_temps(output.with_name(part_name(output.name, index)))
         remove_stale_temps(output.with_name(listing_name(output.name)))
-    bar = _progress(progress, sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
+    bar = config.reporter.progress(sum(size for _a, _p, size, _s in unique), f"bundle {output.name}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if split is None:
@@ -809,8 +800,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     except OSError as exc:
         raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:

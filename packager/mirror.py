@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import posixpath
-import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import BinaryIO, Callable, Iterable
 from . import signing
 from .bundle import open_bundle
 from .cache import ensure_cached, file_sha256
+from .config import Config, config_from
 from .errors import BundleError, IntegrityError, MirrorError, TvpackError, UsageError
 from .home import checkpoints_dir
 from .registry import filename_from_url
 from .snapshot import resolve
-from .transport import Policy, open_target
+from .transport import open_target
 from .transport.urls import mirror_path
 
 # -- export ------------------------------------------------------------------------------------
@@ -129,12 +129,11 @@ def _file_opener(path: Path) -> Callable[[], BinaryIO]:
     return lambda: open(path, "rb")
 
 
-def items_from_cache(refs, *, torch_home=None, mirrors=None, upstream=True, offline=None, jobs=4,
-                     progress=False, dry_run=False, policy: Policy | None = None,
-                     lock_timeout: float | None = None) -> tuple[list[ExportItem], list]:
-    """Export items for ``refs`` from the local cache, fetching what is missing (unless dry_run).
-
-    Returns ``(items, missing_refs)``; ``missing_refs`` is non-empty only with ``dry_run``.
+def items_from_cache(refs, *, torch_home=None, dry_run=False, config: Config | None = None,
+                     **keywords) -> tuple[list[ExportItem], list]:
+    """Export items for ``refs`` from the local cache, fetching what is missing (unless dry_run) as ``config``
+    (or its fields as keywords) says. Returns ``(items, missing_refs)``; ``missing_refs`` is non-empty only
+    with ``dry_run``.
     """
     if dry_run:
         ckpt = checkpoints_dir(torch_home)
@@ -144,8 +143,7 @@ def items_from_cache(refs, *, torch_home=None, mirrors=None, upstream=True, offl
     else:
         missing = []
         present = list(refs)
-        paths = ensure_cached(present, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                              offline=offline, jobs=jobs, progress=progress, policy=policy, lock_timeout=lock_timeout)
+        paths = ensure_cached(present, torch_home=torch_home, config=config_from(config, **keywords))
     items = []
     for ref in present:
         path = Path(paths[ref.name])
@@ -215,17 +213,6 @@ def _write_index(target, results: list[ExportResult], urls: dict[str, str]) -> N
         target.write_text(INDEX_NAME, json.dumps(data, indent=2) + "\n")
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="mirror", file=sys.stderr,
-                leave=True, dynamic_ncols=True)
-
-
 def _export_one(target, item: ExportItem, dry_run: bool, advance: Callable[[int], None]) -> ExportResult:
     def result(status: str) -> ExportResult:
         return ExportResult(item.weights, item.path, target.location(item.path), item.size, item.sha256, status)
@@ -255,27 +242,27 @@ def _export_one(target, item: ExportItem, dry_run: bool, advance: Callable[[int]
     return result(STATUS_WRITTEN)
 
 
-def export_items(items: list[ExportItem], to: str, *, jobs: int = 4, endpoint_url: str | None = None,
-                 dry_run: bool = False, progress: bool = False, multipart_threshold: int | None = None,
-                 part_size: int | None = None, extra_results: Iterable[ExportResult] = ()) -> MirrorReport:
-    """Publish ``items`` to ``to`` (directory, ``file://`` or ``s3://``) and update its index.json."""
+def export_items(items: list[ExportItem], to: str, *, dry_run: bool = False, multipart_threshold: int | None = None,
+                 part_size: int | None = None, extra_results: Iterable[ExportResult] = (),
+                 config: Config | None = None, **keywords) -> MirrorReport:
+    """Publish ``items`` to ``to`` (directory, ``file://`` or ``s3://``) and update its index.json; ``config`` (or
+    its fields as keywords, ``endpoint_url`` its S3 endpoint): ``jobs`` at once, progress to its reporter."""
+    config = config_from(config, **keywords)
     items = _merge_items(items)
-    target = open_target(to, endpoint_url=endpoint_url, multipart_threshold=multipart_threshold,
+    target = open_target(to, endpoint_url=config.endpoint_url, multipart_threshold=multipart_threshold,
                          part_size=part_size)
     if not dry_run:
         target.prepare()
-    bar = _progress_bar(sum(item.size for item in items), progress)
-    bar_lock = threading.Lock()
+    bar = config.reporter.progress(sum(item.size for item in items), "mirror", transient=False)
 
     def advance(n: int) -> None:
-        if bar is not None and n:
-            with bar_lock:
-                bar.update(n)
+        if n:
+            bar.update(n)
 
     results: dict[str, ExportResult] = {}
     errors: list[BaseException] = []
     try:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
             futures = {pool.submit(_export_one, target, item, dry_run, advance): item for item in items}
             for future in as_completed(futures):
                 try:
@@ -283,8 +270,7 @@ def export_items(items: list[ExportItem], to: str, *, jobs: int = 4, endpoint_ur
                 except TvpackError as exc:
                     errors.append(exc)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     ordered = [results[item.path] for item in items if item.path in results]
     if ordered and not dry_run:
         # Record what did make it even when something else failed: the index never lists a file
@@ -300,27 +286,29 @@ def export_items(items: list[ExportItem], to: str, *, jobs: int = 4, endpoint_ur
 
 
 def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weights: bool = False,
-                  registry=(), from_bundle: str | os.PathLike | None = None, torch_home=None, mirrors=None,
-                  upstream: bool = True, offline: bool | None = None, with_backbones: bool = False,
-                  jobs: int = 4, endpoint_url: str | None = None, dry_run: bool = False, progress: bool = False,
-                  multipart_threshold: int | None = None, part_size: int | None = None,
-                  keys: Iterable = (), ca_roots: Iterable = (), lock_timeout: float | None = None,
-                  live: bool | None = None) -> MirrorReport:
+                  registry=(), from_bundle: str | os.PathLike | None = None, torch_home=None,
+                  with_backbones: bool = False, dry_run: bool = False, multipart_threshold: int | None = None,
+                  part_size: int | None = None, keys: Iterable = (), ca_roots: Iterable = (),
+                  config: Config | None = None, **keywords) -> MirrorReport:
     """Export weights to a mirror at ``to``: a directory, ``file://`` url or ``s3://bucket/prefix``.
 
     The checkpoints come from the local cache (``selectors`` / ``refs`` / ``all_weights``; what
-    is missing is fetched first, through ``mirrors`` and upstream) or, with ``from_bundle``,
+    is missing is fetched first, through the mirrors and upstream) or, with ``from_bundle``,
     straight out of a tvpack bundle with no network beyond the destination. ``to`` then serves as
     ``--mirror``: same layout as download.pytorch.org, ``<file>.sha256`` beside each file and an
     ``index.json``. Files already there with the right size and sha256 are skipped.
 
     A bundle's signatures are checked as ``install`` checks them, before anything is published:
     against ``keys`` / ``ca_roots`` when given, else the configured trust policy (when one exists).
-    ``endpoint_url`` serves ``to`` and the s3:// mirrors missing checkpoints are fetched from; ``lock_timeout``:
-    seconds to wait for another process fetching the same file; ``live``: see :func:`packager.cache.fetch`.
+    How: ``config`` (:class:`packager.config.Config`) or its fields as keywords (``mirrors``, ``upstream``,
+    ``offline``, ``jobs``, ``policy``, ``lock_timeout``, ``live``, ``reporter``, ``progress``, and
+    ``endpoint_url``: the S3 endpoint that serves ``to`` and the s3:// mirrors missing checkpoints come from).
     """
     selectors = list(selectors)
     keys, ca_roots = list(keys), list(ca_roots)
+    config = config_from(config, **keywords)
+    outputs = {"dry_run": dry_run, "multipart_threshold": multipart_threshold, "part_size": part_size,
+               "config": config}
     if from_bundle is not None:
         if selectors or refs or all_weights:
             raise UsageError("--from-bundle takes no selectors: it publishes the whole bundle")
@@ -328,25 +316,18 @@ def export_mirror(selectors: Iterable[str] = (), *, to: str, refs=None, all_weig
         with open_bundle(from_bundle) as bundle:
             if trust:
                 signing.require_signed(signing.bundle_signatures(bundle, trust.trust), trust, bundle.path.name)
-            return export_items(items_from_bundle(bundle), to, jobs=jobs, endpoint_url=endpoint_url,
-                                dry_run=dry_run, progress=progress, multipart_threshold=multipart_threshold,
-                                part_size=part_size)
+            return export_items(items_from_bundle(bundle), to, **outputs)
     if keys or ca_roots:
         raise UsageError("--key and --ca-root check a bundle's signatures: they go with --from-bundle")
     if refs is None:
         refs = resolve(selectors, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
-                       live=live)
-    target = open_target(to, endpoint_url=endpoint_url)
+                       live=config.live)
+    target = open_target(to, endpoint_url=config.endpoint_url)
     if not dry_run:
         # Credentials and the bucket (or a writable directory) are checked before anything is fetched: a
         # missing key should not cost a download of every checkpoint first.
         target.prepare()
-    # The endpoint also serves s3:// mirrors the missing checkpoints come from.
-    policy = Policy(s3_endpoint_url=endpoint_url) if endpoint_url else None
-    items, missing = items_from_cache(list(refs), torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                                      offline=offline, jobs=jobs, progress=progress, dry_run=dry_run,
-                                      policy=policy, lock_timeout=lock_timeout)
+    items, missing = items_from_cache(list(refs), torch_home=torch_home, dry_run=dry_run, config=config)
     planned = [ExportResult((ref.name,), mirror_path(ref.url), target.location(mirror_path(ref.url)),
                             ref.size_hint, ref.sha256, "would fetch") for ref in missing]
-    return export_items(items, to, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run, progress=progress,
-                        multipart_threshold=multipart_threshold, part_size=part_size, extra_results=planned)
+    return export_items(items, to, extra_results=planned, **outputs)

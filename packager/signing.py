@@ -306,30 +306,31 @@ class SignedInstallReport:
         return {**self.installed.to_dict(), "signatures": self.signatures.to_dict()}
 
 
-def verify_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, progress: bool = False) -> SignedVerifyReport:
+def verify_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, progress: bool = False,
+                  reporter=None) -> SignedVerifyReport:
     """:func:`packager.bundle.verify_bundle`, after the signatures are checked against ``trust`` (when it trusts
     anything: then at least one must be valid). The payload is read once, by the content check."""
     found: list[SignatureReport] = []
-    contents = verify_bundle(path, progress=progress, check=_checker(trust, found))
+    contents = verify_bundle(path, progress=progress, check=_checker(trust, found), reporter=reporter)
     return SignedVerifyReport(contents, found[0])
 
 
 def install_signed(path, trust: TrustPolicy = NO_TRUST_POLICY, *, torch_home=None, force: bool = False,
-                   progress: bool = False, release=None) -> SignedInstallReport:
+                   progress: bool = False, release=None, reporter=None) -> SignedInstallReport:
     """:func:`packager.bundle.install_bundle`, refused before anything is written unless a signature is valid for
     ``trust`` (when it trusts anything). Signatures are installed beside the manifest."""
     found: list[SignatureReport] = []
     installed = install_bundle(path, torch_home=torch_home, force=force, progress=progress,
-                               check=_checker(trust, found), release=release)
+                               check=_checker(trust, found), release=release, reporter=reporter)
     return SignedInstallReport(installed, found[0])
 
 
 def install(path, *, keys: Iterable = (), ca_roots: Iterable = (), torch_home=None, force: bool = False,
-            progress: bool = False) -> SignedInstallReport:
+            progress: bool = False, reporter=None) -> SignedInstallReport:
     """Install under the trust policy: ``keys`` / ``ca_roots`` when given, else the configured one (none: unsigned
     bundles install as before)."""
     trust = trust_policy(keys, ca_roots, torch_home=torch_home)
-    return install_signed(path, trust, torch_home=torch_home, force=force, progress=progress)
+    return install_signed(path, trust, torch_home=torch_home, force=force, progress=progress, reporter=reporter)
 
 
 # -- signing ------------------------------------------------------------------------------------------------
@@ -567,7 +568,7 @@ class InstalledReport:
 
 
 def verify_installed(trust: TrustPolicy, *, torch_home=None, selectors: Sequence[str] = (), registry: Sequence[str] = (),
-                     jobs: int | None = None, progress: bool = False) -> InstalledReport:
+                     jobs: int | None = None, progress: bool = False, reporter=None) -> InstalledReport:
     """``cache verify --signatures``: every installed manifest must carry a valid signature for ``trust``, and every
     cached file (or those selected) must hash to what a validly signed manifest states. Each file is read once."""
     if not trust:
@@ -576,7 +577,8 @@ def verify_installed(trust: TrustPolicy, *, torch_home=None, selectors: Sequence
     hub = hub_dir(torch_home)
     manifests = [check_installed_manifest(m, trust, hub=hub)
                  for m in scan_hub(HubLayout(hub), checkpoints=False).manifests]
-    results = verify_cache(selectors, torch_home=torch_home, registry=registry, jobs=jobs, progress=progress)
+    results = verify_cache(selectors, torch_home=torch_home, registry=registry, jobs=jobs, progress=progress,
+                           reporter=reporter)
     signed: dict[str, dict[str, str]] = {}  # checkpoint file name -> {manifest id: sha256}
     for manifest in manifests:
         if manifest.problem is None:

@@ -19,10 +19,11 @@ PACKAGE = ROOT / "packager"
 # A name ending in ".*" places a whole package (the package itself and everything under it).
 LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"packager", "packager.errors", "packager.env", "packager.home", "packager.fsutil",
-                "packager.locking", "packager.registry", "packager.spec"}),
+                "packager.locking", "packager.registry", "packager.spec", "packager.report"}),
     ("formats", {"packager.formats.*"}),
     ("catalog", {"packager.discovery", "packager.snapshot"}),
     ("transport", {"packager.transport.*"}),
+    ("config", {"packager.config"}),
     ("stores", {"packager.cache.*", "packager.bundle", "packager.mirror", "packager.signing", "packager.delta",
                 "packager.oci.*", "packager.channels"}),
     ("loader", {"packager.loader"}),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -22,26 +21,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .. import env
+from ..config import Config, config_from
 from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
 from ..fsutil import SpaceLedger, fsync_dir, pid_alive
 from ..locking import describe_holder
 from ..registry import WeightsRef
+from ..report import Reporter
 from ..snapshot import resolve
-from ..transport import DEFAULT_POLICY, Cancel, Cancelled, Policy, Verifier, discard_part, part_state_path, transfer
+from ..transport import Cancel, Cancelled, Policy, Verifier, discard_part, part_state_path, transfer
 from ..transport.urls import candidate_urls, normalize_mirror
 from .index import _stat, file_sha256, record_verified
 from .layout import _HOST, _PART_NAME, PART_SUFFIX, HubLayout, _lock, _makedirs, _stem
 
 STALE_FOREIGN_PART = 3600.0  # seconds before another host's part file counts as abandoned
 LOCK_WAIT = 900.0  # seconds to wait for another fetch of the same file before going ahead anyway
-
-
-def _resolve_lock_timeout(explicit: float | None) -> float | None:
-    """``lock_timeout=`` as given (every function that takes locks passes it down), else ``TVPACK_LOCK_TIMEOUT``;
-    None: wait up to ``LOCK_WAIT`` and then go ahead without the lock."""
-    return explicit if explicit is not None else env.lock_timeout()
 
 
 @contextmanager
@@ -197,53 +191,20 @@ def _release_part(part: Path) -> None:
 
 
 class _Bars:
-    """tqdm bars on stderr: one total and one per running transfer (only when asked for)."""
+    """A fetch's progress through its reporter (:mod:`packager.report`): one total and one per running transfer."""
 
-    def __init__(self, enabled: bool, total_bytes: int | None, jobs: int):
-        self.enabled = enabled
-        self._slots = list(range(1, jobs + 1))
-        self._used: set[int] = set()
-        self._mutex = threading.Lock()
-        self.total = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._tqdm = tqdm
-            self.total = tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024,
-                              desc="total", position=0, dynamic_ncols=True)
+    def __init__(self, reporter: Reporter, total_bytes: int | None):
+        self.reporter = reporter
+        self.total = reporter.progress(total_bytes or None, "total", transient=False)
 
     def open(self, desc: str):
-        if not self.enabled:
-            return None
-        with self._mutex:
-            if not self._slots:  # never expected: one bar per job
-                self._slots.append(max(self._used, default=0) + 1)
-            slot = self._slots.pop(0)
-            self._used.add(slot)
-        bar = self._tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc[-40:],
-                         position=slot, leave=False, dynamic_ncols=True)
-        bar._tvpack_slot = slot
-        return bar
+        return self.reporter.progress(None, desc)
 
     def close(self, bar) -> None:
-        if bar is None:
-            return
         bar.close()
-        with self._mutex:
-            self._used.discard(bar._tvpack_slot)
-            self._slots.append(bar._tvpack_slot)
-            self._slots.sort()
 
     def finish(self) -> None:
-        if self.total is not None:
-            self.total.close()
-
-    def write(self, line: str) -> None:
-        """A line on stderr that does not tear the bars."""
-        if self.enabled:
-            self._tqdm.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        self.total.close()
 
 
 def _check_present(path: Path, ref: WeightsRef) -> tuple[str, str | None, int | None]:
@@ -279,7 +240,7 @@ class _Run:
         self._mutex = threading.Lock()
 
     def notify(self, message: str) -> None:
-        self.bars.write(f"tvpack: {message}")
+        self.bars.reporter.notice(message)
 
     def prepare(self) -> None:
         with self._mutex:
@@ -347,12 +308,8 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
 def _progress_callbacks(bar, total_bar, received: list[int]):
     def on_bytes(n: int) -> None:
         received[0] += n
-        if bar is not None:
-            bar.update(n)
-            total_bar.update(n)
-
-    if bar is None:
-        return on_bytes, None
+        bar.update(n)
+        total_bar.update(n)
 
     def on_total(total: int | None, offset: int) -> None:
         if offset < 0:  # a restart: take back the bytes counted for the old part
@@ -460,22 +417,18 @@ def plan(refs: Sequence[WeightsRef], *, torch_home=None) -> list[FetchResult]:
 
 
 def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None,
-                  all_weights: bool = False, registry: Sequence[str] = (), torch_home=None,
-                  mirrors: Sequence[str] | None = None, upstream: bool = True, jobs: int = 4,
-                  lock=None, offline: bool | None = None, with_backbones: bool = False,
-                  dry_run: bool = False, progress: bool = False, policy: Policy | None = None,
-                  raise_errors: bool = True, lock_timeout: float | None = None,
-                  live: bool | None = None) -> list[FetchResult]:
+                  all_weights: bool = False, registry: Sequence[str] = (), torch_home=None, lock=None,
+                  with_backbones: bool = False, dry_run: bool = False, raise_errors: bool = True,
+                  config: Config | None = None, **keywords) -> list[FetchResult]:
     """Like :func:`fetch`, returning one :class:`FetchResult` per weights.
 
     With ``raise_errors=False`` failures are returned as ``status="failed"`` results instead.
     """
-    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones, live)
-    offline = env.offline() if offline is None else offline
-    if mirrors is not None:
-        mirrors = [os.fspath(m) for m in mirrors]
+    config = config_from(config, **keywords)
+    selected = _select(list(selectors), refs, all_weights, registry, lock, with_backbones, config.live)
+    offline, mirrors, jobs = config.is_offline(), config.mirror_list(), config.jobs
     if not offline:
-        for mirror in (env.mirrors() if mirrors is None else mirrors):
+        for mirror in mirrors:
             normalize_mirror(mirror)  # a malformed mirror is a usage error before any work
     if dry_run:
         return plan(selected, torch_home=torch_home)
@@ -494,11 +447,11 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     hub = HubLayout.of(torch_home).hub
-    policy = policy or DEFAULT_POLICY
+    policy, upstream = config.transfer_policy, config.upstream
     unique = _dedupe(selected)
     total = sum((_exact_size(r) or r.size_hint or 0) for r in unique)
-    bars = _Bars(progress, total, min(jobs, len(unique) or 1))
-    run = _Run(hub, bars, _resolve_lock_timeout(lock_timeout))
+    bars = _Bars(config.reporter, total)
+    run = _Run(hub, bars, config.resolved_lock_timeout())
     done: dict[str, FetchResult] = {}
     try:
         def work(ref):
@@ -536,39 +489,31 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
 
 
 def fetch(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] | None = None, all_weights: bool = False,
-          registry: Sequence[str] = (), torch_home=None, mirrors: Sequence[str] | None = None,
-          upstream: bool = True, jobs: int = 4, lock=None, offline: bool | None = None,
-          with_backbones: bool = False, dry_run: bool = False, progress: bool = False,
-          policy: Policy | None = None, lock_timeout: float | None = None, live: bool | None = None) -> list[Path]:
+          registry: Sequence[str] = (), torch_home=None, lock=None, with_backbones: bool = False,
+          dry_run: bool = False, config: Config | None = None, **keywords) -> list[Path]:
     """Fetch weights into the torch.hub cache; returns the final paths, in the order of the refs.
 
     ``selectors`` are resolved through the registry (torchvision plus ``registry`` modules);
     ``refs`` skips that; ``lock`` (a ``tvpack.lock`` path) fetches exactly the pinned files and
-    refuses any whose full sha256 differs, without importing torch. ``mirrors`` (None: the
-    ``TVPACK_MIRROR`` variable) are tried in order, then upstream unless ``upstream=False``.
-    ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises OfflineError naming
-    what is missing. ``dry_run`` transfers nothing and returns where files would be.
-    ``lock_timeout``: seconds to wait for another process fetching the same file before giving up
-    (None: ``TVPACK_LOCK_TIMEOUT``, else up to ``LOCK_WAIT`` and then without the lock). ``live``: discover
-    torchvision's catalog live instead of reading the snapshot (see :func:`packager.snapshot.get_catalog`).
+    refuses any whose full sha256 differs, without importing torch. ``dry_run`` transfers nothing and
+    returns where files would be. How (:class:`packager.config.Config`, or its fields as keywords:
+    ``mirrors``, ``upstream``, ``offline``, ``jobs``, ``policy``, ``lock_timeout``, ``live``, ``reporter``,
+    ``progress``): ``mirrors`` (None: the ``TVPACK_MIRROR`` variable) are tried in order, then upstream
+    unless ``upstream=False``; ``offline`` (None: ``TVPACK_OFFLINE``) verifies what is cached and raises
+    OfflineError naming what is missing; ``lock_timeout``: seconds to wait for another process fetching the
+    same file before giving up (None: ``TVPACK_LOCK_TIMEOUT``, else up to ``LOCK_WAIT`` and then without the
+    lock); ``live``: discover torchvision's catalog live instead of reading the snapshot.
     """
     return [r.path for r in fetch_results(
-        selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home,
-        mirrors=mirrors, upstream=upstream, jobs=jobs, lock=lock, offline=offline,
-        with_backbones=with_backbones, dry_run=dry_run, progress=progress, policy=policy,
-        lock_timeout=lock_timeout, live=live)]
+        selectors, refs=refs, all_weights=all_weights, registry=registry, torch_home=torch_home, lock=lock,
+        with_backbones=with_backbones, dry_run=dry_run, config=config_from(config, **keywords))]
 
 
-def ensure_cached(refs: Sequence[WeightsRef], *, torch_home=None, mirrors: Sequence[str] | None = None,
-                  upstream: bool = True, offline: bool | None = None, jobs: int = 4,
-                  progress: bool = False, policy: Policy | None = None,
-                  lock_timeout: float | None = None) -> dict[str, Path]:
+def ensure_cached(refs: Sequence[WeightsRef], *, torch_home=None, config: Config | None = None,
+                  **keywords) -> dict[str, Path]:
     """Make sure each ref's verified file is in the cache; ``{ref.name: path}``.
 
     Offline (or ``TVPACK_OFFLINE``), raises OfflineError listing what is missing.
     """
-    results = fetch_results(refs=list(refs), torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                            offline=offline, jobs=jobs, progress=progress, policy=policy,
-                            lock_timeout=lock_timeout)
+    results = fetch_results(refs=list(refs), torch_home=torch_home, config=config_from(config, **keywords))
     return {r.ref.name: r.path for r in results}
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..config import Config, config_from
 from ..formats.lockfile import dump_lockfile
 from ..registry import WeightsRef
 from ..snapshot import resolve
@@ -12,15 +13,13 @@ from .index import file_sha256
 
 
 def write_lockfile(selectors: Iterable[str], output, *, registry: Sequence[str] = (), all_weights: bool = False,
-                   with_backbones: bool = False, torch_home=None, mirrors: Sequence[str] | None = None,
-                   upstream: bool = True, offline: bool | None = None, jobs: int = 4,
-                   progress: bool = False, policy=None, lock_timeout: float | None = None,
-                   live: bool | None = None) -> Path:
-    """Resolve selectors, fetch whatever is missing, and pin each file's sha256 and size."""
+                   with_backbones: bool = False, torch_home=None, config: Config | None = None, **keywords) -> Path:
+    """Resolve selectors, fetch whatever is missing, and pin each file's sha256 and size; how it fetches:
+    ``config`` (:class:`packager.config.Config`) or its fields as keywords."""
+    config = config_from(config, **keywords)
     refs = resolve(list(selectors), registry=registry, all_weights=all_weights, with_backbones=with_backbones,
-                   live=live)
-    results = fetch_results(refs=refs, torch_home=torch_home, mirrors=mirrors, upstream=upstream,
-                            offline=offline, jobs=jobs, progress=progress, policy=policy, lock_timeout=lock_timeout)
+                   live=config.live)
+    results = fetch_results(refs=refs, torch_home=torch_home, config=config)
     pinned = []
     for result in results:
         sha = result.sha256 or file_sha256(result.path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from ..errors import CacheError
 from ..formats.checkpoint import deep_check
 from ..fsutil import hash_file
 from ..registry import hash_prefix_from_filename
+from ..report import Reporter, reporter_for
 from ..snapshot import resolve
 from .index import record_verified
 from .layout import HubLayout
@@ -55,7 +55,8 @@ def _files_for(selectors: Sequence[str], hub: Path, registry: Sequence[str]) -> 
 
 
 def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Sequence[str] = (),
-                 deep: bool = False, jobs: int | None = None, progress: bool = False) -> list[VerifyResult]:
+                 deep: bool = False, jobs: int | None = None, progress: bool = False,
+                 reporter: Reporter | None = None) -> list[VerifyResult]:
     """Re-hash cached files (all, or those selected) on every core and record the results.
 
     A file is ok when its sha256 matches what its name promises and any installed manifest pins;
@@ -76,13 +77,7 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
     # Largest first, so that the last file to finish is a small one.
     paths.sort(key=lambda p: by_path[p].size, reverse=True)
     jobs = jobs or os.cpu_count() or 1
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(by_path[p].size for p in paths), unit="B", unit_scale=True, unit_divisor=1024,
-                   desc="verify", dynamic_ncols=True)
-    mutex = threading.Lock()
+    bar = reporter_for(reporter, progress).progress(sum(by_path[p].size for p in paths), "verify", transient=False)
 
     def one(path: Path) -> VerifyResult:
         cached = by_path[path]
@@ -93,9 +88,7 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
         except OSError as exc:
             return VerifyResult(path, cached.size, None, False, f"cannot read: {exc.strerror or exc}", cached.weights)
         record_verified(path, digest)
-        if bar is not None:
-            with mutex:
-                bar.update(cached.size)
+        bar.update(cached.size)
         prefix = hash_prefix_from_filename(path.name)
         pin = pins.get(path.name, (None, None))[1]
         detail = None
@@ -116,8 +109,7 @@ def verify_cache(selectors: Sequence[str] = (), *, torch_home=None, registry: Se
                 warnings.simplefilter("ignore")
             results = list(pool.map(one, paths))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     results.sort(key=lambda r: r.path.name)
     return results
 

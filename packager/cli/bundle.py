@@ -13,14 +13,14 @@ from ._common import (
     json_option,
     lock_timeout_option,
     output_file_callback,
-    progress_enabled,
     registry_option,
     selectors_argument,
     table,
     torch_home_option,
     with_backbones_option,
 )
-from .app import live_registry, main
+from ._config import build_config, reporter
+from .app import main
 from .channels import release_line, release_option
 from .oci import format_option, is_oci, plain_http_option
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
@@ -79,7 +79,6 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, endpoint_url, n
     from ..bundle import bundle, open_bundle
     from ..formats.manifest import is_checkpoint_path
     from ..formats.volumes import parse_size
-    from ..transport import Policy
 
     if cert_chain and not sign_key:
         raise click.UsageError("--cert-chain goes with --sign-key")
@@ -98,24 +97,18 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, endpoint_url, n
         site = read_site(site_file)
         for note in version_notes(site):
             click.echo(f"tvpack: note: {note}", err=True)
-    # how missing weights are fetched: the S3 endpoint of s3:// mirrors, how long to wait for another process
-    fetching = {"policy": Policy(s3_endpoint_url=endpoint_url) if endpoint_url else None, "lock_timeout": lock_timeout,
-                "live": live_registry()}  # and the catalog: the snapshot, or discovered live (--live-registry)
+    # how missing weights are fetched, and where progress and notices go: one value
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, lock_timeout=lock_timeout,
+                          endpoint_url=endpoint_url, quiet=quiet or as_json)
+    selection = {"all_weights": all_weights, "registry": registry, "torch_home": torch_home, "fetch": not no_fetch,
+                 "with_backbones": with_backbones, "release": release, "config": config}
     if is_oci(output):
         from .oci import bundle_to_registry
 
         return bundle_to_registry(output, plain_http=plain_http, as_json=as_json, image_format=image_format,
-                                  progress=progress_enabled(quiet or as_json),
-                                  sign=signer.members if signer else None, selectors=selectors,
-                                  all_weights=all_weights, registry=registry, torch_home=torch_home,
-                                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
-                                  offline=True if offline else None, with_backbones=with_backbones,
-                                  release=release, **fetching)
-    path = bundle(selectors, output, all_weights=all_weights, registry=registry, torch_home=torch_home,
-                  mirrors=list(mirrors) or None, upstream=not no_upstream, fetch=not no_fetch,
-                  offline=True if offline else None, with_backbones=with_backbones,
-                  progress=progress_enabled(quiet or as_json), sign=signer.members if signer else None,
-                  site=site, split=part_size, release=release, **fetching)
+                                  sign=signer.members if signer else None, selectors=selectors, **selection)
+    path = bundle(selectors, output, sign=signer.members if signer else None, site=site, split=part_size,
+                  **selection)
     with open_bundle(path) as opened:
         signed = f"; signed by {signer.signer}" if signer else ""
         at_site = len(opened.site_files)
@@ -209,9 +202,9 @@ def verify_cmd(file, keys, ca_roots, torch_home, as_json, quiet, plain_http):
     from ..signing import trust_policy, verify_signed
     from .oci import verify_registry_image
 
-    trust, progress = trust_policy(keys, ca_roots, torch_home=torch_home), progress_enabled(quiet or as_json)
-    signed = verify_registry_image(file, trust, plain_http=plain_http, progress=progress) if is_oci(file) \
-        else verify_signed(file, trust, progress=progress)
+    trust, said = trust_policy(keys, ca_roots, torch_home=torch_home), reporter(quiet or as_json)
+    signed = verify_registry_image(file, trust, plain_http=plain_http, reporter=said) if is_oci(file) \
+        else verify_signed(file, trust, reporter=said)
     report = signed.contents
     if as_json:
         echo_json(signed.to_dict())
@@ -265,7 +258,7 @@ def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca
     from .oci import install_from_registry
 
     trust = trust_policy(keys, ca_roots, torch_home=torch_home)
-    options = {"torch_home": torch_home, "force": force, "progress": progress_enabled(quiet or as_json),
+    options = {"torch_home": torch_home, "force": force, "reporter": reporter(quiet or as_json),
                "release": ReleaseOptions(allow_rollback=allow_rollback, allow_expired=allow_expired)}
     signed = install_from_registry(file, trust, plain_http=plain_http, **options) if is_oci(file) \
         else install_signed(file, trust, **options)

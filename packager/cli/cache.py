@@ -13,14 +13,14 @@ from ._common import (
     json_option,
     lock_timeout_option,
     output_file_callback,
-    progress_enabled,
     registry_option,
     selectors_argument,
     table,
     torch_home_option,
     with_backbones_option,
 )
-from .app import live_registry, main
+from ._config import build_config, reporter
+from .app import main
 from .signing import trust_options
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-file lines.")
@@ -64,10 +64,6 @@ def _policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max
 
     return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries,
                   speed_limit=speed_limit, speed_time=speed_time, max_time=max_time, s3_endpoint_url=endpoint_url)
-
-
-def _mirrors(mirrors):
-    return list(mirrors) if mirrors else None  # None: TVPACK_MIRROR
 
 
 def _describe(result) -> str:
@@ -115,13 +111,12 @@ def fetch_cmd(selectors, all_weights, torch_home, registry, endpoint_url, mirror
 
     if lockfile and all_weights:
         raise UsageError("--lock and --all cannot be combined")
-    results = fetch_results(
-        selectors, all_weights=all_weights, registry=registry, torch_home=torch_home, mirrors=_mirrors(mirrors),
-        upstream=not no_upstream, jobs=jobs, lock=lockfile, offline=offline, with_backbones=with_backbones,
-        dry_run=dry_run, progress=progress_enabled(quiet) and not as_json, raise_errors=False,
-        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url),
-        lock_timeout=lock_timeout, live=live_registry(),
-    )
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, jobs=jobs,
+                          policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
+                          lock_timeout=lock_timeout, endpoint_url=endpoint_url, quiet=quiet or as_json)
+    results = fetch_results(selectors, all_weights=all_weights, registry=registry, torch_home=torch_home,
+                            lock=lockfile, with_backbones=with_backbones, dry_run=dry_run, raise_errors=False,
+                            config=config)
     bad = [r for r in results if r.status in ("failed", "missing")]
     if as_json:
         echo_json([r.to_dict() for r in results])
@@ -184,13 +179,11 @@ def lock_cmd(selectors, output, all_weights, torch_home, registry, endpoint_url,
     from ..cache import write_lockfile
     from ..formats.lockfile import read_lockfile
 
-    path = write_lockfile(
-        selectors, output, registry=registry, all_weights=all_weights, with_backbones=with_backbones,
-        torch_home=torch_home, mirrors=_mirrors(mirrors), upstream=not no_upstream, offline=offline, jobs=jobs,
-        progress=progress_enabled(quiet) and not as_json,
-        policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url),
-        lock_timeout=lock_timeout, live=live_registry(),
-    )
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, jobs=jobs,
+                          policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
+                          lock_timeout=lock_timeout, endpoint_url=endpoint_url, quiet=quiet or as_json)
+    path = write_lockfile(selectors, output, registry=registry, all_weights=all_weights,
+                          with_backbones=with_backbones, torch_home=torch_home, config=config)
     refs = read_lockfile(path)
     if as_json:
         echo_json({"lockfile": str(path), "weights": [r.to_dict() for r in refs]})
@@ -325,7 +318,7 @@ def verify_cmd(selectors, deep, jobs, signatures, keys, ca_roots, torch_home, re
         raise click.UsageError("--key and --ca-root go with --signatures")
 
     results = verify_cache(selectors, torch_home=torch_home, registry=registry, deep=deep, jobs=jobs,
-                           progress=progress_enabled(quiet) and not as_json)
+                           reporter=reporter(quiet or as_json))
     bad = [r for r in results if not r.ok]
     if as_json:
         echo_json([r.to_dict() for r in results])
@@ -345,8 +338,7 @@ def _verify_signatures(selectors, jobs, keys, ca_roots, torch_home, registry, as
     from ..signing import trust_policy, verify_installed
 
     report = verify_installed(trust_policy(keys, ca_roots, torch_home=torch_home), torch_home=torch_home,
-                              selectors=selectors, registry=registry, jobs=jobs,
-                              progress=progress_enabled(quiet) and not as_json)
+                              selectors=selectors, registry=registry, jobs=jobs, reporter=reporter(quiet or as_json))
     if as_json:
         echo_json(report.to_dict())
     else:

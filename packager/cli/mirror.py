@@ -8,14 +8,14 @@ from ._common import (
     echo_json,
     json_option,
     lock_timeout_option,
-    progress_enabled,
     registry_option,
     selectors_argument,
     table,
     torch_home_option,
     with_backbones_option,
 )
-from .app import live_registry, main
+from ._config import build_config
+from .app import main
 from .signing import trust_options
 
 
@@ -70,13 +70,11 @@ def mirror_cmd(selectors, dest, bundle_file, all_weights, with_backbones, jobs, 
         raise click.UsageError("--from-bundle publishes the whole bundle: give no SELECTOR or --all")
     if bundle_file is None and not selectors and not all_weights:
         raise click.UsageError("give SELECTOR..., --all or --from-bundle FILE")
-    report = export_mirror(
-        selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
-        torch_home=torch_home, mirrors=list(mirrors) if mirrors else None, upstream=not no_upstream,
-        with_backbones=with_backbones, jobs=jobs, endpoint_url=endpoint_url, dry_run=dry_run,
-        progress=progress_enabled(quiet or as_json), keys=keys, ca_roots=ca_roots, lock_timeout=lock_timeout,
-        live=live_registry(),
-    )
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, jobs=jobs, lock_timeout=lock_timeout,
+                          endpoint_url=endpoint_url, quiet=quiet or as_json)
+    report = export_mirror(selectors, to=dest, all_weights=all_weights, registry=registry, from_bundle=bundle_file,
+                           torch_home=torch_home, with_backbones=with_backbones, dry_run=dry_run, keys=keys,
+                           ca_roots=ca_roots, config=config)
     if as_json:
         echo_json(report.to_dict())
         return

@@ -6,7 +6,8 @@ import sys
 import click
 
 from ..fsutil import human_bytes, plural
-from ._common import echo_json, json_option, output_file_callback, progress_enabled
+from ._common import echo_json, json_option, output_file_callback
+from ._config import reporter
 from .app import main
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -115,7 +116,7 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_for
     _check_reference(reference)
     client = registry_client(reference, plain_http=plain_http, **network)
     report = push_bundle(bundle_file, reference, platform=platform, plain_http=plain_http, mount_from=mount_from,
-                         progress=progress_enabled(quiet or as_json), client=client, format=image_format)
+                         reporter=reporter(quiet or as_json), client=client, format=image_format)
     _print_push(report, as_json)
 
 
@@ -138,7 +139,7 @@ def pull_cmd(reference, output, jobs, plain_http, as_json, quiet, **network):
     from ..oci import pull
 
     _check_reference(reference)
-    report = pull(reference, output, plain_http=plain_http, progress=progress_enabled(quiet or as_json),
+    report = pull(reference, output, plain_http=plain_http, reporter=reporter(quiet or as_json),
                   client=registry_client(reference, plain_http=plain_http, **network), jobs=jobs)
     if as_json:
         echo_json(report.to_dict())
@@ -191,17 +192,19 @@ def _check_reference(reference: str) -> None:
 
 
 # -- the oci:// side of commands in cli/bundle.py -------------------------------------------------------
-def bundle_to_registry(reference: str, *, plain_http: bool, as_json: bool, progress: bool, sign=None,
+def bundle_to_registry(reference: str, *, plain_http: bool, as_json: bool, config, sign=None,
                        image_format: str = "image", **select) -> None:
-    """``tvpack bundle SELECTORS -o oci://REF``: the image straight from the cache, no bundle file."""
+    """``tvpack bundle SELECTORS -o oci://REF``: the image straight from the cache, no bundle file; ``config``: the
+    command's :class:`packager.config.Config`."""
     from ..bundle import plan_bundle
     from ..oci import image_of_plan, push_as
 
     _check_reference(reference)
-    client = registry_client(reference, plain_http=plain_http, offline=select.get("offline"))  # --offline: refuses
-    plan = plan_bundle(progress=progress, **select)
+    client = registry_client(reference, plain_http=plain_http, offline=config.offline)  # --offline: refuses
+    plan = plan_bundle(config=config, **select)
     with image_of_plan(plan, sign=sign) as image:
-        report = push_as(image, reference, format=image_format, plain_http=plain_http, progress=progress, client=client)
+        report = push_as(image, reference, format=image_format, plain_http=plain_http, reporter=config.reporter,
+                         client=client)
     _print_push(report, as_json)
 
 
@@ -221,9 +224,9 @@ def install_from_registry(reference: str, trust, *, plain_http: bool, **options)
     return install(reference, trust=trust, plain_http=plain_http, **options)
 
 
-def verify_registry_image(reference: str, trust, *, plain_http: bool, progress: bool):
+def verify_registry_image(reference: str, trust, *, plain_http: bool, reporter):
     """For ``tvpack verify oci://REF``: the (signed) bundle verification over the image's layers."""
     from ..oci import verify
 
     _check_reference(reference)
-    return verify(reference, trust=trust, plain_http=plain_http, progress=progress)
+    return verify(reference, trust=trust, plain_http=plain_http, reporter=reporter)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -17,6 +16,7 @@ from ..formats.image import LayerInfo, bundle_layout, check_header, layer_layout
 from ..formats.volumes import FileSource
 from ..fsutil import reserve_space
 from ..home import hub_dir, tvpack_cache_dir
+from ..report import Reporter, reporter_for
 from ..transport.oci import RegistryClient
 from ..transport.stream import cancelled_by_interrupt
 from .image import ImageSource
@@ -66,7 +66,7 @@ class _LazyLayer:
 
 
 @contextlib.contextmanager
-def _fetching(image: RemoteImage, client: RegistryClient, hub: Path | None, progress: bool, *,
+def _fetching(image: RemoteImage, client: RegistryClient, hub: Path | None, reporter: Reporter, *,
               staging_hub: Path | None = None):
     """An :class:`ImageSource` over ``image``: a checkpoint already under ``hub`` with the right sha256 is read
     where it is; any other layer is fetched when first read (digest-checked, resumable), its tar checked around
@@ -74,18 +74,17 @@ def _fetching(image: RemoteImage, client: RegistryClient, hub: Path | None, prog
     :func:`packager.oci.staging.staging`). Staged layers are removed at the end (kept after an interrupt, for the
     next run on the image to continue)."""
     staging_hub = staging_hub if staging_hub is not None else hub
-    with staging_dir(staging_hub, image.reference.digest.split(":")[1],
-                     notify=lambda message: print(f"tvpack: {message}", file=sys.stderr, flush=True)) as staging:
-        with _fetching_into(image, client, staging, hub, progress) as source:
+    with staging_dir(staging_hub, image.reference.digest.split(":")[1], notify=reporter.notice) as staging:
+        with _fetching_into(image, client, staging, hub, reporter) as source:
             yield source
 
 
 @contextlib.contextmanager
-def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hub: Path | None, progress: bool):
+def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hub: Path | None, reporter: Reporter):
     owned: list = []
     staged: list[Path] = []
     lock = threading.Lock()
-    bar = progress_bar(progress, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
+    bar = progress_bar(reporter, sum(layer.size for layer in image.layers.values()), f"fetch {image.reference.repository}")
     where = str(image.reference)
     cancel = client.cancel  # layers are fetched on the reader's worker threads: Ctrl-C reaches them through this
 
@@ -148,7 +147,7 @@ def _fetching_into(image: RemoteImage, client: RegistryClient, staging: Path, hu
 
 def install(ref, *, trust=None, torch_home=None, force: bool = False, plain_http: bool = False,
             progress: bool = False, client: RegistryClient | None = None,
-            release=None) -> "signing.SignedInstallReport":
+            release=None, reporter: Reporter | None = None) -> "signing.SignedInstallReport":
     """Install the bundle an image holds into ``<hub dir>/checkpoints``, as
     :func:`packager.signing.install_signed` installs a bundle file (the signature checks of ``trust``,
     then :func:`packager.bundle.install_bundle`: its decisions, checks and placement), over the image's
@@ -156,25 +155,28 @@ def install(ref, *, trust=None, torch_home=None, force: bool = False, plain_http
     fetched when install_bundle first reads it (after the signature checks; a conflict it refuses costs no
     transfer), into this run's staging directory (:func:`packager.oci.staging.staging`); a second install of the same
     image waits for the first and then finds its files in place."""
+    reporter = reporter_for(reporter, progress)
     ref = as_reference(ref)
-    client = client_for(ref, client, plain_http)
+    client = client_for(ref, client, plain_http, reporter)
     image = read_image(ref, client=client)
     hub = hub_dir(torch_home)
-    with _fetching(image, client, hub, progress) as source:
+    with _fetching(image, client, hub, reporter) as source:
         return signing.install_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY,
-                                      torch_home=torch_home, force=force, progress=progress, release=release)
+                                      torch_home=torch_home, force=force, release=release, reporter=reporter)
 
 
 def verify(ref, *, trust=None, plain_http: bool = False, progress: bool = False,
-           client: RegistryClient | None = None) -> "signing.SignedVerifyReport":
+           client: RegistryClient | None = None, reporter: Reporter | None = None) -> "signing.SignedVerifyReport":
     """:func:`packager.signing.verify_signed` of the bundle an image holds (signatures, structure, every
     sha256, the weights-only pickle check), its layers fetched into a temporary directory of tvpack's
     cache and removed afterwards."""
+    reporter = reporter_for(reporter, progress)
     ref = as_reference(ref)
-    client = client_for(ref, client, plain_http)
+    client = client_for(ref, client, plain_http, reporter)
     image = read_image(ref, client=client)
-    with _fetching(image, client, None, progress, staging_hub=tvpack_cache_dir() / "oci-verify") as source:
-        return signing.verify_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY, progress=progress)
+    with _fetching(image, client, None, reporter, staging_hub=tvpack_cache_dir() / "oci-verify") as source:
+        return signing.verify_signed(source, trust if trust is not None else signing.NO_TRUST_POLICY,
+                                     reporter=reporter)
 
 
 __all__ = ["install", "open_image", "verify"]

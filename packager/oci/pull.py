@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from ..errors import BundleError, OCIError
 from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
+from ..report import Reporter, reporter_for
 from ..transport.oci import RegistryClient
 from ..transport.stream import cancelled_by_interrupt
 from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
@@ -133,7 +133,7 @@ def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: st
 
 
 def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
-         client: RegistryClient | None = None, jobs: int = 4) -> PullReport:
+         client: RegistryClient | None = None, jobs: int = 4, reporter: Reporter | None = None) -> PullReport:
     """Write the bundle an image holds to ``output`` (a temp file beside it, renamed when complete and
     checked): byte for byte the bundle that was pushed. Every layer is checked as it streams in (its
     digest, its tar, the checkpoint's sha256 against the bundle manifest); nothing is left on failure.
@@ -142,9 +142,11 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
     ``output`` takes it over and fetches only the layers whose checkpoint is not already there in full
     (each one re-hashed and compared with the bundle manifest before it counts).
 
-    Up to ``jobs`` layers are fetched at once, each written at its own offsets of the temp file."""
+    Up to ``jobs`` layers are fetched at once, each written at its own offsets of the temp file. Progress and
+    notices go to ``reporter`` (:mod:`packager.report`; ``progress=True``: bars on stderr)."""
+    reporter = reporter_for(reporter, progress)
     ref = as_reference(ref)
-    client = client_for(ref, client, plain_http)
+    client = client_for(ref, client, plain_http, reporter)
     # 1. the image manifest and its manifest layer, checked: where every member of the bundle goes
     image = read_image(ref, client=client)
     where = str(image.reference)
@@ -155,7 +157,7 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
     tmp, adopted = _temp_file(output, image)
     with reserve_space(tmp, layout.size - (_size_of(tmp) if adopted else 0)):
         pass
-    bar = progress_bar(progress, sum(layer.size for layer in image.layers.values()), f"pull {output.name}")
+    bar = progress_bar(reporter, sum(layer.size for layer in image.layers.values()), f"pull {output.name}")
     try:
         # 3. each member at its place, then the end of the archive
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if adopted else os.O_EXCL), 0o644)
@@ -183,8 +185,8 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
         raise write_error(exc, output.parent) from None
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what arrived is kept for the next pull of this image
         if _size_of(tmp):
-            print(f"tvpack: kept {human_bytes(_size_of(tmp))} in {tmp}: pulling {where} to {output} again "
-                  "continues from there", file=sys.stderr, flush=True)
+            reporter.notice(f"kept {human_bytes(_size_of(tmp))} in {tmp}: pulling {where} to {output} again "
+                            "continues from there")
         else:
             unlink_quietly(tmp)
         raise

@@ -10,6 +10,7 @@ from ..formats import modelpack
 from ..formats.archive import MemberFile
 from ..formats.image import DEFAULT_PLATFORM, IMAGE_MANIFEST, LayerInfo, canonical_json, encode_config, encode_image_manifest
 from ..formats.manifest import decode_manifest, parse_manifest
+from ..report import Reporter, reporter_for
 from ..transport.oci import OCI_INDEX, Reference, RegistryClient, digest_of
 from ..transport.oci.referrers import referrers, referrers_tag, tag_index
 from .attached import A_PATH, EMPTY, SIGSTORE_BUNDLE, artifact_manifest
@@ -58,10 +59,12 @@ def _encode(image: Image, digests: Sequence[str]) -> tuple[bytes, bytes]:
 
 def push(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[str] = (), progress: bool = False,
          on_blob: BlobCallback | None = None, client: RegistryClient | None = None,
-         digest_cache: DigestCache | None = None) -> PushReport:
+         digest_cache: DigestCache | None = None, reporter: Reporter | None = None) -> PushReport:
     """Push ``image`` to ``ref`` (``oci://HOST/REPO[:TAG|@DIGEST]``), moving as few bytes as possible
-    (see the module's docstring). ``on_blob`` is called as each blob is made sure of."""
-    ref, client = push_client_for(as_reference(ref), client, plain_http)
+    (see the module's docstring). ``on_blob`` is called as each blob is made sure of; progress and notices go to
+    ``reporter`` (:mod:`packager.report`; ``progress=True``: bars on stderr)."""
+    reporter = reporter_for(reporter, progress)
+    ref, client = push_client_for(as_reference(ref), client, plain_http, reporter)
     known = digest_cache if digest_cache is not None else DigestCache()
     # 1. every layer's digest: remembered (a hint, checked against the registry before it counts) or, for the
     # manifest layer (small, in memory), computed now
@@ -78,7 +81,7 @@ def push(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[st
         if status is not None:
             return report(status, digest)
     # 3. each blob made sure of, then the manifest
-    bar = progress_bar(progress, image.size, f"push {ref.repository}")
+    bar = progress_bar(reporter, image.size, f"push {ref.repository}")
     try:
         results = _push_layers(client, ref, image, digests, mount_from, known, bar, on_blob)
         config, manifest = _encode(image, digests)
@@ -88,8 +91,7 @@ def push(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[st
         client.put_manifest(ref.repository, ref.reference, manifest, IMAGE_MANIFEST)
     finally:
         known.save()
-        if bar is not None:
-            bar.close()
+        bar.close()
     return report("pushed", digest, results)
 
 
@@ -208,12 +210,13 @@ def _modelpack_config(image: Image, files: Sequence[modelpack.ModelFile]) -> byt
 
 def push_modelpack(image: Image, ref, *, plain_http: bool = False, mount_from: Sequence[str] = (),
                    progress: bool = False, on_blob: BlobCallback | None = None, client: RegistryClient | None = None,
-                   digest_cache: DigestCache | None = None) -> PushReport:
+                   digest_cache: DigestCache | None = None, reporter: Reporter | None = None) -> PushReport:
     """Push ``image``'s bundle as a CNCF ModelPack artifact (:mod:`packager.formats.modelpack`): each
     checkpoint uploaded as it is (a raw layer whose digest is its sha256, checked by the registry as it
     arrives), the bundle manifest and signatures as weight-config layers. Blobs the registry holds are
     not sent again, as for :func:`push`."""
-    ref, client = push_client_for(as_reference(ref), client, plain_http)
+    reporter = reporter_for(reporter, progress)
+    ref, client = push_client_for(as_reference(ref), client, plain_http, reporter)
     known = digest_cache if digest_cache is not None else DigestCache()
     pairs = _modelpack_files(image)
     files = [f for f, _m in pairs]
@@ -224,7 +227,7 @@ def push_modelpack(image: Image, ref, *, plain_http: bool = False, mount_from: S
     if client.manifest_digest(ref.repository, digest) == digest and (
             ref.digest is not None or client.manifest_digest(ref.repository, ref.reference) == digest):
         return PushReport(str(ref.with_digest(digest)), digest, image.manifest_id, size, "unchanged")
-    bar = progress_bar(progress, size, f"push {ref.repository}")
+    bar = progress_bar(reporter, size, f"push {ref.repository}")
     results = []
     try:
         for f, m in sorted(pairs, key=lambda pair: modelpack.order(files).index(pair[0])):
@@ -235,8 +238,7 @@ def push_modelpack(image: Image, ref, *, plain_http: bool = False, mount_from: S
         client.put_manifest(ref.repository, ref.reference, manifest, IMAGE_MANIFEST)
     finally:
         known.save()
-        if bar is not None:
-            bar.close()
+        bar.close()
     return PushReport(str(ref.with_digest(digest)), digest, image.manifest_id, size, "pushed", tuple(results))
 
 

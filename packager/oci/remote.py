@@ -23,6 +23,7 @@ from ..formats.image import (
 from ..formats.manifest import decode_manifest, is_checkpoint_path, manifest_path_for, parse_manifest
 from ..formats.modelpack import is_modelpack, parse_config
 from ..formats.modelpack import parse_manifest as parse_modelpack
+from ..report import SILENT, Reporter
 from ..transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, parse_reference
 from ..transport.oci.mirrors import MirroredClient, mirrored_client, push_target
 from .attached import attached_signatures
@@ -37,24 +38,25 @@ def as_reference(ref) -> Reference:
     return ref if isinstance(ref, Reference) else parse_reference(str(ref))
 
 
-def progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+def progress_bar(reporter: Reporter, total: int, desc: str):
+    """A byte counter from ``reporter`` (:mod:`packager.report`); never None."""
+    return reporter.progress(total, desc)
 
 
-def client_for(ref: Reference, client, plain_http: bool) -> RegistryClient | MirroredClient:
-    """The client to read ``ref`` with: through the mirrors registries.conf names for it, else ``ref``'s host."""
+def client_for(ref: Reference, client, plain_http: bool, reporter: Reporter = SILENT) -> RegistryClient | MirroredClient:
+    """The client to read ``ref`` with: through the mirrors registries.conf names for it, else ``ref``'s host.
+    A client made here tells its notices (retries, mirrors skipped) to ``reporter``."""
     if isinstance(client, MirroredClient):
         return client
-    return mirrored_client(ref, client if client is not None else RegistryClient(ref.host, plain_http=plain_http))
+    return mirrored_client(ref, client if client is not None else
+                           RegistryClient(ref.host, plain_http=plain_http, notify=reporter.notice))
 
 
-def push_client_for(ref: Reference, client, plain_http: bool) -> tuple[Reference, RegistryClient]:
+def push_client_for(ref: Reference, client, plain_http: bool,
+                    reporter: Reporter = SILENT) -> tuple[Reference, RegistryClient]:
     """Where to push ``ref``: registries.conf's location for it (never a mirror), and the client for it."""
-    return push_target(ref, client if client is not None else RegistryClient(ref.host, plain_http=plain_http))
+    return push_target(ref, client if client is not None else
+                       RegistryClient(ref.host, plain_http=plain_http, notify=reporter.notice))
 
 
 def stream_blob(client, repository: str, digest: str, write, *, restart, **kwargs) -> None:
