@@ -124,10 +124,10 @@ def _save(path: Path, catalog: Catalog) -> None:
 
 
 # -- the catalog commands use ----------------------------------------------------------------------
-_snapshots: dict[str, Catalog] = {}  # read once per process
-
-
 def _torchvision_catalog(live: bool) -> Catalog:
+    """torchvision's catalog: discovered live, or the snapshot file (read on each call: about 30 ms for all 166
+    weights, and no process-wide copy to go stale or to patch in tests; a caller that asks often holds the
+    :class:`Catalog` it got)."""
     from .discovery import live_registry
 
     key = source_key()
@@ -135,11 +135,10 @@ def _torchvision_catalog(live: bool) -> Catalog:
         return Catalog({}, [], {})
     if live:
         return live_registry((), torchvision=True).catalog()
-    found = _snapshots.get(key) or _load(snapshot_path(key))
+    found = _load(snapshot_path(key))
     if found is None:
         found = live_registry((), torchvision=True).catalog()
         _save(snapshot_path(key), found)
-    _snapshots[key] = found
     return found
 
 

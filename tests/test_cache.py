@@ -684,3 +684,18 @@ def test_prune_tells_the_lock_file_of_a_finished_run_from_a_stale_one(mirror_ser
     result = cli("cache", "prune")
     assert result.exit_code == 0 and "stale lock file" in result.output
     assert sorted(locks.glob("*.lock")) == [p for p in finished if p != victim]
+
+
+def test_a_fetch_that_failed_in_this_process_is_resumed_by_the_next_one_in_it(mirror_server, torch_home):
+    """No process-wide record of released parts: the file's lock and the part's own flock say it is free."""
+    (ref,) = synth_refs(mirror_server.root, count=1, size=2 * MiB)
+    mirror_server.add_fault("truncate", at=MiB)
+    with pytest.raises(DownloadError):
+        cache.fetch(refs=[ref], torch_home=torch_home, mirrors=[mirror_server.url], upstream=False,
+                    policy=Policy(retries=0))
+    (part,) = [p for p in ckpt(torch_home).iterdir() if p.name.endswith(".tvpack-part")]
+    assert part.stat().st_size == MiB
+    mirror_server.clear_faults()
+    (result,) = cache.fetch_results(refs=[ref], torch_home=torch_home, mirrors=[mirror_server.url], upstream=False)
+    assert result.status == "downloaded" and result.resumed_from == MiB
+    assert sorted(p.name for p in ckpt(torch_home).iterdir()) == [ref.filename]

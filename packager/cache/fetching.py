@@ -11,6 +11,7 @@ interrupted) is taken over by the next fetch and resumed with a Range request.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
@@ -118,11 +119,33 @@ class FetchResult:
         }
 
 
-_released_parts: set[str] = set()  # part files this process gave up on (resumable by itself)
-_released_mutex = threading.Lock()
+def _hold_part(part: Path, create: bool = False) -> int | None:
+    """A descriptor holding an ``flock`` on ``part`` (made new with ``create``) for as long as a transfer of this
+    process may write it; None when another holds it (or it is gone). Threads of this process see their own
+    transfers' parts busy through it, with no process-wide record of which parts are in use."""
+    try:
+        fd = os.open(part, (os.O_WRONLY | os.O_CREAT | os.O_EXCL if create else os.O_RDONLY) | os.O_CLOEXEC, 0o666)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
-def _part_abandoned(part: Path, match: re.Match) -> bool:
+def _unlink_if_empty(part: Path) -> None:
+    try:
+        if part.stat().st_size == 0:
+            discard_part(part)
+    except OSError:
+        pass
+
+
+def _part_abandoned(part: Path, match: re.Match, held: bool = True) -> bool:
+    """Whether nobody writes ``part`` any more. A part of this very process is free when no transfer of ours holds
+    it (:func:`_hold_part`) and ``held``: the caller holds the lock of the part's file (not gone ahead without it)."""
     if match["host"] != _HOST:
         try:
             return time.time() - part.stat().st_mtime > STALE_FOREIGN_PART
@@ -130,8 +153,10 @@ def _part_abandoned(part: Path, match: re.Match) -> bool:
             return False
     pid = int(match["pid"])
     if pid == os.getpid():
-        with _released_mutex:
-            return str(part) in _released_parts
+        fd = _hold_part(part) if held else None
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
     return not pid_alive(pid)
 
 
@@ -149,8 +174,10 @@ def _parts_of(ckpt: Path, filename: str) -> list[Path]:
     return out
 
 
-def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambda message: None) -> Path:
-    """A part file for this process: an abandoned one taken over (to resume), else a new name.
+def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambda message: None,
+                held: bool = True) -> tuple[Path, int | None]:
+    """A part file for this process: an abandoned one taken over (to resume), else a new one; and the descriptor
+    that marks it in use (:func:`_hold_part`; the caller closes it when the transfer is over).
 
     Taking over is an ``os.replace`` to our own unique name, so two claimants never share a file.
     A part we could not write (another user's, not shared with the group) is left alone.
@@ -163,31 +190,27 @@ def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambd
             size = part.stat().st_size
         except OSError:
             continue
-        if _part_abandoned(part, match):
+        if _part_abandoned(part, match, held):
             candidates.append((size, part))
     for _size, part in sorted(candidates, reverse=True):
         if not os.access(part, os.R_OK | os.W_OK):
             notify(f"ignoring {part.name}: a partial download left by another user that you cannot write "
                    "(starting afresh; 'tvpack cache prune' by its owner removes it)")
             continue
+        in_use = _hold_part(part)
+        if in_use is None:
+            continue
         try:
             os.replace(part, mine)
         except OSError:
+            os.close(in_use)
             continue
-        with _released_mutex:
-            _released_parts.discard(str(part))
         try:
             os.replace(part_state_path(part), part_state_path(mine))
         except OSError:
             pass
-        return mine
-    return mine
-
-
-def _release_part(part: Path) -> None:
-    if part.exists():
-        with _released_mutex:
-            _released_parts.add(str(part))
+        return mine, in_use
+    return mine, _hold_part(mine, create=True)
 
 
 class _Bars:
@@ -260,7 +283,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
         raise IntegrityError(f"{final} does not match the lockfile", expected=ref.sha256, got=sha,
                              hint="remove it with 'tvpack cache rm' or update the lockfile")
     run.prepare()  # from here on we write: a read-only cache fails here, in one line
-    with _fetch_lock(hub, ref.filename, run):
+    with _fetch_lock(hub, ref.filename, run) as held:
         state, sha, size = _check_present(final, ref)  # someone may have fetched it meanwhile
         if state == "ok":
             return FetchResult(ref, final, "cached", size, sha)
@@ -270,7 +293,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
         urls = candidate_urls(ref.url, mirrors, upstream=upstream)
         if not urls:
             raise DownloadError(f"{ref.name}: no mirror given and upstream disabled (--no-upstream)")
-        part = _claim_part(ckpt, ref.filename, run.notify)
+        part, in_use = _claim_part(ckpt, ref.filename, run.notify, held)
         errors: list[str] = []
         integrity: IntegrityError | None = None
         bar = run.bars.open(ref.filename)
@@ -299,7 +322,9 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                                    received=received[0])
         finally:
             run.bars.close(bar)
-            _release_part(part)
+            if in_use is not None:
+                _unlink_if_empty(part)  # made by _claim_part and never written: nothing to resume
+                os.close(in_use)
         if integrity is not None and len(urls) == 1:
             raise integrity
         raise DownloadError(f"{ref.name}: every source failed: " + "; ".join(errors))

@@ -39,8 +39,6 @@ MIN_PART_SIZE = 5 * MiB
 READ_CHUNK = 1 * MiB
 SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
 
-_clients: dict[tuple, object] = {}
-_clients_lock = threading.Lock()
 
 
 class ObjectNotFound(DownloadError):
@@ -73,37 +71,56 @@ def _boto3():
     return boto3
 
 
-def client(endpoint_url: str | None = None, *, max_pool_connections: int = 64,
+class S3Clients:
+    """The S3 clients of whoever holds this (an :class:`S3Source`, an :class:`S3Target`), for one endpoint (None:
+    the environment's, boto3 reads it): made on first use and shared by the holder's threads (boto3 clients are
+    thread-safe). No process-wide cache: a client lives as long as its holder."""
+
+    def __init__(self, endpoint_url: str | None = None):
+        self.endpoint_url = endpoint_url or None
+        self._made: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, *, max_pool_connections: int = 64, timeouts: tuple[float, float] | None = None):
+        endpoint = self.endpoint_url
+        key = (max_pool_connections, timeouts)
+        with self._lock:
+            found = self._made.get(key)
+            if found is None:
+                found = self._made[key] = _new_client(endpoint, max_pool_connections, timeouts)
+            return found
+
+
+def clients_of(endpoint_url: "str | S3Clients | None") -> S3Clients:
+    return endpoint_url if isinstance(endpoint_url, S3Clients) else S3Clients(endpoint_url)
+
+
+def client(endpoint_url: "str | S3Clients | None" = None, *, max_pool_connections: int = 64,
            timeouts: tuple[float, float] | None = None):
-    """A (cached, thread-safe) S3 client for ``endpoint_url`` or, None, the environment's (boto3 reads it).
+    """A thread-safe S3 client: ``endpoint_url`` an endpoint (None: the environment's; a new client) or the
+    :class:`S3Clients` of a holder (its client, made once).
 
     ``timeouts`` (connect, read): a client for the engine's reads, which makes one attempt per call
     (the engine retries); without, botocore's own retries (writes, heads, listings)."""
-    endpoint = endpoint_url or None
-    # boto3 reads the environment itself; the key follows it so tests and long-lived processes
-    # that change AWS_* variables get a fresh client.
-    key = (endpoint, max_pool_connections, timeouts, *(os.environ.get(name) for name in (
-        "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_REGION")))
-    with _clients_lock:
-        found = _clients.get(key)
-        if found is None:
-            boto3 = _boto3()
-            from botocore.config import Config
+    return clients_of(endpoint_url).get(max_pool_connections=max_pool_connections, timeouts=timeouts)
 
-            connect, read = timeouts or (10, 60)
-            config = Config(
-                retries={"max_attempts": 1 if timeouts else 5, "mode": "standard"},
-                connect_timeout=connect,
-                read_timeout=read,
-                max_pool_connections=max_pool_connections,
-            )
-            try:
-                session = boto3.session.Session()
-                found = session.client("s3", endpoint_url=endpoint, config=config)
-            except Exception as exc:  # noqa: BLE001 - botocore's configuration errors (a missing profile...)
-                raise MirrorError(f"cannot set up S3 access: {exc}") from None
-            _clients[key] = found
-        return found
+
+def _new_client(endpoint: str | None, max_pool_connections: int, timeouts: tuple[float, float] | None):
+    boto3 = _boto3()
+    from botocore.config import Config
+
+    connect, read = timeouts or (10, 60)
+    config = Config(
+        retries={"max_attempts": 1 if timeouts else 5, "mode": "standard"},
+        connect_timeout=connect,
+        read_timeout=read,
+        max_pool_connections=max_pool_connections,
+    )
+    try:
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=endpoint, config=config)
+    except Exception as exc:  # noqa: BLE001 - botocore's configuration errors (a missing profile...)
+        raise MirrorError(f"cannot set up S3 access: {exc}") from None
 
 
 def _status(exc) -> tuple[str, int]:
@@ -429,10 +446,10 @@ class S3Source:
     call, with the policy's timeouts; a connection that fails, times out or answers 5xx is
     Retryable, a missing object or a refusal is not."""
 
-    def __init__(self, url: str, policy, endpoint_url: str | None = None):
+    def __init__(self, url: str, policy, endpoint_url: "str | S3Clients | None" = None):
         self.url = url
         self.policy = policy
-        self.endpoint_url = endpoint_url
+        self.endpoint_url = clients_of(endpoint_url)  # its clients, for its endpoint
 
     def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
         try:
@@ -534,7 +551,7 @@ class S3Target:
         bucket, prefix = parse_url(url)
         self.base = f"s3://{bucket}/{prefix}".rstrip("/")
         self.description = self.base
-        self.endpoint_url = endpoint_url
+        self.endpoint_url = clients_of(endpoint_url)  # its clients, for its endpoint
         self.multipart_threshold = multipart_threshold or MULTIPART_THRESHOLD
         self.part_size = part_size or PART_SIZE
 
