@@ -31,21 +31,11 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping, Sequence
 
 from . import cache, channels
+from .bundle_write import archive_size, write_file, write_split
 from .channels import ReleaseOptions
 from .config import Config, config_from
 from .errors import BundleError, CacheError, OfflineError, SelectorError, UsageError
-from .formats.archive import (
-    Member,
-    Span,
-    TarArchive,
-    TarLayout,
-    copy_file,
-    copy_hashing,
-    each_member,
-    source_date_epoch,
-    tar_layout,
-    write_all,
-)
+from .formats.archive import Member, TarArchive, each_member, source_date_epoch, write_all
 from .formats.checkpoint import check_checkpoint
 from .formats.manifest import (
     CHECKPOINT_DIR,
@@ -781,7 +771,7 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     # the extra members (the ML-BOM) are written as signatures are, after the checkpoints and before them
     signatures = [*plan.extra, *(sign(manifest_bytes, plan.listed) if sign else [])]
     if split is not None:
-        total = _archive_size(manifest_bytes, unique, signatures, mtime)
+        total = archive_size(manifest_bytes, unique, signatures, mtime)
         if -(-total // split) > MAX_PARTS:
             raise UsageError(f"a part size of {split} bytes splits this {total}-byte bundle into "
                              f"{-(-total // split)} parts, more than {MAX_PARTS}: choose a larger size")
@@ -792,115 +782,15 @@ def bundle(selectors: Iterable[str] = (), output=None, *, refs: Sequence[Weights
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if split is None:
-            _write_file(output, manifest_bytes, unique, signatures, mtime, bar)
+            write_file(output, manifest_bytes, unique, signatures, mtime, bar)
             return output
         with SplitWriter(output, split) as writer:  # commits on success, removes every part on failure
-            _write_archive(_SplitSink(writer), manifest_bytes, unique, signatures, mtime, bar)
+            write_split(writer, manifest_bytes, unique, signatures, mtime, bar)
         return output.with_name(listing_name(output.name))
     except OSError as exc:
         raise BundleError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         bar.close()
-
-
-def _write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
-    """The archive into a temp file beside ``output``, renamed into place when complete."""
-    tmp = temp_path(output)
-    try:
-        with open(tmp, "wb", buffering=0) as out:
-            _write_archive(_FileSink(out.fileno()), manifest_bytes, unique, signatures, mtime, bar)
-            os.fsync(out.fileno())  # a power loss must not leave an empty file under the final name
-        os.replace(tmp, output)
-        fsync_dir(output.parent)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _layout(manifest_bytes: bytes, unique, signatures, mtime: int) -> TarLayout:
-    """Where every member of the archive goes: the manifest, each checkpoint, the signatures (one computation of
-    the tar layout, :func:`~packager.formats.archive.tar_layout`, for the writers and the part count)."""
-    return tar_layout([(manifest_path_for(manifest_bytes), len(manifest_bytes)),
-                       *((arcname, size) for arcname, _p, size, _s in unique),
-                       *((arcname, len(data)) for arcname, data in signatures)], mtime)
-
-
-def _archive_size(manifest_bytes: bytes, unique, signatures, mtime: int) -> int:
-    """The exact size of the archive :func:`_write_archive` writes."""
-    return _layout(manifest_bytes, unique, signatures, mtime).size
-
-
-def _write_archive(sink, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
-    """Each member along the layout (header, data, zero padding), then the end-of-archive zeros padded to a record."""
-    layout = _layout(manifest_bytes, unique, signatures, mtime)
-    contents = [manifest_bytes, *unique, *(data for _arcname, data in signatures)]
-    for span, content in zip(layout, contents):
-        if isinstance(content, bytes):
-            sink.write(span.header + content + bytes(span.padding))
-        else:
-            _arcname, path, _size, sha = content
-            _write_checkpoint(sink, span, path, sha, bar)
-    sink.write(bytes(layout.trailer))
-
-
-class _FileSink:
-    """The archive written to one open file: checkpoints copied by the kernel where it can."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def write(self, data) -> None:
-        write_all(self.fd, memoryview(data))
-
-    def tell(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_CUR)
-
-    def copy(self, src_fd: int, size: int, bar) -> None:
-        copy_file(src_fd, self.fd, size, bar)
-
-    def copy_hashing(self, src_fd: int, size: int, bar) -> str:
-        return copy_hashing(src_fd, self.write, size, bar)
-
-
-class _SplitSink:
-    """The archive written through a :class:`SplitWriter` into parts of a fixed size."""
-
-    def __init__(self, writer: SplitWriter):
-        self.writer = writer
-
-    def write(self, data) -> None:
-        self.writer.write(data)
-
-    def tell(self) -> int:
-        return self.writer.tell()
-
-    def copy(self, src_fd: int, size: int, bar) -> None:
-        self.writer.write_from(src_fd, os.lseek(src_fd, 0, os.SEEK_CUR), size)
-        if bar is not None:
-            bar.update(size)
-
-    def copy_hashing(self, src_fd: int, size: int, bar) -> str:
-        return copy_hashing(src_fd, self.writer.write, size, bar)
-
-
-def _write_checkpoint(sink, span: Span, path: Path, sha: str, bar) -> None:
-    size = span.size
-    with open(path, "rb", buffering=0) as src:
-        st = os.fstat(src.fileno())
-        if st.st_size != size:
-            raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-        sink.write(span.header)
-        # The manifest's hash is only as good as the index entry behind it: copy in the kernel
-        # when the index vouches for exactly this file (size and mtime), else hash while copying.
-        entry = cache.index_entry(path)
-        if entry and entry.get("sha256") == sha and entry.get("mtime_ns") == st.st_mtime_ns:
-            sink.copy(src.fileno(), size, bar)
-        elif sink.copy_hashing(src.fileno(), size, bar) != sha:
-            raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-        after = os.fstat(src.fileno())
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-            raise BundleError(f"{path} changed while it was being bundled; run the bundle again")
-    sink.write(bytes(span.padding))
 
 
 __all__ = ["Bundle", "BundlePlan", "InstallReport", "Placed", "VerifyReport", "bundle", "install", "install_bundle",
