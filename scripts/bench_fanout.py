@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the nginx, moto and registry harnesses live with the tests
 sys.path.insert(0, str(HERE))
 
 from bench_bundle import REGISTRY, checkpoints_for, data_arguments, in_scratch  # noqa: E402
@@ -62,7 +63,7 @@ def fan_out(work: Path, name: str, ref: str, nodes: int, env: dict) -> float:
 def run(work: Path, args) -> int:
     from packager.bundle import bundle
     from packager.oci import push_bundle
-    from packager.testing.registry import DistributionRegistry
+    from registry_server import DistributionRegistry
 
     selectors = checkpoints_for(work, args)
     the_bundle = bundle(selectors, work / "bench.tvpack", registry=[REGISTRY], torch_home=work / "home", fetch=False)

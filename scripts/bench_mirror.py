@@ -21,8 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the nginx, moto and registry harnesses live with the tests
 
-from packager.testing.servers import MotoS3, ServerSoftwareMissing  # noqa: E402
+from servers import MotoS3, ServerSoftwareMissing  # noqa: E402
 
 MiB = 1 << 20
 FILES = int(os.environ.get("BENCH_MIRROR_FILES", "4"))

@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the nginx, moto and registry harnesses live with the tests
 sys.path.insert(0, str(HERE))
 
 from bench_bundle import REGISTRY, checkpoints_for, data_arguments, in_scratch, rm, run_child  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> int:
 
 def run(work: Path, args) -> int:
     from packager.bundle import bundle
-    from packager.testing.registry import DistributionRegistry
+    from registry_server import DistributionRegistry
 
     t0 = time.perf_counter()
     selectors = checkpoints_for(work, args)

@@ -86,7 +86,7 @@ def _missing(what: str) -> None:
 
 def need_binary(name: str) -> str:
     """A program the test needs (PATH or /usr/sbin): skip locally when absent, fail in CI."""
-    from packager.testing.servers import ServerSoftwareMissing, find_binary
+    from servers import ServerSoftwareMissing, find_binary
 
     try:
         return find_binary(name)
@@ -95,9 +95,9 @@ def need_binary(name: str) -> str:
 
 
 def need_server(factory, *args, **kwargs):
-    """``factory(*args, **kwargs)`` for a packager.testing.servers server (not started yet): skip
+    """``factory(*args, **kwargs)`` for a tests/servers.py server (not started yet): skip
     locally when its software is missing, fail in CI."""
-    from packager.testing.servers import ServerSoftwareMissing
+    from servers import ServerSoftwareMissing
 
     try:
         return factory(*args, **kwargs)
@@ -120,8 +120,8 @@ def no_creds(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def registry(tmp_path, no_creds):
-    """The CNCF distribution registry on loopback, anonymous (packager.testing.registry)."""
-    from packager.testing.registry import DistributionRegistry
+    """The CNCF distribution registry on loopback, anonymous (tests/registry_server.py)."""
+    from registry_server import DistributionRegistry
 
     with need_server(DistributionRegistry, tmp_path) as reg:
         yield reg
@@ -130,7 +130,7 @@ def registry(tmp_path, no_creds):
 @pytest.fixture
 def auth_registry(tmp_path, no_creds):
     """The same with htpasswd auth: user alice, password s3cret."""
-    from packager.testing.registry import DistributionRegistry
+    from registry_server import DistributionRegistry
 
     with need_server(DistributionRegistry, tmp_path, users={"alice": "s3cret"}) as reg:
         yield reg

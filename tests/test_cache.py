@@ -305,7 +305,7 @@ def test_unwritable_torch_home_is_one_clear_line(tmp_path, mirror_server, tvpack
 
 
 def test_server_gone_is_one_clear_line(tmp_path, cli, torch_home):
-    from packager.testing.servers import free_port
+    from servers import free_port
 
     lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=1000), tmp_path / "tvpack.lock")
     result = cli("fetch", "--lock", lock, "--mirror", f"http://127.0.0.1:{free_port()}", "--no-upstream",
@@ -638,7 +638,7 @@ def test_damaged_index_and_manifest_entries_are_ignored_not_a_crash(torch_home, 
 def test_an_s3_mirror_without_credentials_falls_through_to_a_directory_mirror(tmp_path, torch_home, cli, monkeypatch,
                                                                              no_creds):
     """``--mirror s3://... --mirror DIR`` with no S3 credentials at all: the directory serves every file."""
-    from packager.testing.servers import MotoS3
+    from servers import MotoS3
     from tests.conftest import need_server
 
     server = need_server(MotoS3).start()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import ZOO_REGISTRY, need_server, run_tvpack
 
-from packager.testing.servers import MotoS3, Nginx
+from servers import MotoS3, Nginx
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,7 +12,7 @@ import pytest
 
 from packager.formats.lockfile import dump_lockfile
 from packager.testing.server import MirrorServer
-from packager.testing.servers import free_port
+from servers import free_port
 from tests.conftest import need_binary, run_tvpack, synth_refs
 
 

@@ -803,7 +803,7 @@ def test_htpasswd_registry_login_then_push_pull_install(auth_registry, made, tmp
 
 
 def test_push_and_pull_through_nginx_with_its_default_body_limit(registry, made, tmp_path):
-    from packager.testing.servers import Nginx
+    from servers import Nginx
 
     with need_server(Nginx, tmp_path / "root", tmp_path / "nginx", proxy_to=f"http://{registry.host}") as proxy:
         ref = f"oci://127.0.0.1:{proxy.port}/models/small:v1"  # nginx's default client_max_body_size: 1 MB

@@ -13,8 +13,8 @@ import pytest
 from conftest import ZOO_REGISTRY, need_server, run_tvpack
 
 from packager import oci
-from packager.testing.registry import DistributionRegistry
-from packager.testing.servers import free_port
+from registry_server import DistributionRegistry
+from servers import free_port
 
 B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 

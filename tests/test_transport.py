@@ -214,7 +214,7 @@ def test_file_url_and_plain_path_sources(tmp_path):
 
 
 def test_connection_refused_is_a_download_error(tmp_path):
-    from packager.testing.servers import free_port
+    from servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/a-12345678.pth"
     with pytest.raises(DownloadError, match="connection refused|connection error"):

@@ -257,7 +257,7 @@ def test_manifest_check_names_a_digest_reference_with_an_at():
 
 
 def free_port() -> int:
-    from packager.testing.servers import free_port as port
+    from servers import free_port as port
 
     return port()
 
@@ -324,7 +324,7 @@ def test_login_checks_then_writes_the_containers_auth_file(auth_registry, no_cre
 
 
 def test_bearer_token_challenge_with_distribution_token_auth(tmp_path, no_creds):
-    from packager.testing.registry import DistributionRegistry, TokenServer
+    from registry_server import DistributionRegistry, TokenServer
 
     tokens = need_server(TokenServer, tmp_path, users={"bob": "pw", "carol": "pw"}, pull_only=("carol",))
     with tokens, need_server(DistributionRegistry, tmp_path, token_server=tokens) as reg:
@@ -358,7 +358,7 @@ def test_bearer_token_challenge_with_distribution_token_auth(tmp_path, no_creds)
 def test_token_expiring_during_a_chunked_upload_is_renewed_and_the_chunk_resent(tmp_path, no_creds):
     import time
 
-    from packager.testing.registry import DistributionRegistry, TokenServer
+    from registry_server import DistributionRegistry, TokenServer
 
     tokens = need_server(TokenServer, tmp_path, users={"bob": "pw"})
     with tokens, need_server(DistributionRegistry, tmp_path, token_server=tokens) as reg:
@@ -381,7 +381,7 @@ def test_token_expiring_during_a_chunked_upload_is_renewed_and_the_chunk_resent(
 
 
 def test_tls_with_requests_ca_bundle_and_without(tmp_path, no_creds, monkeypatch):
-    from packager.testing.registry import DistributionRegistry
+    from registry_server import DistributionRegistry
 
     with need_server(DistributionRegistry, tmp_path, tls=True) as reg:
         with pytest.raises(OCIError) as err:
@@ -490,7 +490,7 @@ def test_redirected_blob_get_drops_auth_retries_5xx_and_resumes_after_reset(tmp_
 # -- a registry behind nginx with its default body limit (1 MB), as Harbor's docs warn -------------------
 
 def test_push_through_a_proxy_with_a_body_limit_goes_up_in_smaller_chunks(registry, tmp_path):
-    from packager.testing.servers import Nginx
+    from servers import Nginx
 
     with need_server(Nginx, tmp_path / "root", tmp_path / "nginx", proxy_to=f"http://{registry.host}",
                      max_body="1m") as proxy:

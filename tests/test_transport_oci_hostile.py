@@ -81,7 +81,7 @@ def test_a_redirect_to_another_host_gets_no_credentials(reg, other, no_creds):
 
 
 def test_no_password_to_a_plain_http_token_realm_of_an_https_registry(tmp_path, other, no_creds, monkeypatch):
-    from packager.testing.registry import self_signed_cert
+    from registry_server import self_signed_cert
 
     cert, key = self_signed_cert(tmp_path)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .servers import ChildServer, ServerSoftwareMissing, find_binary, free_port, settled_text
+from servers import ChildServer, ServerSoftwareMissing, find_binary, free_port, settled_text
 
 __all__ = ["DistributionRegistry", "TokenServer", "self_signed_cert"]
 

@@ -13,7 +13,8 @@ Everything listens on 127.0.0.1 only. When the software is missing, the construc
 skips on a developer machine and fails in CI, a benchmark exits with the message. A server that
 does not come up raises :class:`ServerError` with the tail of its log.
 
-The Python mirror with Range support and fault injection is :mod:`packager.testing.server`.
+The Python mirror with Range support and fault injection is :mod:`packager.testing.server` (shipped: `make demo`
+and the docs use it); these harnesses are for tests and benchmarks only.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import TvpackError
+from packager.errors import TvpackError
 
 __all__ = ["MotoS3", "Nginx", "ServerError", "ServerSoftwareMissing", "find_binary", "free_port",
            "wait_for_port"]
