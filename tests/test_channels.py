@@ -321,7 +321,13 @@ def test_revocation_moves_the_checkpoint_names_the_release_and_refuses_its_retur
     # cache ls shows it revoked; cache prune --revoked deletes it
     listing = json.loads(run_tvpack("cache", "ls", "--torch-home", home, "--json", check=True).stdout)
     assert [r["file"] for r in listing["revoked"]] == [shuffle.name]
-    assert "revoked by release 3 of prod" in run_tvpack("cache", "ls", "--torch-home", home, check=True).stdout
+    # the installed weights whose file was revoked is shown revoked, not current
+    [gone] = [w for w in listing["installed"] if w["file"] == shuffle.name]
+    assert gone["revoked"] == "revoked by release 3 of prod: poisoned labels"
+    assert all(w["revoked"] is None for w in listing["installed"] if w["file"] != shuffle.name)
+    shown = run_tvpack("cache", "ls", "--torch-home", home, check=True).stdout
+    [row] = [line for line in shown.splitlines() if line.startswith(gone["weights"] + " ")]
+    assert row.split()[1] == "REVOKED" and row.endswith("revoked by release 3 of prod: poisoned labels"), row
     pruned = run_tvpack("cache", "prune", "--revoked", "--torch-home", home, check=True)
     assert shuffle.name in pruned.stdout and not kept.exists()
     # channels: the count of revoked checkpoints

@@ -256,9 +256,25 @@ def _why_current(hub, weights) -> str:
     return "only manifest" + (f" ({manifest.release})" if manifest and manifest.release else "")
 
 
+def _revoked(hub) -> dict[str, str]:
+    """{weights name: "revoked by release N of CHANNEL: reason"} for each installed weights whose current file a
+    channel revoked here: it is no longer what loads (the loader refuses it, torchvision no longer finds it)."""
+    from ..channels import revocation_of
+
+    found = {}
+    for weights in hub.weights.values():
+        said = revocation_of(hub.layout.hub, sha256=weights.entry.sha256) if weights.entry else None
+        if said is not None:
+            found[weights.name] = said
+    return found
+
+
 def installed_json(hub) -> dict:
-    """The installed state of a :class:`packager.cache.HubInfo` for --json: manifests and each weights' current."""
-    return {"manifests": [m.to_dict() for m in hub.manifests], "installed": [w.to_dict() for w in hub.weights.values()]}
+    """The installed state of a :class:`packager.cache.HubInfo` for --json: manifests and each weights' current
+    (``"revoked"``: why, when a channel revoked its file here; else null)."""
+    revoked = _revoked(hub)
+    return {"manifests": [m.to_dict() for m in hub.manifests],
+            "installed": [{**w.to_dict(), "revoked": revoked.get(w.name)} for w in hub.weights.values()]}
 
 
 def inspect_installed(directory, as_json: bool) -> None:
@@ -281,8 +297,9 @@ def inspect_installed(directory, as_json: bool) -> None:
 
 def echo_installed(hub) -> None:
     """Each installed weights with its current manifest and why it is the one (cache ls, inspect TORCH_HOME)."""
-    rows = [[w.name, w.current or "-", w.entry.filename if w.entry else "-", _why_current(hub, w)]
-            for w in hub.weights.values()]
+    revoked = _revoked(hub)
+    rows = [[w.name, "REVOKED" if w.name in revoked else w.current or "-", w.entry.filename if w.entry else "-",
+             revoked.get(w.name) or _why_current(hub, w)] for w in hub.weights.values()]
     if rows:
         click.echo(table(["installed weights", "current manifest", "file", "why"], rows))
     for weights in hub.weights.values():
