@@ -118,6 +118,33 @@ def no_creds(tmp_path, monkeypatch) -> Path:
     return home
 
 
+SMALL = ["zoo_shufflenet_v2", "zoo_quantized_shufflenet_v2"]  # two small zoo checkpoints: float and quantized
+
+
+@pytest.fixture(scope="session")
+def small_bundle(zoo_root, tmp_path_factory) -> Path:
+    """:data:`SMALL` bundled through a directory mirror, once per session (tests that push, pull or sign it)."""
+    from packager.bundle import bundle
+
+    work = tmp_path_factory.mktemp("small-bundle")
+    return bundle(SMALL, work / "small.tvpack", registry=[ZOO_REGISTRY], torch_home=work / "home",
+                  mirrors=[str(zoo_root)], upstream=False)
+
+
+@pytest.fixture
+def oci_isolated(no_creds, tmp_path, monkeypatch, zoo_root) -> Path:
+    """For tests against registries: no credentials, digest cache or registries.conf of the real user or machine
+    (an empty registries.conf, returned, for the test to fill; /etc's drop-ins, which podman reads too, still
+    count); the zoo registry module finds the zoo."""
+    monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    conf = tmp_path / "registries.conf"
+    conf.write_text("")
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    return conf
+
+
 @pytest.fixture
 def registry(tmp_path, no_creds):
     """The CNCF distribution registry on loopback, anonymous (tests/registry_server.py)."""

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ZOO_REGISTRY, need_binary, run_tvpack
+from conftest import need_binary, run_tvpack
 
 from packager import oci
 from packager.transport.oci import Policy, RegistryClient
@@ -20,22 +20,10 @@ B = importlib.import_module("packager.bundle")  # `from packager import bundle` 
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = ["zoo_shufflenet_v2", "zoo_quantized_shufflenet_v2"]
 FAST = Policy(retries=1, backoff=0.01, max_backoff=0.02, connect_timeout=3, read_timeout=20)
 
 
-@pytest.fixture(scope="module")
-def small_bundle(zoo_root, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("attached-bundle")
-    return B.bundle(SMALL, work / "small.tvpack", registry=[ZOO_REGISTRY], torch_home=work / "home",
-                    mirrors=[str(zoo_root)], upstream=False)
-
-
-@pytest.fixture(autouse=True)
-def isolated(no_creds, tmp_path, monkeypatch, zoo_root):
-    monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(tmp_path / "no-registries.conf"))
+pytestmark = [pytestmark, pytest.mark.usefixtures("oci_isolated")]  # small_bundle and oci_isolated: conftest
 
 
 def keypair(tmp_path: Path, name: str) -> tuple[Path, Path]:

@@ -10,37 +10,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ZOO_REGISTRY, need_server, run_tvpack
-
-from packager import oci
+from conftest import need_server, run_tvpack
 from registry_server import DistributionRegistry
 from servers import free_port
+
+from packager import oci
 
 B = importlib.import_module("packager.bundle")  # `from packager import bundle` is the function
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = ["zoo_shufflenet_v2", "zoo_quantized_shufflenet_v2"]
-
-
-@pytest.fixture(scope="module")
-def small_bundle(zoo_root, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("mirror-bundle")
-    return B.bundle(SMALL, work / "small.tvpack", registry=[ZOO_REGISTRY], torch_home=work / "home",
-                    mirrors=[str(zoo_root)], upstream=False)
-
-
 @pytest.fixture(autouse=True)
-def isolated(no_creds, tmp_path, monkeypatch, zoo_root):
-    """No credentials, digest cache or registries.conf of the real user or machine (but /etc's drop-ins,
-    which podman reads too)."""
-    monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-    conf = tmp_path / "registries.conf"
-    conf.write_text("")
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
-    return conf
+def isolated(oci_isolated):
+    """The empty registries.conf each test configures (conftest's ``oci_isolated``; ``small_bundle`` is there too)."""
+    return oci_isolated
 
 
 def configure(conf: Path, prefix: str, *mirrors: str, extra: str = "", mirror_extra: str = "") -> None:
