@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..errors import OCIError
+from . import descriptor
 from .archive import BLOCK, END_OF_ARCHIVE, TarLayout, path_problem, tar_header, tar_layout
 from .manifest import MANIFEST_NAME, is_checkpoint_path
 
@@ -48,7 +49,6 @@ A_SHA256 = "org.tvpack.sha256"  # per checkpoint layer: the checkpoint's sha256 
 END = END_OF_ARCHIVE  # the end-of-archive marker closing every layer
 MAX_MANIFEST_LAYER = 80 << 20  # the bundle manifest (64 MiB at most) plus signatures
 DEFAULT_PLATFORM = "linux/amd64"
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLATFORM = re.compile(r"([a-z0-9]+)/([a-z0-9_]+)(?:/([a-z0-9]+))?")
 
@@ -186,40 +186,23 @@ def parse_image_manifest(data: bytes, media_type: str, where: str) -> ImageInfo:
     def refuse(why: str):
         raise OCIError(f"{where}: not a tvpack image ({why})")
 
-    try:
-        document = json.loads(data)
-    except ValueError:
-        refuse("the manifest is not JSON")
-    if not isinstance(document, dict):
-        refuse("the manifest is not a JSON object")
+    document = descriptor.json_object(data, refuse)
     kind = document.get("mediaType") or media_type
     if kind != IMAGE_MANIFEST:
         refuse(f"an image index, not an image manifest: {kind}" if "index" in kind or "list" in kind
                else f"media type {kind or 'unknown'}")
-    annotations = document.get("annotations") if isinstance(document.get("annotations"), dict) else {}
-    if annotations.get(A_FORMAT) != FORMAT:
-        refuse(f"no {A_FORMAT}={FORMAT} annotation")
-    version = annotations.get(A_FORMAT_VERSION)
-    if not (isinstance(version, str) and version.isdigit()):
-        refuse(f"no {A_FORMAT_VERSION} annotation")
-    if int(version) > LAYER_FORMAT:
-        raise OCIError(f"{where}: tvpack image format {version} is newer than this tvpack reads ({LAYER_FORMAT}); "
-                       f"upgrade tvpack")
-    if int(version) != LAYER_FORMAT:
+    annotations = descriptor.annotations(document)
+    version = descriptor.format_version(annotations, refuse, where, key=A_FORMAT, value=FORMAT,
+                                        version_key=A_FORMAT_VERSION, reads=LAYER_FORMAT, what="image")
+    if version != LAYER_FORMAT:
         refuse(f"unsupported format version {version}")
     manifest_id = annotations.get(A_MANIFEST_ID)
     if not isinstance(manifest_id, str) or not re.fullmatch(r"[0-9a-f]{16}", manifest_id):
         refuse(f"no valid {A_MANIFEST_ID} annotation")
     config = document.get("config")
-    if not isinstance(config, dict) or config.get("mediaType") != IMAGE_CONFIG or not _is_digest(config.get("digest")) \
-            or not _is_size(config.get("size")):
+    if not descriptor.is_descriptor(config, (IMAGE_CONFIG,)):
         refuse("its config is not an OCI image config")
-    raw_layers = document.get("layers")
-    if not isinstance(raw_layers, list) or not raw_layers:
-        refuse("no layers")
-    layers = []
-    for i, raw in enumerate(raw_layers):
-        layers.append(_parse_layer(raw, i, refuse))
+    layers = [_parse_layer(raw, i, refuse) for i, raw in enumerate(descriptor.layers(document, refuse))]
     *checkpoints, last = layers
     if last.kind != "manifest" or any(layer.kind != "checkpoint" for layer in checkpoints):
         refuse("the bundle manifest is not in the last layer, alone")
@@ -235,21 +218,13 @@ def parse_image_manifest(data: bytes, media_type: str, where: str) -> ImageInfo:
                      tuple(layers))
 
 
-def _is_digest(value) -> bool:
-    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
-
-
-def _is_size(value) -> bool:
-    return type(value) is int and value >= 0
-
-
 def _parse_layer(raw, i: int, refuse) -> LayerInfo:
     if not isinstance(raw, dict) or raw.get("mediaType") != LAYER_TAR:
         kind = raw.get("mediaType") if isinstance(raw, dict) else None
         refuse(f"layer {i} is {kind or 'malformed'}, not an uncompressed tar")
-    if not _is_digest(raw.get("digest")) or not _is_size(raw.get("size")):
+    if not descriptor.is_descriptor(raw):
         refuse(f"layer {i} has no sha256 digest and size")
-    annotations = raw.get("annotations") if isinstance(raw.get("annotations"), dict) else {}
+    annotations = descriptor.annotations(raw)
     kind, path, sha = annotations.get(A_CONTENT), annotations.get(A_PATH), annotations.get(A_SHA256)
     if not isinstance(path, str) or path_problem(path):
         refuse(f"layer {i} has no valid {A_PATH} annotation")

@@ -20,13 +20,13 @@ containerd and podman mount the tar-layer image format (:mod:`.image`) instead.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
 from ..errors import OCIError
 from ..registry import hash_prefix_from_filename
+from . import descriptor
 from .archive import path_problem
 from .image import A_FORMAT, A_FORMAT_VERSION, A_MANIFEST_ID, A_WEIGHTS, IMAGE_MANIFEST, TITLE, canonical_json
 from .manifest import MANIFEST_NAME, is_checkpoint_path
@@ -42,7 +42,6 @@ FORMAT = "tvpack-modelpack"
 FORMAT_VERSION = 1
 MODEL_FORMAT = "pt"  # the spec's name for PyTorch files
 MAX_CONFIG = 4 << 20
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _SCALES = ((10 ** 15, "Q"), (10 ** 12, "T"), (10 ** 9, "B"), (10 ** 6, "M"), (10 ** 3, "K"))
 _MODE, _TYPEFLAG = 0o644, ord("0")  # what tvpack's tar writer gives every member
 
@@ -179,34 +178,19 @@ def parse_manifest(data: bytes, media_type: str, where: str) -> ModelPackInfo:
     def refuse(why: str):
         raise OCIError(f"{where}: not a tvpack ModelPack artifact ({why})")
 
-    try:
-        document = json.loads(data)
-    except ValueError:
-        refuse("the manifest is not JSON")
-    if not isinstance(document, dict):
-        refuse("the manifest is not a JSON object")
+    document = descriptor.json_object(data, refuse)
     if (document.get("mediaType") or media_type) != IMAGE_MANIFEST or document.get("schemaVersion") != 2:
         refuse(f"media type {document.get('mediaType') or media_type or 'unknown'}, schema version "
                f"{document.get('schemaVersion')}")
     if document.get("artifactType") != ARTIFACT_TYPE:
         refuse(f"artifactType {document.get('artifactType')!r}, not {ARTIFACT_TYPE}")
     config = document.get("config")
-    if not isinstance(config, dict) or config.get("mediaType") != MODEL_CONFIG or not _is_digest(config.get("digest")) \
-            or not _is_size(config.get("size")) or config["size"] > MAX_CONFIG:
+    if not descriptor.is_descriptor(config, (MODEL_CONFIG,), max_size=MAX_CONFIG):
         refuse(f"its config is not a {MODEL_CONFIG} descriptor")
-    annotations = document.get("annotations") if isinstance(document.get("annotations"), dict) else {}
-    if annotations.get(A_FORMAT) != FORMAT:
-        refuse(f"no {A_FORMAT}={FORMAT} annotation")
-    version = annotations.get(A_FORMAT_VERSION)
-    if not (isinstance(version, str) and version.isdigit()):
-        refuse(f"no {A_FORMAT_VERSION} annotation")
-    if int(version) > FORMAT_VERSION:
-        raise OCIError(f"{where}: tvpack ModelPack format {version} is newer than this tvpack reads ({FORMAT_VERSION}); "
-                       "upgrade tvpack")
-    raw_layers = document.get("layers")
-    if not isinstance(raw_layers, list) or not raw_layers:
-        refuse("no layers")
-    files = tuple(_parse_layer(raw, i, refuse) for i, raw in enumerate(raw_layers))
+    annotations = descriptor.annotations(document)
+    descriptor.format_version(annotations, refuse, where, key=A_FORMAT, value=FORMAT, version_key=A_FORMAT_VERSION,
+                              reads=FORMAT_VERSION, what="ModelPack")
+    files = tuple(_parse_layer(raw, i, refuse) for i, raw in enumerate(descriptor.layers(document, refuse)))
     if list(files) != order(files):
         refuse("its layers are not checkpoints by path, then the bundle manifest, then other members")
     manifests = [f for f in files if f.kind == "manifest"]
@@ -226,9 +210,9 @@ def _parse_layer(raw, i: int, refuse) -> ModelFile:
     if not isinstance(raw, dict) or raw.get("mediaType") not in (WEIGHT_RAW, WEIGHT_CONFIG_RAW):
         kind = raw.get("mediaType") if isinstance(raw, dict) else None
         refuse(f"layer {i} is {kind or 'malformed'}, not a raw weight or weight config")
-    if not _is_digest(raw.get("digest")) or not _is_size(raw.get("size")):
+    if not descriptor.is_descriptor(raw):
         refuse(f"layer {i} has no sha256 digest and size")
-    annotations = raw.get("annotations") if isinstance(raw.get("annotations"), dict) else {}
+    annotations = descriptor.annotations(raw)
     path = annotations.get(A_FILEPATH)
     if not isinstance(path, str) or path_problem(path):
         refuse(f"layer {i} has no valid {A_FILEPATH} annotation")
@@ -280,14 +264,6 @@ def parse_config(data: bytes, info: ModelPackInfo, where: str) -> dict:
     if modelfs["diffIds"] != [f.digest for f in info.files]:
         refuse("modelfs.diffIds are not the manifest's layer digests")
     return document
-
-
-def _is_digest(value) -> bool:
-    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
-
-
-def _is_size(value) -> bool:
-    return type(value) is int and value >= 0
 
 
 __all__ = ["A_FILEPATH", "A_FILE_METADATA", "ARTIFACT_TYPE", "FORMAT", "FORMAT_VERSION", "MODEL_CONFIG",

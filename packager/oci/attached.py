@@ -14,9 +14,8 @@ bundle: the trust policy is applied before any checkpoint layer is fetched, and 
 """
 from __future__ import annotations
 
-import json
-
 from ..errors import OCIError
+from ..formats import descriptor
 from ..formats.image import IMAGE_MANIFEST, TITLE, canonical_json
 from ..formats.signature import manifest_id_of_signature
 from ..transport.oci import digest_of
@@ -47,8 +46,8 @@ def attached_signatures(client, repository: str, digest: str, manifest_id: str, 
     if found is None:
         found = tag_index(client, repository, digest)
     out: dict[str, bytes] = {}
-    for descriptor in [d for d in found if d.get("artifactType") == SIGSTORE_BUNDLE][:MAX_ATTACHED]:
-        artifact = client.get_manifest(repository, str(descriptor.get("digest")), (IMAGE_MANIFEST,)).data
+    for referrer in [d for d in found if d.get("artifactType") == SIGSTORE_BUNDLE][:MAX_ATTACHED]:
+        artifact = client.get_manifest(repository, str(referrer.get("digest")), (IMAGE_MANIFEST,)).data
         path, layer = _signature_layer(artifact, digest, where)
         if manifest_id_of_signature(path) != manifest_id or path in out:
             continue
@@ -63,24 +62,19 @@ def _signature_layer(artifact: bytes, subject: str, where: str) -> tuple[str, di
     def refuse(why: str):
         raise OCIError(f"{where}: an attached signature is malformed ({why})")
 
-    try:
-        document = json.loads(artifact)
-    except ValueError:
-        refuse("not JSON")
-    if not isinstance(document, dict) or document.get("artifactType") != SIGSTORE_BUNDLE:
+    document = descriptor.json_object(artifact, refuse, "the artifact")
+    if document.get("artifactType") != SIGSTORE_BUNDLE:
         refuse("not a sigstore bundle artifact")
     if not isinstance(document.get("subject"), dict) or document["subject"].get("digest") != subject:
         refuse("its subject is another manifest")
-    layers = document.get("layers")
-    if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], dict):
+    layers = descriptor.layers(document, refuse)
+    if len(layers) != 1 or not isinstance(layers[0], dict):
         refuse("not one layer")
     layer = layers[0]
-    annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
-    path = annotations.get(A_PATH)
+    path = descriptor.annotations(layer).get(A_PATH)
     if layer.get("mediaType") != SIGSTORE_BUNDLE or not isinstance(path, str) or manifest_id_of_signature(path) is None:
         refuse(f"its layer is not a tvpack signature ({A_PATH})")
-    if type(layer.get("size")) is not int or not 0 < layer["size"] <= MAX_SIGNATURE \
-            or not isinstance(layer.get("digest"), str):
+    if not descriptor.is_descriptor(layer, min_size=1, max_size=MAX_SIGNATURE):
         refuse("its layer has no valid size and digest")
     return path, layer
 
