@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     "WeightsRef": "registry",
+    "Config": "config",
     "Catalog": "registry",
     "Registry": "discovery",
     "get_registry": "discovery",

@@ -49,7 +49,8 @@ SCENARIO = textwrap.dedent('''
         assert isinstance(use("get_registry")(REG), use("Registry"))
         refs = use("resolve")([NAME], registry=REG)
         assert all(isinstance(r, use("WeightsRef")) for r in refs)
-        assert use("fetch")([NAME], registry=REG, torch_home=home, mirrors=[ZOO], upstream=False)
+        config = use("Config")(mirrors=(ZOO,), upstream=False)  # how calls move bytes, as one value
+        assert use("fetch")([NAME], registry=REG, torch_home=home, config=config)
         assert use("ensure_cached")(refs, torch_home=home, mirrors=[ZOO], upstream=False)
         assert use("scan_cache")(torch_home=home, registry=REG).files
         assert all(r.ok for r in use("verify_cache")(torch_home=home, registry=REG))
