@@ -67,7 +67,7 @@ def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> 
             continue
         path = dest.parent / name
         try:
-            if time.time() - path.stat().st_mtime < min_age or pid_alive(int(pid)):
+            if not left_behind(int(pid), path, quiet=min_age):
                 continue
             path.unlink()
             removed.append(path)
@@ -332,17 +332,42 @@ def reserve_space(part, needed: int | None, ledger: SpaceLedger | None = None):
     return (ledger if ledger is not None else SpaceLedger()).reserve(part, needed)
 
 
-__all__ = ["SpaceLedger", "SpaceReservation", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir",
-           "group_shared", "hash_file", "human_bytes", "make_dirs", "pid_alive", "remove_stale_temps", "reserve_space",
-           "share_with_group", "short_name", "temp_path"]
+__all__ = ["SpaceLedger", "SpaceReservation", "adopt", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "fsync_dir", "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive",
+           "remove_stale_temps", "reserve_space", "share_with_group", "short_name", "temp_path"]
 
 
 def quiet_for(path: Path, now: float) -> float:
-    """Seconds since anything in directory ``path`` (or the directory itself) changed."""
+    """Seconds since ``path`` (a file; or a directory, or anything in it) changed; 0 when it cannot be read."""
     try:
         times = [path.stat().st_mtime]
-        with os.scandir(path) as entries:
-            times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
+        if path.is_dir():
+            with os.scandir(path) as entries:
+                times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
     except OSError:
         return 0.0
     return now - max(times)
+
+
+# -- what a dead process left: parts, staging directories, pull temps, temp files ---------------------------
+
+def left_behind(pid: int, path: Path, *, ours: bool = False, quiet: float = 0.0, now: float | None = None) -> bool:
+    """Whether ``path``, named for process ``pid`` of this host, was left behind by it: ``pid`` no longer runs here
+    (or it is this very process and ``ours``: the caller knows none of its own work still uses it) and, with
+    ``quiet``, nothing in it changed for that many seconds (a pid of another PID namespace may look dead: the age
+    keeps its live files safe). The one rule for every kind of leftover (see :func:`adopt`)."""
+    if pid == os.getpid():
+        return ours
+    if pid_alive(pid):
+        return False
+    return quiet <= 0 or quiet_for(path, time.time() if now is None else now) > quiet
+
+
+def adopt(old: Path, mine: Path) -> bool:
+    """Take over what a dead process left (:func:`left_behind`): ``old`` renamed to this process's own unique name
+    ``mine``, so that of two adopters exactly one wins (the other's rename fails) and nobody shares a file."""
+    try:
+        os.rename(old, mine)
+    except OSError:
+        return False
+    return True

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 from ..config import Config, config_from
 from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
-from ..fsutil import SpaceLedger, fsync_dir, pid_alive
+from ..fsutil import SpaceLedger, adopt, fsync_dir, left_behind
 from ..locking import describe_holder
 from ..registry import WeightsRef
 from ..report import Reporter
@@ -151,13 +151,13 @@ def _part_abandoned(part: Path, match: re.Match, held: bool = True) -> bool:
             return time.time() - part.stat().st_mtime > STALE_FOREIGN_PART
         except OSError:
             return False
-    pid = int(match["pid"])
+    pid, ours = int(match["pid"]), False
     if pid == os.getpid():
         fd = _hold_part(part) if held else None
         if fd is not None:
             os.close(fd)
-        return fd is not None
-    return not pid_alive(pid)
+        ours = fd is not None
+    return left_behind(pid, part, ours=ours)
 
 
 def _parts_of(ckpt: Path, filename: str) -> list[Path]:
@@ -200,9 +200,7 @@ def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambd
         in_use = _hold_part(part)
         if in_use is None:
             continue
-        try:
-            os.replace(part, mine)
-        except OSError:
+        if not adopt(part, mine):
             os.close(in_use)
             continue
         try:

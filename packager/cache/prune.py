@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CacheError, UsageError
-from ..fsutil import make_dirs, pid_alive, quiet_for
+from ..fsutil import left_behind, make_dirs, pid_alive, quiet_for
 from ..locking import FileLock, Holder
 from ..transport import discard_part, part_state_path
 from .fetching import STALE_FOREIGN_PART, _part_abandoned, _parts_of
@@ -73,8 +73,7 @@ def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
         elif (tmp := _TEMP_NAME.match(name)) is not None:
             # install / atomic-write temp files of a killed process (SIGTERM, OOM, power loss).
             # The name holds no host, so a dead pid only counts once the file stopped changing.
-            age = now - st.st_mtime
-            if age > min_age or (age > _DEAD_TEMP_AGE and not pid_alive(int(tmp["pid"]))):
+            if now - st.st_mtime > min_age or left_behind(int(tmp["pid"]), path, quiet=_DEAD_TEMP_AGE, now=now):
                 out.append(Removal(path, st.st_size, "abandoned temporary file"))
     tv = HubLayout(hub).tvpack
     try:

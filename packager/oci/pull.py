@@ -12,7 +12,7 @@ from ..bundle import open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
-from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
+from ..fsutil import adopt, human_bytes, left_behind, reserve_space, short_name, temp_path
 from ..report import Reporter, reporter_for
 from ..transport.oci import RegistryClient
 from ..transport.stream import cancelled_by_interrupt
@@ -296,19 +296,15 @@ def _adopt_pull(output: Path, suffix: str) -> Path | None:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(PULL_SUFFIX)):
             continue
-        pid = name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))):
+        pid, old = name[len(prefix):].split(".", 1)[0], output.parent / name
+        if not pid.isdigit() or not left_behind(int(pid), old, ours=True):
             continue
-        old = output.parent / name
         if not name.endswith(suffix):
             unlink_quietly(old)  # another image's: of no use to this pull
         elif found is None:
             mine = temp_path(output, suffix)
-            try:
-                os.rename(old, mine)
+            if adopt(old, mine):
                 found = mine
-            except OSError:
-                continue
     return found
 
 

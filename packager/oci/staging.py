@@ -18,7 +18,7 @@ from typing import Callable
 from .. import env
 from ..cache.layout import STAGING_DIR, STAGING_NAME, HubLayout
 from ..errors import CacheError
-from ..fsutil import make_dirs, pid_alive, quiet_for
+from ..fsutil import adopt, left_behind, make_dirs
 from ..locking import FileLock, describe_holder
 
 LOCK_WAIT = 900.0  # seconds to wait for another run on the same image before going ahead without the lock
@@ -58,17 +58,11 @@ def _adopt_or_make(root: Path, key: str, held: bool) -> Path:
         match = STAGING_NAME.match(old.name)
         if match is None or match["key"] != key:
             continue
-        pid = int(match["pid"])
-        if held:  # nobody else works on this image (where locks work): an earlier run of ours, or a dead one
-            free = pid == os.getpid() or not pid_alive(pid)
-        else:
-            free = not pid_alive(pid) and quiet_for(old, now) > _DEAD_AGE
-        if free:
-            try:
-                os.rename(old, mine)
-                return mine
-            except OSError:
-                continue
+        # held: nobody else works on this image (where locks work): an earlier run of ours, or a dead one's;
+        # else only a dead one's that stopped changing
+        if left_behind(int(match["pid"]), old, ours=held, quiet=0.0 if held else _DEAD_AGE, now=now) \
+                and adopt(old, mine):
+            return mine
     try:
         mine.mkdir()
     except OSError as exc:
