@@ -90,16 +90,16 @@ def bundle_cmd(selectors, output, torch_home, registry, mirrors, endpoint_url, n
     release = release_option(channel, sequence, expires, revokes)
     signer = load_signer(sign_key, cert_chain) if sign_key else None  # before writing: a wrong password fails fast
     part_size = parse_size(split_size) if split_size is not None else None
+    # how missing weights are fetched, and where progress and notices go: one value
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, lock_timeout=lock_timeout,
+                          endpoint_url=endpoint_url, quiet=quiet or as_json)
     site = None
     if site_file is not None:
         from ..delta import read_site, version_notes
 
         site = read_site(site_file)
         for note in version_notes(site):
-            click.echo(f"tvpack: note: {note}", err=True)
-    # how missing weights are fetched, and where progress and notices go: one value
-    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, lock_timeout=lock_timeout,
-                          endpoint_url=endpoint_url, quiet=quiet or as_json)
+            config.reporter.notice(f"note: {note}")
     selection = {"all_weights": all_weights, "registry": registry, "torch_home": torch_home, "fetch": not no_fetch,
                  "with_backbones": with_backbones, "release": release, "config": config}
     if is_oci(output):

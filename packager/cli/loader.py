@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ._common import echo_json, json_option, registry_option
+from ._config import reporter
 from .app import main
 from .signing import trust_options
 
@@ -39,9 +40,10 @@ def predict_cmd(source, model, images, topk, keys, ca_roots, torch_home, registr
         warnings.simplefilter("always")
         results = classify(source, model, images, topk=topk, registry=registry,
                            trusted_keys=[*keys, *ca_roots] or None, torch_home=torch_home)
+    said = reporter()  # the loader warns as Python code does; on the command line a warning is a notice
     for warning in caught:  # ours, as one line each; torch's deprecation chatter is dropped
         if issubclass(warning.category, LoaderWarning):
-            click.echo(f"tvpack: warning: {warning.message}", err=True)
+            said.notice(f"warning: {warning.message}")
     if as_json:
         echo_json(results)
         return
