@@ -38,7 +38,7 @@ class Config:
     reporter: Reporter = field(default=SILENT, compare=False)
 
     def __post_init__(self):
-        if self.mirrors is not None and not isinstance(self.mirrors, tuple):
+        if self.mirrors is not None:  # any sequence of str or paths: kept as a tuple of str (hashable, frozen)
             object.__setattr__(self, "mirrors", tuple(os.fspath(m) for m in self.mirrors))
 
     @property
