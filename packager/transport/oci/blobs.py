@@ -64,12 +64,12 @@ class BlobSource(HttpSource):
         self.repository = repository
         self.scope = f"repository:{repository}:pull"
 
-    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float], end: int | None = None) -> Body:
         challenged = False
         while True:
             # requests drops Authorization when a redirect leaves the host (blob stores behind S3 urls)
             self.headers = self.client.auth.header(self.scope)
-            response = self.get(self._headers(offset, validator), timeout)
+            response = self.get(self._headers(offset, validator, end), timeout)
             if response.status_code == 401:
                 response.close()
                 if challenged:
@@ -78,7 +78,7 @@ class BlobSource(HttpSource):
                 self.client._authenticate(response, self.scope, self.repository, self.url)
                 continue
             try:
-                return self._body(response, offset)
+                return self._body(response, offset, end is not None)
             except BaseException:
                 response.close()
                 raise
