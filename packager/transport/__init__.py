@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import DownloadError, MirrorError, UsageError
 from .engine import Body, NoticeFn, Source, fetch, stream
+from .segments import Connections
 from .stream import (
     DEFAULT_POLICY,
     Cancel,
@@ -27,7 +28,7 @@ from .stream import (
     part_state_path,
 )
 
-__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Policy", "Result", "Source", "Verifier", "discard_part",
+__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Connections", "Policy", "Result", "Source", "Verifier", "discard_part",
            "fetch", "open_part", "open_target", "part_state_path", "source_of", "stream", "transfer"]
 
 
@@ -53,7 +54,7 @@ def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
 
 def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
              session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None,
-             cancel: Cancel | None = None, notify: NoticeFn | None = None, ledger=None) -> Result:
+             cancel: Cancel | None = None, notify: NoticeFn | None = None, ledger=None, connections=None) -> Result:
     """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
 
     One engine for every scheme (:func:`.engine.fetch` over :func:`source_of`). Raises
@@ -61,10 +62,11 @@ def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAU
     IntegrityError (bytes wrong: the part is removed), CacheError (the disk cannot take it),
     Cancelled (``cancel`` was set: stopped between chunks or by aborting a blocked read). On
     DownloadError and Cancelled the part is kept so that a later call resumes it. ``notify`` is
-    told, in one line, what each retry waits for. ``ledger``: the run's :class:`~packager.fsutil.SpaceLedger`.
+    told, in one line, what each retry waits for. ``ledger``: the run's :class:`~packager.fsutil.SpaceLedger`;
+    ``connections``: the run's :class:`~.segments.Connections` (the extra connections its large files share).
     """
     return fetch(source_of(url, policy=policy, session=session), part, verifier, policy, on_bytes=on_bytes,
-                 on_total=on_total, cancel=cancel, notify=notify, ledger=ledger)
+                 on_total=on_total, cancel=cancel, notify=notify, ledger=ledger, connections=connections)
 
 
 def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,

@@ -43,7 +43,9 @@ def reading_policy(policy) -> Policy:
                   backoff=policy.backoff, max_backoff=policy.max_backoff, chunk_size=policy.read_size,
                   speed_limit=speed_limit, speed_time=speed_time, max_time=getattr(policy, "max_time", None),
                   max_redirects=getattr(policy, "max_redirects", 10),
-                  stall_retries=getattr(policy, "stall_retries", None))
+                  stall_retries=getattr(policy, "stall_retries", None), connections=getattr(policy, "connections", 8),
+                  segment_size=getattr(policy, "segment_size", 16 << 20),
+                  segment_threshold=getattr(policy, "segment_threshold", 64 << 20))
 
 
 class BlobSource(HttpSource):

@@ -98,6 +98,10 @@ class Policy:
     max_redirects: int = 10
     chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
     read_size: int = 1 * MiB  # bytes per read while streaming
+    # a blob of at least segment_threshold bytes comes in ranges over up to ``connections`` connections
+    connections: int = 8
+    segment_size: int = 16 * MiB
+    segment_threshold: int = 64 * MiB
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
