@@ -288,6 +288,7 @@ class MirrorServer:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
+        self.peak = 0  # the most requests served at once
         self._arrivals = 0
         self._log_records: list[RequestRecord] = []
         self._faults: list[Fault] = []
@@ -396,6 +397,7 @@ class MirrorServer:
     def _begin(self) -> int:
         with self._lock:
             self._active += 1
+            self.peak = max(self.peak, self._active)
             self._arrivals += 1
             self._idle.notify_all()
             return self._arrivals
