@@ -191,12 +191,14 @@ def open_registry_image(reference: str, *, plain_http: bool):
     return open_image(reference, plain_http=plain_http)
 
 
-def install_from_registry(reference: str, trust, *, plain_http: bool, **options):
-    """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers."""
+def install_from_registry(reference: str, trust, *, plain_http: bool, transfer=None, **options):
+    """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers (``transfer``:
+    the command's transfer options)."""
     from ..oci import install
 
     _check_reference(reference)
-    return install(reference, trust=trust, plain_http=plain_http, **options)
+    client = registry_client(reference, plain_http=plain_http, transfer=transfer) if transfer is not None else None
+    return install(reference, trust=trust, plain_http=plain_http, client=client, **options)
 
 
 def verify_registry_image(reference: str, trust, *, plain_http: bool, progress: bool):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import human_bytes, pid_alive, reserve_space, short_name, temp_path
 from ..transport.oci import RegistryClient
-from ..transport.stream import cancelled_by_interrupt
-from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
+from .remote import RemoteImage, as_reference, client_for, each_layer, locked, progress_bar, read_image, stream_blob
 from .staging import unlink_quietly, write_error
 
 
@@ -209,47 +207,14 @@ def _temp_file(output: Path, image: RemoteImage) -> tuple[Path, bool]:
 
 
 def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jobs: int) -> None:
-    """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets).
-    Ctrl-C (or SIGTERM) sets the client's :class:`Cancel`, which stops every transfer on the pool's threads;
-    the first failure cancels the others and is the one raised."""
-    # through mirrors (registries.conf), one at a time: a mirror given up on is skipped once, with one notice;
-    # a caller's own client class is used as it is
-    if len(spans) <= 1 or jobs <= 1 or type(client) is not RegistryClient:
-        for span in spans:
-            _pull_layer(fd, span, image, client, bar)
-        return
-    cancel = client.cancel
-    lock = threading.Lock()
-    update = None if bar is None else lambda n: _locked(lock, bar.update, n)
-    local = threading.local()
+    """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets;
+    :func:`~.remote.each_layer`)."""
+    update = locked(bar.update) if bar is not None else None
 
-    def one(span: Span) -> None:  # a client is not thread-safe: one per worker, sharing the Cancel
-        if not hasattr(local, "client"):
-            local.client = _sibling(client)
-        _pull_layer(fd, span, image, local.client, bar, update, cancel)
+    def one(span: Span, worker_client) -> None:
+        _pull_layer(fd, span, image, worker_client, bar, update)  # each client stops on the shared Cancel
 
-    with cancelled_by_interrupt(cancel), ThreadPoolExecutor(max_workers=jobs,
-                                                            thread_name_prefix="tvpack-oci-pull") as pool:
-        futures = [pool.submit(one, span) for span in spans]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            cancel.cancel()  # the others stop at their next read; the pool waits for them before this unwinds
-            raise
-
-
-def _sibling(client):
-    """A client like ``client`` (host, credentials, policy, offline, notices, Cancel) with its own session."""
-    auth = client.auth
-    credentials = auth.credentials or (True if getattr(auth, "_files", False) else None)
-    return RegistryClient(client.host, plain_http=client.plain_http, credentials=credentials, policy=client.policy,
-                          offline=client.offline, notify=client.notify, cancel=client.cancel)
-
-
-def _locked(lock: threading.Lock, call, n: int) -> None:
-    with lock:
-        call(n)
+    each_layer(spans, one, client, jobs)
 
 
 def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar, update=None, cancel=None) -> None:
