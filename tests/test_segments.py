@@ -313,3 +313,34 @@ def test_oci_blobs_come_in_ranges_from_the_registry(registry, tmp_path):
     assert dest.read_bytes() == data
     gets = [r for r in registry.requests() if r[0] == "GET" and digest in r[1]]
     assert len(gets) >= 3 and {r[2] for r in gets} <= {200, 206} and 206 in {r[2] for r in gets}
+
+
+def test_install_from_a_registry_fetches_big_layers_in_ranges(registry, zoo_root, tmp_path, monkeypatch):
+    import importlib
+
+    from conftest import ZOO_REGISTRY, run_tvpack
+
+    bundle = importlib.import_module("packager.bundle").bundle
+    monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
+    made = bundle(["zoo_shufflenet_v2", "zoo_mobilenet_v3_small"], tmp_path / "b.tvpack", registry=[ZOO_REGISTRY],
+                  torch_home=tmp_path / "src", mirrors=[str(zoo_root)], upstream=False)
+    ref = f"oci://{registry.host}/models/seg:v1"
+    pushed = run_tvpack("push", made, ref, "--plain-http", "-q")
+    assert pushed.returncode == 0, pushed.stderr
+    before = len(registry.requests())
+    home = tmp_path / "site"
+    installed = run_tvpack("install", ref, "--plain-http", "--jobs", "2", "--connections", "4", "--segment-size", "1M",
+                           "--segment-threshold", "2M", "--torch-home", home)
+    assert installed.returncode == 0, installed.stderr
+    gets = [(path.rsplit("/", 1)[-1], status) for method, path, status, _ in registry.requests()[before:]
+            if method == "GET" and "/blobs/sha256:" in path]
+    by_blob: dict[str, list[int]] = {}
+    for digest, status in gets:
+        by_blob.setdefault(digest, []).append(status)
+    big = [statuses for statuses in by_blob.values() if 206 in statuses]
+    assert len(big) == 1 and len(big[0]) >= 4  # the 6 MB layer in ranges; the 1.5 MB one (and the rest) whole
+    assert all(statuses == [200] for statuses in by_blob.values() if 206 not in statuses)
+    placed = sorted((home / "hub" / "checkpoints").glob("*.pth"))
+    assert len(placed) == 2
+    for path in placed:
+        assert path.read_bytes() == (zoo_root / "models" / "tvpack-zoo" / path.name).read_bytes()
