@@ -448,7 +448,7 @@ def _parse_fault(spec: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         params[key.strip()] = value.strip()
-    for key in ("times", "status", "at"):
+    for key in ("times", "status", "at", "range_from"):
         if key in params:
             params[key] = int(params[key])
     return kind, params
