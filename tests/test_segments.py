@@ -315,7 +315,17 @@ def test_oci_blobs_come_in_ranges_from_the_registry(registry, tmp_path):
     assert len(gets) >= 3 and {r[2] for r in gets} <= {200, 206} and 206 in {r[2] for r in gets}
 
 
-def test_install_from_a_registry_fetches_big_layers_in_ranges(registry, zoo_root, tmp_path, monkeypatch):
+def _blob_statuses(registry, since: int, until: int | None = None) -> dict[str, list[int]]:
+    """Status codes of the blob GETs from request ``since`` to ``until``, per blob."""
+    out: dict[str, list[int]] = {}
+    for method, path, status, _ in registry.requests()[since:until]:
+        if method == "GET" and "/blobs/sha256:" in path:
+            out.setdefault(path.rsplit("/", 1)[-1], []).append(status)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["image", "modelpack"])
+def test_install_and_pull_from_a_registry_fetch_big_layers_in_ranges(registry, zoo_root, tmp_path, monkeypatch, fmt):
     import importlib
 
     from conftest import ZOO_REGISTRY, run_tvpack
@@ -324,23 +334,27 @@ def test_install_from_a_registry_fetches_big_layers_in_ranges(registry, zoo_root
     monkeypatch.setenv("TVPACK_ZOO_DIR", str(zoo_root))
     made = bundle(["zoo_shufflenet_v2", "zoo_mobilenet_v3_small"], tmp_path / "b.tvpack", registry=[ZOO_REGISTRY],
                   torch_home=tmp_path / "src", mirrors=[str(zoo_root)], upstream=False)
-    ref = f"oci://{registry.host}/models/seg:v1"
-    pushed = run_tvpack("push", made, ref, "--plain-http", "-q")
+    ref = f"oci://{registry.host}/models/seg:{fmt}"
+    pushed = run_tvpack("push", made, ref, "--plain-http", "--format", fmt, "-q")
     assert pushed.returncode == 0, pushed.stderr
+    ranges = ["--connections", "4", "--segment-size", "1M", "--segment-threshold", "2M"]
     before = len(registry.requests())
     home = tmp_path / "site"
-    installed = run_tvpack("install", ref, "--plain-http", "--jobs", "2", "--connections", "4", "--segment-size", "1M",
-                           "--segment-threshold", "2M", "--torch-home", home)
+    installed = run_tvpack("install", ref, "--plain-http", "--jobs", "2", *ranges, "--torch-home", home)
     assert installed.returncode == 0, installed.stderr
-    gets = [(path.rsplit("/", 1)[-1], status) for method, path, status, _ in registry.requests()[before:]
-            if method == "GET" and "/blobs/sha256:" in path]
-    by_blob: dict[str, list[int]] = {}
-    for digest, status in gets:
-        by_blob.setdefault(digest, []).append(status)
-    big = [statuses for statuses in by_blob.values() if 206 in statuses]
-    assert len(big) == 1 and len(big[0]) >= 4  # the 6 MB layer in ranges; the 1.5 MB one (and the rest) whole
-    assert all(statuses == [200] for statuses in by_blob.values() if 206 not in statuses)
     placed = sorted((home / "hub" / "checkpoints").glob("*.pth"))
     assert len(placed) == 2
     for path in placed:
         assert path.read_bytes() == (zoo_root / "models" / "tvpack-zoo" / path.name).read_bytes()
+    before_pull = len(registry.requests())
+    pulled = run_tvpack("pull", ref, "-o", tmp_path / "pulled.tvpack", "--plain-http", *ranges)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "pulled.tvpack").read_bytes() == made.read_bytes()
+    # the 6 MB layer in ranges (install: after a first answer that tells the size; pull knows it from the
+    # manifest), the 1.5 MB one and the small blobs whole
+    for since, until, first in ((before, before_pull, [200]), (before_pull, None, [])):
+        by_blob = _blob_statuses(registry, since, until)
+        big = [statuses for statuses in by_blob.values() if 206 in statuses]
+        assert len(big) == 1 and len(big[0]) >= 4  # (logged as each request ends)
+        assert sorted(big[0]) == first + [206] * (len(big[0]) - len(first))
+        assert all(statuses == [200] for statuses in by_blob.values() if 206 not in statuses)

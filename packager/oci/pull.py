@@ -40,8 +40,9 @@ class _LayerWriter:
     sha256 is computed on one more thread while the bytes are written. The transport reuses its buffers once
     ``write`` returns, so every use of them ends before it does."""
 
-    def __init__(self, fd: int, span: Span, where: str):
+    def __init__(self, fd: int, span: Span, where: str, place: bool = True):
         self.fd, self.offset, self.path, self.size, self.where = fd, span.offset, span.path, span.size, where
+        self.place = place  # False: check and hash only (the bytes are placed by a :class:`_LayerTarget`)
         layout = layer_layout([(span.path, span.size)])
         (in_layer,) = layout.spans
         self.header_len = len(in_layer.header)
@@ -69,7 +70,7 @@ class _LayerWriter:
         job = self._pool.submit(self.content.update, view[lo - start:hi - start]) if lo < hi else None
         try:
             written, hi = 0, min(end, self.member_end)
-            while start + written < hi:
+            while self.place and start + written < hi:
                 written += os.pwrite(self.fd, view[written:hi - start], self.offset + start + written)
         finally:
             if job is not None:
@@ -98,8 +99,8 @@ class _RawWriter(_LayerWriter):
     """The same for a ModelPack layer, which is the checkpoint itself: the member's header (as the bundle
     writer makes it) and padding are written here, the layer's bytes are the data."""
 
-    def __init__(self, fd: int, span: Span, where: str):
-        super().__init__(fd, span, where)
+    def __init__(self, fd: int, span: Span, where: str, place: bool = True):
+        super().__init__(fd, span, where, place)
         _write_at(fd, span.header, span.offset)
         _write_at(fd, bytes(span.padding), span.data_offset + span.size)
         self.data_offset, self.total = span.data_offset, span.size
@@ -108,14 +109,55 @@ class _RawWriter(_LayerWriter):
         if self.pos + len(data) > self.total:
             raise OCIError(f"{self.where}: the layer of {self.path} is longer than the file")
         self.content.update(data)  # here, not on the hashing thread: the transport may reuse its buffer
-        _write_at(self.fd, data, self.data_offset + self.pos)
+        if self.place:
+            _write_at(self.fd, data, self.data_offset + self.pos)
         self.pos += len(data)
+
+
+class _LayerTarget:
+    """Where a layer fetched in ranges puts its bytes: the member it holds at its offsets of ``fd`` (a ModelPack
+    layer: the data), the rest of the layer (the tar's end, zeros) kept aside to be checked in order."""
+
+    def __init__(self, fd: int, span: Span, raw: bool):
+        self.fd = fd
+        if raw:
+            self.base, self.placed, total = span.data_offset, span.size, span.size
+        else:
+            (in_layer,) = layer_layout([(span.path, span.size)]).spans
+            self.base, self.placed, total = span.offset, in_layer.end, layer_layout([(span.path, span.size)]).size
+        self.tail = bytearray(max(0, total - self.placed))
+
+    def write_at(self, pos: int, view) -> None:
+        end = pos + len(view)
+        if pos < self.placed:
+            _write_at(self.fd, view[:self.placed - pos], self.base + pos)
+        if end > self.placed:
+            lo = max(pos, self.placed)
+            self.tail[lo - self.placed:end - self.placed] = view[lo - pos:]
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        if pos < self.placed:
+            return os.pread(self.fd, min(n, self.placed - pos), self.base + pos)
+        return bytes(self.tail[pos - self.placed:pos - self.placed + n])
+
+    def sync(self) -> None:
+        pass  # the pull fsyncs the whole file once
 
 
 def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar, raw: bool = False,
                   update=None, cancel=None) -> str:
-    """One checkpoint layer streamed into its member of the bundle being written; the checkpoint's sha256."""
+    """One checkpoint layer streamed into its member of the bundle being written (a large one in ranges, at
+    their offsets); the checkpoint's sha256."""
     kind = _RawWriter if raw else _LayerWriter
+    if isinstance(client, RegistryClient):
+        checker = kind(fd, span, where, place=False)
+        try:
+            if client.blob_ranges(repository, layer.digest, _LayerTarget(fd, span, raw), size=layer.size,
+                                  observe=checker.write, on_bytes=update or (bar.update if bar is not None else None),
+                                  cancel=cancel):
+                return checker.finish()
+        finally:
+            checker.close()
     writers = [kind(fd, span, where)]
 
     def restart():  # another endpoint (a mirror failed): the member again, from its start

@@ -41,7 +41,7 @@ from typing import Callable, Protocol
 
 from ..errors import DownloadError, IntegrityError
 from ..fsutil import SpaceLedger, reserve_space, share_with_group
-from .segments import Assembly, Connections, Plan, Range, StartOver, Stop, kept_ranges, prefix_of
+from .segments import Assembly, Connections, FileTarget, Plan, Range, StartOver, Stop, kept_ranges, prefix_of
 from .stream import (
     DEFAULT_POLICY,
     Cancel,
@@ -435,28 +435,33 @@ class _Segmented:
                     body.close()
                 raise disk_error(exc, self.part, need) from exc
             try:
-                return self._assemble(fd, plan, validator, body, reservation)
+                return self.assemble(FileTarget(fd), plan, validator, body, reservation)
             finally:
                 os.close(fd)
 
-    def _assemble(self, fd: int, plan: Plan, validator: str | None, body: Body | None, reservation) -> Result:
+    def assemble(self, target, plan: Plan, validator: str | None, body: Body | None = None,
+                 reservation=None) -> Result:
+        """The ranges of ``plan`` into ``target``, synced and checked (the part file's, or a caller's target)."""
         kept = plan.kept
         if self.on_total is not None:
             self.on_total(plan.total, kept)
-        assembly = Assembly(fd, self.verifier, plan.finished, plan.total)
+        assembly = Assembly(target, self.verifier, plan.finished, plan.total)
         ranges = _Ranges(self, plan, assembly, validator, reservation)
         try:
             ranges.run(body)
             assembly.finish()
-            os.fsync(fd)
+            target.sync()
         except OSError as exc:
+            if self.part is None:
+                raise
             raise disk_error(exc, self.part, plan.total - plan.kept) from exc
         finally:
             assembly.close()
         try:
             digest = self.verifier.check()
         except IntegrityError:
-            discard_part(self.part)
+            if self.part is not None:
+                discard_part(self.part)
             raise
         return Result(self.source.url, digest, plan.total, kept, self.retrier.attempt + 1)
 
@@ -621,6 +626,8 @@ class _Ranges:
         except IntegrityError as exc:
             raise explain(exc, self.s.verifier, None) from None
         except OSError as exc:
+            if self.s.part is None:  # a caller's target: its write errors are its own
+                raise
             raise disk_error(exc, self.s.part, self.plan.total - self.plan.kept) from exc
         rng.pos += len(view)
         with self._progress:
@@ -632,6 +639,8 @@ class _Ranges:
     def save(self) -> None:
         """The record beside the part: the finished ranges (and the written start of those in progress)."""
         s = self.s
+        if s.part is None:
+            return
         with self._saving:
             try:
                 write_state(s.part, {"url": s.source.url, "validator": self.validator, "total": self.plan.total,
@@ -644,6 +653,25 @@ def _closed(body: Body | None) -> None:
     if body is not None:
         body.close()
     return None
+
+
+def fetch_ranges(source: Source, target, verifier: Verifier, total: int, policy: Policy = DEFAULT_POLICY, *,
+                 on_bytes: ProgressFn | None = None, cancel: Cancel | None = None, notify: NoticeFn | None = None,
+                 connections: Connections | None = None) -> Result:
+    """``source`` (``total`` bytes, a segmentable source) in ranges over up to ``policy.connections`` connections
+    into ``target`` (its ``write_at(pos, view)`` places bytes, ``read_at(pos, n)`` gives them back for the hash,
+    ``sync()`` makes them durable), ``verifier`` fed every byte in order. Nothing is kept across calls.
+
+    Raises :class:`~.segments.StartOver` when the source does not serve ranges (said in one notice: stream it
+    instead), and what :func:`fetch` raises; a write error of ``target`` is raised as it is."""
+    retrier = Retrier(source.url, policy, cancel, notify)
+    segmented = _Segmented(source, None, verifier, policy, retrier, on_bytes=on_bytes, on_total=None, ledger=None,
+                           connections=connections)
+    try:
+        return segmented.assemble(target, Plan(total, [], max(1, policy.segment_size)), None)
+    except StartOver as exc:
+        segmented.say(exc.reason)
+        raise
 
 
 # -- into a caller's write --------------------------------------------------------------------------

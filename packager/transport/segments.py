@@ -176,15 +176,34 @@ class Plan:
 
 # -- the part file: writes at offsets, the prefix hashed -----------------------------------------------
 
+class FileTarget:
+    """Where the object's bytes go: a file open on ``fd`` (the part file), byte ``pos`` of the object at ``pos``."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write_at(self, pos: int, view) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], pos + done)
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        return os.pread(self.fd, n, pos)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+
 class Assembly:
-    """Bytes written at their offsets of ``fd`` (:meth:`write`), and ``verifier`` fed the object's bytes in
-    order: a write at the front of the hashed prefix is hashed from its buffer; bytes written ahead of it (and
-    the ``kept`` ranges of an earlier run, which are re-hashed) are read back when the prefix reaches them."""
+    """Bytes written at their offsets of ``target`` (:meth:`write`; a :class:`FileTarget`, or anything with its
+    ``write_at``, ``read_at`` and ``sync``), and ``verifier`` fed the object's bytes in order: a write at the
+    front of the hashed prefix is hashed from its buffer; bytes written ahead of it (and the ``kept`` ranges of an
+    earlier run, which are re-hashed) are read back when the prefix reaches them."""
 
     READ_BACK = 4 << 20
 
-    def __init__(self, fd: int, verifier: Verifier, kept: list[list[int]], total: int):
-        self.fd, self.verifier, self.total = fd, verifier, total
+    def __init__(self, target, verifier: Verifier, kept: list[list[int]], total: int):
+        self.target, self.verifier, self.total = target, verifier, total
         self.hashed = 0  # the prefix fed to the verifier
         self.ahead: list[list[int]] = merged(kept)  # written, not yet hashed
         self.error: BaseException | None = None
@@ -197,9 +216,7 @@ class Assembly:
 
     def write(self, pos: int, view: memoryview) -> None:
         """Write ``view`` at ``pos`` (raises OSError), then hash it if it is the prefix's next bytes."""
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], pos + done)
+        self.target.write_at(pos, view)
         end = pos + len(view)
         with self._cond:
             if self.error is not None:
@@ -243,7 +260,7 @@ class Assembly:
             try:
                 pos = start
                 while pos < end:
-                    data = os.pread(self.fd, min(self.READ_BACK, end - pos), pos)
+                    data = self.target.read_at(pos, min(self.READ_BACK, end - pos))
                     if not data:
                         raise OSError(f"the part file ends at {pos} of {end}")
                     self.verifier.update(data)

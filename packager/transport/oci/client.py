@@ -626,6 +626,14 @@ class RegistryClient:
 
         stream_blob(self, repository, digest, write, size=size, on_bytes=on_bytes, cancel=cancel)
 
+    def blob_ranges(self, repository: str, digest: str, target, *, size: int, observe: Callable[[bytes], object],
+                    on_bytes: ProgressFn | None = None, cancel=None) -> bool:
+        """:func:`.blobs.blob_ranges`: a large blob in ranges at a caller's offsets (False: stream it instead)."""
+        from .blobs import blob_ranges
+
+        return blob_ranges(self, repository, digest, target, size=size, observe=observe, on_bytes=on_bytes,
+                           cancel=cancel)
+
     # -- manifests --
 
     def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
