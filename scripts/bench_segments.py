@@ -104,7 +104,7 @@ http {{
                     break
                 except OSError:
                     if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise SystemExit(f"nginx did not start: {(w / 'stderr.log').read_text()}")
+                        raise SystemExit(f"nginx did not start: {(w / 'stderr.log').read_text()}") from None
                     time.sleep(0.05)
         return self
 

@@ -2,8 +2,9 @@
 
 Reading (:func:`transfer`) streams an object into a part file, hashing while it streams, resuming
 and retrying: one engine (:mod:`.engine`, over the machinery of :mod:`.stream`) reads every
-:class:`~.engine.Source` (:mod:`.http`, :mod:`.file`, :mod:`.s3`, OCI blobs). Writing (:func:`open_target`) publishes verified objects to a directory or a bucket.
-:mod:`.urls` maps a weights url to its mirror locations. Importing this package never imports
+:class:`~.engine.Source` (:mod:`.http`, :mod:`.file`, :mod:`.s3`, OCI blobs), a large one in ranges over
+several connections (:mod:`.segments`). Writing (:func:`open_target`) publishes verified objects to a
+directory or a bucket. :mod:`.urls` maps a weights url to its mirror locations. Importing this package never imports
 torch, requests or boto3.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ from .stream import (
     part_state_path,
 )
 
-__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Connections", "Policy", "Result", "Source", "Verifier", "discard_part",
-           "fetch", "open_part", "open_target", "part_state_path", "source_of", "stream", "transfer"]
+__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Connections", "Policy", "Result", "Source", "Verifier",
+           "discard_part", "fetch", "open_part", "open_target", "part_state_path", "source_of", "stream", "transfer"]
 
 
 def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
