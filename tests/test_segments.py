@@ -230,6 +230,28 @@ def test_kill_9_mid_way_then_the_next_run_fetches_only_the_missing_ranges(mirror
     assert sorted(p.name for p in folder.iterdir()) == [ref.filename]
 
 
+def test_cache_prune_removes_an_abandoned_part_and_its_record_of_ranges(mirror_server, tmp_path, torch_home):
+    (ref,) = synth_refs(mirror_server.root, count=1, size=4 * MiB)
+    lock = dump_lockfile([ref], tmp_path / "tvpack.lock")
+    path = f"/models/synth/{ref.filename}"
+    folder = torch_home / "hub" / "checkpoints"
+    mirror_server.add_fault("hold", path=path, range_from=2 * MiB)
+    mirror_server.add_fault("hold", path=path, at=2 * MiB)
+    env = tvpack_env(TORCH_HOME=torch_home)
+    cmd = tvpack_command("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream", *CLI_SEGMENTS)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _part_state(folder).get("ranges") == [[0, 2 * MiB]], what="the first 2 MiB recorded")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    mirror_server.release()
+    assert any(p.name.endswith(cache.PART_SUFFIX) for p in folder.iterdir())
+    pruned = subprocess.run(tvpack_command("cache", "prune"), env=env, capture_output=True, text=True)
+    assert pruned.returncode == 0, pruned.stderr
+    assert [p.name for p in folder.iterdir()] == []  # the part and its record of ranges
+
+
 def test_ctrl_c_stops_every_connection(mirror_server, tmp_path, torch_home):
     (ref,) = synth_refs(mirror_server.root, count=1, size=8 * MiB)
     lock = dump_lockfile([ref], tmp_path / "tvpack.lock")
