@@ -772,7 +772,7 @@ def _build(weights: LoadedWeights, model: str | None, *, registry, map_location,
 # -- public API --------------------------------------------------------------------------------------
 
 def load_model(source, name: str, *, registry: Sequence[str] = (), map_location="cpu", fast: bool = True,
-               trusted_keys=None, require_signed: bool | None = None, **builder_kwargs):
+               trusted_keys=None, require_signed: bool | None = None, torch_home=None, **builder_kwargs):
     """``(model, weights)`` from a bundle file or a TORCH_HOME where bundles were installed.
 
     ``name`` is a model name (its only weights in the source, else its DEFAULT), ``model:MEMBER``
@@ -782,25 +782,30 @@ def load_model(source, name: str, *, registry: Sequence[str] = (), map_location=
 
     ``trusted_keys`` (PEM public keys or CA roots: paths or bytes) refuses checkpoints that no
     signature valid for them covers; so does a configured trust policy (``TVPACK_TRUSTED_KEYS``,
-    ``<hub>/tvpack/trusted/``) unless ``require_signed=False``; ``require_signed=True`` demands one.
+    ``<hub>/tvpack/trusted/``) unless ``require_signed=False``; ``require_signed=True`` demands one. The
+    configured policy is the installed source's own; for a bundle file, that of ``torch_home`` (default: the
+    TORCH_HOME torch.hub resolves).
     """
-    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed)
+    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed, torch_home)
     return src.load_model(name, registry=registry, map_location=map_location, fast=fast, **builder_kwargs)
 
 
 def load_weights(source, name: str, *, registry: Sequence[str] = (), trusted_keys=None,
-                 require_signed: bool | None = None) -> LoadedWeights:
+                 require_signed: bool | None = None, torch_home=None) -> LoadedWeights:
     """The weights object alone (transforms, meta, state dict): works even where no builder exists."""
-    return _signed_only(open_source(source), name, registry, trusted_keys, require_signed).weights(name, registry=registry)
+    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed, torch_home)
+    return src.weights(name, registry=registry)
 
 
-def _signed_only(src: Source, name: str, registry, trusted_keys, require_signed) -> Source:
+def _signed_only(src: Source, name: str, registry, trusted_keys, require_signed, torch_home=None) -> Source:
     """Under a trust policy, ``src`` keeps only the weights a trusted signature covers (backbones included), and
-    ``name`` not among them is refused in one line."""
+    ``name`` not among them is refused in one line. The configured policy of an installed source is its own
+    hub's; of a bundle file, ``torch_home``'s (None: torch.hub's)."""
     from . import signing
 
     hub = src.hub if isinstance(src, InstalledSource) else None
-    trust = signing.loader_policy(trusted_keys, require_signed, hub=hub)
+    policy_hub = hub if hub is not None else (home.hub_dir(torch_home) if torch_home is not None else None)
+    trust = signing.loader_policy(trusted_keys, require_signed, hub=policy_hub)
     if not trust:
         return src
     entry, _ = src.find(name, registry=registry)
@@ -830,13 +835,14 @@ def _is_classification(weights: LoadedWeights) -> bool:
 
 
 def classify(source, name: str, images: Sequence[str | os.PathLike], *, topk: int = 5,
-             registry: Sequence[str] = (), trusted_keys=None, require_signed: bool | None = None) -> list[dict]:
+             registry: Sequence[str] = (), trusted_keys=None, require_signed: bool | None = None,
+             torch_home=None) -> list[dict]:
     """Top-k categories for each image file (classification weights only); signatures are checked as by
-    :func:`load_model`."""
+    :func:`load_model` (``torch_home`` as there)."""
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
-    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed)
+    src = _signed_only(open_source(source), name, registry, trusted_keys, require_signed, torch_home)
     entry, model_name = src.find(name, registry=registry)
     weights = LoadedWeights(entry, src, registry=registry)
     if not _is_classification(weights):

@@ -13,6 +13,7 @@ from packager.formats.lockfile import dump_lockfile
 from tests.conftest import ZOO_REGISTRY, run_tvpack, synth_refs, tvpack_command, tvpack_env, wait_for
 
 MB = 1_000_000
+PATIENT = ("--read-timeout", "3600", "--speed-limit", "0")  # no client timer fires while a test holds a stall
 
 
 def _checkpoints(home):
@@ -86,8 +87,8 @@ def test_a_file_name_near_255_bytes_is_fetched_resumed_and_pruned(mirror_server,
     (ref,) = synth_refs(mirror_server.root, count=1, size=3 * MB, names=[stem])
     assert len(os.fsencode(ref.filename)) == 251
     lock = dump_lockfile([ref], tmp_path / "tvpack.lock")
-    fetch = ["fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream"]
-    mirror_server.add_fault("stall", at=MB, seconds=30)
+    fetch = ["fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream", *PATIENT]
+    mirror_server.add_fault("stall", at=MB, seconds=600)
     proc = subprocess.Popen(tvpack_command(*fetch), env=tvpack_env(TORCH_HOME=home), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -118,9 +119,9 @@ def test_a_resumed_fetch_counts_only_the_bytes_it_received(mirror_server, tmp_pa
     home = tmp_path / "home"
     refs = synth_refs(mirror_server.root, count=2, size=3 * MB)
     lock = dump_lockfile(refs, tmp_path / "tvpack.lock")
-    fetch = ["fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream"]
-    mirror_server.add_fault("stall", path=f"/models/synth/{refs[0].filename}", at=MB, seconds=30)
-    mirror_server.add_fault("stall", path=f"/models/synth/{refs[1].filename}", at=2 * MB, seconds=30)
+    fetch = ["fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream", *PATIENT]
+    mirror_server.add_fault("stall", path=f"/models/synth/{refs[0].filename}", at=MB, seconds=600)
+    mirror_server.add_fault("stall", path=f"/models/synth/{refs[1].filename}", at=2 * MB, seconds=600)
     proc = subprocess.Popen(tvpack_command(*fetch), env=tvpack_env(TORCH_HOME=home), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

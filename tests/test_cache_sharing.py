@@ -153,7 +153,7 @@ def test_a_group_shared_cache_stays_usable_by_every_member_whatever_their_umask(
             assert "1 cached, 1 downloaded" in proc.stdout
 
             # alice (umask 077) is killed mid-transfer; bob takes her part file over and resumes it
-            mirror_server.add_fault("stall", at=MB, seconds=30)
+            mirror_server.add_fault("stall", at=MB, seconds=600)  # until cleared: never ends by the clock
             killed = as_user(alice, "077", "fetch", "--lock", locks["three"], *fetch, popen=True)
             try:
                 wait_for(lambda: [p for p in _checkpoints(shared).glob("*.tvpack-part") if p.stat().st_size],
@@ -218,7 +218,7 @@ def test_prune_never_removes_a_download_running_in_another_pid_namespace(mirror_
     (ref,) = synth_refs(mirror_server.root, count=1, size=3 * MB)
     lock = dump_lockfile([ref], tmp_path / "tvpack.lock")
     home = tmp_path / "home"
-    mirror_server.add_fault("stall", at=MB, seconds=60)
+    mirror_server.add_fault("stall", at=MB, seconds=600)
     skip = _free_pid_slot()
     script = f'i=0; while [ $i -lt {skip} ]; do /bin/true; i=$((i+1)); done; "$@"'
     container = subprocess.Popen(["unshare", "-p", "--fork", "--kill-child", "sh", "-c", script, "sh",

@@ -13,6 +13,7 @@ from packager.formats.lockfile import dump_lockfile
 from tests.conftest import ZOO_REGISTRY, run_tvpack, synth_refs, tvpack_command, tvpack_env, wait_for
 
 MB = 1_000_000
+PATIENT = ("--read-timeout", "3600", "--speed-limit", "0")  # no client timer fires while a test holds a stall
 
 
 def _parts(home, minimum: int = 1) -> list:
@@ -30,7 +31,7 @@ def test_a_signal_stops_a_parallel_fetch_at_once_and_keeps_the_parts(mirror_serv
     home = tmp_path / "home"
     mirror_server.add_fault("stall", at=MB, seconds=600)  # both transfers hang mid-body, far longer than any stop
     proc = subprocess.Popen(tvpack_command("fetch", "--lock", lock, "--mirror", mirror_server.url, "--no-upstream",
-                                           "-j", "2"),
+                                           "-j", "2", *PATIENT),
                             env=tvpack_env(TORCH_HOME=home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(_parts(home, MB // 2)) == 2, what="two part files with bytes")
@@ -64,7 +65,7 @@ def test_a_signal_stops_a_parallel_fetch_at_once_and_keeps_the_parts(mirror_serv
 def _holder_is_running(mirror_server, tmp_path, ref_path, command):
     """Start ``command`` (a fetch of a file whose transfer stalls) and wait until it holds the lock."""
     home = tmp_path / "home"
-    mirror_server.add_fault("stall", path=ref_path, at=MB, seconds=60)
+    mirror_server.add_fault("stall", path=ref_path, at=MB, seconds=600)
     proc = subprocess.Popen(command, env=tvpack_env(TORCH_HOME=home), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

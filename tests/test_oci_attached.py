@@ -1,5 +1,6 @@
 """Signatures attached to a pushed image as OCI 1.1 referrers (`tvpack sign oci://...`), against Debian's real
-distribution 2.8, which has no referrers API: the referrers tag schema (an index tagged sha256-<hex>). The image's
+distribution 2.8, which has no referrers API: the referrers tag schema (an index tagged sha256-<hex>); and behind a
+front that adds the API (tests/referrers_registry.py), through the API. The image's
 digest does not change; install, pull, verify and inspect find the signature and apply the key before any
 checkpoint layer is fetched; pull writes it into the bundle."""
 from __future__ import annotations
@@ -104,3 +105,48 @@ def test_sign_attaches_a_referrer_that_install_pull_verify_and_inspect_enforce(r
     offline = run_tvpack("verify", out, "--key", alice_pub)
     assert offline.returncode == 0 and "signed by" in offline.stdout, offline.stderr
     assert oci.read_image(ref, plain_http=True).reference.digest == pushed["digest"]
+
+
+def test_a_registry_with_the_referrers_api_is_asked_through_it_and_gets_no_referrers_tag(registry, small_bundle,
+                                                                                         tmp_path):
+    """The API path, against the real registry behind a front that adds the OCI 1.1 referrers API
+    (tests/referrers_registry.py): sign attaches without a sha256-<hex> tag, install finds the signature through
+    the API and applies the key before any checkpoint layer; a registry that lists another image's signature
+    under this one is refused."""
+    from referrers_registry import ReferrersFront
+
+    alice, alice_pub = keypair(tmp_path, "alice")
+    _other, other_pub = keypair(tmp_path, "other")
+    direct = RegistryClient(registry.host, plain_http=True, policy=FAST)
+    with ReferrersFront(registry.host) as front:
+        ref = f"oci://{front.host}/models/small:v1"
+        pushed = json.loads(run_tvpack("push", small_bundle, ref, "--plain-http", "--json", "-q").stdout)
+        proc = run_tvpack("sign", ref, "--key", alice, "--plain-http", "--json")
+        assert proc.returncode == 0, proc.stderr
+        attached = json.loads(proc.stdout)
+        assert attached["via"] == "referrers API"
+        hexdigest = pushed["digest"].split(":")[1]
+        assert direct.manifest_digest("models/small", f"sha256-{hexdigest}") is None  # no referrers tag
+        assert [d["digest"] for d in front.referrers[("models/small", pushed["digest"])]] == [attached["digest"]]
+
+        home = tmp_path / "home"
+        gets = len(blob_gets(registry))
+        refused = run_tvpack("install", ref, "--key", other_pub, "--torch-home", home, "--plain-http", "-q")
+        assert refused.returncode == 1 and "signature" in refused.stderr, refused.stderr
+        manifest = json.loads(direct.get_manifest("models/small", pushed["digest"]).data)
+        biggest = max(manifest["layers"], key=lambda layer: layer["size"])["digest"]
+        assert biggest not in blob_gets(registry)[gets:]  # refused before the checkpoint layer
+        proc = run_tvpack("install", ref, "--key", alice_pub, "--torch-home", home, "--plain-http", "-q")
+        assert proc.returncode == 0 and "signature valid" in proc.stdout, proc.stderr
+        asked = [path for method, path, _ in front.requests if method == "GET" and "/referrers/" in path]
+        assert asked and all(pushed["digest"] in path for path in asked)
+
+        # a lying registry: the signature of v1 listed as a referrer of another image
+        other = json.loads(run_tvpack("push", small_bundle, f"oci://{front.host}/models/small:mp", "--format",
+                                      "modelpack", "--plain-http", "--json", "-q").stdout)
+        front.forge("models/small", other["digest"], front.referrers[("models/small", pushed["digest"])][0])
+        lied = run_tvpack("install", f"oci://{front.host}/models/small:mp", "--key", alice_pub, "--torch-home",
+                          tmp_path / "home2", "--plain-http", "-q")
+        assert lied.returncode == 1 and "its subject is another manifest" in lied.stderr, lied.stderr
+        assert not (tmp_path / "home2" / "hub" / "checkpoints").exists() \
+            or not list((tmp_path / "home2" / "hub" / "checkpoints").iterdir())

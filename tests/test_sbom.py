@@ -139,10 +139,15 @@ def test_swag_weights_carry_their_licence_and_torchvision_docs():
 
 
 def test_list_and_fetch_dry_run_import_neither_torch_nor_cyclonedx(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    # the first command of a fresh install writes the registry snapshot (that one imports torch); then none does
+    warm = subprocess.run([sys.executable, "-m", "packager", "list", "resnet50"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=env)
+    assert warm.returncode == 0, warm.stderr
     for args in (["list", "resnet50"], ["fetch", "--dry-run", "resnet50"]):
         code = ("import sys, runpy; sys.argv = ['tvpack', *%r]\n"
                 "try:\n    runpy.run_module('packager', run_name='__main__')\nexcept SystemExit:\n    pass\n"
                 "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'cyclonedx'}))" % args)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                              env={"PYTHONPATH": str(ROOT), "TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
         assert "LOADED []" in proc.stdout, proc.stdout + proc.stderr

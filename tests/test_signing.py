@@ -702,6 +702,15 @@ def test_predict_checks_signatures_as_the_loader_does(bundles, keys, tmp_path, c
     monkeypatch.setenv("TVPACK_TRUSTED_KEYS", str(keys / "p256.pub"))
     assert "is not signed" in one_error_line(cli(*predict, bundles["small"], SHUFFLE, image))
     assert cli(*predict, path, SHUFFLE, image).exit_code == 0
+    # for a bundle file, --torch-home names the TORCH_HOME whose <hub>/tvpack/trusted/ applies
+    monkeypatch.delenv("TVPACK_TRUSTED_KEYS")
+    site = tmp_path / "site"
+    (site / "hub" / "tvpack" / "trusted").mkdir(parents=True)
+    shutil.copy(keys / "other.pub", site / "hub" / "tvpack" / "trusted" / "other.pub")
+    assert cli(*predict, bundles["small"], SHUFFLE, image).exit_code == 0  # the default TORCH_HOME trusts nothing
+    assert "is not signed" in one_error_line(cli(*predict, bundles["small"], SHUFFLE, image, "--torch-home", site))
+    line = one_error_line(cli(*predict, path, SHUFFLE, image, "--torch-home", site))
+    assert f"refusing {SHUFFLE}" in line and "not a trusted key" in line
 
 
 def test_mirror_from_bundle_checks_signatures_before_publishing(bundles, keys, tmp_path, cli, monkeypatch):

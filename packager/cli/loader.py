@@ -15,9 +15,12 @@ from .signing import trust_options
                 type=click.Path(exists=True, dir_okay=False))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="How many categories to show.")
 @trust_options
+@click.option("--torch-home", "torch_home", type=click.Path(file_okay=False), default=None,
+              help="For a bundle-file SOURCE: the TORCH_HOME whose trust policy (<hub>/tvpack/trusted/) applies "
+                   "(default: as torch.hub resolves it). An installed SOURCE uses its own.")
 @registry_option
 @json_option
-def predict_cmd(source, model, images, topk, keys, ca_roots, registry, as_json):
+def predict_cmd(source, model, images, topk, keys, ca_roots, torch_home, registry, as_json):
     """Classify IMAGE files with weights from SOURCE, never touching the network.
 
     SOURCE is a bundle file or a TORCH_HOME where bundles were installed. MODEL is a model name
@@ -35,7 +38,7 @@ def predict_cmd(source, model, images, topk, keys, ca_roots, registry, as_json):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = classify(source, model, images, topk=topk, registry=registry,
-                           trusted_keys=[*keys, *ca_roots] or None)
+                           trusted_keys=[*keys, *ca_roots] or None, torch_home=torch_home)
     for warning in caught:  # ours, as one line each; torch's deprecation chatter is dropped
         if issubclass(warning.category, LoaderWarning):
             click.echo(f"tvpack: warning: {warning.message}", err=True)
