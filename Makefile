@@ -42,7 +42,9 @@ docs: install
 demo: install
 	$(PY) scripts/demo.py
 
+# aria2c is the segmented-download baseline of scripts/bench_segments.py
 bench: install system-deps
+	@command -v aria2c >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq aria2; }
 	$(PY) scripts/bench.py $(BENCH)
 
 # every torchvision weights up to SWEEP_MB: synthetic checkpoint -> bundle -> install -> load_model,

@@ -30,7 +30,17 @@ from ..locking import describe_holder
 from ..registry import WeightsRef
 from ..report import Reporter
 from ..snapshot import resolve
-from ..transport import Cancel, Cancelled, Policy, Verifier, discard_part, part_state_path, transfer
+from ..transport import (
+    DEFAULT_POLICY,
+    Cancel,
+    Cancelled,
+    Connections,
+    Policy,
+    Verifier,
+    discard_part,
+    part_state_path,
+    transfer,
+)
 from ..transport.urls import candidate_urls, normalize_mirror
 from .index import _stat, file_sha256, record_verified
 from .layout import _HOST, _PART_NAME, PART_SUFFIX, HubLayout, _lock, _makedirs, _stem
@@ -248,15 +258,17 @@ def _check_present(path: Path, ref: WeightsRef) -> tuple[str, str | None, int | 
 
 class _Run:
     """What the transfers of one fetch share: the cancel flag, the lock timeout, the stderr
-    notices, the disk space promised to transfers in progress (the ledger), and the cache directories, made
-    (once) only when something has to be written."""
+    notices, the disk space promised to transfers in progress (the ledger), the connections its large files
+    may open beyond one each (``policy.connections - 1`` in all), and the cache directories, made (once) only
+    when something has to be written."""
 
-    def __init__(self, hub: Path, bars: "_Bars", lock_timeout: float | None):
+    def __init__(self, hub: Path, bars: "_Bars", lock_timeout: float | None, policy: Policy = DEFAULT_POLICY):
         self.hub = hub
         self.bars = bars
         self.lock_timeout = lock_timeout
         self.cancel = Cancel()
         self.ledger = SpaceLedger()
+        self.connections = Connections(policy.connections - 1)
         self._prepared = False
         self._mutex = threading.Lock()
 
@@ -302,7 +314,8 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                 on_bytes, on_total = _progress_callbacks(bar, run.bars.total, received)
                 try:
                     result = transfer(url, part, verifier, policy=policy, on_bytes=on_bytes, on_total=on_total,
-                                      cancel=run.cancel, notify=run.notify, ledger=run.ledger)
+                                      cancel=run.cancel, notify=run.notify, ledger=run.ledger,
+                                      connections=run.connections)
                 except IntegrityError as exc:
                     integrity = integrity or exc
                     errors.append(exc.format())
@@ -474,7 +487,7 @@ def fetch_results(selectors: Iterable[str] = (), *, refs: Sequence[WeightsRef] |
     unique = _dedupe(selected)
     total = sum((_exact_size(r) or r.size_hint or 0) for r in unique)
     bars = _Bars(config.reporter, total)
-    run = _Run(hub, bars, config.resolved_lock_timeout())
+    run = _Run(hub, bars, config.resolved_lock_timeout(), policy)
     done: dict[str, FetchResult] = {}
     try:
         def work(ref):

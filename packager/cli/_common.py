@@ -1,9 +1,12 @@
 """Options and output helpers shared by the command modules."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 import click
@@ -52,6 +55,97 @@ lock_timeout_option = click.option(
     help="Give up (one line naming the holder) after SECONDS waiting for another tvpack process that is "
          "fetching the same file (default: wait up to 15 minutes, then fetch anyway; env TVPACK_LOCK_TIMEOUT).",
 )
+class ByteSize(click.ParamType):
+    """A size in bytes: ``1048576``, ``64M``, ``16MiB``, ``1G`` (K, M, G: powers of 1024)."""
+
+    name = "size"
+    _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", str(value))
+        if match is None:
+            self.fail(f"{value!r} is not a size (e.g. 1048576, 8M, 64MiB)", param, ctx)
+        size = int(match[1]) * self._UNITS[match[2].lower()]
+        if size < 1:
+            self.fail("a size must be at least 1 byte", param, ctx)
+        return size
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The transfer options of a command (:func:`transfer_options`): how hard to try, how many connections."""
+
+    offline: bool | None
+    connect_timeout: float
+    read_timeout: float
+    retries: int
+    speed_limit: float
+    speed_time: float
+    max_time: float | None
+    connections: int
+    segment_size: int
+    segment_threshold: int
+
+    def policy(self, endpoint_url: str | None = None):
+        """The transfer engine's :class:`~packager.transport.Policy` (``endpoint_url``: for s3:// mirrors)."""
+        from ..transport import Policy
+
+        return Policy(**self._common(), s3_endpoint_url=endpoint_url)
+
+    def registry_policy(self):
+        """The registry client's :class:`~packager.transport.oci.Policy`."""
+        from ..transport.oci import Policy
+
+        return Policy(**self._common())
+
+    def _common(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "offline"}
+
+
+def transfer_options(*, read_timeout: float = 60.0, retries: int = 5):
+    """The options of every command that transfers (``--offline``, timeouts, retries, speed limits,
+    ``--connections`` and the segment sizes), handed to the command as one value: ``transfer`` (a
+    :class:`Transfer`). ``read_timeout`` and ``retries``: this command's defaults."""
+    options = [
+        click.option("--offline", is_flag=True, default=None,
+                     help="No network: refuse to connect (env TVPACK_OFFLINE=1)."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+                     metavar="SECONDS", help="Seconds to wait for a connection."),
+        click.option("--read-timeout", type=click.FloatRange(min=0.1), default=read_timeout, show_default=True,
+                     metavar="SECONDS", help="Seconds without an answer or a byte before a request is retried."),
+        click.option("--retries", type=click.IntRange(0, 100), default=retries, show_default=True,
+                     help="Further attempts (per file, per range) on connection errors, timeouts, 429 and 5xx."),
+        click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
+                     metavar="BYTES", help="An attempt receiving fewer than BYTES per second for --speed-time "
+                                           "seconds (or no answer for that long) is aborted and retried (0: never)."),
+        click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                     metavar="SECONDS", help="The window --speed-limit is measured over."),
+        click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="Give up on a file after SECONDS from one source, retries included (default: no limit)."),
+        click.option("--connections", type=click.IntRange(1, 64), default=8, show_default=True, metavar="N",
+                     help="Connections per large file: it comes in ranges over up to N connections at once "
+                          "(a run opens at most N - 1 beyond one per file; 1: one stream)."),
+        click.option("--segment-size", type=ByteSize(), default="16M", show_default=True, metavar="SIZE",
+                     help="The size of each range of a large file (e.g. 8M)."),
+        click.option("--segment-threshold", type=ByteSize(), default="64M", show_default=True, metavar="SIZE",
+                     help="Files of at least SIZE come in ranges; smaller ones in one stream."),
+    ]
+    names = [f.name for f in fields(Transfer)]
+
+    def decorate(func):
+        @functools.wraps(func)
+        def command(*args, **kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            return func(*args, transfer=Transfer(**values), **kwargs)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 selectors_argument = click.argument("selectors", nargs=-1, metavar="[SELECTOR...]")  # optional: --all, --lock, --from-bundle
 
 

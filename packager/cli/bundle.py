@@ -22,7 +22,7 @@ from ._common import (
 from ._config import build_config, reporter
 from .app import main
 from .channels import release_line, release_option
-from .oci import format_option, is_oci, plain_http_option
+from .oci import format_option, is_oci, plain_http_option, registry_options
 from .signing import cert_chain_option, load_signer, signature_lines, trust_options
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -239,7 +239,11 @@ def _signed_summary(report) -> str:
 @json_option
 @quiet_option
 @plain_http_option
-def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca_roots, as_json, quiet, plain_http):
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="oci://: layers fetched at once.")
+@registry_options
+def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca_roots, as_json, quiet, plain_http,
+                jobs, transfer):
     """Verify a bundle, then place its checkpoints into <TORCH_HOME>/hub/checkpoints.
 
     Each file is written atomically; a file already there with the same sha256 is kept; a
@@ -260,7 +264,8 @@ def install_cmd(file, torch_home, force, allow_rollback, allow_expired, keys, ca
     trust = trust_policy(keys, ca_roots, torch_home=torch_home)
     options = {"torch_home": torch_home, "force": force, "reporter": reporter(quiet or as_json),
                "release": ReleaseOptions(allow_rollback=allow_rollback, allow_expired=allow_expired)}
-    signed = install_from_registry(file, trust, plain_http=plain_http, **options) if is_oci(file) \
+    signed = install_from_registry(file, trust, plain_http=plain_http, jobs=jobs, transfer=transfer, **options) \
+        if is_oci(file) \
         else install_signed(file, trust, **options)
     report = signed.installed
     if as_json:

@@ -17,6 +17,7 @@ from ._common import (
     selectors_argument,
     table,
     torch_home_option,
+    transfer_options,
     with_backbones_option,
 )
 from ._config import build_config, reporter
@@ -27,7 +28,7 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 
 
 def _network_options(func):
-    """Mirror, timeout and retry options shared by fetch and lock."""
+    """Mirror, parallelism and lock options shared by fetch and lock, and the transfer options (``transfer``)."""
     options = [
         endpoint_url_option,
         click.option("--mirror", "mirrors", multiple=True, metavar="URL",
@@ -36,22 +37,7 @@ def _network_options(func):
         click.option("--no-upstream", is_flag=True, help="Only use the mirrors, never the weights' own url."),
         click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
                      help="Files transferred in parallel."),
-        click.option("--offline", is_flag=True, default=None,
-                     help="No network: verify what is cached, list what is missing, exit 1 if anything is "
-                          "(env TVPACK_OFFLINE=1)."),
-        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-                     metavar="SECONDS", help="Seconds to wait for a connection."),
-        click.option("--read-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-                     metavar="SECONDS", help="Seconds without a byte before a transfer is retried."),
-        click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True,
-                     help="Further attempts per url on connection errors, timeouts, 429 and 5xx."),
-        click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
-                     metavar="BYTES", help="An attempt receiving fewer than BYTES per second for --speed-time "
-                                           "seconds is aborted and retried (0: never)."),
-        click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-                     metavar="SECONDS", help="The window --speed-limit is measured over."),
-        click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-                     help="Give up on a file after SECONDS from one source, retries included (default: no limit)."),
+        transfer_options(),
         lock_timeout_option,
     ]
     for option in reversed(options):
@@ -59,11 +45,6 @@ def _network_options(func):
     return func
 
 
-def _policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, endpoint_url=None):
-    from ..transport import Policy
-
-    return Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries,
-                  speed_limit=speed_limit, speed_time=speed_time, max_time=max_time, s3_endpoint_url=endpoint_url)
 
 
 def _describe(result) -> str:
@@ -90,9 +71,8 @@ def _describe(result) -> str:
 @click.option("--dry-run", is_flag=True, help="Show the plan (cached, to download, bytes); transfer nothing.")
 @json_option
 @quiet_option
-def fetch_cmd(selectors, all_weights, torch_home, registry, endpoint_url, mirrors, no_upstream, jobs, offline,
-              connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, lock_timeout, lockfile,
-              with_backbones, dry_run, as_json, quiet):
+def fetch_cmd(selectors, all_weights, torch_home, registry, endpoint_url, mirrors, no_upstream, jobs, transfer,
+              lock_timeout, lockfile, with_backbones, dry_run, as_json, quiet):
     """Download weights into the torch.hub cache, verified, so torchvision never downloads.
 
     Each file lands at <hub dir>/checkpoints/<basename(url)>, checked against the sha256 prefix in
@@ -111,9 +91,9 @@ def fetch_cmd(selectors, all_weights, torch_home, registry, endpoint_url, mirror
 
     if lockfile and all_weights:
         raise UsageError("--lock and --all cannot be combined")
-    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, jobs=jobs,
-                          policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
-                          lock_timeout=lock_timeout, endpoint_url=endpoint_url, quiet=quiet or as_json)
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=transfer.offline, jobs=jobs,
+                          policy=transfer.policy(), lock_timeout=lock_timeout, endpoint_url=endpoint_url,
+                          quiet=quiet or as_json)
     results = fetch_results(selectors, all_weights=all_weights, registry=registry, torch_home=torch_home,
                             lock=lockfile, with_backbones=with_backbones, dry_run=dry_run, raise_errors=False,
                             config=config)
@@ -168,9 +148,8 @@ def _print_plan(results) -> None:
 @with_backbones_option
 @json_option
 @quiet_option
-def lock_cmd(selectors, output, all_weights, torch_home, registry, endpoint_url, mirrors, no_upstream, jobs, offline,
-             connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time, lock_timeout, with_backbones,
-             as_json, quiet):
+def lock_cmd(selectors, output, all_weights, torch_home, registry, endpoint_url, mirrors, no_upstream, jobs, transfer,
+             lock_timeout, with_backbones, as_json, quiet):
     """Pin weights to their exact bytes: write a lockfile (url, size, full sha256 per file).
 
     Missing files are fetched first. Later, `tvpack fetch --lock FILE` fetches exactly these files
@@ -179,9 +158,9 @@ def lock_cmd(selectors, output, all_weights, torch_home, registry, endpoint_url,
     from ..cache import write_lockfile
     from ..formats.lockfile import read_lockfile
 
-    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=offline, jobs=jobs,
-                          policy=_policy(connect_timeout, read_timeout, retries, speed_limit, speed_time, max_time),
-                          lock_timeout=lock_timeout, endpoint_url=endpoint_url, quiet=quiet or as_json)
+    config = build_config(mirrors=mirrors, no_upstream=no_upstream, offline=transfer.offline, jobs=jobs,
+                          policy=transfer.policy(), lock_timeout=lock_timeout, endpoint_url=endpoint_url,
+                          quiet=quiet or as_json)
     path = write_lockfile(selectors, output, registry=registry, all_weights=all_weights,
                           with_backbones=with_backbones, torch_home=torch_home, config=config)
     refs = read_lockfile(path)

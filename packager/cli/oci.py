@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..fsutil import human_bytes, plural
-from ._common import echo_json, json_option, output_file_callback
+from ._common import echo_json, json_option, output_file_callback, transfer_options
 from ._config import reporter
 from .app import main
 
@@ -29,43 +29,21 @@ format_option = click.option(
          "read); modelpack: a CNCF ModelPack artifact, one raw layer per checkpoint (CRI-O, KServe, modctl). "
          "pull, install and inspect read both.")
 
-registry_options_list = [
-    click.option("--offline", is_flag=True, default=None,
-                 help="Never connect: refuse at once (env TVPACK_OFFLINE=1)."),
-    click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-                 metavar="SECONDS", help="Seconds to wait for a connection to the registry."),
-    click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-                 metavar="SECONDS", help="Seconds without an answer before a request is retried (once)."),
-    click.option("--retries", type=click.IntRange(0, 100), default=4, show_default=True,
-                 help="Further attempts on connection errors, 429 and 5xx."),
-    click.option("--speed-limit", type=click.FloatRange(min=0), default=1024, show_default=True,
-                 metavar="BYTES", help="A layer, manifest, token or error body arriving slower than BYTES per "
-                                       "second for --speed-time seconds (or no answer for that long) is retried "
-                                       "(0: never)."),
-    click.option("--speed-time", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-                 metavar="SECONDS", help="The window --speed-limit is measured over."),
-    click.option("--max-time", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-                 help="Give up when the registry's requests (the layers apart: each gets SECONDS of its own) "
-                      "take longer than SECONDS in all (default: no limit)."),
-]
-
-
 def registry_options(func):
-    """--offline and the timeouts of the registry client, shared by push, pull and login."""
-    for option in reversed(registry_options_list):
-        func = option(func)
-    return func
+    """--offline, the timeouts and the connections of the registry client (``transfer``), shared by push, pull and
+    login."""
+    return transfer_options(read_timeout=30.0, retries=4)(func)
 
 
-def registry_client(reference_or_host: str, *, plain_http: bool, offline=None, connect_timeout: float = 10.0,
-                    read_timeout: float = 30.0, retries: int = 4, speed_limit: float = 1024,
-                    speed_time: float = 30.0, max_time: float | None = None):
-    """The client for a command's registry, with the command's options (offline: None reads TVPACK_OFFLINE)."""
-    from ..transport.oci import Policy, RegistryClient, parse_reference
+def registry_client(reference_or_host: str, *, plain_http: bool, transfer=None, offline=None):
+    """The client for a command's registry, with the command's transfer options (``transfer``; offline: None
+    reads TVPACK_OFFLINE)."""
+    from ..transport.oci import RegistryClient, parse_reference
 
     host = parse_reference(reference_or_host).host if is_oci(reference_or_host) else reference_or_host
-    policy = Policy(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries,
-                    speed_limit=speed_limit, speed_time=speed_time, max_time=max_time)
+    if transfer is not None:
+        offline = transfer.offline if offline is None else offline
+    policy = transfer.registry_policy() if transfer is not None else None
     return RegistryClient(host, plain_http=plain_http, policy=policy, offline=True if offline else None)
 
 
@@ -98,7 +76,7 @@ def _print_push(report, as_json: bool) -> None:
 @json_option
 @quiet_option
 @registry_options
-def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_format, as_json, quiet, **network):
+def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_format, as_json, quiet, transfer):
     """Push a bundle to an OCI registry as an image: one uncompressed tar layer per checkpoint
     (hub/checkpoints/<file>) and one for the bundle manifest.
 
@@ -114,7 +92,7 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_for
     from ..oci import push_bundle
 
     _check_reference(reference)
-    client = registry_client(reference, plain_http=plain_http, **network)
+    client = registry_client(reference, plain_http=plain_http, transfer=transfer)
     report = push_bundle(bundle_file, reference, platform=platform, plain_http=plain_http, mount_from=mount_from,
                          reporter=reporter(quiet or as_json), client=client, format=image_format)
     _print_push(report, as_json)
@@ -130,7 +108,7 @@ def push_cmd(bundle_file, reference, plain_http, mount_from, platform, image_for
 @json_option
 @quiet_option
 @registry_options
-def pull_cmd(reference, output, jobs, plain_http, as_json, quiet, **network):
+def pull_cmd(reference, output, jobs, plain_http, as_json, quiet, transfer):
     """Pull an image pushed by tvpack back into a bundle file, byte for byte the bundle pushed.
 
     Every layer's digest, its tar and each checkpoint's sha256 are checked as they stream in;
@@ -140,7 +118,7 @@ def pull_cmd(reference, output, jobs, plain_http, as_json, quiet, **network):
 
     _check_reference(reference)
     report = pull(reference, output, plain_http=plain_http, reporter=reporter(quiet or as_json),
-                  client=registry_client(reference, plain_http=plain_http, **network), jobs=jobs)
+                  client=registry_client(reference, plain_http=plain_http, transfer=transfer), jobs=jobs)
     if as_json:
         echo_json(report.to_dict())
         return
@@ -154,7 +132,7 @@ def pull_cmd(reference, output, jobs, plain_http, as_json, quiet, **network):
 @click.option("--password-stdin", is_flag=True, help="Read the password (or token) from standard input.")
 @plain_http_option
 @registry_options
-def login_cmd(host, username, password_stdin, plain_http, **network):
+def login_cmd(host, username, password_stdin, plain_http, transfer):
     """Check credentials against a registry, then store them in the containers auth file
     (REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json), where podman, skopeo and
     tvpack look first. ~/.docker/config.json is read too but never written.
@@ -180,7 +158,7 @@ def login_cmd(host, username, password_stdin, plain_http, **network):
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
         raise UsageError("a user name and a password are required")
-    checker = registry_client(host, plain_http=plain_http, **network)
+    checker = registry_client(host, plain_http=plain_http, transfer=transfer)
     path = login(host, username, password, plain_http=plain_http, policy=checker.policy, offline=checker.offline)
     click.echo(f"login succeeded: credentials for {host} stored in {path}")
 
@@ -216,12 +194,14 @@ def open_registry_image(reference: str, *, plain_http: bool):
     return open_image(reference, plain_http=plain_http)
 
 
-def install_from_registry(reference: str, trust, *, plain_http: bool, **options):
-    """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers."""
+def install_from_registry(reference: str, trust, *, plain_http: bool, transfer=None, **options):
+    """For ``tvpack install oci://REF``: the (signed) bundle install path over the image's layers (``transfer``:
+    the command's transfer options)."""
     from ..oci import install
 
     _check_reference(reference)
-    return install(reference, trust=trust, plain_http=plain_http, **options)
+    client = registry_client(reference, plain_http=plain_http, transfer=transfer) if transfer is not None else None
+    return install(reference, trust=trust, plain_http=plain_http, client=client, **options)
 
 
 def verify_registry_image(reference: str, trust, *, plain_http: bool, reporter):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from ..formats.image import bundle_layout, check_header, layer_layout
 from ..fsutil import adopt, human_bytes, left_behind, reserve_space, short_name, temp_path
 from ..report import Reporter, reporter_for
 from ..transport.oci import RegistryClient
-from ..transport.stream import cancelled_by_interrupt
-from .remote import RemoteImage, as_reference, client_for, progress_bar, read_image, stream_blob
+from .remote import RemoteImage, as_reference, client_for, each_layer, locked, progress_bar, read_image, stream_blob
 from .staging import unlink_quietly, write_error
 
 
@@ -42,8 +40,9 @@ class _LayerWriter:
     sha256 is computed on one more thread while the bytes are written. The transport reuses its buffers once
     ``write`` returns, so every use of them ends before it does."""
 
-    def __init__(self, fd: int, span: Span, where: str):
+    def __init__(self, fd: int, span: Span, where: str, place: bool = True):
         self.fd, self.offset, self.path, self.size, self.where = fd, span.offset, span.path, span.size, where
+        self.place = place  # False: check and hash only (the bytes are placed by a :class:`_LayerTarget`)
         layout = layer_layout([(span.path, span.size)])
         (in_layer,) = layout.spans
         self.header_len = len(in_layer.header)
@@ -71,7 +70,7 @@ class _LayerWriter:
         job = self._pool.submit(self.content.update, view[lo - start:hi - start]) if lo < hi else None
         try:
             written, hi = 0, min(end, self.member_end)
-            while start + written < hi:
+            while self.place and start + written < hi:
                 written += os.pwrite(self.fd, view[written:hi - start], self.offset + start + written)
         finally:
             if job is not None:
@@ -100,8 +99,8 @@ class _RawWriter(_LayerWriter):
     """The same for a ModelPack layer, which is the checkpoint itself: the member's header (as the bundle
     writer makes it) and padding are written here, the layer's bytes are the data."""
 
-    def __init__(self, fd: int, span: Span, where: str):
-        super().__init__(fd, span, where)
+    def __init__(self, fd: int, span: Span, where: str, place: bool = True):
+        super().__init__(fd, span, where, place)
         _write_at(fd, span.header, span.offset)
         _write_at(fd, bytes(span.padding), span.data_offset + span.size)
         self.data_offset, self.total = span.data_offset, span.size
@@ -110,14 +109,55 @@ class _RawWriter(_LayerWriter):
         if self.pos + len(data) > self.total:
             raise OCIError(f"{self.where}: the layer of {self.path} is longer than the file")
         self.content.update(data)  # here, not on the hashing thread: the transport may reuse its buffer
-        _write_at(self.fd, data, self.data_offset + self.pos)
+        if self.place:
+            _write_at(self.fd, data, self.data_offset + self.pos)
         self.pos += len(data)
+
+
+class _LayerTarget:
+    """Where a layer fetched in ranges puts its bytes: the member it holds at its offsets of ``fd`` (a ModelPack
+    layer: the data), the rest of the layer (the tar's end, zeros) kept aside to be checked in order."""
+
+    def __init__(self, fd: int, span: Span, raw: bool):
+        self.fd = fd
+        if raw:
+            self.base, self.placed, total = span.data_offset, span.size, span.size
+        else:
+            (in_layer,) = layer_layout([(span.path, span.size)]).spans
+            self.base, self.placed, total = span.offset, in_layer.end, layer_layout([(span.path, span.size)]).size
+        self.tail = bytearray(max(0, total - self.placed))
+
+    def write_at(self, pos: int, view) -> None:
+        end = pos + len(view)
+        if pos < self.placed:
+            _write_at(self.fd, view[:self.placed - pos], self.base + pos)
+        if end > self.placed:
+            lo = max(pos, self.placed)
+            self.tail[lo - self.placed:end - self.placed] = view[lo - pos:]
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        if pos < self.placed:
+            return os.pread(self.fd, min(n, self.placed - pos), self.base + pos)
+        return bytes(self.tail[pos - self.placed:pos - self.placed + n])
+
+    def sync(self) -> None:
+        pass  # the pull fsyncs the whole file once
 
 
 def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar, raw: bool = False,
                   update=None, cancel=None) -> str:
-    """One checkpoint layer streamed into its member of the bundle being written; the checkpoint's sha256."""
+    """One checkpoint layer streamed into its member of the bundle being written (a large one in ranges, at
+    their offsets); the checkpoint's sha256."""
     kind = _RawWriter if raw else _LayerWriter
+    if isinstance(client, RegistryClient):
+        checker = kind(fd, span, where, place=False)
+        try:
+            if client.blob_ranges(repository, layer.digest, _LayerTarget(fd, span, raw), size=layer.size,
+                                  observe=checker.write, on_bytes=update or (bar.update if bar is not None else None),
+                                  cancel=cancel):
+                return checker.finish()
+        finally:
+            checker.close()
     writers = [kind(fd, span, where)]
 
     def restart():  # another endpoint (a mirror failed): the member again, from its start
@@ -211,47 +251,14 @@ def _temp_file(output: Path, image: RemoteImage) -> tuple[Path, bool]:
 
 
 def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jobs: int) -> None:
-    """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets).
-    Ctrl-C (or SIGTERM) sets the client's :class:`Cancel`, which stops every transfer on the pool's threads;
-    the first failure cancels the others and is the one raised."""
-    # through mirrors (registries.conf), one at a time: a mirror given up on is skipped once, with one notice;
-    # a caller's own client class is used as it is
-    if len(spans) <= 1 or jobs <= 1 or type(client) is not RegistryClient:
-        for span in spans:
-            _pull_layer(fd, span, image, client, bar)
-        return
-    cancel = client.cancel
-    lock = threading.Lock()
-    update = None if bar is None else lambda n: _locked(lock, bar.update, n)
-    local = threading.local()
+    """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets;
+    :func:`~.remote.each_layer`)."""
+    update = locked(bar.update) if bar is not None else None
 
-    def one(span: Span) -> None:  # a client is not thread-safe: one per worker, sharing the Cancel
-        if not hasattr(local, "client"):
-            local.client = _sibling(client)
-        _pull_layer(fd, span, image, local.client, bar, update, cancel)
+    def one(span: Span, worker_client) -> None:
+        _pull_layer(fd, span, image, worker_client, bar, update)  # each client stops on the shared Cancel
 
-    with cancelled_by_interrupt(cancel), ThreadPoolExecutor(max_workers=jobs,
-                                                            thread_name_prefix="tvpack-oci-pull") as pool:
-        futures = [pool.submit(one, span) for span in spans]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            cancel.cancel()  # the others stop at their next read; the pool waits for them before this unwinds
-            raise
-
-
-def _sibling(client):
-    """A client like ``client`` (host, credentials, policy, offline, notices, Cancel) with its own session."""
-    auth = client.auth
-    credentials = auth.credentials or (True if getattr(auth, "_files", False) else None)
-    return RegistryClient(client.host, plain_http=client.plain_http, credentials=credentials, policy=client.policy,
-                          offline=client.offline, notify=client.notify, cancel=client.cancel)
-
-
-def _locked(lock: threading.Lock, call, n: int) -> None:
-    with lock:
-        call(n)
+    each_layer(spans, one, client, jobs)
 
 
 def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar, update=None, cancel=None) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from ..errors import BundleError, OCIError
 from ..formats.archive import TarArchive
@@ -26,6 +29,7 @@ from ..formats.modelpack import parse_manifest as parse_modelpack
 from ..report import SILENT, Reporter
 from ..transport.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Reference, RegistryClient, parse_reference
 from ..transport.oci.mirrors import MirroredClient, mirrored_client, push_target
+from ..transport.stream import cancelled_by_interrupt
 from .attached import attached_signatures
 from .image import BytesSource
 
@@ -65,6 +69,56 @@ def stream_blob(client, repository: str, digest: str, write, *, restart, **kwarg
         client.stream_blob(repository, digest, write, restart=restart, **kwargs)
     else:
         client.stream_blob(repository, digest, write, **kwargs)
+
+
+# -- layers in parallel -------------------------------------------------------------------------------
+def each_layer(items: Sequence, work: Callable[[object, object], None], client, jobs: int) -> None:
+    """``work(item, client)`` for each of ``items`` (layers), up to ``jobs`` at once: how pull and install fetch
+    the layers of an image. Each worker thread gets a client of its own (a client is not thread-safe) sharing the
+    client's :class:`~packager.transport.Cancel`: Ctrl-C (or SIGTERM) stops every transfer, and the first failure
+    cancels the others and is the one raised. Through mirrors (registries.conf), one at a time: a mirror given up
+    on is skipped once, with one notice; a caller's own client class is used as it is."""
+    if len(items) <= 1 or jobs <= 1 or type(client) is not RegistryClient:
+        for item in items:
+            work(item, client)
+        return
+    cancel = client.cancel
+    local = threading.local()
+
+    def one(item) -> None:
+        if not hasattr(local, "client"):
+            local.client = _sibling(client)
+        work(item, local.client)
+
+    with cancelled_by_interrupt(cancel), ThreadPoolExecutor(max_workers=jobs,
+                                                            thread_name_prefix="tvpack-oci-layer") as pool:
+        futures = [pool.submit(one, item) for item in items]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            cancel.cancel()  # the others stop at their next read; the pool waits for them before this unwinds
+            raise
+
+
+def _sibling(client: RegistryClient) -> RegistryClient:
+    """A client like ``client`` (host, credentials, policy, offline, notices, Cancel) with its own session."""
+    auth = client.auth
+    credentials = auth.credentials or (True if getattr(auth, "_files", False) else None)
+    return RegistryClient(client.host, plain_http=client.plain_http, credentials=credentials, policy=client.policy,
+                          offline=client.offline, notify=client.notify, cancel=client.cancel)
+
+
+def locked(call: Callable[[int], object] | None) -> Callable[[int], None] | None:
+    """``call`` (a progress bar's update) made safe to call from several threads."""
+    if call is None:
+        return None
+    lock = threading.Lock()
+
+    def update(n: int) -> None:
+        with lock:
+            call(n)
+    return update
 
 
 # -- reading an image ---------------------------------------------------------------------------------
@@ -211,5 +265,5 @@ def _parse_manifest_layer(data: bytes, layer: LayerInfo, where: str) -> tuple[di
     return inline, mtime
 
 
-__all__ = ["RemoteImage", "as_reference", "client_for", "is_oci_reference", "progress_bar", "push_client_for",
-           "read_image", "stream_blob"]
+__all__ = ["RemoteImage", "as_reference", "client_for", "each_layer", "is_oci_reference", "locked", "progress_bar",
+           "push_client_for", "read_image", "stream_blob"]

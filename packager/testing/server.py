@@ -19,6 +19,13 @@ next ``times`` matching GETs (None: all of them), in the order they were added:
     not_found     answer 404
     ignore_range  answer 200 with the whole file even when a Range was asked for
     slow          send at most ``rate`` bytes per second (time to kill a client mid-transfer)
+    hold          send ``at`` body bytes (default 0), then wait until :meth:`MirrorServer.release` (or the
+                  client hangs up, or the server stops): a client stopped at a known point
+    replace       before answering, replace the file with ``data`` (bytes): a file that changes between ranges
+
+``range_from=N`` limits a fault to ranged GETs whose range starts at byte N or later (one range of a
+segmented download, say). The log records each request's Range and the body bytes it sent;
+:meth:`MirrorServer.wait_for` waits on a condition over the server (requests in flight, the log).
 
 Command line: ``python -m packager.testing.server --root DIR [--port N] [--fault KIND:k=v,...]``.
 """
@@ -26,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import os
 import posixpath
+import select
 import socket
 import struct
 import sys
@@ -37,8 +46,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-FAULT_KINDS = ("truncate", "flip", "status", "reset", "stall", "not_found", "ignore_range", "slow")
+FAULT_KINDS = ("truncate", "flip", "status", "reset", "stall", "not_found", "ignore_range", "slow", "hold", "replace")
 _BLOCK = 256 * 1024
+_SENDFILE = 1 << 20  # bytes per sendfile call: the log counts what went out even when the client hangs up
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,19 @@ class Fault:
     times: int | None = None
     params: dict = field(default_factory=dict)
 
-    def matches(self, path: str) -> bool:
+    def matches(self, path: str, start: int | None = None) -> bool:
+        range_from = self.params.get("range_from")
+        if range_from is not None and (start is None or start < int(range_from)):
+            return False
         return (self.path is None or self.path == path) and (self.times is None or self.times > 0)
+
+
+def _range_start(value: str | None) -> int | None:
+    """The first byte a ``Range: bytes=N-...`` header asks for (None: no range, or a suffix range)."""
+    if not value or not value.startswith("bytes="):
+        return None
+    first = value[6:].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() else None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -109,9 +130,11 @@ class _Handler(BaseHTTPRequestHandler):
             owner._end()
 
     def _serve_inner(self, head: bool, owner: "MirrorServer"):
-        fault = None if head else owner._take_fault(self._path)
+        fault = None if head else owner._take_fault(self._path, _range_start(self.headers.get("Range")))
         kind = fault.kind if fault else None
         params = fault.params if fault else {}
+        if kind == "replace":
+            owner._replace(self._path, params["data"])
         if kind == "status":
             code = int(params.get("status", 503))
             headers = []
@@ -151,25 +174,32 @@ class _Handler(BaseHTTPRequestHandler):
             return self._record(status, start, 0, None, True)
         sent = 0
         complete = False
+        self.sent = 0
         try:
             sent, complete = self._send_body(file, start, length, kind, params)
         except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
             self.close_connection = True
+            sent = self.sent
         finally:
             self._record(status, start, sent, kind, complete)
 
     def _send_body(self, file: Path, start: int, length: int, kind, params) -> tuple[int, bool]:
         cut = None  # body bytes to send before the fault acts
-        if kind in ("truncate", "reset", "stall"):
-            cut = int(params.get("at", length // 2))
+        if kind in ("truncate", "reset", "stall", "hold"):
+            cut = int(params.get("at", 0 if kind == "hold" else length // 2))
             cut = max(0, min(cut, length))
         flip_at = int(params.get("at", length // 2)) if kind == "flip" else None
         rate = float(params.get("rate", 1 << 20)) if kind == "slow" else None
         sent = 0
         with open(file, "rb") as f:
             f.seek(start)
-            if kind is None and length > 0:  # the fast path
-                sent = self.connection.sendfile(f, start, length)
+            if kind in (None, "replace") and length > 0:  # the fast path, counted as it goes
+                while sent < length:
+                    n = self.connection.sendfile(f, start + sent, min(_SENDFILE, length - sent))
+                    if not n:
+                        break
+                    sent += n
+                    self.sent = sent
                 return sent, sent == length
             began = time.monotonic()
             while sent < length:
@@ -184,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
                         data[flip_at - sent] ^= 0xFF
                     self.wfile.write(data)
                     sent += len(data)
+                    self.sent = sent
                 if cut is not None and sent >= cut:
                     return self._after_cut(kind, params, sent)
                 if rate is not None:
@@ -195,6 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _after_cut(self, kind, params, sent) -> tuple[int, bool]:
         if kind == "stall":
             time.sleep(float(params.get("seconds", 5)))
+        elif kind == "hold":
+            self.wfile.flush()
+            self.server.owner._hold(self.connection)
         elif kind == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
@@ -250,9 +284,11 @@ class MirrorServer:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.ignore_ranges = False
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
+        self.peak = 0  # the most requests served at once
         self._arrivals = 0
         self._log_records: list[RequestRecord] = []
         self._faults: list[Fault] = []
@@ -276,6 +312,7 @@ class MirrorServer:
         return self
 
     def stop(self) -> None:
+        self._released.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
@@ -303,10 +340,54 @@ class MirrorServer:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def release(self) -> None:
+        """Let every ``hold`` fault's request go on (and those to come: they do not wait)."""
+        self._released.set()
+
+    def _hold(self, connection: socket.socket) -> None:
+        """Wait for :meth:`release`; a client that hangs up ends the wait (ConnectionResetError)."""
+        while not self._released.wait(0.05):
+            readable, _, _ = select.select([connection], [], [], 0)
+            if readable:
+                try:
+                    gone = connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    raise ConnectionResetError("the client hung up")
+
+    def _replace(self, path: str, data: bytes) -> None:
+        """The file at ``path`` becomes ``data`` (a new ETag and Last-Modified: another version)."""
+        file = self.root / path.lstrip("/")
+        tmp = file.with_name(file.name + ".replacing")
+        tmp.write_bytes(data)
+        stat = file.stat()
+        os.replace(tmp, file)
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    @property
+    def active(self) -> int:
+        """Requests being served now (connections the server is answering)."""
+        with self._lock:
+            return self._active
+
+    def wait_for(self, condition, timeout: float = 30.0) -> bool:
+        """Wait until ``condition(self)`` holds (checked whenever a request starts or ends); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not condition(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._idle:
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    def _take_fault(self, path: str, start: int | None = None) -> Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(path):
+                if fault.matches(path, start):
                     if fault.times is not None:
                         fault.times -= 1
                     return fault
@@ -316,7 +397,9 @@ class MirrorServer:
     def _begin(self) -> int:
         with self._lock:
             self._active += 1
+            self.peak = max(self.peak, self._active)
             self._arrivals += 1
+            self._idle.notify_all()
             return self._arrivals
 
     def _end(self) -> None:
@@ -339,6 +422,7 @@ class MirrorServer:
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
             self._log_records.append(record)
+            self._idle.notify_all()
 
     def requests(self, path: str | None = None) -> list[RequestRecord]:
         """Every request logged so far (call :meth:`settle` first to include those in flight)."""
@@ -364,7 +448,7 @@ def _parse_fault(spec: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         params[key.strip()] = value.strip()
-    for key in ("times", "status", "at"):
+    for key in ("times", "status", "at", "range_from"):
         if key in params:
             params[key] = int(params[key])
     return kind, params

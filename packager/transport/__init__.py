@@ -2,8 +2,9 @@
 
 Reading (:func:`transfer`) streams an object into a part file, hashing while it streams, resuming
 and retrying: one engine (:mod:`.engine`, over the machinery of :mod:`.stream`) reads every
-:class:`~.engine.Source` (:mod:`.http`, :mod:`.file`, :mod:`.s3`, OCI blobs). Writing (:func:`open_target`) publishes verified objects to a directory or a bucket.
-:mod:`.urls` maps a weights url to its mirror locations. Importing this package never imports
+:class:`~.engine.Source` (:mod:`.http`, :mod:`.file`, :mod:`.s3`, OCI blobs), a large one in ranges over
+several connections (:mod:`.segments`). Writing (:func:`open_target`) publishes verified objects to a
+directory or a bucket. :mod:`.urls` maps a weights url to its mirror locations. Importing this package never imports
 torch, requests or boto3.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import DownloadError, MirrorError, UsageError
 from .engine import Body, NoticeFn, Source, fetch, stream
+from .segments import Connections
 from .stream import (
     DEFAULT_POLICY,
     Cancel,
@@ -27,8 +29,8 @@ from .stream import (
     part_state_path,
 )
 
-__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Policy", "Result", "Source", "Verifier", "discard_part",
-           "fetch", "open_part", "open_target", "part_state_path", "source_of", "stream", "transfer"]
+__all__ = ["DEFAULT_POLICY", "Body", "Cancel", "Cancelled", "Connections", "Policy", "Result", "Source", "Verifier",
+           "discard_part", "fetch", "open_part", "open_target", "part_state_path", "source_of", "stream", "transfer"]
 
 
 def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
@@ -53,7 +55,7 @@ def source_of(url: str, *, policy: Policy = DEFAULT_POLICY, session=None):
 
 def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAULT_POLICY,
              session=None, on_bytes: ProgressFn | None = None, on_total: TotalFn | None = None,
-             cancel: Cancel | None = None, notify: NoticeFn | None = None, ledger=None) -> Result:
+             cancel: Cancel | None = None, notify: NoticeFn | None = None, ledger=None, connections=None) -> Result:
     """Fetch ``url`` into ``part`` (appending to what is there), fsync and verify it.
 
     One engine for every scheme (:func:`.engine.fetch` over :func:`source_of`). Raises
@@ -61,10 +63,11 @@ def transfer(url: str, part: Path, verifier: Verifier, *, policy: Policy = DEFAU
     IntegrityError (bytes wrong: the part is removed), CacheError (the disk cannot take it),
     Cancelled (``cancel`` was set: stopped between chunks or by aborting a blocked read). On
     DownloadError and Cancelled the part is kept so that a later call resumes it. ``notify`` is
-    told, in one line, what each retry waits for. ``ledger``: the run's :class:`~packager.fsutil.SpaceLedger`.
+    told, in one line, what each retry waits for. ``ledger``: the run's :class:`~packager.fsutil.SpaceLedger`;
+    ``connections``: the run's :class:`~.segments.Connections` (the extra connections its large files share).
     """
     return fetch(source_of(url, policy=policy, session=session), part, verifier, policy, on_bytes=on_bytes,
-                 on_total=on_total, cancel=cancel, notify=notify, ledger=ledger)
+                 on_total=on_total, cancel=cancel, notify=notify, ledger=ledger, connections=connections)
 
 
 def open_target(dest: str, *, endpoint_url: str | None = None, multipart_threshold: int | None = None,

@@ -85,6 +85,8 @@ class HttpSource:
     host). ``if_range``: False for content-addressed objects, whose name is their validator.
     """
 
+    segmentable = True  # a large object comes in ranges (``open(..., end=)``)
+
     def __init__(self, url: str, session=None, *, headers: dict | None = None, max_redirects: int = 10,
                  if_range: bool = True):
         self.url = url  # for messages
@@ -94,18 +96,18 @@ class HttpSource:
         self.max_redirects = max_redirects
         self.if_range = if_range
 
-    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
-        response = self.get(self._headers(offset, validator), timeout)
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float], end: int | None = None) -> Body:
+        response = self.get(self._headers(offset, validator, end), timeout)
         try:
-            return self._body(response, offset)
+            return self._body(response, offset, end is not None)
         except BaseException:
             response.close()
             raise
 
-    def _headers(self, offset: int, validator: str | None) -> dict:
+    def _headers(self, offset: int, validator: str | None, end: int | None = None) -> dict:
         headers = {**self.headers, "Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            headers["Range"] = f"bytes={offset}-" + (f"{end - 1}" if end is not None else "")
             if validator and self.if_range:
                 headers["If-Range"] = validator
         return headers
@@ -134,17 +136,17 @@ class HttpSource:
         """The error for a status that no retry heals (a 4xx but 408 and 429)."""
         return DownloadError(f"{self.url}: HTTP {response.status_code} {response.reason or ''}".rstrip())
 
-    def _body(self, response, offset: int) -> Body:
+    def _body(self, response, offset: int, ranged: bool = False) -> Body:
         status = response.status_code
         if status in (408, 429) or status >= 500:
             raise Retryable(f"HTTP {status}", _parse_retry_after(response.headers.get("Retry-After")))
-        if status == 416 and offset:
+        if status == 416 and (offset or ranged):
             raise Restart()
         if status >= 400:
             raise self.refuse(response)
         length = response.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
-        if status == 206 and offset:
+        if status == 206 and (offset or ranged):
             content_range = _parse_content_range(response.headers.get("Content-Range"))
             if content_range is None or content_range[0] != offset:
                 raise Restart()

@@ -446,12 +446,14 @@ class S3Source:
     call, with the policy's timeouts; a connection that fails, times out or answers 5xx is
     Retryable, a missing object or a refusal is not."""
 
+    segmentable = True  # a large object comes in ranged GETs (``open(..., end=)``)
+
     def __init__(self, url: str, policy, endpoint_url: "str | S3Clients | None" = None):
         self.url = url
         self.policy = policy
         self.endpoint_url = clients_of(endpoint_url)  # its clients, for its endpoint
 
-    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float], end: int | None = None) -> Body:
         try:
             s3 = client(self.endpoint_url, timeouts=(self.policy.connect_timeout, read_timeout(self.policy)))
         except MirrorError as exc:  # boto3 missing: this mirror cannot be read, the next one may
@@ -459,7 +461,7 @@ class S3Source:
         if offset and not validator:  # nothing proves the object is unchanged: start over
             offset = 0
         try:
-            resp = self._get(s3, offset, validator)
+            resp = self._get(s3, offset, validator, end)
         except _Changed:
             offset, resp = 0, self._get(s3, 0, None)  # replaced since the part began: once more from zero
         if resp is None:  # the part already holds the whole object
@@ -469,20 +471,23 @@ class S3Source:
             return Body(offset, offset, info.etag, lambda view: 0)
         content_range = resp.get("ContentRange")  # "bytes 100-999/1000"
         total = int(content_range.rsplit("/", 1)[1]) if content_range else int(resp["ContentLength"]) + offset
-        if offset and not content_range:
-            resp["Body"].close()
-            raise DownloadError(f"{self.url}: the server ignored the byte range (asked from {offset})")
+        if (offset or end is not None) and not content_range:
+            if end is not None and validator:  # the engine tells a server ignoring ranges from a changed object
+                offset = 0
+            else:
+                resp["Body"].close()
+                raise DownloadError(f"{self.url}: the server ignored the byte range (asked from {offset})")
         body = resp["Body"]
         raw = getattr(body, "_raw_stream", None)
         return Body(offset, total, str(resp.get("ETag", "")).strip('"'), _body_reader(body, raw),
                     abort=aborter(raw), close=body.close)
 
-    def _get(self, s3, offset: int, etag: str | None):
+    def _get(self, s3, offset: int, etag: str | None, end: int | None = None):
         from botocore.exceptions import BotoCoreError, ClientError
 
         kwargs = {"Bucket": parse_url(self.url)[0], "Key": parse_url(self.url)[1]}
-        if offset:
-            kwargs["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            kwargs["Range"] = f"bytes={offset}-" + (f"{end - 1}" if end is not None else "")
         if etag:
             kwargs["IfMatch"] = f'"{etag}"'
         try:

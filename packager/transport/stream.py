@@ -48,6 +48,7 @@ class Policy:
     ``speed_limit`` bytes per second over ``speed_time`` seconds is aborted and retried (a
     server trickling a byte now and then never trips the read timeout); 0 turns it off.
     ``max_time``: seconds for one file from one source, every attempt included (None: no limit).
+    ``connections``, ``segment_size``, ``segment_threshold``: how a large object is split (:mod:`.segments`).
     """
 
     connect_timeout: float = 10.0
@@ -63,6 +64,11 @@ class Policy:
     max_redirects: int = 10
     stall_retries: int | None = None  # retries after stalls (no answer, too slow), if fewer than ``retries``
     s3_endpoint_url: str | None = None  # for s3:// sources (--endpoint-url); None: boto3's own (AWS_ENDPOINT_URL...)
+    # segmented downloads (:mod:`.segments`): an object of at least ``segment_threshold`` bytes from a source that
+    # serves ranges is fetched as ranges of ``segment_size`` over up to ``connections`` connections at once
+    connections: int = 8
+    segment_size: int = 16 * MiB
+    segment_threshold: int = 64 * MiB
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based retry count)."""

@@ -2,6 +2,7 @@
 
     pull_blob(client, "models/resnet", digest, dest, size=size)         # into <dest>.part, then renamed
     stream_blob(client, "models/resnet", digest, out.write, size=size)  # into a caller's write
+    blob_ranges(client, "models/resnet", digest, target, size=size)     # in ranges, at a caller's offsets
 
 The engine gives blob GETs what every other transfer has: one retry policy (backoff, Retry-After), a
 ``Range`` resume inside the layer, the watchdog (speed limit, deadline, cancel), a notice before each
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import IntegrityError
-from ..engine import Body, fetch, stream
+from ..engine import Body, fetch, fetch_ranges, stream
 from ..http import HttpSource
+from ..segments import StartOver
 from ..stream import Cancel, Policy, Verifier, discard_part, prehash
 from .reference import _check_digest
 
@@ -43,7 +45,9 @@ def reading_policy(policy) -> Policy:
                   backoff=policy.backoff, max_backoff=policy.max_backoff, chunk_size=policy.read_size,
                   speed_limit=speed_limit, speed_time=speed_time, max_time=getattr(policy, "max_time", None),
                   max_redirects=getattr(policy, "max_redirects", 10),
-                  stall_retries=getattr(policy, "stall_retries", None))
+                  stall_retries=getattr(policy, "stall_retries", None), connections=getattr(policy, "connections", 8),
+                  segment_size=getattr(policy, "segment_size", 16 << 20),
+                  segment_threshold=getattr(policy, "segment_threshold", 64 << 20))
 
 
 class BlobSource(HttpSource):
@@ -64,12 +68,12 @@ class BlobSource(HttpSource):
         self.repository = repository
         self.scope = f"repository:{repository}:pull"
 
-    def open(self, offset: int, validator: str | None, timeout: tuple[float, float]) -> Body:
+    def open(self, offset: int, validator: str | None, timeout: tuple[float, float], end: int | None = None) -> Body:
         challenged = False
         while True:
             # requests drops Authorization when a redirect leaves the host (blob stores behind S3 urls)
             self.headers = self.client.auth.header(self.scope)
-            response = self.get(self._headers(offset, validator), timeout)
+            response = self.get(self._headers(offset, validator, end), timeout)
             if response.status_code == 401:
                 response.close()
                 if challenged:
@@ -78,7 +82,7 @@ class BlobSource(HttpSource):
                 self.client._authenticate(response, self.scope, self.repository, self.url)
                 continue
             try:
-                return self._body(response, offset)
+                return self._body(response, offset, end is not None)
             except BaseException:
                 response.close()
                 raise
@@ -176,3 +180,38 @@ def stream_blob(client, repository: str, digest: str, write: Callable[[bytes], o
                notify=getattr(client, "notify", None) or notice)
     except IntegrityError as exc:
         raise _refused(exc, source.url, digest, size) from None
+
+
+class _Observed(Verifier):
+    """A blob's verifier that also hands each byte, in order, to ``observe`` (a caller's checks of what it holds)."""
+
+    def __init__(self, what: str, digest: str, size: int, observe: Callable[[bytes], object]):
+        super().__init__(what, sha256=digest.split(":", 1)[1], size=size)
+        self.observe = observe
+
+    def update(self, data) -> None:
+        super().update(data)
+        self.observe(data)
+
+
+def blob_ranges(client, repository: str, digest: str, target, *, size: int, observe: Callable[[bytes], object],
+                on_bytes: ProgressFn | None = None, cancel: Cancel | None = None) -> bool:
+    """Blob ``digest`` of ``size`` bytes in ranges over several connections (the client policy's ``connections``)
+    into ``target`` (``write_at(pos, view)``, ``read_at(pos, n)``, ``sync()``: see
+    :func:`~packager.transport.engine.fetch_ranges`), ``observe`` called with every byte in order once its
+    place is known to hold it. False, with nothing fetched, when the blob is smaller than the policy's
+    ``segment_threshold``; False after one notice when the registry does not serve ranges (the caller streams
+    the blob instead, from a fresh start). Bytes that do not match the digest are refused (IntegrityError)."""
+    _check_digest(digest)
+    policy = reading_policy(client.policy)
+    if policy.connections <= 1 or size < policy.segment_threshold:
+        return False
+    source = BlobSource(client, repository, digest)
+    try:
+        fetch_ranges(source, target, _Observed(source.url, digest, size, observe), size, policy, on_bytes=on_bytes,
+                     cancel=cancel or getattr(client, "cancel", None), notify=getattr(client, "notify", None) or notice)
+    except StartOver:
+        return False
+    except IntegrityError as exc:
+        raise _refused(exc, source.url, digest, size) from None
+    return True

@@ -98,6 +98,10 @@ class Policy:
     max_redirects: int = 10
     chunk_size: int = 64 * MiB  # PATCH size of a chunked upload; larger blobs than this go up in chunks
     read_size: int = 1 * MiB  # bytes per read while streaming
+    # a blob of at least segment_threshold bytes comes in ranges over up to ``connections`` connections
+    connections: int = 8
+    segment_size: int = 16 * MiB
+    segment_threshold: int = 64 * MiB
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
@@ -621,6 +625,14 @@ class RegistryClient:
         from .blobs import stream_blob
 
         stream_blob(self, repository, digest, write, size=size, on_bytes=on_bytes, cancel=cancel)
+
+    def blob_ranges(self, repository: str, digest: str, target, *, size: int, observe: Callable[[bytes], object],
+                    on_bytes: ProgressFn | None = None, cancel=None) -> bool:
+        """:func:`.blobs.blob_ranges`: a large blob in ranges at a caller's offsets (False: stream it instead)."""
+        from .blobs import blob_ranges
+
+        return blob_ranges(self, repository, digest, target, size=size, observe=observe, on_bytes=on_bytes,
+                           cancel=cancel)
 
     # -- manifests --
 
