@@ -61,9 +61,10 @@ def fan_out(work: Path, name: str, ref: str, nodes: int, env: dict) -> float:
 
 
 def run(work: Path, args) -> int:
+    from registry_server import DistributionRegistry
+
     from packager.bundle import bundle
     from packager.oci import push_bundle
-    from registry_server import DistributionRegistry
 
     selectors = checkpoints_for(work, args)
     the_bundle = bundle(selectors, work / "bench.tvpack", registry=[REGISTRY], torch_home=work / "home", fetch=False)

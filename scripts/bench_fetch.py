@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the nginx, moto and registry harnesses live with the tests
 
+from servers import Nginx, ServerError  # noqa: E402
+
 from packager.formats.lockfile import dump_lockfile  # noqa: E402
 from packager.registry import WeightsRef  # noqa: E402
-from servers import Nginx, ServerError  # noqa: E402
 
 UPSTREAM = "https://download.pytorch.org/models/"
 MiB = 1 << 20

@@ -46,8 +46,9 @@ def main() -> int:
 
 
 def run(work: Path, args) -> int:
-    from packager.bundle import bundle
     from registry_server import DistributionRegistry
+
+    from packager.bundle import bundle
 
     t0 = time.perf_counter()
     selectors = checkpoints_for(work, args)

@@ -52,6 +52,7 @@ def test_a_dripped_body_is_too_slow(server):
 
 def test_an_s3_object_read_whole_has_a_cap(monkeypatch):
     from servers import MotoS3
+
     from packager.transport import open_target
 
     with need_server(MotoS3) as moto:

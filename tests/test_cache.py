@@ -639,6 +639,7 @@ def test_an_s3_mirror_without_credentials_falls_through_to_a_directory_mirror(tm
                                                                              no_creds):
     """``--mirror s3://... --mirror DIR`` with no S3 credentials at all: the directory serves every file."""
     from servers import MotoS3
+
     from tests.conftest import need_server
 
     server = need_server(MotoS3).start()

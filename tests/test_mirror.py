@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ZOO_REGISTRY, need_server, run_tvpack
-
 from servers import MotoS3, Nginx
 
 pytestmark = pytest.mark.timeout(300)

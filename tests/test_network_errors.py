@@ -9,10 +9,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from servers import free_port
 
 from packager.formats.lockfile import dump_lockfile
 from packager.testing.server import MirrorServer
-from servers import free_port
 from tests.conftest import need_binary, run_tvpack, synth_refs
 
 

@@ -296,6 +296,7 @@ def test_nginx_serves_the_ranges(tmp_path):
 
 def test_s3_objects_come_in_ranged_gets(tmp_path, monkeypatch):
     from servers import MotoS3
+
     from packager.transport.s3 import S3Source
 
     data = data_of(2 * MiB + 99)
@@ -322,6 +323,7 @@ def test_s3_objects_come_in_ranged_gets(tmp_path, monkeypatch):
 
 def test_oci_blobs_come_in_ranges_from_the_registry(registry, tmp_path):
     from registry_server import sha256_digest
+
     from packager.transport.oci import Policy as ClientPolicy
     from packager.transport.oci import RegistryClient
 
