@@ -370,6 +370,13 @@ def test_kill_9_at_random_points_then_resume(mirror_server, tmp_path, torch_home
     (record,) = mirror_server.transfers(path)
     assert record.status == 206 and record.range == f"bytes={have}-" and record.bytes_sent == ref.size_hint - have
     assert [p.name for p in final.parent.iterdir()] == [final.name]
+    # each killed run left the in-use mark of its part (the part itself was taken over): prune removes them
+    locks = torch_home / "hub" / "tvpack" / "locks"
+    marks = sorted(locks.glob("*.inuse"))
+    assert len(marks) == 3
+    removed = cache.prune_cache(torch_home=torch_home)
+    assert sorted(r.path for r in removed if r.path.name.endswith(".inuse")) == marks
+    assert not list(locks.glob("*.inuse"))
 
 
 # -- lockfile refusal ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 from ..config import Config, config_from
 from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
-from ..fsutil import SpaceLedger, adopt, fsync_dir, left_behind
+from ..fsutil import SpaceLedger, adopt, fsync_dir, left_behind, share_with_group
 from ..locking import describe_holder
 from ..registry import WeightsRef
 from ..report import Reporter
@@ -129,14 +129,21 @@ class FetchResult:
         }
 
 
-def _hold_part(part: Path, create: bool = False) -> int | None:
-    """A descriptor holding an ``flock`` on ``part`` (made new with ``create``) for as long as a transfer of this
-    process may write it; None when another holds it (or it is gone). Threads of this process see their own
-    transfers' parts busy through it, with no process-wide record of which parts are in use."""
+def _marker(part: Path) -> Path:
+    """Where a transfer of this process marks ``part`` in use: ``<hub>/tvpack/locks/<part name>.inuse``, ``flock``-ed
+    while the transfer may write the part (beside it, not on it: the engine removes and re-creates a part it
+    starts afresh). Threads of this process, and other processes where flock works, see the mark; no
+    process-wide record of parts in use is kept."""
+    return HubLayout(part.parent.parent).locks / f"{part.name}.inuse"
+
+
+def _mark(part: Path) -> int | None:
+    """The descriptor holding ``part``'s mark; None when another holds it (or no mark can be made here)."""
     try:
-        fd = os.open(part, (os.O_WRONLY | os.O_CREAT | os.O_EXCL if create else os.O_RDONLY) | os.O_CLOEXEC, 0o666)
+        fd = os.open(_marker(part), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError:
         return None
+    share_with_group(_marker(part), fd=fd)  # a killed run's mark stays: usable by the group, as its part is
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -145,29 +152,41 @@ def _hold_part(part: Path, create: bool = False) -> int | None:
     return fd
 
 
-def _unlink_if_empty(part: Path) -> None:
+def _marked(part: Path) -> bool:
     try:
-        if part.stat().st_size == 0:
-            discard_part(part)
+        fd = os.open(_marker(part), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # never marked, or its transfer is over
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _unmark(part: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.unlink(_marker(part))
     except OSError:
         pass
+    os.close(fd)
 
 
 def _part_abandoned(part: Path, match: re.Match, held: bool = True) -> bool:
-    """Whether nobody writes ``part`` any more. A part of this very process is free when no transfer of ours holds
-    it (:func:`_hold_part`) and ``held``: the caller holds the lock of the part's file (not gone ahead without it)."""
+    """Whether nobody writes ``part`` any more. A part of this very process is free when no transfer of ours marks
+    it in use (:func:`_mark`) and ``held``: the caller holds the lock of the part's file (not gone ahead without
+    it)."""
     if match["host"] != _HOST:
         try:
             return time.time() - part.stat().st_mtime > STALE_FOREIGN_PART
         except OSError:
             return False
-    pid, ours = int(match["pid"]), False
-    if pid == os.getpid():
-        fd = _hold_part(part) if held else None
-        if fd is not None:
-            os.close(fd)
-        ours = fd is not None
-    return left_behind(pid, part, ours=ours)
+    pid = int(match["pid"])
+    return left_behind(pid, part, ours=pid == os.getpid() and held and not _marked(part))
 
 
 def _parts_of(ckpt: Path, filename: str) -> list[Path]:
@@ -186,13 +205,14 @@ def _parts_of(ckpt: Path, filename: str) -> list[Path]:
 
 def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambda message: None,
                 held: bool = True) -> tuple[Path, int | None]:
-    """A part file for this process: an abandoned one taken over (to resume), else a new one; and the descriptor
-    that marks it in use (:func:`_hold_part`; the caller closes it when the transfer is over).
+    """A part file for this process: an abandoned one taken over (to resume), else a new name; and the descriptor
+    that marks it in use (:func:`_mark`; the caller gives it back with :func:`_unmark` when the transfer is over).
 
     Taking over is an ``os.replace`` to our own unique name, so two claimants never share a file.
     A part we could not write (another user's, not shared with the group) is left alone.
     """
     mine = ckpt / f"{_stem(filename)}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{PART_SUFFIX}"
+    in_use = _mark(mine)  # before the name exists: nobody ever sees it unmarked while we may write it
     candidates = []
     for part in _parts_of(ckpt, filename):
         match = _PART_NAME.match(part.name)
@@ -207,18 +227,14 @@ def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambd
             notify(f"ignoring {part.name}: a partial download left by another user that you cannot write "
                    "(starting afresh; 'tvpack cache prune' by its owner removes it)")
             continue
-        in_use = _hold_part(part)
-        if in_use is None:
-            continue
-        if not adopt(part, mine):
-            os.close(in_use)
+        if not adopt(part, mine):  # another claimant was first
             continue
         try:
             os.replace(part_state_path(part), part_state_path(mine))
         except OSError:
             pass
         return mine, in_use
-    return mine, _hold_part(mine, create=True)
+    return mine, in_use
 
 
 class _Bars:
@@ -333,9 +349,7 @@ def _fetch_one(ref: WeightsRef, hub: Path, *, mirrors, upstream: bool, policy: P
                                    received=received[0])
         finally:
             run.bars.close(bar)
-            if in_use is not None:
-                _unlink_if_empty(part)  # made by _claim_part and never written: nothing to resume
-                os.close(in_use)
+            _unmark(part, in_use)
         if integrity is not None and len(urls) == 1:
             raise integrity
         raise DownloadError(f"{ref.name}: every source failed: " + "; ".join(errors))

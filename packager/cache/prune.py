@@ -190,7 +190,35 @@ def prune_cache(*, torch_home=None, dry_run: bool = False, min_age: float = 600.
     finally:
         for lock in held:
             lock.release()
-    return plan_ + _stale_locks(hub, remove=not dry_run)
+    return plan_ + _stale_locks(hub, remove=not dry_run) + _stale_marks(hub, {r.path for r in plan_}, not dry_run)
+
+
+def _stale_marks(hub: Path, removed: set, remove: bool) -> list[Removal]:
+    """In-use marks of part files (``<hub>/tvpack/locks/<part>.inuse``, see :mod:`.fetching`) left by a run that was
+    killed: nobody holds the mark and its part is gone (removed by hand, or by this prune: ``removed``)."""
+    layout, out = HubLayout(hub), []
+    try:
+        marks = sorted(layout.locks.glob("*" + PART_SUFFIX + ".inuse"))
+    except OSError:
+        return out
+    for path in marks:
+        part = layout.checkpoints / path.name[: -len(".inuse")]
+        if part.exists() and part not in removed:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            out.append(Removal(path, os.fstat(fd).st_size, "in-use mark of a partial download whose run was killed"))
+            if remove:
+                _remove(path)
+        except OSError:
+            continue  # held: its transfer is running
+        finally:
+            os.close(fd)
+    return out
 
 
 def remove_from_cache(selectors: Sequence[str], *, torch_home=None, registry: Sequence[str] = (),
