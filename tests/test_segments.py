@@ -158,9 +158,13 @@ def test_a_cancelled_fetch_keeps_its_ranges_and_resumes_only_the_missing_ones(tm
 
 
 def test_the_run_bounds_the_connections_of_its_files(tmp_path):
+    import threading
+
     data = [data_of(2 * MiB, seed=5), data_of(2 * MiB, seed=6)]
     with MirrorServer(tmp_path / "root") as server:
         paths = [serve(server.root, d, f"blob{i}") for i, d in enumerate(data)]
+        server.add_fault("hold", range_from=1)  # every range waits at its first byte,
+        server.add_fault("hold", at=SEG)  # and a body from byte 0 after its first range
         connections = Connections(1)  # the run's: one beyond each file's own
         errors = []
 
@@ -171,17 +175,18 @@ def test_the_run_bounds_the_connections_of_its_files(tmp_path):
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        import threading
-
         workers = [threading.Thread(target=one, args=(i,)) for i in range(2)]
         for worker in workers:
             worker.start()
+        # every connection now waits on the server: each file's own, and the one extra connection
+        settled = server.wait_for(lambda s: s.active == 3 and any(r.range is None for r in s.requests()), timeout=120)
+        held = server.active
+        server.clear_faults()
+        server.release()
         for worker in workers:
             worker.join()
-        server.settle()
-        ranged = [r for r in server.transfers() if r.range]
+    assert settled and held == 3
     assert not errors and [(tmp_path / f"{i}.part").read_bytes() for i in range(2)] == data
-    assert ranged and server.peak <= 3  # two files, one extra connection between them
 
 
 # -- the real CLI: kill -9 and Ctrl-C ----------------------------------------------------------------------

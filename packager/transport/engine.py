@@ -381,18 +381,15 @@ class _Segmented:
     def kept(self) -> tuple[int, list[list[int]], str | None] | None:
         """(total, finished ranges, validator) of a part an earlier run fetched in ranges, else None."""
         state = read_state(self.part)
-        if "ranges" in state and (self.single or state.get("url") != self.source.url):
-            self._one_stream(state)  # one stream from another source, or with one connection: from the prefix
-            return None
-        if self.single:
+        if "ranges" not in state:
             return None
         total = state.get("total")
-        if state.get("url") != self.source.url or not isinstance(total, int) or total <= 0:
-            return None
-        if self.verifier.size is not None and total != self.verifier.size:
-            return None
-        kept = kept_ranges(state, total)
-        if kept is None or not (state.get("validator") or self.content_addressed) or not self.part.exists():
+        usable = not self.single and state.get("url") == self.source.url and isinstance(total, int) and total > 0 \
+            and (self.verifier.size is None or total == self.verifier.size) and self.part.exists() \
+            and bool(state.get("validator") or self.content_addressed)
+        kept = kept_ranges(state, total) if usable else None
+        if kept is None:  # one stream from another source, with one connection...: from the finished prefix
+            self._one_stream(state)
             return None
         return total, kept, state.get("validator")
 
@@ -483,6 +480,7 @@ class _Ranges:
         self._cond = threading.Condition()
         self._progress = threading.Lock()
         self._saving = threading.Lock()
+        self._growing = threading.Lock()
 
     def run(self, body: Body | None) -> None:
         first = self.plan.take()
@@ -518,13 +516,14 @@ class _Ranges:
 
     def _grow(self) -> None:
         """More connections while ranges wait for one (and the run allows)."""
-        while not self.stop.cancelled and self._running < self.s.policy.connections and self.plan.waiting() \
-                and self.s.connections.take():
-            rng = self.plan.take()
-            if rng is None:
-                self.s.connections.give()
-                return
-            self._spawn(rng, None, extra=True)
+        with self._growing:
+            while not self.stop.cancelled and self._running < self.s.policy.connections and self.plan.waiting() \
+                    and self.s.connections.take():
+                rng = self.plan.take()
+                if rng is None:
+                    self.s.connections.give()
+                    return
+                self._spawn(rng, None, extra=True)
 
     def _work(self, rng: Range | None, body: Body | None, extra: bool) -> None:
         try:
