@@ -12,7 +12,11 @@ each run, contenders taking turns, best of --repeat:
      layer digests known (as an OCI layout knows them) and once from a cold digest cache (every layer
      hashed before it is offered);
   2. pull: ``tvpack pull oci://... -o FILE`` vs ``skopeo copy docker://... oci:DIR`` (target within 1.3x);
-  3. re-push of the unchanged image: ``tvpack push`` again, whole process (target under 1 s).
+  3. re-push of the unchanged image: ``tvpack push`` again, whole process (target under 1 s);
+  4. pull over a capped link: nginx with ``limit_rate`` (--rate, per connection) in front of the registry, the
+     image's --files large layers: ``tvpack pull`` as it is (--jobs layers at once, each large layer in ranges)
+     vs one layer at a time over one connection (``--jobs 1 --connections 1``), and ``skopeo copy`` through the
+     same proxy (target: clearly faster than one layer at a time).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ MiB = 1 << 20
 def main() -> int:
     parser = data_arguments(__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4, help="tvpack pull --jobs (layers fetched at once)")
+    parser.add_argument("--rate", default="40m", help="nginx limit_rate per connection for the capped pull")
     args = parser.parse_args()
     for tool in ("docker-registry", "skopeo"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -120,6 +125,9 @@ def run(work: Path, args) -> int:
         # 3. re-push of the unchanged image, and a Python that only starts (the floor of any CLI call)
         repush = min(timed_child(tvpack("push", the_bundle, ref), env) for _ in range(args.repeat))
         startup = min(timed_child([sys.executable, "-c", "import packager.cli"], env) for _ in range(args.repeat))
+
+        # 4. pull over a link that caps each connection
+        capped = capped_pull(work, reg.host, args, tvpack, env, skopeo_env, timed_child)
     finally:
         for reg in registries:
             reg.stop()
@@ -133,7 +141,37 @@ def run(work: Path, args) -> int:
           f"-> ratio {pull['tvpack'] / pull['skopeo']:.2f}x (target <= 1.3x); pulled bundle byte-identical: {identical}")
     print(f"re-push of the unchanged image: {repush:.2f} s, whole process (target < 1 s; "
           f"python -c 'import packager.cli' alone: {startup:.2f} s)")
+    print(f"pull {mb:,.0f} MiB in {args.files} layers through nginx limit_rate {args.rate} per connection: "
+          f"one layer at a time, one connection {capped['serial']:.2f} s | skopeo copy {capped['skopeo']:.2f} s | "
+          f"tvpack pull (--jobs {args.jobs}, ranges) {capped['tvpack']:.2f} s -> "
+          f"{capped['serial'] / capped['tvpack']:.2f}x faster than one at a time, "
+          f"{capped['skopeo'] / capped['tvpack']:.2f}x faster than skopeo")
     return 0 if identical else 1
+
+
+def capped_pull(work: Path, registry_host: str, args, tvpack, env, skopeo_env, timed_child) -> dict[str, float]:
+    """Best-of-repeat pull times through nginx capping each connection at --rate in front of the registry."""
+    from bench_segments import Nginx
+
+    proxy_work = work / "capped-proxy"
+    proxy_work.mkdir()
+    proxy = Nginx(work, proxy_work, args.rate, proxy_to=registry_host).start()
+    try:
+        ref = f"oci://127.0.0.1:{proxy.capped}/bench/models:v1"
+        out, layout = work / "capped.tvpack", work / "capped-layout"
+        times: dict[str, list[float]] = {"tvpack": [], "serial": [], "skopeo": []}
+        for _ in range(args.repeat):
+            rm(out)
+            times["tvpack"].append(timed_child(tvpack("pull", ref, "-o", out, "--jobs", args.jobs), env))
+            rm(out)
+            times["serial"].append(timed_child(tvpack("pull", ref, "-o", out, "--jobs", 1, "--connections", 1), env))
+            rm(layout)
+            times["skopeo"].append(timed_child(["skopeo", "copy", "-q", "--src-tls-verify=false",
+                                                f"docker://127.0.0.1:{proxy.capped}/bench/models:v1",
+                                                f"oci:{layout}:v1"], skopeo_env))
+    finally:
+        proxy.stop()
+    return {k: min(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -61,12 +61,19 @@ def write_random(path: Path, size: int) -> str:
 
 
 class Nginx:
-    """nginx on two loopback ports over ``root``: ``capped`` (``limit_rate`` per connection) and ``uncapped``."""
+    """nginx on two loopback ports over ``root``: ``capped`` (``limit_rate`` per connection) and ``uncapped``;
+    with ``proxy_to`` (``host:port``), a reverse proxy to that server instead (as in front of a registry)."""
 
-    def __init__(self, root: Path, work: Path, rate: str):
-        self.root, self.work, self.rate = root, work, rate
+    def __init__(self, root: Path, work: Path, rate: str, *, proxy_to: str | None = None):
+        self.root, self.work, self.rate, self.proxy_to = root, work, rate, proxy_to
         self.capped, self.uncapped = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
+
+    def _serve(self) -> str:
+        if self.proxy_to is None:
+            return f"root {self.root};"
+        return (f"location / {{ proxy_pass http://{self.proxy_to}; proxy_set_header Host $http_host; "
+                "proxy_http_version 1.1; proxy_max_temp_file_size 0; client_max_body_size 0; }")
 
     def start(self) -> "Nginx":
         w = self.work
@@ -74,7 +81,7 @@ class Nginx:
         servers = "".join(f"""
     server {{
         listen 127.0.0.1:{port};
-        root {self.root};
+        {self._serve()}
         {limit}
     }}""" for port, limit in ((self.capped, f"limit_rate {self.rate};"), (self.uncapped, "")))
         (w / "nginx.conf").write_text(f"""{user}worker_processes 2;
