@@ -151,13 +151,12 @@ def run(work: Path, args) -> int:
 
 def capped_pull(work: Path, registry_host: str, args, tvpack, env, skopeo_env, timed_child) -> dict[str, float]:
     """Best-of-repeat pull times through nginx capping each connection at --rate in front of the registry."""
-    from bench_segments import Nginx
+    from servers import Nginx
 
-    proxy_work = work / "capped-proxy"
-    proxy_work.mkdir()
-    proxy = Nginx(work, proxy_work, args.rate, proxy_to=registry_host).start()
+    proxy = Nginx(work, work / "capped-proxy", proxy_to=f"http://{registry_host}", max_body="0",
+                  limit_rate=args.rate).start()
     try:
-        ref = f"oci://127.0.0.1:{proxy.capped}/bench/models:v1"
+        ref = f"oci://127.0.0.1:{proxy.port}/bench/models:v1"
         out, layout = work / "capped.tvpack", work / "capped-layout"
         times: dict[str, list[float]] = {"tvpack": [], "serial": [], "skopeo": []}
         for _ in range(args.repeat):
@@ -167,7 +166,7 @@ def capped_pull(work: Path, registry_host: str, args, tvpack, env, skopeo_env, t
             times["serial"].append(timed_child(tvpack("pull", ref, "-o", out, "--jobs", 1, "--connections", 1), env))
             rm(layout)
             times["skopeo"].append(timed_child(["skopeo", "copy", "-q", "--src-tls-verify=false",
-                                                f"docker://127.0.0.1:{proxy.capped}/bench/models:v1",
+                                                f"docker://127.0.0.1:{proxy.port}/bench/models:v1",
                                                 f"oci:{layout}:v1"], skopeo_env))
     finally:
         proxy.stop()

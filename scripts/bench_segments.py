@@ -21,8 +21,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the nginx harness lives with the tests
+
+from servers import Nginx  # noqa: E402
 
 from packager.formats.lockfile import dump_lockfile  # noqa: E402
 from packager.registry import WeightsRef  # noqa: E402
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_random(path: Path, size: int) -> str:
@@ -58,70 +53,6 @@ def write_random(path: Path, size: int) -> str:
             left -= len(chunk)
             i += 1
     return digest.hexdigest()
-
-
-class Nginx:
-    """nginx on two loopback ports over ``root``: ``capped`` (``limit_rate`` per connection) and ``uncapped``;
-    with ``proxy_to`` (``host:port``), a reverse proxy to that server instead (as in front of a registry)."""
-
-    def __init__(self, root: Path, work: Path, rate: str, *, proxy_to: str | None = None):
-        self.root, self.work, self.rate, self.proxy_to = root, work, rate, proxy_to
-        self.capped, self.uncapped = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def _serve(self) -> str:
-        if self.proxy_to is None:
-            return f"root {self.root};"
-        return (f"location / {{ proxy_pass http://{self.proxy_to}; proxy_set_header Host $http_host; "
-                "proxy_http_version 1.1; proxy_max_temp_file_size 0; client_max_body_size 0; }")
-
-    def start(self) -> "Nginx":
-        w = self.work
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        servers = "".join(f"""
-    server {{
-        listen 127.0.0.1:{port};
-        {self._serve()}
-        {limit}
-    }}""" for port, limit in ((self.capped, f"limit_rate {self.rate};"), (self.uncapped, "")))
-        (w / "nginx.conf").write_text(f"""{user}worker_processes 2;
-pid {w}/nginx.pid;
-error_log {w}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    default_type application/octet-stream;
-    access_log {w}/access.log;
-    client_body_temp_path {w}/client_body_temp;
-    proxy_temp_path {w}/proxy_temp;
-    fastcgi_temp_path {w}/fastcgi_temp;
-    uwsgi_temp_path {w}/uwsgi_temp;
-    scgi_temp_path {w}/scgi_temp;
-    sendfile on;
-    tcp_nopush on;{servers}
-}}
-""")
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.proc = subprocess.Popen([nginx, "-c", str(w / "nginx.conf"), "-p", str(w), "-e", str(w / "error.log"),
-                                      "-g", "daemon off;"], stderr=open(w / "stderr.log", "wb"))
-        for port in (self.capped, self.uncapped):
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise SystemExit(f"nginx did not start: {(w / 'stderr.log').read_text()}") from None
-                    time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def timed(argv: list[str], *, env: dict | None = None, shell: bool = False) -> float:
@@ -180,7 +111,7 @@ def main(argv=None) -> int:
             print(f"{tool} not found (make bench installs aria2 and nginx)", file=sys.stderr)
             return 1
     work = Path(tempfile.mkdtemp(prefix="tvpack-bench-segments-"))
-    nginx = None
+    servers: list[Nginx] = []
     try:
         folder = work / "www" / "models" / "bench"
         folder.mkdir(parents=True)
@@ -191,19 +122,18 @@ def main(argv=None) -> int:
         ref = WeightsRef(enum="Bench_Weights", member="V1", url=f"https://download.pytorch.org/models/bench/{name}",
                          module="bench", models=("bench",), size_hint=args.mb * MiB, sha256=sha)
         lock = dump_lockfile([ref], work / "tvpack.lock")
-        (work / "nginx").mkdir()
-        nginx = Nginx(work / "www", work / "nginx", args.rate).start()
+        for label, rate in (("capped", args.rate), ("uncapped", None)):
+            servers.append(Nginx(work / "www", work / f"nginx-{label}", limit_rate=rate, workers=2).start())
         print(f"{args.mb} MiB over nginx limit_rate {args.rate} per connection (capped):", flush=True)
-        capped = race(work, f"http://127.0.0.1:{nginx.capped}", lock, name, sha, args.repeat,
-                      ["tvpack", "curl", "aria2c"])
+        capped = race(work, servers[0].url, lock, name, sha, args.repeat, ["tvpack", "curl", "aria2c"])
         print(f"{args.mb} MiB over loopback, uncapped:", flush=True)
-        uncapped = race(work, f"http://127.0.0.1:{nginx.uncapped}", lock, name, sha, args.repeat, ["tvpack", "curl"])
+        uncapped = race(work, servers[1].url, lock, name, sha, args.repeat, ["tvpack", "curl"])
         print(f"capped:   tvpack is {capped['curl'] / capped['tvpack']:.2f}x faster than curl (target >= 3x); "
               f"{capped['tvpack'] / capped['aria2c']:.2f}x aria2c's time (target <= 1.1x)")
         print(f"uncapped: tvpack takes {uncapped['tvpack'] / uncapped['curl']:.2f}x curl's time (target <= 1.15x)")
     finally:
-        if nginx is not None:
-            nginx.stop()
+        for server in servers:
+            server.stop()
         if args.keep:
             print(f"kept {work}")
         else:

@@ -146,12 +146,16 @@ class Nginx(ChildServer):
 
 
     def __init__(self, root, workdir, *, binary: str | None = None, proxy_to: str | None = None,
-                 max_body: str | None = None):
+                 max_body: str | None = None, limit_rate: str | None = None, workers: int = 1):
         """``proxy_to``: a reverse proxy to that url (as in front of a registry) instead of serving ``root``;
-        ``max_body``: nginx's ``client_max_body_size`` (its default is 1m), e.g. ``"1m"`` or ``"0"`` (no limit)."""
+        ``max_body``: nginx's ``client_max_body_size`` (its default is 1m), e.g. ``"1m"`` or ``"0"`` (no limit);
+        ``limit_rate``: a cap on each connection's response rate (``"40m"``), as CDNs and proxies shape each flow;
+        ``workers``: nginx's ``worker_processes``."""
         self.binary = binary or find_binary("nginx")
         self.proxy_to = proxy_to
         self.max_body = max_body
+        self.limit_rate = limit_rate
+        self.workers = workers
         self.root = Path(root).resolve()
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +174,7 @@ class Nginx(ChildServer):
         w = self.workdir
         # As root the workers would run as "nobody" and could not read 0700 temp dirs (pytest's).
         user = "user root;\n" if os.geteuid() == 0 else ""
-        return f"""{user}worker_processes 1;
+        return f"""{user}worker_processes {self.workers};
 pid {w}/nginx.pid;
 error_log {self.error_log} warn;
 events {{ worker_connections 256; }}
@@ -189,6 +193,7 @@ http {{
     server {{
         listen 127.0.0.1:{self.port};
         root {self.root};
+        {f"limit_rate {self.limit_rate};" if self.limit_rate is not None else ""}
         location / {{ {self._location()} }}
     }}
 }}
@@ -197,8 +202,10 @@ http {{
     def _location(self) -> str:
         if self.proxy_to is None:
             return "autoindex on;"
+        # nginx applies limit_rate to a proxied answer only when it buffers it (in memory: no temp files)
+        buffering = "proxy_buffering on; proxy_max_temp_file_size 0;" if self.limit_rate else "proxy_buffering off;"
         return (f"proxy_pass {self.proxy_to}; proxy_set_header Host $http_host; proxy_request_buffering off; "
-                "proxy_buffering off; proxy_http_version 1.1;")
+                f"{buffering} proxy_http_version 1.1;")
 
     def start(self) -> "Nginx":
         if self.proc is not None:
