@@ -239,7 +239,7 @@ def test_an_s3_mirror_that_never_answers_says_so_and_gives_up_at_the_time_limit(
 
     with _Served(Silent) as server:
         try:
-            proc = run_tvpack("fetch", "--lock", tmp_path / "tvpack.lock", "--mirror", "s3://bucket/mirror",
+            proc = run_tvpack("fetch", "--lock", lock, "--mirror", "s3://bucket/mirror",
                               "--no-upstream", "-q", "--read-timeout", "1", "--retries", "100", "--max-time", "15", timeout=120,
                               env={"TORCH_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.port}",
                                    "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"})
