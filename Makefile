@@ -29,7 +29,7 @@ system-deps:
 
 # the docs site is built with --strict (a broken link or a page left out of the nav fails); tests/test_docs.py
 # runs every command block of README.md and docs/*.md as written
-test: install system-deps docs-build
+test: install system-deps lint docs-build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 docs-build: install
@@ -54,8 +54,7 @@ sweep: install
 	$(PY) -W ignore::UserWarning -W ignore::DeprecationWarning scripts/sweep_registry.py --max-mb $(SWEEP_MB)
 
 lint: install
-	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check packager tests scripts
+	$(PY) -m ruff check -q packager tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -35,7 +35,7 @@ from .bundle_write import archive_size, write_file, write_split
 from .channels import ReleaseOptions
 from .config import Config, config_from
 from .errors import BundleError, CacheError, OfflineError, SelectorError, UsageError
-from .formats.archive import Member, TarArchive, each_member, source_date_epoch, write_all
+from .formats.archive import Member, TarArchive, each_member, source_date_epoch
 from .formats.checkpoint import check_checkpoint
 from .formats.manifest import (
     CHECKPOINT_DIR,
@@ -55,7 +55,7 @@ from .formats.release import Release
 from .formats.sbom import add_bom
 from .formats.signature import MAX_SIGNATURE, MAX_SIGNATURES, SIGNATURES_DIR, manifest_id_of_signature
 from .formats.volumes import MAX_PARTS, SplitWriter, listing_name, open_source, part_name
-from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path
+from .fsutil import fsync_dir, make_dirs, remove_stale_temps, reserve_space, share_with_group, temp_path, write_all
 from .home import hub_dir as _hub_dir
 from .registry import WeightsRef, hash_prefix_from_filename, parse_selector, select_described
 from .report import Reporter, reporter_for
@@ -395,8 +395,9 @@ def install_bundle(path, *, torch_home=None, force: bool = False, progress: bool
     return the valid signatures it found (the release checks need to know who signed).
 
     The steps: 0. ``check``; 1. plan (:func:`_plan_install`: every decision, refusals of conflicts and of a delta
-    bundle's missing site files); 2. release checks (:func:`packager.channels.check_install`: no revoked checkpoint comes back; a
-    channel release passes its channel's rules, ``release`` holding the operator's overrides); 3. stage (:func:`_stage_install`: every new file,
+    bundle's missing site files); 2. release checks (:func:`packager.channels.check_install`: no revoked checkpoint
+    comes back; a channel release passes its channel's rules, ``release`` holding the operator's overrides); 3. stage
+    (:func:`_stage_install`: every new file,
     the manifest included, written and fsynced under a temporary name, every sha256 and the weights-only pickle
     check; a full disk fails here, before any final name changes); 4. place (:func:`_place`: the checkpoints
     renamed into place and the manifest last; if a rename fails, the files placed so far are put back as they

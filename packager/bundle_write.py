@@ -8,27 +8,17 @@ from pathlib import Path
 
 from . import cache
 from .errors import BundleError
-from .formats.archive import Span, TarLayout, copy_file, copy_hashing, tar_layout, write_all
+from .formats.archive import Span, TarLayout, copy_file, copy_hashing, tar_layout
 from .formats.manifest import manifest_path_for
 from .formats.volumes import SplitWriter
-from .fsutil import fsync_dir, temp_path
+from .fsutil import atomic_writer, write_all
 
 
 def write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
-    """The archive into a temp file beside ``output``, renamed into place when complete."""
-    tmp = temp_path(output)
-    try:
-        with open(tmp, "wb", buffering=0) as out:
-            _write_archive(_FileSink(out.fileno()), manifest_bytes, unique, signatures, mtime, bar)
-            os.fsync(out.fileno())  # a power loss must not leave an empty file under the final name
-        os.replace(tmp, output)
-        fsync_dir(output.parent)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    """The archive into a temp file beside ``output``, fsynced and renamed into place when complete (a power loss
+    leaves no empty file under the final name)."""
+    with atomic_writer(output) as fd:
+        _write_archive(_FileSink(fd), manifest_bytes, unique, signatures, mtime, bar)
 
 
 def _layout(manifest_bytes: bytes, unique, signatures, mtime: int) -> TarLayout:

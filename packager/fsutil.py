@@ -1,7 +1,8 @@
 """Small file-system helpers shared by the cache, bundles, mirrors and lockfiles.
 
 * :func:`temp_path`: a unique hidden name beside a final path, for a file written then renamed.
-* :func:`atomic_write_bytes` / :func:`atomic_write_text` / :func:`atomic_write_json`: a small file
+* :func:`atomic_writer` (a descriptor to write, renamed into place at the end) / :func:`atomic_write_bytes` /
+  :func:`atomic_write_text` / :func:`atomic_write_json`: a small file
   written to such a temp name and renamed into place, so readers see the old file or the new one,
   never a part of either; nothing is left behind on failure.
 * :func:`fsync_dir`: make renames in a directory survive a crash (best effort).
@@ -197,25 +198,24 @@ def make_dirs(path) -> None:
         share_with_group(directory, is_dir=True)
 
 
-def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | None = None,
-                       suffix: str = ".tmp") -> Path:
-    """Replace ``dest`` with ``data`` atomically (temp file beside it + ``os.replace``).
+@contextmanager
+def atomic_writer(dest, *, durable: bool = True, mode: int | None = None, suffix: str = ".tmp",
+                  open_mode: int = 0o666):
+    """Write ``dest`` atomically: yields the descriptor of a new temp file beside it, renamed over ``dest`` when
+    the block ends normally; on any exception in the block (or in the rename) the temp file is removed.
 
-    ``durable``: fsync the file before the rename and the directory after it. ``mode``: the
-    file's permission bits (else the default for a new file, umask applied, plus group read-write
-    in a group-shared directory). The temp file is removed on any failure; ``OSError`` propagates
-    for the caller to word.
+    ``durable``: fsync the file before the rename and the directory after it. ``mode``: the file's permission bits
+    (else the default for a new file, umask applied, plus group read-write in a group-shared directory). ``OSError``
+    propagates for the caller to word.
     """
     dest = Path(dest)
     tmp = temp_path(dest, suffix)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, open_mode)
         try:
             if mode is None:
                 share_with_group(tmp, fd=fd)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            yield fd
             if durable:
                 os.fsync(fd)
         finally:
@@ -231,7 +231,22 @@ def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | N
         raise
     if durable:
         fsync_dir(dest.parent)
-    return dest
+
+
+def write_all(fd: int, data) -> None:
+    """Write all of ``data`` (bytes or a buffer) to ``fd``, however many ``os.write`` calls that takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | None = None,
+                       suffix: str = ".tmp") -> Path:
+    """Replace ``dest`` with ``data`` atomically (:func:`atomic_writer`: a temp file beside it + ``os.replace``;
+    ``durable``, ``mode`` and ``suffix`` as there)."""
+    with atomic_writer(dest, durable=durable, mode=mode, suffix=suffix) as fd:
+        write_all(fd, data)
+    return Path(dest)
 
 
 def atomic_write_text(dest, text: str, **kwargs) -> Path:
@@ -332,9 +347,10 @@ def reserve_space(part, needed: int | None, ledger: SpaceLedger | None = None):
     return (ledger if ledger is not None else SpaceLedger()).reserve(part, needed)
 
 
-__all__ = ["SpaceLedger", "SpaceReservation", "adopt", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "fsync_dir", "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive",
-           "remove_stale_temps", "reserve_space", "share_with_group", "short_name", "temp_path"]
+__all__ = ["adopt", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_writer", "fsync_dir",
+           "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive", "remove_stale_temps",
+           "reserve_space", "share_with_group", "short_name", "SpaceLedger", "SpaceReservation", "temp_path",
+           "write_all"]
 
 
 def quiet_for(path: Path, now: float) -> float:

@@ -8,12 +8,15 @@ prefix like torchvision's files) described by a tiny registry module written nex
 sit in a TORCH_HOME cache and are hashed once into the verification index ("warm, already
 verified"). Then, page cache warm for every tool and ``sync`` before every timed run:
 
-  1. ``bundle`` of all files vs ``tar -cf`` of the same files (target within 1.2x): the library
+  1. ``bundle`` of all files vs ``tar -cf`` of the same files (target within 1.2x), and vs ``tar -cf``
+     followed by an fsync of what it wrote (tvpack fsyncs a bundle before naming it, tar leaves its
+     output in the page cache, so the second baseline does the same work to the same end): the library
      call timed in-process after a warm-up (the data path), runs interleaved with tar's; and once
      the whole ``tvpack bundle`` process (which adds Python start-up and importing
      torch/torchvision, a constant of a few seconds);
   2. ``install`` of that bundle into an empty TORCH_HOME (verify every hash, weights-only pickle
-     check, atomic placement) vs ``tar -xf`` (target within 1.2x), the same two ways;
+     check, atomic placement, fsync) vs ``tar -xf`` (target within 1.2x) and ``tar -xf`` then an fsync of
+     every file and directory it made, the same two ways;
   3. peak RSS (ru_maxrss, via a small launcher process) of the ``tvpack bundle`` / ``tvpack install`` processes
      for one file and for all files, against an interpreter that only imports the same modules,
      and of tar: memory must not grow with the data (target under 200 MB above the interpreter).
@@ -115,6 +118,17 @@ def run_child(args: list[str], env: dict) -> tuple[float, int]:
     return float(fields[0]), int(fields[1])
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync ``path`` and, for a directory, every file and directory under it: what makes a copy durable."""
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for each in paths:
+        fd = os.open(each, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def rm(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -208,22 +222,32 @@ def run(work: Path, args) -> int:
         return [sys.executable, "-m", "packager", "install", str(archive), "--torch-home", str(dest), "-q"]
 
     # 1. bundle vs tar -cf (tar's output is kept for step 2)
-    t_bundle, t_tar_c = interleaved(
+    def tar_c(durable: bool):
+        subprocess.run(["tar", "-cf", str(tar_out), "-C", str(home), *tar_members], check=True)
+        if durable:
+            fsync_tree(tar_out)
+
+    def tar_x(durable: bool):
+        subprocess.run(["tar", "-xf", str(tar_out), "-C", str(tar_dest)], check=True)
+        if durable:
+            fsync_tree(tar_dest)
+
+    t_bundle, t_tar_c, t_tar_c_sync = interleaved(
         args.repeat,
         (lambda: timed(lambda: bundle(selectors, out, registry=[REGISTRY], torch_home=home, fetch=False)),
          lambda: rm(out)),
-        (lambda: timed(lambda: subprocess.run(["tar", "-cf", str(tar_out), "-C", str(home), *tar_members],
-                                              check=True)), lambda: rm(tar_out)),
+        (lambda: timed(lambda: tar_c(False)), lambda: rm(tar_out)),
+        (lambda: timed(lambda: tar_c(True)), lambda: rm(tar_out)),
     )
     rm(out)
     t_bundle_cli = run_child(cli_bundle(selectors, out), env)[0]  # once: start-up is a constant
 
     # 2. install vs tar -xf
-    t_install, t_tar_x = interleaved(
+    t_install, t_tar_x, t_tar_x_sync = interleaved(
         args.repeat,
         (lambda: timed(lambda: install_bundle(out, torch_home=dest)), fresh(dest)),
-        (lambda: timed(lambda: subprocess.run(["tar", "-xf", str(tar_out), "-C", str(tar_dest)], check=True)),
-         fresh(tar_dest)),
+        (lambda: timed(lambda: tar_x(False)), fresh(tar_dest)),
+        (lambda: timed(lambda: tar_x(True)), fresh(tar_dest)),
     )
     fresh(dest)()
     t_install_cli = run_child(cli_install(out), env)[0]
@@ -249,12 +273,12 @@ def run(work: Path, args) -> int:
     _t, rss_tar_x = run_child(["tar", "-xf", str(tar_out), "-C", str(tar_dest)], env)
 
     gb = data / (1 << 30)
-    print(f"\nbundle  {gb:.2f} GiB: tar -cf {t_tar_c:.2f} s | tvpack bundle (API) {t_bundle:.2f} s "
-          f"-> ratio {t_bundle / t_tar_c:.2f}x (target <= 1.2x) | whole CLI process {t_bundle_cli:.2f} s "
-          f"-> {t_bundle_cli / t_tar_c:.2f}x")
-    print(f"install {gb:.2f} GiB: tar -xf {t_tar_x:.2f} s | tvpack install (API) {t_install:.2f} s "
-          f"-> ratio {t_install / t_tar_x:.2f}x (target <= 1.2x) | whole CLI process {t_install_cli:.2f} s "
-          f"-> {t_install_cli / t_tar_x:.2f}x")
+    print(f"\nbundle  {gb:.2f} GiB: tar -cf {t_tar_c:.2f} s, tar -cf + fsync {t_tar_c_sync:.2f} s | tvpack bundle (API) "
+          f"{t_bundle:.2f} s -> ratio {t_bundle / t_tar_c:.2f}x, {t_bundle / t_tar_c_sync:.2f}x durable (target <= 1.2x)"
+          f" | whole CLI process {t_bundle_cli:.2f} s -> {t_bundle_cli / t_tar_c:.2f}x")
+    print(f"install {gb:.2f} GiB: tar -xf {t_tar_x:.2f} s, tar -xf + fsync {t_tar_x_sync:.2f} s | tvpack install (API) "
+          f"{t_install:.2f} s -> ratio {t_install / t_tar_x:.2f}x, {t_install / t_tar_x_sync:.2f}x durable "
+          f"(target <= 1.2x) | whole CLI process {t_install_cli:.2f} s -> {t_install_cli / t_tar_x:.2f}x")
     mb = lambda n: n / MiB  # noqa: E731
     one_size = (ckpt / files[0]).stat().st_size
     print(f"peak RSS (tar -cf {mb(rss_tar_c):.0f} MiB, tar -xf {mb(rss_tar_x):.0f} MiB; torch alone is large)")

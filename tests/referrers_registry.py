@@ -10,6 +10,7 @@ distribution registry (Debian's 2.8 has no such API), which adds the API the way
 
 ``forge(repository, subject, descriptor)`` lists a descriptor under a subject it does not refer to: a lying
 registry, for the client's checks. ``requests`` logs (method, path, status) of what reached the front.
+``before(method, path)``, when given, runs in the request's thread before a request is passed on (to hold it).
 
     with ReferrersFront(registry.host) as front:
         run_tvpack("sign", f"oci://{front.host}/models/small:v1", "--key", key, "--plain-http")
@@ -31,8 +32,9 @@ _REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<digest>sha256:[0-9a-f]
 
 
 class ReferrersFront:
-    def __init__(self, target: str):
+    def __init__(self, target: str, before=None):
         self.target = target
+        self.before = before
         self.referrers: dict[tuple[str, str], list[dict]] = {}
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
@@ -81,6 +83,8 @@ class ReferrersFront:
 
             def _pass_on(self) -> None:
                 body = self._body() if self.command in ("PUT", "POST", "PATCH") else b""
+                if front.before is not None:
+                    front.before(self.command, self.path)
                 connection = http.client.HTTPConnection(front.target, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}

@@ -35,7 +35,8 @@ REG = [ZOO_REGISTRY]
 @pytest.fixture(scope="module")
 def base(zoo_root, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("installed-base")
-    return B.bundle(["zoo_shufflenet_v2", "zoo_quantized_shufflenet_v2"], work / "base.tvpack", registry=REG, torch_home=work / "home",
+    return B.bundle(["zoo_shufflenet_v2", "zoo_quantized_shufflenet_v2"], work / "base.tvpack", registry=REG,
+                    torch_home=work / "home",
                     mirrors=[str(zoo_root)], upstream=False)
 
 

@@ -36,7 +36,8 @@ def test_one_checkpoint_reads_as_one(zoo_root, tmp_path):
     split = run_tvpack("bundle", ONE, *src, "--split", "100M", "-o", tmp_path / "s.tar", check=True).stdout
     assert "wrote 1 part of at most 100M" in split
     assert "1 weights in 1 file," in run_tvpack("inspect", tmp_path / "one.tar", check=True).stdout
-    assert ": 1 weights, 2 files, " in run_tvpack("verify", tmp_path / "one.tar", check=True).stdout  # the checkpoint and the ML-BOM
+    # the checkpoint and the ML-BOM
+    assert ": 1 weights, 2 files, " in run_tvpack("verify", tmp_path / "one.tar", check=True).stdout
     assert "1 file, " in run_tvpack("cache", "ls", "--torch-home", tmp_path / "home", check=True).stdout
     site = run_tvpack("inventory", "--torch-home", tmp_path / "home", "-o", tmp_path / "SITE.json", check=True)
     assert ": 1 checkpoint (" in site.stdout and "0 installed manifests" in site.stdout

@@ -61,7 +61,8 @@ def test_manifest_layout_per_the_spec():
         f.path for f in FILES if f.kind == "weight")
     alpha = layers[0]
     assert alpha["digest"] == "sha256:" + hashlib.sha256(b"a" * 50).hexdigest() and alpha["size"] == 50
-    assert alpha["annotations"]["org.opencontainers.image.title"] == alpha["annotations"]["org.cncf.model.filepath"].split("/")[-1]
+    annotations = alpha["annotations"]
+    assert annotations["org.opencontainers.image.title"] == annotations["org.cncf.model.filepath"].split("/")[-1]
     assert json.loads(alpha["annotations"]["org.cncf.model.file.metadata+json"]) == {
         "name": FILES[1].path, "mode": 0o644, "uid": 0, "gid": 0, "size": 50, "mtime": "2023-11-14T22:13:20Z",
         "typeflag": ord("0")}

@@ -239,7 +239,7 @@ def test_an_s3_mirror_that_never_answers_says_so_and_gives_up_at_the_time_limit(
 
     with _Served(Silent) as server:
         try:
-            proc = run_tvpack("fetch", "--lock", tmp_path / "tvpack.lock", "--mirror", "s3://bucket/mirror",
+            proc = run_tvpack("fetch", "--lock", lock, "--mirror", "s3://bucket/mirror",
                               "--no-upstream", "-q", "--read-timeout", "1", "--retries", "100", "--max-time", "15", timeout=120,
                               env={"TORCH_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.port}",
                                    "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"})
@@ -249,6 +249,46 @@ def test_an_s3_mirror_that_never_answers_says_so_and_gives_up_at_the_time_limit(
     lines = [line for line in proc.stderr.splitlines() if line.startswith("tvpack: ")]
     assert f"no answer from 127.0.0.1:{server.port} for 1s; retrying in" in lines[0], proc.stderr
     assert lines[-1].startswith("tvpack: error: ") and "not complete within 15s" in lines[-1], proc.stderr
+
+
+def test_an_s3_endpoint_that_answers_forever_costs_a_bounded_read_and_one_line(tmp_path):
+    """botocore reads an error answer whole before anything of ours sees it: a hostile endpoint sending XML
+    forever is cut off at the answer limit (8 MiB), with one line, instead of filling memory."""
+    pytest.importorskip("boto3")
+    lock = dump_lockfile(synth_refs(tmp_path / "m", count=1, size=10_000), tmp_path / "tvpack.lock")
+    sent = []
+    safety = 512 * 1024 * 1024  # the server stops here whatever happens: uncapped, the client reads all of it
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.end_headers()  # no length: the answer ends when the connection does
+            chunk = b"<Error><Code>InternalError</Code>" + b"<Message>" + b"x" * 65_000 + b"</Message>"
+            total = 0
+            try:
+                self.wfile.write(b'<?xml version="1.0" encoding="UTF-8"?>')
+                while total < safety:
+                    self.wfile.write(chunk)
+                    total += len(chunk)
+            except OSError:
+                pass  # the client hung up
+            sent.append(total)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    with _Served(Endless) as server:
+        proc = run_tvpack("fetch", "--lock", lock, "--mirror", "s3://bucket/mirror", "--no-upstream", "-q",
+                          "--retries", "0", timeout=300,
+                          env={"TORCH_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.port}",
+                               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert proc.returncode == 1, proc.stderr
+    line = _one_error_line(proc)
+    assert f"the S3 endpoint 127.0.0.1:{server.port} answered more than 8 MiB" in line, proc.stderr
+    assert sent and max(sent) < safety, sent
 
 
 def test_an_s3_mirror_without_credentials_falls_through_to_the_next_mirror(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need_server, run_tvpack
+from referrers_registry import ReferrersFront
 from registry_server import DistributionRegistry
 from servers import free_port
 
@@ -118,6 +119,42 @@ def test_mirrors_down_refusing_or_serving_wrong_bytes_are_skipped_with_one_notic
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == small_bundle.read_bytes()
     assert len([line for line in proc.stderr.splitlines() if "skipped" in line]) == 3
+
+
+def test_layers_come_through_a_mirror_several_at_once_and_a_dead_mirror_costs_one_notice(
+        tmp_path, servers, small_bundle, isolated):
+    """``pull --jobs`` through registries.conf mirrors: the checkpoint layers are asked of the mirror at the same
+    time (each blob GET waits at a barrier until the other one arrives: one at a time, the barrier breaks), and
+    the workers share which mirrors were given up on."""
+    upstream, mirror = registry(tmp_path), registry(tmp_path)
+    servers.extend([upstream, mirror])
+    for reg in (upstream, mirror):
+        report = oci.push_bundle(small_bundle, f"oci://{reg.host}/models/small:v1", plain_http=True)
+    manifest = json.loads(mirror.blob_path(report.digest).read_bytes())
+    checkpoints = {layer["digest"] for layer in manifest["layers"][:-1]}  # the last one holds the bundle manifest
+    assert len(checkpoints) == 2
+    barrier, met = threading.Barrier(len(checkpoints), timeout=120), []
+
+    def before(method: str, path: str) -> None:
+        if method == "GET" and path.rsplit("/", 1)[-1] in checkpoints:
+            try:
+                barrier.wait()
+                met.append(path)
+            except threading.BrokenBarrierError:
+                pass
+
+    down = f"127.0.0.1:{free_port()}"
+    with ReferrersFront(mirror.host, before=before) as front:
+        configure(isolated, upstream.host, down, front.host)
+        out = tmp_path / "pulled.tvpack"
+        proc = run_tvpack("pull", f"oci://{upstream.host}/models/small:v1", "-o", out, "--jobs", "4", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == small_bundle.read_bytes()
+    assert len(met) == len(checkpoints), "the checkpoint layers were not asked of the mirror at the same time"
+    assert [line for line in proc.stderr.splitlines() if "skipped" in line] == [
+        line for line in proc.stderr.splitlines() if line.startswith(f"tvpack: mirror {down}/")], proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not blob_gets(upstream, agent="tvpack")  # the mirror served every layer
 
 
 def test_pushes_go_to_the_location_only(tmp_path, servers, small_bundle, isolated):

@@ -110,7 +110,7 @@ def offline(*command, torch_home: Path) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, timeout=300)
 
 
-def test_podman_pulls_the_image_and_its_mount_is_a_read_only_torch_home(podman, pushed, read_only_view, tmp_path):
+def test_podman_pulls_the_image_and_its_mount_is_a_read_only_torch_home(podman, pushed, read_only_view, tmp_path):  # noqa: F811 (the fixture)
     name, digest, shas = pushed
     podman("pull", "--tls-verify=false", name)
     assert podman("image", "inspect", "--format", "{{.Digest}}", name).stdout.strip() == digest
@@ -148,7 +148,7 @@ def test_podman_pulls_the_image_and_its_mount_is_a_read_only_torch_home(podman, 
     assert tree(home) == before  # nothing written: no index, no lock, no state
 
 
-def test_podman_run_with_the_image_mounted_sees_every_checkpoint_with_its_sha256(podman, pushed):
+def test_podman_run_with_the_image_mounted_sees_every_checkpoint_with_its_sha256(podman, pushed):  # noqa: F811 (the fixture)
     name, _digest, shas = pushed
     base = podman.base_image()
     podman("pull", "--tls-verify=false", name)
@@ -161,7 +161,7 @@ def test_podman_run_with_the_image_mounted_sees_every_checkpoint_with_its_sha256
     assert sorted(proc.stdout.split()) == sorted(f"/models/{path}" for path in shas)
 
 
-def test_podman_build_copy_from_the_image_makes_a_model_cache_image(podman, pushed, read_only_view):
+def test_podman_build_copy_from_the_image_makes_a_model_cache_image(podman, pushed, read_only_view):  # noqa: F811 (the fixture)
     name, _digest, shas = pushed
     base = podman.base_image()
     podman("pull", "--tls-verify=false", name)

@@ -27,39 +27,13 @@ moves into the OCI store.)
 from __future__ import annotations
 
 from ..fsutil import hash_file
-from .fetching import (
-    CANCEL_GRACE,
-    LOCK_WAIT,
-    STALE_FOREIGN_PART,
-    FetchResult,
-    ensure_cached,
-    fetch,
-    fetch_results,
-    plan,
-)
-from .index import INDEX_LOCK_WAIT, INDEX_VERSION, _load_index, _update_index, file_sha256, index_entry, record_verified
-from .installed import (
-    InstalledWeights,
-    ManifestInfo,
-    current_weights,
-    read_manifest,
-    read_manifests,
-    record_install,
-)
-from .layout import (
-    _HOST,
-    PART_SUFFIX,
-    STAGING_DIR,
-    TORCH_HUB_PARTIAL,
-    HubLayout,
-    index_path,
-    locks_dir,
-    manifests_dir,
-    tvpack_dir,
-)
+from .fetching import FetchResult, ensure_cached, fetch, fetch_results, plan
+from .index import _update_index, file_sha256, index_entry, record_verified
+from .installed import InstalledWeights, ManifestInfo, read_manifest, record_install
+from .layout import _HOST, PART_SUFFIX, STAGING_DIR, TORCH_HUB_PARTIAL, HubLayout
 from .lockfile import write_lockfile
 from .prune import Removal, prune_cache, remove_from_cache
-from .scan import STATUSES, CachedFile, CacheInfo, HubInfo, scan_cache, scan_hub
+from .scan import CachedFile, CacheInfo, HubInfo, scan_cache, scan_hub
 from .verify import VerifyResult, verify_cache
 
 __all__ = [
@@ -68,4 +42,7 @@ __all__ = [
     "scan_cache", "CacheInfo", "CachedFile", "verify_cache", "VerifyResult",
     "prune_cache", "remove_from_cache", "Removal", "STAGING_DIR",
     "HubLayout", "write_lockfile", "scan_hub", "HubInfo", "ManifestInfo", "InstalledWeights", "record_install",
+    "read_manifest", "PART_SUFFIX", "TORCH_HUB_PARTIAL",
+    # for the tests: the index writer and the host directory name
+    "_update_index", "_HOST",
 ]

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -99,22 +100,40 @@ def _stale_locks(hub: Path, remove: bool) -> list[Removal]:
         holder = FileLock(path).holder()
         if holder is None:
             continue  # free and empty: a finished run's
-        try:  # lock it through a read-only descriptor: taking it must not overwrite the note we judge
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino or not _holder_gone(holder):
-                continue  # replaced meanwhile, or its holder may still be running
-            out.append(Removal(path, os.fstat(fd).st_size, f"stale lock file: {holder.describe()} died holding it"))
+        with _unheld(path) as fd:
+            if fd is None:
+                continue  # held: a fetch is running
+            try:
+                if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino or not _holder_gone(holder):
+                    continue  # replaced meanwhile, or its holder may still be running
+                size = os.fstat(fd).st_size
+            except OSError:
+                continue
+            out.append(Removal(path, size, f"stale lock file: {holder.describe()} died holding it"))
             if remove:
                 _remove(path)
-        except OSError:
-            continue  # held: a fetch is running
-        finally:
-            os.close(fd)
     return out
+
+
+@contextmanager
+def _unheld(path: Path):
+    """A read-only descriptor of the lock file ``path``, its lock taken (so taking it cannot overwrite the note it
+    holds), for as long as the block runs; ``None`` when another process holds it or it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fd_or_none = None
+        else:
+            fd_or_none = fd
+        yield fd_or_none
+    finally:
+        os.close(fd)
 
 
 def _holder_gone(holder: Holder) -> bool:
@@ -205,19 +224,12 @@ def _stale_marks(hub: Path, removed: set, remove: bool) -> list[Removal]:
         part = layout.checkpoints / path.name[: -len(".inuse")]
         if part.exists() and part not in removed:
             continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with _unheld(path) as fd:
+            if fd is None:
+                continue  # held: its transfer is running
             out.append(Removal(path, os.fstat(fd).st_size, "in-use mark of a partial download whose run was killed"))
             if remove:
                 _remove(path)
-        except OSError:
-            continue  # held: its transfer is running
-        finally:
-            os.close(fd)
     return out
 
 

@@ -101,7 +101,8 @@ def _snapshot() -> dict:
     from ..snapshot import snapshot_path, source_key
 
     if settings().live_registry:
-        return {"state": "off", "line": "off (--live-registry or TVPACK_NO_SNAPSHOT=1): every command discovers torchvision live"}
+        return {"state": "off",
+                "line": "off (--live-registry or TVPACK_NO_SNAPSHOT=1): every command discovers torchvision live"}
     key = source_key()
     if key is None:
         return {"state": "no-torchvision", "line": "torchvision is not installed"}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from ..errors import BundleError, VolumeError
+from ..fsutil import write_all
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: the archive is padded to a multiple of it
@@ -468,12 +469,6 @@ def each_member(items: Sequence[tuple], work) -> list:
 
 def round_up(n: int) -> int:
     return n + (-n % BLOCK)
-
-
-def write_all(fd: int, view) -> None:
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 class MemberFile(io.RawIOBase):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BundleError, UsageError, VolumeError
-from ..fsutil import fsync_dir, temp_path
+from ..fsutil import fsync_dir, temp_path, write_all
 
 MAX_PARTS = 1000  # three digits: .000 .. .999
 CHUNK = 8 << 20  # 8 MiB: large enough that syscalls do not dominate, small enough to stay in cache
@@ -307,9 +307,7 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 def _write_durably(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

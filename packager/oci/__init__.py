@@ -48,7 +48,8 @@ from .remote import RemoteImage, is_oci_reference, read_image
 from .staging import staging, staging_root
 
 __all__ = [
-    "AttachReport", "BlobResult", "attach_signature", "DigestCache", "Image", "ImageMember", "ImageSource", "Layer", "PullReport", "PushReport",
+    "AttachReport", "BlobResult", "attach_signature", "DigestCache", "Image", "ImageMember", "ImageSource", "Layer",
+    "PullReport", "PushReport",
     "RemoteImage", "hash_layer", "image_of_bundle", "image_of_plan", "install", "is_oci_reference", "open_image",
     "pull", "push", "push_as", "push_bundle", "push_modelpack", "read_image", "staging", "staging_root", "verify",
 ]

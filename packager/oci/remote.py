@@ -76,9 +76,10 @@ def each_layer(items: Sequence, work: Callable[[object, object], None], client, 
     """``work(item, client)`` for each of ``items`` (layers), up to ``jobs`` at once: how pull and install fetch
     the layers of an image. Each worker thread gets a client of its own (a client is not thread-safe) sharing the
     client's :class:`~packager.transport.Cancel`: Ctrl-C (or SIGTERM) stops every transfer, and the first failure
-    cancels the others and is the one raised. Through mirrors (registries.conf), one at a time: a mirror given up
-    on is skipped once, with one notice; a caller's own client class is used as it is."""
-    if len(items) <= 1 or jobs <= 1 or type(client) is not RegistryClient:
+    cancels the others and is the one raised. Through mirrors (registries.conf) too: the workers share which
+    mirrors were given up on, so each is skipped once, with one notice. A caller's own client class is used as
+    it is, one layer at a time."""
+    if len(items) <= 1 or jobs <= 1 or type(client) not in (RegistryClient, MirroredClient):
         for item in items:
             work(item, client)
         return
@@ -87,7 +88,7 @@ def each_layer(items: Sequence, work: Callable[[object, object], None], client, 
 
     def one(item) -> None:
         if not hasattr(local, "client"):
-            local.client = _sibling(client)
+            local.client = client.sibling()
         work(item, local.client)
 
     with cancelled_by_interrupt(cancel), ThreadPoolExecutor(max_workers=jobs,
@@ -99,14 +100,6 @@ def each_layer(items: Sequence, work: Callable[[object, object], None], client, 
         except BaseException:
             cancel.cancel()  # the others stop at their next read; the pool waits for them before this unwinds
             raise
-
-
-def _sibling(client: RegistryClient) -> RegistryClient:
-    """A client like ``client`` (host, credentials, policy, offline, notices, Cancel) with its own session."""
-    auth = client.auth
-    credentials = auth.credentials or (True if getattr(auth, "_files", False) else None)
-    return RegistryClient(client.host, plain_http=client.plain_http, credentials=credentials, policy=client.policy,
-                          offline=client.offline, notify=client.notify, cancel=client.cancel)
 
 
 def locked(call: Callable[[int], object] | None) -> Callable[[int], None] | None:

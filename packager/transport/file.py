@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DownloadError, IntegrityError, MirrorError
-from ..fsutil import atomic_write_text, fsync_dir, hash_file, temp_path
+from ..fsutil import atomic_write_text, atomic_writer, hash_file, write_all
 from .engine import Body, fetch
 from .stream import Result, StoredObject
 
@@ -87,35 +87,23 @@ class DirectoryTarget:
     def put(self, obj: StoredObject, progress: Callable[[int], None]) -> None:
         """Copy while hashing into a unique temp file beside the target; replace only if verified."""
         dest = self.root / obj.path
-        tmp = temp_path(dest)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise MirrorError(f"cannot write to {dest.parent}: {exc.strerror or exc}") from exc
-        try:
-            digest = hashlib.sha256()
-            count = 0
-            with os.fdopen(fd, "wb") as out, obj.opener() as src:
+            # readable by a web server, whatever the umask
+            with atomic_writer(dest, mode=0o644, open_mode=0o600) as fd, obj.opener() as src:
+                digest = hashlib.sha256()
+                count = 0
                 while True:
                     data = src.read(_COPY_CHUNK)
                     if not data:
                         break
                     count += len(data)
                     digest.update(data)
-                    out.write(data)
+                    write_all(fd, memoryview(data))
                     progress(len(data))
-                out.flush()
-                os.fsync(out.fileno())
-            check_copy(obj, count, digest.hexdigest())
-            os.chmod(tmp, 0o644)  # readable by a web server, whatever the umask
-            os.replace(tmp, dest)
-            fsync_dir(dest.parent)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise MirrorError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-            raise
+                check_copy(obj, count, digest.hexdigest())
+        except OSError as exc:
+            raise MirrorError(f"cannot write {dest}: {exc.strerror or exc}") from exc
 
     def read_text(self, rel: str) -> str | None:
         try:

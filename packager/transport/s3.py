@@ -11,6 +11,10 @@ SHA-256 of the bytes actually sent (the server rejects a part whose bytes differ
 object's SHA-256 is compared with the expected one *before* the upload is completed; on any
 mismatch or failure the upload is aborted and nothing appears. After the upload a HEAD checks
 size, the ``sha256`` metadata and the server's own ``ChecksumSHA256`` when it reports one.
+
+Every answer botocore reads whole (XML: errors, listings, upload replies) is capped at :data:`ANSWER_LIMIT`
+bytes (:func:`_cap_answers`): an endpoint that sends forever costs a bounded read and a one-line error, not the
+machine's memory. Object bodies are streamed, never read whole.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ MAX_PARTS = 10_000
 MIN_PART_SIZE = 5 * MiB
 READ_CHUNK = 1 * MiB
 SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
+# the most botocore may read of an answer it parses whole (a listing page of 1000 keys is well under 1 MiB)
+ANSWER_LIMIT = 8 * MiB
 
 
 
@@ -117,9 +123,69 @@ def _new_client(endpoint: str | None, max_pool_connections: int, timeouts: tuple
     )
     try:
         session = boto3.session.Session()
-        return session.client("s3", endpoint_url=endpoint, config=config)
+        made = session.client("s3", endpoint_url=endpoint, config=config)
     except Exception as exc:  # noqa: BLE001 - botocore's configuration errors (a missing profile...)
         raise MirrorError(f"cannot set up S3 access: {exc}") from None
+    _cap_answers(made)
+    return made
+
+
+def _cap_answers(s3) -> None:
+    """Cap what botocore reads whole of an answer at :data:`ANSWER_LIMIT` bytes.
+
+    botocore reads a non-streaming answer (every error, every XML reply) with ``b"".join(raw.stream())`` before
+    any hook of ours runs, so the cap sits in the one place every answer passes: the endpoint's HTTP session,
+    whose answers get a ``raw`` that counts what ``stream()`` yields (streamed object bodies use ``read()``
+    and pass as they are). The session is botocore's ``client._endpoint.http_session``, not a public attribute:
+    when a botocore release moves it, answers stay uncapped, as they were before."""
+    endpoint = getattr(s3, "_endpoint", None)
+    inner = getattr(endpoint, "http_session", None)
+    if inner is None or not callable(getattr(inner, "send", None)) or isinstance(inner, _CappedSession):
+        return
+    endpoint.http_session = _CappedSession(inner)
+
+
+class _CappedSession:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def send(self, request):
+        response = self._inner.send(request)
+        response.raw = _CappedRaw(response.raw, urlparse(request.url).netloc)
+        return response
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _answer_too_large(message: str):
+    """A botocore error (so :func:`_translate` words it like any other) saying ``message``."""
+    from botocore.exceptions import BotoCoreError
+
+    class AnswerTooLarge(BotoCoreError):
+        fmt = "{message}"
+
+    return AnswerTooLarge(message=message)
+
+
+class _CappedRaw:
+    """An urllib3 response whose ``stream()`` stops with an error past :data:`ANSWER_LIMIT` bytes."""
+
+    def __init__(self, raw, host: str):
+        self._raw, self._host = raw, host
+
+    def stream(self, *args, **kwargs):
+        seen = 0
+        for chunk in self._raw.stream(*args, **kwargs):
+            seen += len(chunk)
+            if seen > ANSWER_LIMIT:
+                self._raw.close()
+                raise _answer_too_large(f"the S3 endpoint {self._host} answered more than {ANSWER_LIMIT // MiB} MiB; "
+                                        "gave up reading it")
+            yield chunk
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
 
 
 def _status(exc) -> tuple[str, int]:

@@ -239,13 +239,18 @@ class Assembly:
             self.verifier.update(view)
         except BaseException as exc:  # noqa: BLE001 - the verifier refuses: every writer learns it
             error = exc
+        self._hashed(end, error)
+        if error is not None:
+            raise error
+
+    def _hashed(self, end: int, error: BaseException | None) -> None:
+        """The hashing that ran outside the lock is over: every byte before ``end`` is hashed, or it failed with
+        ``error`` (kept for every writer and for :meth:`finish`)."""
         with self._cond:
             self.hashed = end if error is None else self.hashed
             self.error = self.error or error
             self._busy = False
             self._cond.notify_all()
-        if error is not None:
-            raise error
 
     def _read_back(self) -> None:
         while True:
@@ -268,11 +273,7 @@ class Assembly:
                 error = None
             except BaseException as exc:  # noqa: BLE001 - raised by finish
                 error = exc
-            with self._cond:
-                self.hashed = end if error is None else self.hashed
-                self.error = self.error or error
-                self._busy = False
-                self._cond.notify_all()
+            self._hashed(end, error)
 
     def finish(self) -> None:
         """Wait until every byte of the object is hashed (raises what the hashing raised)."""

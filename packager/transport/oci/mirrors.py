@@ -15,6 +15,7 @@ cost seconds, not the location's patience). Pushes never come here: they go to t
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable
 
 from ...errors import DownloadError, IntegrityError
@@ -32,38 +33,51 @@ class MirroredClient:
     location): calls name the image's own repository, each endpoint is asked under its rewritten one."""
 
     def __init__(self, repository: str, endpoints: list[tuple[Endpoint, RegistryClient]],
-                 notify: Callable[[str], None] = stderr_notice):
+                 notify: Callable[[str], None] = stderr_notice, *, _shared: tuple[list, threading.Lock] | None = None):
         self.repository = repository
         self.endpoints = endpoints
         self.notify = notify
-        self.skipped: list[Endpoint] = []  # mirrors given up on, in order
+        # mirrors given up on, in order: shared with this client's siblings, so each is given up once
+        self.skipped, self._skipping = _shared or ([], threading.Lock())
         self.served_by: Endpoint | None = None  # the endpoint that answered the last request
         location = endpoints[-1][1]
         self.host, self.policy, self.offline = location.host, location.policy, location.offline
         self.cancel, self.plain_http = location.cancel, location.plain_http
 
-    def _live(self):
-        return [(e, c) for e, c in self.endpoints if e not in self.skipped]
+    def sibling(self) -> "MirroredClient":
+        """A client over the same endpoints for another thread (each endpoint's client a sibling of its own:
+        :meth:`RegistryClient.sibling`), sharing which mirrors were given up on."""
+        return MirroredClient(self.repository, [(e, c.sibling()) for e, c in self.endpoints], self.notify,
+                              _shared=(self.skipped, self._skipping))
+
+    def _next(self, after: int) -> int:
+        """The index of the first endpoint after ``after`` not given up on (the location is never given up on)."""
+        with self._skipping:
+            return next(i for i in range(after + 1, len(self.endpoints)) if self.endpoints[i][0] not in self.skipped)
 
     def _each(self, repository: str, what: str, call, restart: Callable[[], object] | None = None):
-        """``call(client, repository, endpoint)`` on each live endpoint until one succeeds."""
-        live = self._live()
-        for n, (endpoint, client) in enumerate(live):
-            if n and restart is not None:
+        """``call(client, repository, endpoint)`` on each endpoint not given up on until one succeeds."""
+        n, first = self._next(-1), True
+        while True:
+            endpoint, client = self.endpoints[n]
+            if not first and restart is not None:
                 restart()
+            first = False
             try:
                 result = call(client, endpoint.repository if repository == self.repository else repository, endpoint)
             except SKIPPABLE as exc:
                 if not endpoint.mirror:
                     raise
-                self.skipped.append(endpoint)
-                following = live[n + 1][0]
-                self.notify(f"mirror {endpoint.name} skipped ({getattr(exc, 'message', exc)}); "
-                            f"{what} from {'mirror ' if following.mirror else ''}{following.name}")
+                with self._skipping:  # the notice inside: a sibling's notice of a later mirror comes after it
+                    if endpoint not in self.skipped:  # a sibling may have given it up meanwhile
+                        self.skipped.append(endpoint)
+                        following = next(e for e, _c in self.endpoints[n + 1:] if e not in self.skipped)
+                        self.notify(f"mirror {endpoint.name} skipped ({getattr(exc, 'message', exc)}); "
+                                    f"{what} from {'mirror ' if following.mirror else ''}{following.name}")
+                n = self._next(n)
                 continue
             self.served_by = endpoint
             return result
-        raise AssertionError("the location is always the last endpoint")  # pragma: no cover
 
     def get_manifest(self, repository: str, reference: str, accept=MANIFEST_MEDIA_TYPES, **kwargs) -> Manifest:
         return self._each(repository, "the manifest",
