@@ -240,6 +240,15 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (bytes or a buffer) to ``fd`` at ``offset`` (``os.pwrite``: the file offset is left
+    alone, so threads may write their own parts of one file)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | None = None,
                        suffix: str = ".tmp") -> Path:
     """Replace ``dest`` with ``data`` atomically (:func:`atomic_writer`: a temp file beside it + ``os.replace``;
@@ -348,9 +357,9 @@ def reserve_space(part, needed: int | None, ledger: SpaceLedger | None = None):
 
 
 __all__ = ["adopt", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_writer", "fsync_dir",
-           "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive", "remove_stale_temps",
-           "reserve_space", "share_with_group", "short_name", "SpaceLedger", "SpaceReservation", "temp_path",
-           "write_all"]
+           "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive", "pwrite_all",
+           "remove_stale_temps", "reserve_space", "share_with_group", "short_name", "SpaceLedger",
+           "SpaceReservation", "temp_path", "write_all"]
 
 
 def quiet_for(path: Path, now: float) -> float:

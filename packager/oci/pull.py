@@ -11,7 +11,7 @@ from ..bundle import open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
-from ..fsutil import adopt, human_bytes, left_behind, reserve_space, short_name, temp_path
+from ..fsutil import adopt, human_bytes, left_behind, pwrite_all, reserve_space, short_name, temp_path
 from ..report import Reporter, reporter_for
 from ..transport.oci import RegistryClient
 from .remote import RemoteImage, as_reference, client_for, each_layer, locked, progress_bar, read_image, stream_blob
@@ -69,9 +69,9 @@ class _LayerWriter:
         lo, hi = max(start, self.header_len), min(end, self.data_end)
         job = self._pool.submit(self.content.update, view[lo - start:hi - start]) if lo < hi else None
         try:
-            written, hi = 0, min(end, self.member_end)
-            while self.place and start + written < hi:
-                written += os.pwrite(self.fd, view[written:hi - start], self.offset + start + written)
+            hi = min(end, self.member_end)
+            if self.place and start < hi:
+                pwrite_all(self.fd, view[:hi - start], self.offset + start)
         finally:
             if job is not None:
                 job.result()  # the buffer is the transport's again once this returns
@@ -88,21 +88,14 @@ class _LayerWriter:
         self._pool.shutdown(wait=True)
 
 
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 class _RawWriter(_LayerWriter):
     """The same for a ModelPack layer, which is the checkpoint itself: the member's header (as the bundle
     writer makes it) and padding are written here, the layer's bytes are the data."""
 
     def __init__(self, fd: int, span: Span, where: str, place: bool = True):
         super().__init__(fd, span, where, place)
-        _write_at(fd, span.header, span.offset)
-        _write_at(fd, bytes(span.padding), span.data_offset + span.size)
+        pwrite_all(fd, span.header, span.offset)
+        pwrite_all(fd, bytes(span.padding), span.data_offset + span.size)
         self.data_offset, self.total = span.data_offset, span.size
 
     def write(self, data: bytes) -> None:
@@ -110,7 +103,7 @@ class _RawWriter(_LayerWriter):
             raise OCIError(f"{self.where}: the layer of {self.path} is longer than the file")
         self.content.update(data)  # here, not on the hashing thread: the transport may reuse its buffer
         if self.place:
-            _write_at(self.fd, data, self.data_offset + self.pos)
+            pwrite_all(self.fd, data, self.data_offset + self.pos)
         self.pos += len(data)
 
 
@@ -130,7 +123,7 @@ class _LayerTarget:
     def write_at(self, pos: int, view) -> None:
         end = pos + len(view)
         if pos < self.placed:
-            _write_at(self.fd, view[:self.placed - pos], self.base + pos)
+            pwrite_all(self.fd, view[:self.placed - pos], self.base + pos)
         if end > self.placed:
             lo = max(pos, self.placed)
             self.tail[lo - self.placed:end - self.placed] = view[lo - pos:]
@@ -205,14 +198,14 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
             missing = []
             for span in layout:
                 if span.path in image.inline:
-                    _write_at(fd, span.header + image.inline[span.path] + bytes(span.padding), span.offset)
+                    pwrite_all(fd, span.header + image.inline[span.path] + bytes(span.padding), span.offset)
                 elif adopted and _holds_member(fd, span, image):
                     if bar is not None:
                         bar.update(image.layers[span.path].size)
                 else:
                     missing.append(span)
             _pull_layers(fd, missing, image, client, bar, jobs)
-            _write_at(fd, bytes(layout.trailer), layout.end)
+            pwrite_all(fd, bytes(layout.trailer), layout.end)
             os.ftruncate(fd, layout.size)
             os.fsync(fd)
         finally:

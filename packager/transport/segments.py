@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..fsutil import pwrite_all
 from .stream import Cancel, Cancelled, Verifier
 
 
@@ -183,9 +184,7 @@ class FileTarget:
         self.fd = fd
 
     def write_at(self, pos: int, view) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], pos + done)
+        pwrite_all(self.fd, view, pos)
 
     def read_at(self, pos: int, n: int) -> bytes:
         return os.pread(self.fd, n, pos)
