@@ -49,26 +49,32 @@ def temp_path(dest, suffix: str = ".tmp") -> Path:
     return dest.with_name(f".{short_name(dest.name)}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
-def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
-    """Remove :func:`temp_path` files of ``dest`` left by a killed process (SIGKILL, OOM, power
-    loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
-    another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
+def temps_of(dest, suffix: str = ".tmp") -> list[tuple[Path, int]]:
+    """The :func:`temp_path` files of ``dest`` there are now, whoever writes them: ``(path, pid of the writer)``."""
     dest = Path(dest)
     prefix = f".{short_name(dest.name)}."
-    removed = []
     try:
         names = os.listdir(dest.parent)
     except OSError:
-        return removed
+        return []
+    found = []
     for name in names:
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
         pid, _, token = name[len(prefix):-len(suffix)].partition(".")
-        if not (pid.isdigit() and len(token) == 8):
-            continue
-        path = dest.parent / name
+        if pid.isdigit() and len(token) == 8:
+            found.append((dest.parent / name, int(pid)))
+    return found
+
+
+def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
+    """Remove :func:`temp_path` files of ``dest`` left by a killed process (SIGKILL, OOM, power
+    loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
+    another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
+    removed = []
+    for path, pid in temps_of(dest, suffix):
         try:
-            if not left_behind(int(pid), path, quiet=min_age):
+            if not left_behind(pid, path, quiet=min_age):
                 continue
             path.unlink()
             removed.append(path)
@@ -359,7 +365,7 @@ def reserve_space(part, needed: int | None, ledger: SpaceLedger | None = None):
 __all__ = ["adopt", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_writer", "fsync_dir",
            "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive", "pwrite_all",
            "remove_stale_temps", "reserve_space", "share_with_group", "short_name", "SpaceLedger",
-           "SpaceReservation", "temp_path", "write_all"]
+           "SpaceReservation", "temp_path", "temps_of", "write_all"]
 
 
 def quiet_for(path: Path, now: float) -> float:
