@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..fsutil import pwrite_all
+from ..fsutil import WriteBehind, pwrite_all
 from .stream import Cancel, Cancelled, Verifier
 
 
@@ -182,9 +182,11 @@ class FileTarget:
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.behind = WriteBehind(fd)  # the connections' writes, whatever their order, flushed as they go
 
     def write_at(self, pos: int, view) -> None:
         pwrite_all(self.fd, view, pos)
+        self.behind.wrote(len(view))
 
     def read_at(self, pos: int, n: int) -> bytes:
         return os.pread(self.fd, n, pos)
