@@ -11,7 +11,7 @@ from .errors import BundleError
 from .formats.archive import Span, TarLayout, copy_file, copy_hashing, tar_layout
 from .formats.manifest import manifest_path_for
 from .formats.volumes import SplitWriter
-from .fsutil import atomic_writer, write_all
+from .fsutil import WriteBehind, atomic_writer, write_all
 
 
 def write_file(output: Path, manifest_bytes: bytes, unique, signatures, mtime: int, bar) -> None:
@@ -48,22 +48,37 @@ def _write_archive(sink, manifest_bytes: bytes, unique, signatures, mtime: int, 
 
 
 class _FileSink:
-    """The archive written to one open file: checkpoints copied by the kernel where it can."""
+    """The archive written to one open file: checkpoints copied by the kernel where it can, the file's dirty pages
+    kept bounded as it grows (:class:`~packager.fsutil.WriteBehind`)."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.behind = WriteBehind(fd)
 
     def write(self, data) -> None:
         write_all(self.fd, memoryview(data))
+        self.behind.wrote(len(data))
 
     def tell(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_CUR)
 
     def copy(self, src_fd: int, size: int, bar) -> None:
-        copy_file(src_fd, self.fd, size, bar)
+        copy_file(src_fd, self.fd, size, _Copied(bar, self.behind))
 
     def copy_hashing(self, src_fd: int, size: int, bar) -> str:
         return copy_hashing(src_fd, self.write, size, bar)
+
+
+class _Copied:
+    """The progress of a kernel copy: to the bar, and to the write-behind."""
+
+    def __init__(self, bar, behind: WriteBehind):
+        self.bar, self.behind = bar, behind
+
+    def update(self, n: int) -> None:
+        self.behind.wrote(n)
+        if self.bar is not None:
+            self.bar.update(n)
 
 
 class _SplitSink:

@@ -9,22 +9,26 @@
 * :func:`share_with_group` / :func:`make_dirs`: in a directory shared by a team (setgid or
   group-writable, ``chgrp TEAM DIR; chmod 2775 DIR``), what we create stays writable by the group
   whatever the creator's umask, as git's ``core.sharedRepository=group`` does.
+* :class:`WriteBehind`: keep a large file's dirty pages bounded while it is written.
 * :func:`remove_stale_temps`: clean up the temp files of a process that was killed mid-write
   (:func:`pid_alive` says whether a pid still runs).
 * :func:`hash_file`: the sha256 of a file, read in large chunks.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import stat
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from .errors import CacheError
 
@@ -49,26 +53,32 @@ def temp_path(dest, suffix: str = ".tmp") -> Path:
     return dest.with_name(f".{short_name(dest.name)}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
-def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
-    """Remove :func:`temp_path` files of ``dest`` left by a killed process (SIGKILL, OOM, power
-    loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
-    another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
+def temps_of(dest, suffix: str = ".tmp") -> list[tuple[Path, int]]:
+    """The :func:`temp_path` files of ``dest`` there are now, whoever writes them: ``(path, pid of the writer)``."""
     dest = Path(dest)
     prefix = f".{short_name(dest.name)}."
-    removed = []
     try:
         names = os.listdir(dest.parent)
     except OSError:
-        return removed
+        return []
+    found = []
     for name in names:
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
         pid, _, token = name[len(prefix):-len(suffix)].partition(".")
-        if not (pid.isdigit() and len(token) == 8):
-            continue
-        path = dest.parent / name
+        if pid.isdigit() and len(token) == 8:
+            found.append((dest.parent / name, int(pid)))
+    return found
+
+
+def remove_stale_temps(dest, suffix: str = ".tmp", *, min_age: float = 60.0) -> list[Path]:
+    """Remove :func:`temp_path` files of ``dest`` left by a killed process (SIGKILL, OOM, power
+    loss): its pid is gone here and the file has not changed for ``min_age`` seconds (a pid of
+    another PID namespace may look dead; the age keeps its live file safe). Returns what went."""
+    removed = []
+    for path, pid in temps_of(dest, suffix):
         try:
-            if not left_behind(int(pid), path, quiet=min_age):
+            if not left_behind(pid, path, quiet=min_age):
                 continue
             path.unlink()
             removed.append(path)
@@ -240,6 +250,68 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (bytes or a buffer) to ``fd`` at ``offset`` (``os.pwrite``: the file offset is left
+    alone, so threads may write their own parts of one file)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class WriteBehind:
+    """Keeps a large file's dirty pages bounded while it is written (Linux ``sync_file_range``), from one thread or
+    many, in order or at any offsets.
+
+    Left alone, the kernel lets gigabytes of dirty pages pile up (its threshold is a share of memory), then
+    throttles the writer hard and leaves a long ``fsync`` at the end while the disk sat idle. After every
+    ``window`` bytes written this waits for the write-out it started last time and starts the write-out of what is
+    dirty now, so the disk streams alongside the network and the final fsync (which still guarantees durability)
+    finds little left to do. Pages stay in the page cache. Elsewhere, or where the file system refuses the call,
+    it does nothing and the fsync does it all. ``flush``: called first (a buffered file's ``flush``).
+    """
+
+    WINDOW = 32 << 20
+
+    def __init__(self, fd: int, *, window: int = WINDOW, flush: Callable[[], object] | None = None):
+        self.fd, self.window, self.flush = fd, window, flush
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def wrote(self, n: int) -> None:
+        with self._lock:
+            self._pending += n
+            if self._pending < self.window:
+                return
+            self._pending = 0
+        call = _sync_file_range()
+        if call is None:
+            return
+        if self.flush is not None:
+            self.flush()
+        call(self.fd, 0, 0, _SFR_WAIT_BEFORE)  # what the last window started (nbytes 0: to the end of the file)
+        call(self.fd, 0, 0, _SFR_WRITE)  # queued, not waited for; an error here costs only speed
+
+
+_SFR_WAIT_BEFORE, _SFR_WRITE = 1, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_file_range():
+    """libc's ``sync_file_range`` (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
 def atomic_write_bytes(dest, data: bytes, *, durable: bool = True, mode: int | None = None,
                        suffix: str = ".tmp") -> Path:
     """Replace ``dest`` with ``data`` atomically (:func:`atomic_writer`: a temp file beside it + ``os.replace``;
@@ -348,9 +420,9 @@ def reserve_space(part, needed: int | None, ledger: SpaceLedger | None = None):
 
 
 __all__ = ["adopt", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_writer", "fsync_dir",
-           "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive", "remove_stale_temps",
-           "reserve_space", "share_with_group", "short_name", "SpaceLedger", "SpaceReservation", "temp_path",
-           "write_all"]
+           "group_shared", "hash_file", "human_bytes", "left_behind", "make_dirs", "pid_alive", "pwrite_all",
+           "remove_stale_temps", "reserve_space", "share_with_group", "short_name", "SpaceLedger",
+           "SpaceReservation", "temp_path", "temps_of", "write_all", "WriteBehind"]
 
 
 def quiet_for(path: Path, now: float) -> float:

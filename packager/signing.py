@@ -51,6 +51,7 @@ from .formats.archive import BLOCK, round_up, source_date_epoch, tar_layout
 from .formats.manifest import manifest_path_for
 from .formats.signature import SIGNATURES_DIR, Info, Resource, Trust, Verified
 from .formats.volumes import FileSource, open_source
+from .fsutil import pwrite_all
 from .home import hub_dir
 
 # -- places and what is signed ------------------------------------------------------------------------------
@@ -459,9 +460,9 @@ def sign_bundle(path, signer: Signer, *, label: str | None = None) -> SignResult
             if new_size > before.st_size:
                 os.ftruncate(fd, new_size)
                 os.fsync(fd)
-            _pwrite_all(fd, span.header, span.offset)
+            pwrite_all(fd, span.header, span.offset)
             os.fsync(fd)
-            _pwrite_all(fd, data + bytes(span.padding), span.data_offset)
+            pwrite_all(fd, data + bytes(span.padding), span.data_offset)
             os.fsync(fd)
         except OSError as exc:
             raise SignatureError(f"cannot append the signature to {path}: {exc.strerror or exc}") from None
@@ -471,13 +472,6 @@ def sign_bundle(path, signer: Signer, *, label: str | None = None) -> SignResult
         if name not in {m.path for m in reopened.signatures} or dict(read_signatures(reopened))[name] != data:
             raise BundleError(f"{path}: the appended signature does not read back; the bundle changed meanwhile")
     return SignResult(path, this_id, name, signer.signer, signer.algorithm, max(0, new_size - before.st_size))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 # -- installed signatures: cache verify --signatures, the loader ----------------------------------------------

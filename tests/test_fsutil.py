@@ -1,12 +1,13 @@
-"""packager.fsutil: the one rule for what a dead process left behind, and its adoption."""
+"""packager.fsutil: the one rule for what a dead process left behind, its adoption, temp files, write-behind."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 
-from packager.fsutil import adopt, left_behind, remove_stale_temps, temp_path
+from packager.fsutil import WriteBehind, adopt, left_behind, pwrite_all, remove_stale_temps, temp_path, temps_of
 
 
 def _dead_pid() -> int:
@@ -49,3 +50,46 @@ def test_of_two_adopters_one_wins_and_stale_temps_follow_the_same_rule(tmp_path)
         os.utime(path, (long_ago, long_ago))
     assert remove_stale_temps(dest) == [stale]
     assert mine.exists()
+
+
+def test_write_behind_from_several_threads_at_offsets_keeps_every_byte_and_a_refusal_costs_nothing(tmp_path):
+    """Threads placing their pieces at offsets, each reporting to one WriteBehind with a small window (so the
+    kernel is asked to write out many times while they write): the file holds every byte where it belongs. A
+    descriptor the call refuses (/dev/null) raises nothing: write-behind only ever costs or saves time."""
+    pieces = [bytes([i]) * 300_000 for i in range(8)]
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        behind = WriteBehind(fd, window=64 * 1024)
+
+        def place(i: int) -> None:
+            for start in range(0, len(pieces[i]), 50_000):
+                chunk = pieces[i][start:start + 50_000]
+                pwrite_all(fd, chunk, i * 300_000 + start)
+                behind.wrote(len(chunk))
+
+        threads = [threading.Thread(target=place, args=(i,)) for i in reversed(range(8))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(pieces)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        refused = WriteBehind(null, window=1)
+        for _ in range(3):
+            os.write(null, b"x")
+            refused.wrote(1)
+    finally:
+        os.close(null)
+
+
+def test_temps_of_lists_every_writer_of_a_file_and_nothing_else(tmp_path):
+    dest = tmp_path / "state.json"
+    theirs, mine = temp_path(dest), temp_path(dest)
+    for path in (theirs, mine, tmp_path / ".state.json.x.12345678.tmp", tmp_path / "other.json"):
+        path.write_text("{")
+    assert sorted(temps_of(dest)) == sorted([(theirs, os.getpid()), (mine, os.getpid())])

@@ -203,6 +203,13 @@ def _part_state(folder: Path) -> dict:
         return {}
 
 
+def _killed_while_recording(folder, pid: int) -> None:
+    """What a SIGKILL during a write of the part's record of ranges leaves (the kill may land there, or not: the
+    tests make sure it did): the record's temp file, named for the killed process."""
+    (part,) = [p for p in folder.iterdir() if p.name.endswith(cache.PART_SUFFIX)]
+    (folder / f".{part.name}.json.{pid}.0123abcd.tmp").write_text('{"ranges": [[0, ')
+
+
 def test_kill_9_mid_way_then_the_next_run_fetches_only_the_missing_ranges(mirror_server, tmp_path, torch_home):
     (ref,) = synth_refs(mirror_server.root, count=1, size=8 * MiB)
     lock = dump_lockfile([ref], tmp_path / "tvpack.lock")
@@ -218,6 +225,7 @@ def test_kill_9_mid_way_then_the_next_run_fetches_only_the_missing_ranges(mirror
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    _killed_while_recording(folder, proc.pid)
     mirror_server.clear_faults()
     mirror_server.release()
     mirror_server.settle()
@@ -250,6 +258,7 @@ def test_cache_prune_removes_an_abandoned_part_and_its_record_of_ranges(mirror_s
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    _killed_while_recording(folder, proc.pid)
     mirror_server.release()
     assert any(p.name.endswith(cache.PART_SUFFIX) for p in folder.iterdir())
     pruned = subprocess.run(tvpack_command("cache", "prune"), env=env, capture_output=True, text=True)

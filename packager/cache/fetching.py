@@ -11,6 +11,7 @@ interrupted) is taken over by the next fetch and resumed with a Range request.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 from ..config import Config, config_from
 from ..errors import CacheError, DownloadError, IntegrityError, MirrorError, OfflineError, TvpackError, UsageError
 from ..formats.lockfile import read_lockfile, select_locked
-from ..fsutil import SpaceLedger, adopt, fsync_dir, left_behind, share_with_group
+from ..fsutil import SpaceLedger, adopt, fsync_dir, left_behind, share_with_group, temps_of
 from ..locking import describe_holder
 from ..registry import WeightsRef
 from ..report import Reporter
@@ -233,6 +234,9 @@ def _claim_part(ckpt: Path, filename: str, notify: Callable[[str], None] = lambd
             os.replace(part_state_path(part), part_state_path(mine))
         except OSError:
             pass
+        for temp, _pid in temps_of(part_state_path(part)):  # the record its killed owner was writing
+            with contextlib.suppress(OSError):
+                temp.unlink()
         return mine, in_use
     return mine, in_use
 

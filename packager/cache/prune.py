@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CacheError, UsageError
-from ..fsutil import left_behind, make_dirs, pid_alive, quiet_for
+from ..fsutil import left_behind, make_dirs, pid_alive, quiet_for, temps_of
 from ..locking import FileLock, Holder
 from ..transport import discard_part, part_state_path
 from .fetching import STALE_FOREIGN_PART, _part_abandoned, _parts_of
@@ -66,6 +66,9 @@ def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
                 state = part_state_path(path)
                 if state.exists():
                     out.append(Removal(state, state.stat().st_size, "partial download state"))
+                # only the part's owner writes its record, and it is gone: what it was writing goes too, however new
+                for temp, _pid in temps_of(state):
+                    out.append(Removal(temp, _size(temp), "partial download state its killed run was writing"))
         elif name.endswith(PART_SUFFIX + ".json"):
             if not (ckpt / name[: -len(".json")]).exists():
                 out.append(Removal(path, st.st_size, "orphaned partial download state"))
@@ -83,7 +86,15 @@ def _prunable(hub: Path, min_age: float, held: list[FileLock]) -> list[Removal]:
                 out.append(Removal(path, path.stat().st_size, "temporary index file"))
     except OSError:
         pass
-    return out
+    seen: set[Path] = set()  # a record's temp may qualify twice (its part's, and as any old temp file)
+    return [r for r in out if not (r.path in seen or seen.add(r.path))]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _stale_locks(hub: Path, remove: bool) -> list[Removal]:

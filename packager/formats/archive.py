@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from ..errors import BundleError, VolumeError
-from ..fsutil import write_all
+from ..fsutil import WriteBehind, write_all
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: the archive is padded to a multiple of it
 CHUNK = 8 << 20  # read/hash/write granularity (two such buffers in flight at most)
+KERNEL_STEP = 64 << 20  # bytes per copy_file_range call: progress (and write-behind) in steps of this
 HASH_JOBS = min(2, os.cpu_count() or 1)  # members hashed at once
 MAX_PAX = 1 << 20
 _USTAR_MAX_SIZE = 0o77777777777  # 8 GiB - 1: larger sizes go into a pax record
@@ -422,9 +423,12 @@ class TarArchive:
                 done += n
             return view
 
+        behind = WriteBehind(sink) if sink is not None else None
+
         def write_then_read(view, k_next: int):
             if sink is not None:
                 write_all(sink, view)
+                behind.wrote(len(view))
             return read(k_next)
 
         digest = hashlib.sha256()
@@ -522,8 +526,8 @@ def copy_file(src_fd: int, dst_fd: int, size: int, bar=None) -> None:
             continue
         try:
             while remaining:
-                n = func(src_fd, dst_fd, min(remaining, 1 << 30)) if call == "copy_file_range" \
-                    else func(dst_fd, src_fd, None, min(remaining, 1 << 30))
+                step = min(remaining, KERNEL_STEP)
+                n = func(src_fd, dst_fd, step) if call == "copy_file_range" else func(dst_fd, src_fd, None, step)
                 if n == 0:
                     raise BundleError("a checkpoint shrank while it was being bundled")
                 remaining -= n

@@ -11,7 +11,7 @@ from ..bundle import open_bundle
 from ..errors import BundleError, OCIError
 from ..formats.archive import Span
 from ..formats.image import bundle_layout, check_header, layer_layout
-from ..fsutil import adopt, human_bytes, left_behind, reserve_space, short_name, temp_path
+from ..fsutil import WriteBehind, adopt, human_bytes, left_behind, pwrite_all, reserve_space, short_name, temp_path
 from ..report import Reporter, reporter_for
 from ..transport.oci import RegistryClient
 from .remote import RemoteImage, as_reference, client_for, each_layer, locked, progress_bar, read_image, stream_blob
@@ -33,15 +33,28 @@ class PullReport:
                 "manifest_id": self.manifest_id, "size": self.size, "weights": list(self.weights)}
 
 
+class _Output:
+    """The file a pull writes: bytes placed at their offsets by any number of threads, its dirty pages kept bounded
+    as they go (:class:`~packager.fsutil.WriteBehind`)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.behind = WriteBehind(fd)
+
+    def place(self, data, offset: int) -> None:
+        pwrite_all(self.fd, data, offset)
+        self.behind.wrote(len(data))
+
+
 class _LayerWriter:
     """Takes one checkpoint layer's bytes in order (on the transport's worker thread, after they were
     hashed for the digest) and writes the member they hold (header, data, padding) at ``offset`` of
-    ``fd``, checking on the way that the tar around the data is exactly what tvpack writes; the data's
+    ``out``, checking on the way that the tar around the data is exactly what tvpack writes; the data's
     sha256 is computed on one more thread while the bytes are written. The transport reuses its buffers once
     ``write`` returns, so every use of them ends before it does."""
 
-    def __init__(self, fd: int, span: Span, where: str, place: bool = True):
-        self.fd, self.offset, self.path, self.size, self.where = fd, span.offset, span.path, span.size, where
+    def __init__(self, out: _Output, span: Span, where: str, place: bool = True):
+        self.out, self.offset, self.path, self.size, self.where = out, span.offset, span.path, span.size, where
         self.place = place  # False: check and hash only (the bytes are placed by a :class:`_LayerTarget`)
         layout = layer_layout([(span.path, span.size)])
         (in_layer,) = layout.spans
@@ -69,9 +82,9 @@ class _LayerWriter:
         lo, hi = max(start, self.header_len), min(end, self.data_end)
         job = self._pool.submit(self.content.update, view[lo - start:hi - start]) if lo < hi else None
         try:
-            written, hi = 0, min(end, self.member_end)
-            while self.place and start + written < hi:
-                written += os.pwrite(self.fd, view[written:hi - start], self.offset + start + written)
+            hi = min(end, self.member_end)
+            if self.place and start < hi:
+                self.out.place(view[:hi - start], self.offset + start)
         finally:
             if job is not None:
                 job.result()  # the buffer is the transport's again once this returns
@@ -88,21 +101,14 @@ class _LayerWriter:
         self._pool.shutdown(wait=True)
 
 
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 class _RawWriter(_LayerWriter):
     """The same for a ModelPack layer, which is the checkpoint itself: the member's header (as the bundle
     writer makes it) and padding are written here, the layer's bytes are the data."""
 
-    def __init__(self, fd: int, span: Span, where: str, place: bool = True):
-        super().__init__(fd, span, where, place)
-        _write_at(fd, span.header, span.offset)
-        _write_at(fd, bytes(span.padding), span.data_offset + span.size)
+    def __init__(self, out: _Output, span: Span, where: str, place: bool = True):
+        super().__init__(out, span, where, place)
+        out.place(span.header, span.offset)
+        out.place(bytes(span.padding), span.data_offset + span.size)
         self.data_offset, self.total = span.data_offset, span.size
 
     def write(self, data: bytes) -> None:
@@ -110,16 +116,16 @@ class _RawWriter(_LayerWriter):
             raise OCIError(f"{self.where}: the layer of {self.path} is longer than the file")
         self.content.update(data)  # here, not on the hashing thread: the transport may reuse its buffer
         if self.place:
-            _write_at(self.fd, data, self.data_offset + self.pos)
+            self.out.place(data, self.data_offset + self.pos)
         self.pos += len(data)
 
 
 class _LayerTarget:
-    """Where a layer fetched in ranges puts its bytes: the member it holds at its offsets of ``fd`` (a ModelPack
+    """Where a layer fetched in ranges puts its bytes: the member it holds at its offsets of ``out`` (a ModelPack
     layer: the data), the rest of the layer (the tar's end, zeros) kept aside to be checked in order."""
 
-    def __init__(self, fd: int, span: Span, raw: bool):
-        self.fd = fd
+    def __init__(self, out: _Output, span: Span, raw: bool):
+        self.out = out
         if raw:
             self.base, self.placed, total = span.data_offset, span.size, span.size
         else:
@@ -130,39 +136,39 @@ class _LayerTarget:
     def write_at(self, pos: int, view) -> None:
         end = pos + len(view)
         if pos < self.placed:
-            _write_at(self.fd, view[:self.placed - pos], self.base + pos)
+            self.out.place(view[:self.placed - pos], self.base + pos)
         if end > self.placed:
             lo = max(pos, self.placed)
             self.tail[lo - self.placed:end - self.placed] = view[lo - pos:]
 
     def read_at(self, pos: int, n: int) -> bytes:
         if pos < self.placed:
-            return os.pread(self.fd, min(n, self.placed - pos), self.base + pos)
+            return os.pread(self.out.fd, min(n, self.placed - pos), self.base + pos)
         return bytes(self.tail[pos - self.placed:pos - self.placed + n])
 
     def sync(self) -> None:
         pass  # the pull fsyncs the whole file once
 
 
-def _stream_layer(client, repository: str, layer, fd: int, span: Span, where: str, bar, raw: bool = False,
+def _stream_layer(client, repository: str, layer, out: _Output, span: Span, where: str, bar, raw: bool = False,
                   update=None, cancel=None) -> str:
     """One checkpoint layer streamed into its member of the bundle being written (a large one in ranges, at
     their offsets); the checkpoint's sha256."""
     kind = _RawWriter if raw else _LayerWriter
     if isinstance(client, RegistryClient):
-        checker = kind(fd, span, where, place=False)
+        checker = kind(out, span, where, place=False)
         try:
-            if client.blob_ranges(repository, layer.digest, _LayerTarget(fd, span, raw), size=layer.size,
+            if client.blob_ranges(repository, layer.digest, _LayerTarget(out, span, raw), size=layer.size,
                                   observe=checker.write, on_bytes=update or (bar.update if bar is not None else None),
                                   cancel=cancel):
                 return checker.finish()
         finally:
             checker.close()
-    writers = [kind(fd, span, where)]
+    writers = [kind(out, span, where)]
 
     def restart():  # another endpoint (a mirror failed): the member again, from its start
         writers[-1].close()
-        writers.append(kind(fd, span, where))
+        writers.append(kind(out, span, where))
 
     try:
         stream_blob(client, repository, layer.digest, lambda data: writers[-1].write(data), restart=restart,
@@ -205,14 +211,14 @@ def pull(ref, output, *, plain_http: bool = False, progress: bool = False,
             missing = []
             for span in layout:
                 if span.path in image.inline:
-                    _write_at(fd, span.header + image.inline[span.path] + bytes(span.padding), span.offset)
+                    pwrite_all(fd, span.header + image.inline[span.path] + bytes(span.padding), span.offset)
                 elif adopted and _holds_member(fd, span, image):
                     if bar is not None:
                         bar.update(image.layers[span.path].size)
                 else:
                     missing.append(span)
-            _pull_layers(fd, missing, image, client, bar, jobs)
-            _write_at(fd, bytes(layout.trailer), layout.end)
+            _pull_layers(_Output(fd), missing, image, client, bar, jobs)
+            pwrite_all(fd, bytes(layout.trailer), layout.end)
             os.ftruncate(fd, layout.size)
             os.fsync(fd)
         finally:
@@ -250,22 +256,22 @@ def _temp_file(output: Path, image: RemoteImage) -> tuple[Path, bool]:
     return (tmp, True) if tmp is not None else (temp_path(output, suffix), False)
 
 
-def _pull_layers(fd: int, spans: list[Span], image: RemoteImage, client, bar, jobs: int) -> None:
+def _pull_layers(out: _Output, spans: list[Span], image: RemoteImage, client, bar, jobs: int) -> None:
     """The checkpoint layers of ``spans``, up to ``jobs`` at once (each its own blob at its own offsets;
     :func:`~.remote.each_layer`)."""
     update = locked(bar.update) if bar is not None else None
 
     def one(span: Span, worker_client) -> None:
-        _pull_layer(fd, span, image, worker_client, bar, update)  # each client stops on the shared Cancel
+        _pull_layer(out, span, image, worker_client, bar, update)  # each client stops on the shared Cancel
 
     each_layer(spans, one, client, jobs)
 
 
-def _pull_layer(fd: int, span: Span, image: RemoteImage, client, bar, update=None, cancel=None) -> None:
-    """One checkpoint's layer streamed into its place in ``fd``: digest, tar and the checkpoint's sha256 checked."""
+def _pull_layer(out: _Output, span: Span, image: RemoteImage, client, bar, update=None, cancel=None) -> None:
+    """One checkpoint's layer streamed into its place in ``out``: digest, tar and the checkpoint's sha256 checked."""
     where = str(image.reference)
     layer = image.layers[span.path]
-    sha = _stream_layer(client, image.reference.repository, layer, fd, span, where, bar, image.raw, update, cancel)
+    sha = _stream_layer(client, image.reference.repository, layer, out, span, where, bar, image.raw, update, cancel)
     if sha != layer.sha256:
         raise OCIError(f"{where}: {span.path} refused: its sha256 is {sha}, the bundle manifest says {layer.sha256}")
 

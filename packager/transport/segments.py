@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..fsutil import WriteBehind, pwrite_all
 from .stream import Cancel, Cancelled, Verifier
 
 
@@ -181,11 +182,11 @@ class FileTarget:
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.behind = WriteBehind(fd)  # the connections' writes, whatever their order, flushed as they go
 
     def write_at(self, pos: int, view) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], pos + done)
+        pwrite_all(self.fd, view, pos)
+        self.behind.wrote(len(view))
 
     def read_at(self, pos: int, n: int) -> bytes:
         return os.pread(self.fd, n, pos)

@@ -24,7 +24,6 @@ import os
 import queue
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from ..errors import CacheError, DownloadError, IntegrityError
-from ..fsutil import SpaceReservation, atomic_write_json, human_bytes, share_with_group
+from ..fsutil import SpaceReservation, WriteBehind, atomic_write_json, human_bytes, share_with_group
 
 MiB = 1 << 20
 CHUNK_SIZE = 4 * MiB
@@ -382,55 +381,6 @@ def _give_buffers(buffers: list[bytearray]) -> None:
         free.extend(buffers[: max(0, _POOL_KEEP - len(free))])
 
 
-def _load_sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
-
-
-class _WriteBehind:
-    """Keep a large download's dirty pages bounded (Linux ``sync_file_range``).
-
-    Left alone, the kernel lets a gigabyte of dirty pages pile up, then throttles the writer hard
-    and leaves a long ``fsync`` at the end. Starting write-back of each finished window and
-    waiting for the window before it keeps the disk streaming alongside the network, so the
-    final fsync (which still guarantees durability) finds almost nothing left to do. Pages stay
-    in the page cache. A no-op where the call is unavailable.
-    """
-
-    WINDOW = 32 * 1024 * 1024
-
-    def __init__(self, f):
-        self.f = f
-        self.pos = self.started = self.waited = f.tell()
-
-    def wrote(self, n: int) -> None:
-        self.pos += n
-        if _sync_file_range is None or self.pos - self.started < self.WINDOW:
-            return
-        self.f.flush()
-        fd = self.f.fileno()
-        if self.started > self.waited:
-            _sync_file_range(fd, self.waited, self.started - self.waited,
-                             _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-            self.waited = self.started
-        _sync_file_range(fd, self.started, self.pos - self.started, _SFR_WRITE)
-        self.started = self.pos
-
-
 class Pipeline:
     """Read into a few reusable buffers; hash and write each on its own thread, in order.
 
@@ -443,7 +393,8 @@ class Pipeline:
     def __init__(self, f, verifier: Verifier, on_bytes: ProgressFn | None, chunk_size: int, buffers: int = 4, *,
                  cancel: Cancel | None = None, reservation: SpaceReservation | None = None):
         self.f = f
-        self._behind = _WriteBehind(f) if hasattr(f, "fileno") else None  # a file, not a caller's write
+        # a file (not a caller's write): its dirty pages kept bounded
+        self._behind = WriteBehind(f.fileno(), flush=f.flush) if hasattr(f, "fileno") else None
         self.verifier = verifier
         self.on_bytes = on_bytes
         self.cancel = cancel
