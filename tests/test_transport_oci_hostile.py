@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,17 @@ def test_max_time_bounds_everything_a_client_does(reg, no_creds):
     client = client_of(reg, Policy(read_timeout=30, max_time=1.0, backoff=0.01, stall_retries=9))
     with pytest.raises(OCIError, match=r"not done within 1 s \(--max-time\)"):
         client.ping()
+
+
+def test_a_sibling_made_late_has_no_fresh_time_limit(reg, no_creds):
+    """pull and install give each layer worker a sibling of the command's client: --max-time bounds the whole
+    command, so a sibling made after the limit passed refuses at once instead of starting a new allowance."""
+    reg.route("GET", "/v2/", reply(200, {}))
+    client = client_of(reg, Policy(max_time=1.0, backoff=0.01))
+    client.ping()
+    time.sleep(1.2)  # past the command's limit (not a race: nothing else is waited for)
+    with pytest.raises(OCIError, match=r"not done within 1 s \(--max-time\)"):
+        client.sibling().ping()
 
 
 def test_a_retry_wait_ends_at_once_when_cancelled(reg, no_creds):

@@ -207,11 +207,14 @@ class RegistryClient:
     # -- sending: offline, credentials scoped to their host, redirects, timeouts --
 
     def sibling(self) -> "RegistryClient":
-        """A client like this one (host, credentials, policy, offline, notices, Cancel) with a session of its own,
-        for another thread: a client is not thread-safe."""
+        """A client like this one (host, credentials, policy, offline, notices, Cancel, and the deadline: --max-time
+        bounds the whole command, not each worker) with a session of its own, for another thread: a client is not
+        thread-safe."""
         credentials = self.auth.credentials or (True if getattr(self.auth, "_files", False) else None)
-        return RegistryClient(self.host, plain_http=self.plain_http, credentials=credentials, policy=self.policy,
+        twin = RegistryClient(self.host, plain_http=self.plain_http, credentials=credentials, policy=self.policy,
                               offline=self.offline, notify=self.notify, cancel=self.cancel)
+        twin.deadline = self.deadline
+        return twin
 
     def _timeouts(self, what: str, read: float | None = None) -> tuple[float, float]:
         connect, read = self.policy.connect_timeout, read or self.policy.read_timeout
