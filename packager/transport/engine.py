@@ -295,15 +295,21 @@ def _fetch_attempt(source, part, verifier, policy, offset, on_bytes, on_total, c
                 f = open_part(part, "ab" if offset else "wb")
             except OSError as exc:
                 raise disk_error(exc, part, need) from exc
-            with f:
-                pipeline = Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel, reservation=reservation)
-                pump(source.url, body, pipeline, policy, cancel, deadline, lambda exc: disk_error(exc, part, need))
-                try:
-                    return finish(part, f, verifier)
-                except IntegrityError as exc:
-                    raise explain(exc, verifier, body.content_type) from None
-                except OSError as exc:
-                    raise disk_error(exc, part, need) from exc
+            try:
+                with f:
+                    pipeline = Pipeline(f, verifier, on_bytes, policy.chunk_size, cancel=cancel,
+                                        reservation=reservation)
+                    pump(source.url, body, pipeline, policy, cancel, deadline, lambda exc: disk_error(exc, part, need))
+                    try:
+                        return finish(part, f, verifier)
+                    except IntegrityError as exc:
+                        raise explain(exc, verifier, body.content_type) from None
+                    except OSError as exc:
+                        raise disk_error(exc, part, need) from exc
+            except OSError as exc:
+                # closing the part flushes what its buffer still holds: on a full disk that fails again, and the
+                # raw OSError would replace the one-line error raised inside
+                raise disk_error(exc, part, need) from exc
     finally:
         body.close()
 
